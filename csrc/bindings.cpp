@@ -1,0 +1,156 @@
+// The only file that includes pybind11: checks arrays, maps dtypes, releases the GIL, calls
+// the core. No arithmetic here.
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <optional>
+#include <string>
+
+#include "fidelity_kld/logit_stats.h"
+
+namespace py = pybind11;
+
+namespace {
+
+fk::DType parse_dtype(const std::string& name) {
+  if (name == "float32") return fk::DType::F32;
+  if (name == "float16") return fk::DType::F16;
+  if (name == "bfloat16") return fk::DType::BF16;
+  if (name == "llama_u16") return fk::DType::LLAMA_U16;
+  FK_CHECK(false, "unknown logit dtype '" << name
+                                          << "' (expected float32, float16, bfloat16, llama_u16)");
+}
+
+// numpy storage each logical dtype crosses the boundary as.
+char storage_kind(fk::DType d) { return d == fk::DType::F32 ? 'f' : (d == fk::DType::F16 ? 'f' : 'u'); }
+
+struct Matrix {
+  const void* data;
+  int64_t rows;
+  int64_t row_stride;  // bytes
+};
+
+Matrix check_matrix(const py::array& a, fk::DType dtype, int64_t vocab, const char* what) {
+  const py::buffer_info info = a.request();
+  FK_CHECK(info.ndim == 2, what << " must be 2-D [tokens, vocab], got " << info.ndim << "-D");
+  const int64_t itemsize = dtype == fk::DType::F32 ? 4 : 2;
+  FK_CHECK(info.itemsize == itemsize && a.dtype().kind() == storage_kind(dtype),
+           what << ": storage dtype " << std::string(py::str(a.dtype())) << " does not match "
+                << fk::dtype_name(dtype));
+  const int64_t cols = info.shape[1];
+  const int64_t need = (fk::dtype_row_header(dtype) / 2) + vocab;
+  if (dtype == fk::DType::LLAMA_U16)
+    FK_CHECK(cols >= need, what << ": llama rows hold " << cols << " words, need " << need
+                                << " for vocab " << vocab);
+  else
+    FK_CHECK(cols == vocab, what << " has " << cols << " columns, expected vocab " << vocab);
+  FK_CHECK(info.shape[0] <= 1 || info.strides[1] == itemsize || cols == 1,
+           what << " rows must be contiguous (element stride " << info.strides[1] << " bytes)");
+  FK_CHECK(info.shape[0] <= 1 || info.strides[0] > 0,
+           what << " must have a positive row stride (got " << info.strides[0] << ")");
+  return Matrix{info.ptr, info.shape[0], info.shape[0] <= 1 ? 0 : info.strides[0]};
+}
+
+// Outputs are taken as plain arrays and checked, never converted: a converted copy would
+// receive the results and be thrown away.
+template <class T>
+T* check_out(const std::optional<py::array>& a, int64_t n, const char* name) {
+  if (!a) return nullptr;
+  FK_CHECK(a->dtype().is(py::dtype::of<T>()),
+           name << " must have dtype " << std::string(py::str(py::dtype::of<T>())));
+  FK_CHECK(a->writeable(), name << " must be writeable");
+  py::buffer_info info = a->request(true);
+  FK_CHECK(info.ndim == 1 && info.shape[0] == n, name << " must be 1-D of length " << n);
+  FK_CHECK(n <= 1 || info.strides[0] == static_cast<py::ssize_t>(sizeof(T)),
+           name << " must be contiguous");
+  return static_cast<T*>(info.ptr);
+}
+
+fk::SimdLevel parse_simd(const std::string& s) {
+  const fk::SimdLevel active = fk::active_simd_level();
+  if (s == "auto") return active;
+  fk::SimdLevel want;
+  if (s == "scalar") want = fk::SimdLevel::SCALAR;
+  else if (s == "avx2") want = fk::SimdLevel::AVX2;
+  else if (s == "avx512") want = fk::SimdLevel::AVX512;
+  else FK_CHECK(false, "simd must be auto, scalar, avx2 or avx512, not '" << s << "'");
+  FK_CHECK(static_cast<int>(want) <= static_cast<int>(active),
+           "simd level " << s << " is not available here (highest: "
+                         << fk::simd_level_name(active) << ")");
+  return want;
+}
+
+void register_logit_stats(py::module_& m) {
+  using OutD = std::optional<py::array>;
+  using OutI = std::optional<py::array>;
+  m.def(
+      "logit_stats",
+      [](const py::array& ref, const std::string& ref_dtype, const py::array& q,
+         const std::string& q_dtype, int64_t vocab,
+         const std::optional<py::array_t<int64_t, py::array::c_style>>& labels,
+         bool llama_parity, int threads, const std::string& simd, OutD kld, OutD kld_reverse,
+         OutD lse_ref, OutD lse_q, OutD entropy_ref, OutI top1_ref, OutI top1_q, OutD nll_ref,
+         OutD nll_q, OutD p_ref_y, OutD p_q_y, OutD kld_llama) {
+        fk::LogitStatsParams p;
+        p.ref_dtype = parse_dtype(ref_dtype);
+        p.q_dtype = parse_dtype(q_dtype);
+        const Matrix a = check_matrix(ref, p.ref_dtype, vocab, "ref");
+        const Matrix b = check_matrix(q, p.q_dtype, vocab, "q");
+        FK_CHECK(a.rows == b.rows, "ref has " << a.rows << " tokens but q has " << b.rows);
+        p.ref = a.data;
+        p.q = b.data;
+        p.ref_row_stride = a.row_stride;
+        p.q_row_stride = b.row_stride;
+        p.n_rows = a.rows;
+        p.vocab = vocab;
+        const int64_t n = a.rows;
+        if (labels) {
+          FK_CHECK(labels->ndim() == 1 && labels->shape(0) == n,
+                   "labels must be 1-D of length " << n);
+          p.labels = labels->data();
+        }
+        p.llama_parity = llama_parity;
+        p.threads = threads;
+        p.kld = check_out<double>(kld, n, "kld");
+        p.kld_reverse = check_out<double>(kld_reverse, n, "kld_reverse");
+        p.lse_ref = check_out<double>(lse_ref, n, "lse_ref");
+        p.lse_q = check_out<double>(lse_q, n, "lse_q");
+        p.entropy_ref = check_out<double>(entropy_ref, n, "entropy_ref");
+        p.top1_ref = check_out<int32_t>(top1_ref, n, "top1_ref");
+        p.top1_q = check_out<int32_t>(top1_q, n, "top1_q");
+        p.nll_ref = check_out<double>(nll_ref, n, "nll_ref");
+        p.nll_q = check_out<double>(nll_q, n, "nll_q");
+        p.p_ref_y = check_out<double>(p_ref_y, n, "p_ref_y");
+        p.p_q_y = check_out<double>(p_q_y, n, "p_q_y");
+        p.kld_llama = check_out<double>(kld_llama, n, "kld_llama");
+        const fk::SimdLevel level = parse_simd(simd);
+        // Safe without the GIL: the core reads and writes only the buffers above, which the
+        // py::array arguments keep alive until this lambda returns, and touches no Python object.
+        py::gil_scoped_release release;
+        fk::logit_stats(p, level);
+      },
+      py::arg("ref"), py::arg("ref_dtype"), py::arg("q"), py::arg("q_dtype"), py::arg("vocab"),
+      py::kw_only(), py::arg("labels") = py::none(), py::arg("llama_parity") = false,
+      py::arg("threads") = 0, py::arg("simd") = "auto", py::arg("kld"), py::arg("kld_reverse"),
+      py::arg("lse_ref"), py::arg("lse_q"), py::arg("entropy_ref"), py::arg("top1_ref"),
+      py::arg("top1_q"), py::arg("nll_ref") = py::none(), py::arg("nll_q") = py::none(),
+      py::arg("p_ref_y") = py::none(), py::arg("p_q_y") = py::none(),
+      py::arg("kld_llama") = py::none(),
+      "Fill per-token statistics of ref vs q into the given float64/int32 output arrays.");
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_core, m) {
+  m.doc() = "fidelity-kld compiled core (private; use fidelity_kld.compare)";
+  register_logit_stats(m);
+  m.attr("simd_level") = fk::simd_level_name(fk::active_simd_level());
+  m.def("active_simd_level", [] { return std::string(fk::simd_level_name(fk::active_simd_level())); },
+        "SIMD path logit_stats uses now (reads FIDELITY_KLD_SIMD on every call).");
+#ifdef FK_HAVE_CUDA
+  m.attr("has_cuda") = true;
+#else
+  m.attr("has_cuda") = false;
+#endif
+}

@@ -1,0 +1,137 @@
+// Validation, SIMD dispatch and threading for the fused logit statistics.
+#include "fidelity_kld/logit_stats.h"
+
+#include <algorithm>
+#include <functional>
+#include <cstdlib>
+#include <cstring>
+#include <string>
+#include <thread>
+#include <vector>
+
+namespace fk {
+
+namespace {
+
+SimdLevel detect_cpu_level() {
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+      __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl"))
+    return SimdLevel::AVX512;
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+      __builtin_cpu_supports("f16c"))
+    return SimdLevel::AVX2;
+#endif
+  return SimdLevel::SCALAR;
+}
+
+SimdLevel env_cap() {
+  const char* env = std::getenv("FIDELITY_KLD_SIMD");
+  if (!env || !*env) return SimdLevel::AVX512;
+  const std::string v(env);
+  if (v == "scalar") return SimdLevel::SCALAR;
+  if (v == "avx2") return SimdLevel::AVX2;
+  if (v == "avx512") return SimdLevel::AVX512;
+  FK_CHECK(false, "FIDELITY_KLD_SIMD must be scalar, avx2 or avx512, not '" << v << "'");
+}
+
+using RowsFn = void (*)(const LogitStatsParams&, int64_t, int64_t);
+
+RowsFn rows_fn(SimdLevel level) {
+  switch (level) {
+#ifdef FK_HAVE_AVX512
+    case SimdLevel::AVX512: return detail::logit_stats_rows_avx512;
+#endif
+#ifdef FK_HAVE_AVX2
+    case SimdLevel::AVX2: return detail::logit_stats_rows_avx2;
+#endif
+    default: return detail::logit_stats_rows_scalar;
+  }
+}
+
+void validate(const LogitStatsParams& p) {
+  FK_CHECK(p.ref && p.q, "ref and q must not be null");
+  FK_CHECK(p.n_rows >= 0, "n_rows must be >= 0, got " << p.n_rows);
+  FK_CHECK(p.vocab >= 1, "vocab must be >= 1, got " << p.vocab);
+  FK_CHECK(p.vocab <= (int64_t{1} << 31) - 1, "vocab too large: " << p.vocab);
+  const int64_t min_a = dtype_row_header(p.ref_dtype) + p.vocab * dtype_size(p.ref_dtype);
+  const int64_t min_b = dtype_row_header(p.q_dtype) + p.vocab * dtype_size(p.q_dtype);
+  FK_CHECK(p.n_rows <= 1 || p.ref_row_stride >= min_a,
+           "ref row stride " << p.ref_row_stride << " bytes is shorter than a row (" << min_a
+                             << " bytes)");
+  FK_CHECK(p.n_rows <= 1 || p.q_row_stride >= min_b,
+           "q row stride " << p.q_row_stride << " bytes is shorter than a row (" << min_b
+                           << " bytes)");
+  FK_CHECK(p.kld && p.kld_reverse && p.lse_ref && p.lse_q && p.entropy_ref && p.top1_ref &&
+               p.top1_q,
+           "an output pointer is null");
+  if (p.labels) {
+    FK_CHECK(p.nll_ref && p.nll_q && p.p_ref_y && p.p_q_y, "a label output pointer is null");
+    for (int64_t r = 0; r < p.n_rows; ++r)
+      FK_CHECK(p.labels[r] >= 0 && p.labels[r] < p.vocab,
+               "label " << p.labels[r] << " at token " << r << " is outside the vocabulary [0, "
+                        << p.vocab << ")");
+  }
+  if (p.llama_parity) {
+    FK_CHECK(p.ref_dtype == DType::LLAMA_U16, "llama_parity needs a llama_u16 reference");
+    FK_CHECK(p.kld_llama, "kld_llama output is null");
+  }
+}
+
+}  // namespace
+
+SimdLevel active_simd_level() {
+  const SimdLevel cpu = detect_cpu_level();
+  const SimdLevel cap = env_cap();
+  SimdLevel level = static_cast<int>(cpu) < static_cast<int>(cap) ? cpu : cap;
+#ifndef FK_HAVE_AVX512
+  if (level == SimdLevel::AVX512) level = SimdLevel::AVX2;
+#endif
+#ifndef FK_HAVE_AVX2
+  if (level == SimdLevel::AVX2) level = SimdLevel::SCALAR;
+#endif
+  return level;
+}
+
+const char* simd_level_name(SimdLevel level) {
+  switch (level) {
+    case SimdLevel::AVX512: return "avx512";
+    case SimdLevel::AVX2: return "avx2";
+    default: return "scalar";
+  }
+}
+
+void logit_stats(const LogitStatsParams& p) { logit_stats(p, active_simd_level()); }
+
+void logit_stats(const LogitStatsParams& p, SimdLevel level) {
+  validate(p);
+  if (p.n_rows == 0) return;
+  const RowsFn fn = rows_fn(level);
+  int threads = p.threads > 0 ? p.threads : static_cast<int>(std::thread::hardware_concurrency());
+  threads = std::max(threads, 1);
+  // A thread is worth starting for about 256 KB of input; results do not depend on the split.
+  const int64_t row_bytes = p.vocab * (dtype_size(p.ref_dtype) + dtype_size(p.q_dtype));
+  const int64_t useful = std::max<int64_t>(1, p.n_rows * row_bytes / (256 * 1024));
+  threads = static_cast<int>(std::min<int64_t>({threads, p.n_rows, useful}));
+  if (threads == 1) {
+    fn(p, 0, p.n_rows);
+    return;
+  }
+  std::vector<std::thread> pool;
+  pool.reserve(threads - 1);
+  const int64_t per = p.n_rows / threads, extra = p.n_rows % threads;
+  int64_t begin = 0;
+  std::vector<std::pair<int64_t, int64_t>> ranges;
+  for (int t = 0; t < threads; ++t) {
+    const int64_t end = begin + per + (t < extra ? 1 : 0);
+    ranges.emplace_back(begin, end);
+    begin = end;
+  }
+  for (int t = 1; t < threads; ++t)
+    pool.emplace_back(fn, std::cref(p), ranges[t].first, ranges[t].second);
+  fn(p, ranges[0].first, ranges[0].second);
+  for (auto& th : pool) th.join();
+}
+
+}  // namespace fk

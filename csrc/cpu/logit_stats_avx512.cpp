@@ -1,0 +1,10 @@
+// Row loop for the avx512 path. Compiled with this path's target flags only (CMakeLists.txt).
+#include "row_kernel.h"
+
+namespace fk::detail {
+
+void logit_stats_rows_avx512(const LogitStatsParams& p, int64_t begin, int64_t end) {
+  run_rows<Avx512Ops>(p, begin, end);
+}
+
+}  // namespace fk::detail

@@ -1,0 +1,296 @@
+// The row kernel, written once over a vector-ops struct S (simd_ops.h) and instantiated in
+// one translation unit per instruction set.
+//
+// Per row, two passes over the pair (the row stays in L2; the next row is prefetched during
+// the second pass):
+//   1. max and min of each side (the max is the softmax shift; the min says whether the fast
+//      path is safe: no -inf, no overflow of x*log2(e) - shift).
+//   2. with t = x*log2(e) - shift in float32 lanes (exact at the max up to the rounding c of
+//      the shift, which is corrected in double), e = 2^t and d = t_ref - t_q:
+//        S_ref = sum e_ref, S_q = sum e_q, T_rq = sum e_ref*d, T_qr = sum e_q*d,
+//        H = sum e_ref*t_ref.
+//      Lane sums are flushed to float64 every kFlushEvery vectors, so no float32 lane ever adds
+//      more than 16 terms: the error of S is that of float64 plus a few float32 roundings.
+// Finished in float64:
+//   KL(P||Q) = ln2*T_rq/S_ref + log(S_q/S_ref)   (each term small when P ~ Q: no cancellation
+//   between large lse values), KL(Q||P) = -ln2*T_qr/S_q + log(S_ref/S_q),
+//   lse = max + log(S) - ln2*c, entropy = log(S_ref) - ln2*H/S_ref.
+#pragma once
+#include <cmath>
+#include <cstdint>
+#include <limits>
+
+#include "fidelity_kld/logit_stats.h"
+#include "simd_ops.h"
+
+namespace fk {
+namespace {
+
+constexpr float kLog2eF = 1.44269504088896340736f;
+// 1/float(log2 e) rather than ln 2: t*kLn2Eff recovers x - max exactly as the kernel saw it.
+constexpr double kLn2Eff = 1.0 / static_cast<double>(kLog2eF);
+constexpr int kFlushEvery = 16;
+// Below this many nats under the max, an entry's weight is 0 in float32 anyway.
+constexpr float kMaskedFloor = -200.0f;
+constexpr float kLlamaWindow = -16.0f;  // llama.cpp sums KLD over decoded log-probs > -16
+
+struct RowInput {
+  const uint8_t* values;
+  RowDecode dec;
+};
+
+template <class S, DType D>
+inline RowInput row_input(const uint8_t* base, int64_t stride, int64_t r) {
+  const uint8_t* row = base + r * stride;
+  return RowInput{row + dtype_row_header(D), read_row_header<D>(row)};
+}
+
+struct MaxMin {
+  float max;
+  float min;
+};
+
+template <class S, DType D>
+inline int32_t first_index_of(const RowInput& in, int64_t vocab, float m) {
+  const int64_t vec_end = vocab - vocab % S::W;
+  int64_t i = 0;
+  for (; i < vec_end; i += S::W) {
+    const int lane = S::first_eq(S::template load<D>(in.values, i, in.dec), m);
+    if (lane >= 0) return static_cast<int32_t>(i + lane);
+  }
+  for (; i < vocab; ++i)
+    if (load_scalar<D>(in.values, i, in.dec) == m) return static_cast<int32_t>(i);
+  return -1;
+}
+
+template <class S, DType DA, DType DB>
+struct RowKernel {
+  using V = typename S::V;
+
+  struct Sums {
+    double s_ref = 0, s_q = 0, t_rq = 0, t_qr = 0, h = 0, w_t = 0, w_s = 0;
+  };
+
+  static void pass1(const RowInput& a, const RowInput& b, int64_t vocab, MaxMin& ma,
+                    MaxMin& mb) {
+    const float inf = std::numeric_limits<float>::infinity();
+    V mxa = S::set1(-inf), mna = S::set1(inf), mxb = S::set1(-inf), mnb = S::set1(inf);
+    const int64_t vec_end = vocab - vocab % S::W;
+    int64_t i = 0;
+    for (; i < vec_end; i += S::W) {
+      const V x = S::template load<DA>(a.values, i, a.dec);
+      const V y = S::template load<DB>(b.values, i, b.dec);
+      mxa = S::max(x, mxa);
+      mna = S::min(x, mna);
+      mxb = S::max(y, mxb);
+      mnb = S::min(y, mnb);
+    }
+    ma = {S::hmax(mxa), S::hmin(mna)};
+    mb = {S::hmax(mxb), S::hmin(mnb)};
+    for (; i < vocab; ++i) {
+      const float x = load_scalar<DA>(a.values, i, a.dec);
+      const float y = load_scalar<DB>(b.values, i, b.dec);
+      if (x > ma.max) ma.max = x;
+      if (x < ma.min) ma.min = x;
+      if (y > mb.max) mb.max = y;
+      if (y < mb.min) mb.min = y;
+    }
+  }
+
+  template <bool kMasked, bool kLlama>
+  static Sums pass2(const RowInput& a, const RowInput& b, int64_t vocab, float shift_a,
+                    float shift_b, const uint8_t* next_a, const uint8_t* next_b) {
+    const V log2e = S::set1(kLog2eF), neg_sa = S::set1(-shift_a), neg_sb = S::set1(-shift_b);
+    V s_ref = S::set1(0), s_q = S::set1(0), t_rq = S::set1(0), t_qr = S::set1(0),
+      h = S::set1(0), w_t = S::set1(0), w_s = S::set1(0);
+    typename S::DAcc d_s_ref, d_s_q, d_t_rq, d_t_qr, d_h, d_w_t, d_w_s;
+    const auto flush_all = [&] {
+      S::flush(d_s_ref, s_ref);
+      S::flush(d_s_q, s_q);
+      S::flush(d_t_rq, t_rq);
+      S::flush(d_t_qr, t_qr);
+      S::flush(d_h, h);
+      if constexpr (kLlama) {
+        S::flush(d_w_t, w_t);
+        S::flush(d_w_s, w_s);
+      }
+    };
+    const int64_t vec_end = vocab - vocab % S::W;
+    int count = 0;
+    int64_t i = 0;
+    for (; i < vec_end; i += S::W) {
+      if (next_a) {
+        S::prefetch(next_a + i * dtype_size(DA));
+        S::prefetch(next_b + i * dtype_size(DB));
+      }
+      const V x = S::template load<DA>(a.values, i, a.dec);
+      const V y = S::template load<DB>(b.values, i, b.dec);
+      const V ta = S::fmadd(x, log2e, neg_sa);
+      const V tb = S::fmadd(y, log2e, neg_sb);
+      const V d = S::sub(ta, tb);
+      if constexpr (kMasked) {
+        const V ta_c = S::clamp_below(ta, kMaskedFloor);
+        const V ea = S::exp2(ta_c);
+        const V eb = S::exp2(S::clamp_below(tb, kMaskedFloor));
+        s_ref = S::add(s_ref, ea);
+        s_q = S::add(s_q, eb);
+        const V ea_d = S::mul_nonzero(ea, d);
+        t_rq = S::add(t_rq, ea_d);
+        t_qr = S::add(t_qr, S::mul_nonzero(eb, d));
+        h = S::fmadd(ea, ta_c, h);
+        if constexpr (kLlama) {
+          w_t = S::add(w_t, S::select_gt(x, kLlamaWindow, ea_d));
+          w_s = S::add(w_s, S::select_gt(x, kLlamaWindow, ea));
+        }
+      } else {
+        const V ea = S::exp2(ta);
+        const V eb = S::exp2(tb);
+        s_ref = S::add(s_ref, ea);
+        s_q = S::add(s_q, eb);
+        t_rq = S::fmadd(ea, d, t_rq);
+        t_qr = S::fmadd(eb, d, t_qr);
+        h = S::fmadd(ea, ta, h);
+        if constexpr (kLlama) {
+          w_t = S::add(w_t, S::select_gt(x, kLlamaWindow, S::fmadd(ea, d, S::set1(0))));
+          w_s = S::add(w_s, S::select_gt(x, kLlamaWindow, ea));
+        }
+      }
+      if (++count == kFlushEvery) {
+        flush_all();
+        count = 0;
+      }
+    }
+    flush_all();
+    Sums out;
+    out.s_ref = S::hsum(d_s_ref);
+    out.s_q = S::hsum(d_s_q);
+    out.t_rq = S::hsum(d_t_rq);
+    out.t_qr = S::hsum(d_t_qr);
+    out.h = S::hsum(d_h);
+    if constexpr (kLlama) {
+      out.w_t = S::hsum(d_w_t);
+      out.w_s = S::hsum(d_w_s);
+    }
+    // Tail: scalar, straight into float64, same formulas.
+    for (; i < vocab; ++i) {
+      const float x = load_scalar<DA>(a.values, i, a.dec);
+      const float y = load_scalar<DB>(b.values, i, b.dec);
+      const float ta = std::fma(x, kLog2eF, -shift_a);
+      const float tb = std::fma(y, kLog2eF, -shift_b);
+      const float d = ta - tb;
+      const float ta_c = ta < kMaskedFloor ? kMaskedFloor : ta;
+      const float tb_c = tb < kMaskedFloor ? kMaskedFloor : tb;
+      const double ea = std::exp2(static_cast<double>(ta_c));
+      const double eb = std::exp2(static_cast<double>(tb_c));
+      out.s_ref += ea;
+      out.s_q += eb;
+      const double ea_d = ea != 0.0 ? ea * d : 0.0;
+      out.t_rq += ea_d;
+      out.t_qr += eb != 0.0 ? eb * d : 0.0;
+      out.h += ea * ta_c;
+      if (kLlama && x > kLlamaWindow) {
+        out.w_t += ea_d;
+        out.w_s += ea;
+      }
+    }
+    return out;
+  }
+
+  static void write_invalid(const LogitStatsParams& p, int64_t r) {
+    const double nan = std::numeric_limits<double>::quiet_NaN();
+    p.kld[r] = p.kld_reverse[r] = p.lse_ref[r] = p.lse_q[r] = p.entropy_ref[r] = nan;
+    p.top1_ref[r] = p.top1_q[r] = -1;
+    if (p.labels) p.nll_ref[r] = p.nll_q[r] = p.p_ref_y[r] = p.p_q_y[r] = nan;
+    if (p.kld_llama) p.kld_llama[r] = nan;
+  }
+
+  static void row(const LogitStatsParams& p, int64_t r, int64_t r_end) {
+    const auto* base_a = static_cast<const uint8_t*>(p.ref);
+    const auto* base_b = static_cast<const uint8_t*>(p.q);
+    const RowInput a = row_input<S, DA>(base_a, p.ref_row_stride, r);
+    const RowInput b = row_input<S, DB>(base_b, p.q_row_stride, r);
+    const int64_t vocab = p.vocab;
+    const bool has_next = r + 1 < r_end;
+    const uint8_t* next_a =
+        has_next ? base_a + (r + 1) * p.ref_row_stride + dtype_row_header(DA) : nullptr;
+    const uint8_t* next_b =
+        has_next ? base_b + (r + 1) * p.q_row_stride + dtype_row_header(DB) : nullptr;
+
+    MaxMin ma, mb;
+    pass1(a, b, vocab, ma, mb);
+    if (!std::isfinite(ma.max) || !std::isfinite(mb.max)) {  // +inf, all -inf, or all NaN
+      write_invalid(p, r);
+      return;
+    }
+    // Fast path: every t finite and far from overflow. Otherwise the masked variant zeroes
+    // 0 * inf terms (p_i = 0 where the other side is -inf).
+    constexpr float kMaxRange = 1e30f;
+    const bool masked = !(std::isfinite(ma.min) && std::isfinite(mb.min) &&
+                          ma.max - ma.min < kMaxRange && mb.max - mb.min < kMaxRange);
+    const float shift_a = ma.max * kLog2eF;
+    const float shift_b = mb.max * kLog2eF;
+    // Exact rounding residual of the shift: t_i = (x_i - max)*log2e + c.
+    const float c_a = std::fma(ma.max, kLog2eF, -shift_a);
+    const float c_b = std::fma(mb.max, kLog2eF, -shift_b);
+
+    Sums s;
+    const bool llama = p.llama_parity;
+    if (masked) {
+      s = llama ? pass2<true, true>(a, b, vocab, shift_a, shift_b, next_a, next_b)
+                : pass2<true, false>(a, b, vocab, shift_a, shift_b, next_a, next_b);
+    } else {
+      s = llama ? pass2<false, true>(a, b, vocab, shift_a, shift_b, next_a, next_b)
+                : pass2<false, false>(a, b, vocab, shift_a, shift_b, next_a, next_b);
+    }
+    if (std::isnan(s.s_ref) || std::isnan(s.s_q) || std::isnan(s.t_rq) || std::isnan(s.t_qr) ||
+        std::isnan(s.h)) {  // a NaN somewhere in the row
+      write_invalid(p, r);
+      return;
+    }
+    const double log_s_ref = std::log(s.s_ref);
+    const double log_s_q = std::log(s.s_q);
+    const double lse_a = static_cast<double>(ma.max) + log_s_ref - kLn2Eff * c_a;
+    const double lse_b = static_cast<double>(mb.max) + log_s_q - kLn2Eff * c_b;
+    p.lse_ref[r] = lse_a;
+    p.lse_q[r] = lse_b;
+    p.kld[r] = kLn2Eff * s.t_rq / s.s_ref + (log_s_q - log_s_ref);
+    p.kld_reverse[r] = -kLn2Eff * s.t_qr / s.s_q + (log_s_ref - log_s_q);
+    p.entropy_ref[r] = log_s_ref - kLn2Eff * s.h / s.s_ref;
+    p.top1_ref[r] = first_index_of<S, DA>(a, vocab, ma.max);
+    p.top1_q[r] = first_index_of<S, DB>(b, vocab, mb.max);
+    if (p.labels) {
+      const int64_t y = p.labels[r];
+      const double ay = load_scalar<DA>(a.values, y, a.dec);
+      const double by = load_scalar<DB>(b.values, y, b.dec);
+      // In llama parity mode the reference row already holds log-probs (not renormalised).
+      const double nll_a = llama ? -ay : lse_a - ay;
+      const double nll_b = lse_b - by;
+      p.nll_ref[r] = nll_a;
+      p.nll_q[r] = nll_b;
+      p.p_ref_y[r] = std::exp(-nll_a);
+      p.p_q_y[r] = std::exp(-nll_b);
+    }
+    if (llama) {
+      // p_i(llama) = exp(x_i) = exp(lse_a) * e_i / S_ref; log p_i - log q_i =
+      // lse_a + ln2*d_i - log S_ref + log S_q.
+      p.kld_llama[r] = std::exp(lse_a) / s.s_ref *
+                       (kLn2Eff * s.w_t + (lse_a - log_s_ref + log_s_q) * s.w_s);
+    }
+  }
+
+  static void rows(const LogitStatsParams& p, int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) row(p, r, end);
+  }
+};
+
+template <class S>
+void run_rows(const LogitStatsParams& p, int64_t begin, int64_t end) {
+  dispatch_dtype(p.ref_dtype, [&](auto ta) {
+    dispatch_dtype(p.q_dtype, [&](auto tb) {
+      RowKernel<S, decltype(ta)::value, decltype(tb)::value>::rows(p, begin, end);
+    });
+  });
+}
+
+}  // namespace
+}  // namespace fk

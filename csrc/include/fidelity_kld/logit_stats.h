@@ -1,0 +1,73 @@
+// Fused per-token statistics between a reference and a quantized logit matrix.
+//
+// For each row (token) t, with a = ref[t, :], b = q[t, :], p = softmax(a), q = softmax(b),
+// all in nats:
+//   kld         = KL(P_ref || P_q) = sum_i p_i (log p_i - log q_i)
+//   kld_reverse = KL(P_q || P_ref)
+//   lse_ref/q   = log sum_i exp(a_i) / exp(b_i)
+//   entropy_ref = -sum_i p_i log p_i
+//   top1_ref/q  = argmax (lowest index wins ties)
+//   with labels y: nll_ref = lse_ref - a_y, nll_q = lse_q - b_y, p_ref_y, p_q_y = exp(-nll)
+//
+// llama_parity (ref must be LLAMA_U16): the reference row holds llama.cpp's decoded log-probs;
+// nll_ref/p_ref_y use them as they are (no renormalisation), and kld_llama is llama.cpp's
+// KLD: the sum restricted to entries whose decoded log-prob is > -16.
+//
+// A row with NaN or +inf (or only -inf) on either side gives NaN for every float output and
+// -1 for top1: the token is invalid. KLD is +inf where p has mass and q has none.
+#pragma once
+#include <cstdint>
+
+#include "fidelity_kld/dtype.h"
+
+namespace fk {
+
+struct LogitStatsParams {
+  // Inputs: row r of ref starts at ref + r * ref_row_stride (bytes).
+  const void* ref = nullptr;
+  const void* q = nullptr;
+  DType ref_dtype = DType::F32;
+  DType q_dtype = DType::F32;
+  int64_t ref_row_stride = 0;  // bytes
+  int64_t q_row_stride = 0;    // bytes
+  int64_t n_rows = 0;
+  int64_t vocab = 0;
+  const int64_t* labels = nullptr;  // [n_rows] or null
+  bool llama_parity = false;
+
+  // Outputs, each [n_rows]. All required except the label outputs (need labels) and
+  // kld_llama (needs llama_parity).
+  double* kld = nullptr;
+  double* kld_reverse = nullptr;
+  double* lse_ref = nullptr;
+  double* lse_q = nullptr;
+  double* entropy_ref = nullptr;
+  int32_t* top1_ref = nullptr;
+  int32_t* top1_q = nullptr;
+  double* nll_ref = nullptr;
+  double* nll_q = nullptr;
+  double* p_ref_y = nullptr;
+  double* p_q_y = nullptr;
+  double* kld_llama = nullptr;
+
+  int threads = 0;  // <= 0: all hardware threads
+};
+
+enum class SimdLevel : int32_t { SCALAR = 0, AVX2 = 1, AVX512 = 2 };
+
+// Highest level this CPU supports, lowered by FIDELITY_KLD_SIMD=scalar|avx2|avx512.
+SimdLevel active_simd_level();
+const char* simd_level_name(SimdLevel level);
+
+// Validates params (throws std::invalid_argument) and fills the outputs.
+void logit_stats(const LogitStatsParams& params);
+void logit_stats(const LogitStatsParams& params, SimdLevel level);
+
+// Per-ISA row loops, one translation unit each: rows [begin, end).
+namespace detail {
+void logit_stats_rows_scalar(const LogitStatsParams& p, int64_t begin, int64_t end);
+void logit_stats_rows_avx2(const LogitStatsParams& p, int64_t begin, int64_t end);
+void logit_stats_rows_avx512(const LogitStatsParams& p, int64_t begin, int64_t end);
+}  // namespace detail
+
+}  // namespace fk

@@ -1,0 +1,29 @@
+"""fidelity-kld: fast, correct fidelity metrics between a reference LLM and its quantizations.
+
+    import fidelity_kld as fk
+    stats = fk.compare(ref_logits, quant_logits, labels)   # per-token arrays (TokenStats)
+    summary = fk.summarize(stats)                           # llama.cpp-style statistics
+"""
+
+from importlib.metadata import PackageNotFoundError, version
+
+from ._core import has_cuda, simd_level
+from .ops import Logits, TokenStats, compare
+from .stats.summary import Accumulator, Summary, summarize
+
+try:
+    __version__ = version("fidelity-kld")
+except PackageNotFoundError:  # running from a source tree
+    __version__ = "0.0.0+unknown"
+
+__all__ = [
+    "Accumulator",
+    "Logits",
+    "Summary",
+    "TokenStats",
+    "compare",
+    "has_cuda",
+    "simd_level",
+    "summarize",
+    "__version__",
+]

@@ -1,0 +1,203 @@
+"""Per-token statistics of a reference against a quantized model: input normalisation and
+backend choice. The arithmetic lives in the compiled core (fidelity_kld._core).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, fields
+from typing import Any
+
+import numpy as np
+
+from . import _core
+
+LOGIT_DTYPES = ("float32", "float16", "bfloat16", "llama_u16")
+
+
+@dataclass(frozen=True)
+class Logits:
+    """A logit matrix with its logical dtype, for storage numpy cannot name.
+
+    data: [tokens, vocab] float32/float16, or uint16 holding bfloat16 bit patterns, or for
+    ``llama_u16`` the raw rows of a llama.cpp --kl-divergence-base file ([tokens, words]
+    uint16: scale and min as two float32, then ``vocab`` codes, then padding).
+    """
+
+    data: np.ndarray
+    dtype: str
+    vocab: int
+
+    def __post_init__(self):
+        if self.dtype not in LOGIT_DTYPES:
+            raise ValueError(f"unknown logit dtype {self.dtype!r}; expected one of {LOGIT_DTYPES}")
+
+    @property
+    def n_tokens(self) -> int:
+        return int(self.data.shape[0])
+
+    def rows(self, start: int, stop: int) -> "Logits":
+        return Logits(self.data[start:stop], self.dtype, self.vocab)
+
+
+@dataclass(frozen=True)
+class TokenStats:
+    """Per-token statistics, all in nats, each an array of length n_tokens.
+
+    kld: KL(P_ref || P_q); kld_reverse: KL(P_q || P_ref); lse_*: log-sum-exp of the logits;
+    entropy_ref: entropy of P_ref; top1_*: argmax (lowest index on ties, -1 when invalid);
+    with labels: nll_* = lse - logit[label], p_*_y = exp(-nll). kld_llama: llama.cpp's
+    windowed KLD (llama parity mode only). Invalid tokens (NaN/+inf input) hold NaN.
+    """
+
+    kld: np.ndarray
+    kld_reverse: np.ndarray
+    lse_ref: np.ndarray
+    lse_q: np.ndarray
+    entropy_ref: np.ndarray
+    top1_ref: np.ndarray
+    top1_q: np.ndarray
+    labels: np.ndarray | None = None
+    nll_ref: np.ndarray | None = None
+    nll_q: np.ndarray | None = None
+    p_ref_y: np.ndarray | None = None
+    p_q_y: np.ndarray | None = None
+    kld_llama: np.ndarray | None = None
+
+    @property
+    def n_tokens(self) -> int:
+        return int(self.kld.shape[0])
+
+    @property
+    def valid(self) -> np.ndarray:
+        """Tokens whose inputs were usable (no NaN/+inf, at least one finite logit)."""
+        return ~np.isnan(self.kld)
+
+    @property
+    def top1_agree(self) -> np.ndarray:
+        return (self.top1_ref == self.top1_q) & (self.top1_ref >= 0)
+
+    @property
+    def delta_p(self) -> np.ndarray | None:
+        """p_q(y) - p_ref(y), llama.cpp's Δp (None without labels)."""
+        return None if self.p_q_y is None else self.p_q_y - self.p_ref_y
+
+    def as_dict(self) -> dict[str, np.ndarray]:
+        return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
+
+    @staticmethod
+    def concat(parts: list["TokenStats"]) -> "TokenStats":
+        if not parts:
+            raise ValueError("no TokenStats to concatenate")
+        out = {}
+        for f in fields(TokenStats):
+            vals = [getattr(p, f.name) for p in parts]
+            out[f.name] = None if any(v is None for v in vals) else np.concatenate(vals)
+        return TokenStats(**out)
+
+
+def _torch_to_logits(x: Any, dtype: str | None) -> Logits:
+    import torch  # only reached when a torch tensor was passed
+
+    if x.device.type != "cpu":
+        raise ValueError(
+            f"tensor is on {x.device}; use device='cuda' for GPU tensors or move it to the CPU"
+        )
+    x = x.detach()
+    if x.dtype == torch.bfloat16:
+        arr = x.contiguous().view(torch.int16).numpy().view(np.uint16)
+        return Logits(arr, "bfloat16", arr.shape[-1])
+    if x.dtype not in (torch.float32, torch.float16):
+        x = x.float()
+    arr = x.numpy()
+    return Logits(arr, dtype or str(arr.dtype), arr.shape[-1])
+
+
+def as_logits(x: Any, dtype: str | None = None, *, name: str = "logits") -> Logits:
+    """Normalise numpy arrays, torch tensors, DLPack objects and Logits to a Logits."""
+    if isinstance(x, Logits):
+        return x
+    if type(x).__module__.startswith("torch"):
+        return _torch_to_logits(x, dtype)
+    if not isinstance(x, np.ndarray) and hasattr(x, "__dlpack__"):
+        x = np.from_dlpack(x)
+    arr = np.asarray(x)
+    if arr.ndim == 1:
+        arr = arr[None, :]
+    if arr.ndim != 2:
+        raise ValueError(f"{name} must be [tokens, vocab], got shape {arr.shape}")
+    if dtype == "llama_u16":
+        raise ValueError(f"{name}: llama_u16 rows need their vocabulary: pass Logits(data, 'llama_u16', vocab)")
+    if dtype == "bfloat16":
+        if arr.dtype != np.uint16:
+            raise ValueError(f"{name}: bfloat16 logits must be given as uint16 bit patterns, got {arr.dtype}")
+        return Logits(arr, dtype, arr.shape[1])
+    if arr.dtype == np.uint16:
+        raise ValueError(f"{name} is uint16: say dtype='bfloat16' if it holds bfloat16 bit patterns")
+    if arr.dtype not in (np.float32, np.float16):
+        if not np.issubdtype(arr.dtype, np.floating) and not np.issubdtype(arr.dtype, np.integer):
+            raise ValueError(f"{name}: unsupported dtype {arr.dtype}")
+        arr = arr.astype(np.float32)
+    return Logits(arr, str(arr.dtype), arr.shape[1])
+
+
+def _contiguous_rows(lg: Logits) -> Logits:
+    d = lg.data
+    ok = d.shape[0] <= 1 or (d.strides[1] == d.itemsize and d.strides[0] > 0)
+    if d.shape[1] == 1 and d.shape[0] > 1:
+        ok = d.strides[0] > 0
+    return lg if ok else Logits(np.ascontiguousarray(d), lg.dtype, lg.vocab)
+
+
+def default_threads() -> int:
+    env = os.environ.get("FIDELITY_KLD_THREADS")
+    return int(env) if env else 0
+
+
+def compare(
+    ref: Any,
+    q: Any,
+    labels: Any = None,
+    *,
+    threads: int | None = None,
+    ref_dtype: str | None = None,
+    q_dtype: str | None = None,
+    llama_parity: bool = False,
+    simd: str = "auto",
+) -> TokenStats:
+    """Per-token statistics of ``ref`` (the reference) against ``q`` (the quantized model).
+
+    ref, q: [tokens, vocab] logits: numpy float32/float16 arrays, uint16 bfloat16 bit
+    patterns with ``*_dtype='bfloat16'``, torch CPU tensors, DLPack objects, or Logits.
+    labels: optional [tokens] token ids (the token each row predicts): adds nll, p(y).
+    threads: worker threads (default: all cores). Results do not depend on it.
+    Returns a TokenStats (see its docstring for definitions; KLD is KL(P_ref || P_q) in nats).
+    """
+    a = _contiguous_rows(as_logits(ref, ref_dtype, name="ref"))
+    b = _contiguous_rows(as_logits(q, q_dtype, name="q"))
+    if a.vocab != b.vocab:
+        raise ValueError(f"vocabulary mismatch: ref has {a.vocab} entries, q has {b.vocab}")
+    if a.n_tokens != b.n_tokens:
+        raise ValueError(f"token count mismatch: ref has {a.n_tokens} tokens, q has {b.n_tokens}")
+    n = a.n_tokens
+    y = None
+    if labels is not None:
+        y = np.ascontiguousarray(np.asarray(labels).reshape(-1), dtype=np.int64)
+        if y.shape[0] != n:
+            raise ValueError(f"labels has {y.shape[0]} entries for {n} tokens")
+    out: dict[str, np.ndarray | None] = {
+        name: np.empty(n, dtype=np.float64)
+        for name in ("kld", "kld_reverse", "lse_ref", "lse_q", "entropy_ref")
+    }
+    out["top1_ref"] = np.empty(n, dtype=np.int32)
+    out["top1_q"] = np.empty(n, dtype=np.int32)
+    for name in ("nll_ref", "nll_q", "p_ref_y", "p_q_y"):
+        out[name] = np.empty(n, dtype=np.float64) if y is not None else None
+    out["kld_llama"] = np.empty(n, dtype=np.float64) if llama_parity else None
+    _core.logit_stats(
+        a.data, a.dtype, b.data, b.dtype, a.vocab,
+        labels=y, llama_parity=llama_parity,
+        threads=default_threads() if threads is None else int(threads), simd=simd,
+        **out,
+    )
+    return TokenStats(labels=y, **out)

@@ -1,0 +1,105 @@
+"""Plain float64 numpy oracle for every per-token output of the fused kernel.
+
+Slow and memory-hungry on purpose: it materialises probabilities and is written to be read,
+not to be fast. Every backend test and every benchmark baseline compares against it.
+Conventions (DESIGN.md): nats; KL(P_ref || P_q); argmax ties go to the lowest index; a row
+with NaN or +inf on either side, or with no finite entry, is invalid (NaN outputs, top1 -1);
+-inf entries are masked vocabulary (probability 0, contributing 0 to every sum).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+LLAMA_WINDOW = -16.0
+
+
+def _log_softmax(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Row-wise (lse, log p) in float64; -inf entries stay -inf."""
+    m = np.max(x, axis=1, keepdims=True)
+    m_safe = np.where(np.isfinite(m), m, 0.0)
+    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+        s = np.sum(np.exp(x - m_safe), axis=1, keepdims=True)
+        lse = m_safe + np.log(s)
+    return lse[:, 0], x - lse
+
+
+def _xlogy_terms(w: np.ndarray, diff: np.ndarray) -> np.ndarray:
+    """w * diff with 0 where w == 0 (0 * inf = 0 for masked entries)."""
+    with np.errstate(invalid="ignore", over="ignore"):
+        return np.where(w > 0, w * diff, 0.0)
+
+
+def invalid_rows(ref: np.ndarray, q: np.ndarray) -> np.ndarray:
+    """Rows with NaN or +inf, or with no finite entry, on either side."""
+    bad = np.zeros(ref.shape[0], dtype=bool)
+    for x in (ref, q):
+        bad |= np.isnan(x).any(axis=1) | np.isposinf(x).any(axis=1)
+        bad |= ~np.isfinite(x).any(axis=1)
+    return bad
+
+
+def logit_stats(ref, q, labels=None, *, llama_parity: bool = False) -> dict[str, np.ndarray]:
+    """Every per-token statistic of ref vs q, in float64.
+
+    ref, q: [N, V] arrays of logits (any real dtype; upcast to float64 here).
+    labels: optional [N] ints, the token each row predicts.
+    llama_parity: ref rows are llama.cpp's decoded log-probs: nll_ref = -ref[y] (no
+    renormalisation) and kld_llama = sum over ref > -16 of exp(ref) * (ref - log q).
+    """
+    a = np.asarray(ref, dtype=np.float64)
+    b = np.asarray(q, dtype=np.float64)
+    if a.ndim != 2 or a.shape != b.shape:
+        raise ValueError(f"ref and q must be 2-D and equal in shape, got {a.shape} and {b.shape}")
+    n, v = a.shape
+    bad = invalid_rows(a, b)
+    a_ok = np.where(bad[:, None], 0.0, a)
+    b_ok = np.where(bad[:, None], 0.0, b)
+    lse_a, logp = _log_softmax(a_ok)
+    lse_b, logq = _log_softmax(b_ok)
+    p = np.exp(logp)
+    qq = np.exp(logq)
+    with np.errstate(invalid="ignore"):
+        kld = _xlogy_terms(p, logp - logq).sum(axis=1)
+        kld_rev = _xlogy_terms(qq, logq - logp).sum(axis=1)
+        entropy = -_xlogy_terms(p, logp).sum(axis=1)
+    out = {
+        "kld": kld,
+        "kld_reverse": kld_rev,
+        "lse_ref": lse_a,
+        "lse_q": lse_b,
+        "entropy_ref": entropy,
+        "top1_ref": np.argmax(a_ok, axis=1).astype(np.int64),
+        "top1_q": np.argmax(b_ok, axis=1).astype(np.int64),
+    }
+    if labels is not None:
+        y = np.asarray(labels, dtype=np.int64)
+        rows = np.arange(n)
+        nll_ref = -a_ok[rows, y] if llama_parity else lse_a - a_ok[rows, y]
+        nll_q = lse_b - b_ok[rows, y]
+        out.update(nll_ref=nll_ref, nll_q=nll_q, p_ref_y=np.exp(-nll_ref), p_q_y=np.exp(-nll_q))
+    if llama_parity:
+        w = np.where(a_ok > LLAMA_WINDOW, np.exp(a_ok), 0.0)
+        with np.errstate(invalid="ignore"):
+            out["kld_llama"] = _xlogy_terms(w, a_ok - logq).sum(axis=1)
+    for key, val in out.items():
+        if key.startswith("top1"):
+            val[bad] = -1
+        else:
+            val[bad] = np.nan
+    return out
+
+
+def bf16_to_float32(u16: np.ndarray) -> np.ndarray:
+    """bfloat16 bit patterns (uint16) to float32: the upper half of the float32 word."""
+    return (np.asarray(u16, dtype=np.uint16).astype(np.uint32) << 16).view(np.float32)
+
+
+def float32_to_bf16(x: np.ndarray) -> np.ndarray:
+    """float32 to bfloat16 bit patterns (uint16), rounding to nearest even; NaN stays NaN."""
+    bits = np.asarray(x, dtype=np.float32).view(np.uint32).astype(np.uint64)
+    rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+    nan = np.isnan(np.asarray(x, dtype=np.float32))
+    out = rounded.astype(np.uint16)
+    out[nan] = 0x7FC0
+    return out

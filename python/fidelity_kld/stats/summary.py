@@ -1,0 +1,259 @@
+"""llama.cpp-compatible summaries of per-token statistics, and a streaming accumulator.
+
+Definitions follow `llama-perplexity --kl-divergence` (see FORMATS.md) so users can check us
+against it, with one deliberate difference: every variance is computed from centred values
+(two-pass, float64) rather than llama.cpp's raw-moment sum2/N - mean^2, which loses digits
+when the mean is large next to the spread. The standard errors are the same quantities.
+
+Invalid tokens (NaN/+inf inputs) are excluded and counted; +inf KLDs are kept (they make the
+mean +inf, as they should) and counted.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from ..ops import TokenStats, compare
+
+KLD_PERCENTILES = (99.9, 99.0, 95.0, 90.0, 10.0, 5.0, 1.0, 0.1)
+DELTA_P_PERCENTILES = (99.9, 99.0, 95.0, 90.0, 75.0, 25.0, 10.0, 5.0, 1.0, 0.1)
+
+
+def _mean_se(x: np.ndarray) -> tuple[float, float]:
+    """Mean and its standard error (sample std / sqrt(n)); SE is NaN below 2 values."""
+    n = x.size
+    if n == 0:
+        return math.nan, math.nan
+    mean = float(np.mean(x))
+    if n < 2 or not np.isfinite(mean):
+        return mean, math.nan
+    return mean, float(np.std(x, ddof=1) / math.sqrt(n))
+
+
+def _percentiles_numpy(x: np.ndarray, ps) -> dict[str, float]:
+    if x.size == 0:
+        return {f"{p:g}": math.nan for p in ps}
+    vals = np.percentile(x, ps, method="linear")
+    return {f"{p:g}": float(v) for p, v in zip(ps, vals)}
+
+
+def _percentiles_llama(sorted32: np.ndarray, ps) -> dict[str, float]:
+    """llama.cpp's percentile: p = f*(N-1) in float32, linear between order statistics."""
+    n = sorted32.size
+    out = {}
+    for pct in ps:
+        if n == 0:
+            out[f"{pct:g}"] = math.nan
+            continue
+        f = np.float32(pct / 100.0)
+        pos = np.float32(f * np.float32(n - 1))
+        ip = int(np.floor(pos))
+        w = np.float32(pos - np.float32(ip))
+        lo = sorted32[ip]
+        hi = sorted32[min(ip + 1, n - 1)]
+        out[f"{pct:g}"] = float(np.float32((np.float32(1) - w) * lo + w * hi))
+    return out
+
+
+def _median_llama(sorted32: np.ndarray) -> float:
+    n = sorted32.size
+    if n == 0:
+        return math.nan
+    if n % 2 == 0:
+        return float(np.float32(0.5) * (sorted32[n // 2] + sorted32[n // 2 - 1]))
+    return float(sorted32[n // 2])
+
+
+@dataclass(frozen=True)
+class Distribution:
+    """Mean (with standard error), median, extremes and percentiles of one per-token value."""
+
+    mean: float
+    se: float
+    median: float
+    min: float
+    max: float
+    percentiles: dict[str, float] = field(default_factory=dict)
+
+    @staticmethod
+    def of(x: np.ndarray, ps, *, llama_compat: bool = False) -> "Distribution":
+        mean, se = _mean_se(x)
+        if x.size == 0:
+            return Distribution(mean, se, math.nan, math.nan, math.nan, _percentiles_numpy(x, ps))
+        if llama_compat:
+            s = np.sort(x.astype(np.float32))
+            return Distribution(mean, se, _median_llama(s), float(s[0]), float(s[-1]),
+                                _percentiles_llama(s, ps))
+        return Distribution(mean, se, float(np.median(x)), float(np.min(x)), float(np.max(x)),
+                            _percentiles_numpy(x, ps))
+
+
+@dataclass(frozen=True)
+class Summary:
+    """What llama-perplexity --kl-divergence prints, and a little more. Units: nats; Δp and
+    same-top as fractions (the text report shows percent).
+
+    ln_ppl_ratio = mean(nll_q) - mean(nll_ref) = ln(PPL(q)/PPL(ref)); its SE is the standard
+    error of the mean per-token difference. cor_nll is the Pearson correlation of per-token
+    nll_q and nll_ref (llama.cpp's Cor(ln(PPL(Q)), ln(PPL(base)))).
+    """
+
+    n_tokens: int
+    n_valid: int
+    n_invalid: int
+    n_kld_inf: int
+    llama_compat: bool
+    kld: Distribution
+    kld_reverse: Distribution
+    entropy_ref_mean: float
+    same_top: float
+    same_top_se: float
+    has_labels: bool = False
+    ppl_ref: float = math.nan
+    ppl_ref_se: float = math.nan
+    ppl_q: float = math.nan
+    ppl_q_se: float = math.nan
+    cor_nll: float = math.nan
+    ln_ppl_ratio: float = math.nan
+    ln_ppl_ratio_se: float = math.nan
+    ppl_ratio: float = math.nan
+    ppl_ratio_se: float = math.nan
+    ppl_diff: float = math.nan
+    ppl_diff_se: float = math.nan
+    delta_p: Distribution | None = None
+    rms_delta_p: float = math.nan
+    rms_delta_p_se: float = math.nan
+
+    def to_dict(self) -> dict:
+        """JSON-ready: NaN becomes None, infinities the strings 'inf' / '-inf'."""
+        return _json_ready(asdict(self))
+
+
+def _json_ready(obj):
+    if isinstance(obj, dict):
+        return {k: _json_ready(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_ready(v) for v in obj]
+    if isinstance(obj, (float, np.floating)):
+        v = float(obj)
+        if math.isnan(v):
+            return None
+        if math.isinf(v):
+            return "inf" if v > 0 else "-inf"
+        return v
+    if isinstance(obj, np.integer):
+        return int(obj)
+    return obj
+
+
+def summarize(stats: TokenStats, *, llama_compat: bool | None = None) -> Summary:
+    """Summary statistics of per-token results.
+
+    llama_compat (default: on when stats carry llama.cpp's windowed KLD): use llama.cpp's
+    windowed KLD, its float32 percentile interpolation and its median rule.
+    """
+    if llama_compat is None:
+        llama_compat = stats.kld_llama is not None
+    if llama_compat and stats.kld_llama is None:
+        raise ValueError("llama_compat needs stats computed with llama_parity=True")
+    valid = stats.valid
+    n_valid = int(valid.sum())
+    kld_all = stats.kld_llama if llama_compat else stats.kld
+    kld = kld_all[valid]
+    agree = stats.top1_agree[valid]
+    p_same = float(agree.mean()) if n_valid else math.nan
+    same_se = math.sqrt(p_same * (1 - p_same) / (n_valid - 1)) if n_valid > 1 else math.nan
+    kw = dict(
+        n_tokens=stats.n_tokens,
+        n_valid=n_valid,
+        n_invalid=stats.n_tokens - n_valid,
+        n_kld_inf=int(np.isinf(kld).sum()),
+        llama_compat=llama_compat,
+        kld=Distribution.of(kld, KLD_PERCENTILES, llama_compat=llama_compat),
+        kld_reverse=Distribution.of(stats.kld_reverse[valid], KLD_PERCENTILES),
+        entropy_ref_mean=float(np.mean(stats.entropy_ref[valid])) if n_valid else math.nan,
+        same_top=p_same,
+        same_top_se=same_se,
+    )
+    if stats.nll_ref is not None:
+        kw.update(_label_stats(stats.nll_ref[valid], stats.nll_q[valid],
+                               stats.delta_p[valid], llama_compat))
+    return Summary(**kw)
+
+
+def _label_stats(nll_ref, nll_q, delta_p, llama_compat) -> dict:
+    n = nll_ref.size
+    a, sa = _mean_se(nll_q)
+    b, sb = _mean_se(nll_ref)
+    d, sd = _mean_se(nll_q - nll_ref)
+    if n > 1 and np.isfinite(a) and np.isfinite(b):
+        cov_means = float(np.cov(nll_q, nll_ref, ddof=1)[0, 1]) / n
+        cor = float(np.corrcoef(nll_q, nll_ref)[0, 1])
+    else:
+        cov_means, cor = math.nan, math.nan
+    ppl_q, ppl_ref = math.exp(a), math.exp(b)
+    u_q, u_ref = ppl_q * sa, ppl_ref * sb
+    diff_var = u_q**2 + u_ref**2 - 2 * ppl_q * ppl_ref * cov_means
+    rms = math.sqrt(float(np.mean(delta_p**2))) if n else math.nan
+    _, se_sq = _mean_se(delta_p**2)
+    return dict(
+        has_labels=True,
+        ppl_ref=ppl_ref,
+        ppl_ref_se=u_ref,
+        ppl_q=ppl_q,
+        ppl_q_se=u_q,
+        cor_nll=cor,
+        ln_ppl_ratio=d,
+        ln_ppl_ratio_se=sd,
+        ppl_ratio=math.exp(d),
+        ppl_ratio_se=math.exp(d) * sd,
+        ppl_diff=ppl_q - ppl_ref,
+        ppl_diff_se=math.sqrt(diff_var) if diff_var >= 0 else math.nan,
+        delta_p=Distribution.of(delta_p, DELTA_P_PERCENTILES, llama_compat=llama_compat),
+        rms_delta_p=rms,
+        rms_delta_p_se=0.5 / rms * se_sq if rms > 0 else math.nan,
+    )
+
+
+class Accumulator:
+    """Feed (ref, q, labels) chunk by chunk; ``summary()`` at any time; ``merge`` two.
+
+    Keeps the per-token results (a few float64 per token: about 100 bytes, against the
+    hundreds of KB of logits each token costs to read), so percentiles are exact and the
+    summary of chunked feeding is bitwise the summary of one call over the same tokens.
+    """
+
+    def __init__(self, *, threads: int | None = None, llama_parity: bool = False):
+        self.threads = threads
+        self.llama_parity = llama_parity
+        self._parts: list[TokenStats] = []
+
+    def add(self, ref, q, labels=None, **kwargs) -> TokenStats:
+        stats = compare(ref, q, labels, threads=self.threads, llama_parity=self.llama_parity, **kwargs)
+        self._parts.append(stats)
+        return stats
+
+    def add_stats(self, stats: TokenStats) -> None:
+        self._parts.append(stats)
+
+    def merge(self, other: "Accumulator") -> "Accumulator":
+        out = Accumulator(threads=self.threads, llama_parity=self.llama_parity)
+        out._parts = self._parts + other._parts
+        return out
+
+    @property
+    def n_tokens(self) -> int:
+        return sum(p.n_tokens for p in self._parts)
+
+    def token_stats(self) -> TokenStats:
+        if len(self._parts) > 1:  # keep one array per field: later calls are cheap
+            self._parts = [TokenStats.concat(self._parts)]
+        if not self._parts:
+            raise ValueError("the accumulator has seen no tokens yet")
+        return self._parts[0]
+
+    def summary(self) -> Summary:
+        return summarize(self.token_stats())
