@@ -1,0 +1,60 @@
+"""The reader interface every logit-dump format implements.
+
+A LogitSource is opened once, validated eagerly (so a corrupt file fails before any work
+starts, with an error naming the file), then streamed in row chunks that feed the compiled
+core directly (zero-copy views of a memory map where the format allows).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import numpy as np
+
+from ..ops import Logits
+
+
+class DumpError(ValueError):
+    """A logit dump is malformed or does not match its partner. The message names the file."""
+
+
+@dataclass
+class LogitSource:
+    """One logit dump (or a set of shards read in order).
+
+    n_tokens, vocab: the matrix shape; dtype: 'float32' | 'float16' | 'bfloat16' | 'llama_u16';
+    labels / prompt_ids: [n_tokens] int64 or None (small; read eagerly);
+    header: format-specific fields for `fidelity-kld info`.
+    """
+
+    path: str
+    format: str
+    n_tokens: int
+    vocab: int
+    dtype: str
+    labels: np.ndarray | None = None
+    prompt_ids: np.ndarray | None = None
+    header: dict = field(default_factory=dict)
+
+    @property
+    def bytes_per_token(self) -> int:
+        return self.vocab * (4 if self.dtype == "float32" else 2)
+
+    def read(self, start: int, stop: int) -> Logits:
+        """Rows [start, stop) as Logits (a view where possible)."""
+        raise NotImplementedError
+
+    def chunks(self, rows_per_chunk: int) -> Iterator[tuple[int, Logits]]:
+        for start in range(0, self.n_tokens, rows_per_chunk):
+            stop = min(start + rows_per_chunk, self.n_tokens)
+            yield start, self.read(start, stop)
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
