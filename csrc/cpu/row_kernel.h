@@ -180,8 +180,9 @@ struct RowKernel {
       const float d = ta - tb;
       const float ta_c = ta < kMaskedFloor ? kMaskedFloor : ta;
       const float tb_c = tb < kMaskedFloor ? kMaskedFloor : tb;
-      const double ea = std::exp2(static_cast<double>(ta_c));
-      const double eb = std::exp2(static_cast<double>(tb_c));
+      // float exp2, so weights below 2^-149 are exactly 0 as in the vector loop.
+      const double ea = std::exp2(ta_c);
+      const double eb = std::exp2(tb_c);
       out.s_ref += ea;
       out.s_q += eb;
       const double ea_d = ea != 0.0 ? ea * d : 0.0;

@@ -189,12 +189,13 @@ def _label_stats(nll_ref, nll_q, delta_p, llama_compat) -> dict:
     a, sa = _mean_se(nll_q)
     b, sb = _mean_se(nll_ref)
     d, sd = _mean_se(nll_q - nll_ref)
-    if n > 1 and np.isfinite(a) and np.isfinite(b):
-        cov_means = float(np.cov(nll_q, nll_ref, ddof=1)[0, 1]) / n
-        cor = float(np.corrcoef(nll_q, nll_ref)[0, 1])
-    else:
-        cov_means, cor = math.nan, math.nan
-    ppl_q, ppl_ref = math.exp(a), math.exp(b)
+    with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+        if n > 1 and np.isfinite(a) and np.isfinite(b):
+            cov_means = float(np.cov(nll_q, nll_ref, ddof=1)[0, 1]) / n
+            cor = float(np.corrcoef(nll_q, nll_ref)[0, 1])  # NaN when either is constant
+        else:
+            cov_means, cor = math.nan, math.nan
+        ppl_q, ppl_ref, ratio = (float(np.exp(x)) for x in (a, b, d))
     u_q, u_ref = ppl_q * sa, ppl_ref * sb
     diff_var = u_q**2 + u_ref**2 - 2 * ppl_q * ppl_ref * cov_means
     rms = math.sqrt(float(np.mean(delta_p**2))) if n else math.nan
@@ -208,8 +209,8 @@ def _label_stats(nll_ref, nll_q, delta_p, llama_compat) -> dict:
         cor_nll=cor,
         ln_ppl_ratio=d,
         ln_ppl_ratio_se=sd,
-        ppl_ratio=math.exp(d),
-        ppl_ratio_se=math.exp(d) * sd,
+        ppl_ratio=ratio,
+        ppl_ratio_se=ratio * sd,
         ppl_diff=ppl_q - ppl_ref,
         ppl_diff_se=math.sqrt(diff_var) if diff_var >= 0 else math.nan,
         delta_p=Distribution.of(delta_p, DELTA_P_PERCENTILES, llama_compat=llama_compat),

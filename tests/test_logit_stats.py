@@ -1,0 +1,267 @@
+"""The fused kernel against the float64 reference, on every SIMD path this CPU has."""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import fidelity_kld as fk
+from fidelity_kld import _core, reference
+
+LEVELS = ["scalar", "avx2", "avx512"]
+AVAILABLE = LEVELS[: LEVELS.index(_core.active_simd_level()) + 1]
+DTYPES = ["float32", "float16", "bfloat16"]
+
+# kld: |got - ref| <= KLD_ATOL + KLD_RTOL * |ref|  (issue 2's bar, on the upcast values)
+KLD_ATOL, KLD_RTOL = 1e-6, 1e-4
+LSE_RTOL = 1e-6
+
+
+def encode(x32: np.ndarray, dtype: str):
+    """(what the kernel gets, the float64 values it represents)."""
+    if dtype == "float32":
+        return x32, x32.astype(np.float64)
+    if dtype == "float16":
+        h = x32.astype(np.float16)
+        return h, h.astype(np.float64)
+    u = reference.float32_to_bf16(x32)
+    return fk.Logits(u, "bfloat16", x32.shape[1]), reference.bf16_to_float32(u).astype(np.float64)
+
+
+def make_pair(rng, n, v, *, scale=3.0, noise=0.3):
+    a = (rng.standard_normal((n, v)) * scale).astype(np.float32)
+    # a few peaked rows
+    if n > 2:
+        a[::3, rng.integers(0, v)] += 25.0
+    b = (a + rng.standard_normal((n, v)).astype(np.float32) * noise).astype(np.float32)
+    return a, b
+
+
+def check_against_reference(got: fk.TokenStats, ref64, q64, labels=None):
+    want = reference.logit_stats(ref64, q64, labels)
+    valid = ~np.isnan(want["kld"])
+    np.testing.assert_array_equal(np.isnan(got.kld), ~valid)
+    for key in ("kld", "kld_reverse"):
+        g, w = getattr(got, key)[valid], want[key][valid]
+        finite = np.isfinite(w)
+        np.testing.assert_array_equal(np.isinf(g), ~finite, err_msg=key)
+        err = np.abs(g[finite] - w[finite])
+        tol = KLD_ATOL + KLD_RTOL * np.abs(w[finite])
+        assert np.all(err <= tol), f"{key}: worst excess {np.max(err - tol)} (max err {err.max()})"
+    for key in ("lse_ref", "lse_q"):
+        g, w = getattr(got, key)[valid], want[key][valid]
+        np.testing.assert_allclose(g, w, rtol=LSE_RTOL, atol=1e-6, err_msg=key)
+    np.testing.assert_allclose(got.entropy_ref[valid], want["entropy_ref"][valid], rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(got.top1_ref, want["top1_ref"])
+    np.testing.assert_array_equal(got.top1_q, want["top1_q"])
+    if labels is not None:
+        for key in ("nll_ref", "nll_q"):
+            np.testing.assert_allclose(getattr(got, key)[valid], want[key][valid], rtol=1e-6, atol=1e-6)
+        for key in ("p_ref_y", "p_q_y"):
+            np.testing.assert_allclose(getattr(got, key)[valid], want[key][valid], rtol=1e-5, atol=1e-9)
+
+
+SHAPES = [(1, 1), (3, 7), (1000, 7), (3, 1271), (1000, 1271), (3, 32000), (1, 152064), (3, 152064)]
+
+
+@pytest.mark.parametrize("simd", AVAILABLE)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n,v", SHAPES)
+def test_matches_reference(simd, dtype, n, v):
+    rng = np.random.default_rng([n, v, DTYPES.index(dtype)])
+    a32, b32 = make_pair(rng, n, v, scale=float(rng.choice([2.0, 5.0, 10.0])))
+    a, a64 = encode(a32, dtype)
+    b, b64 = encode(b32, dtype)
+    labels = rng.integers(0, v, n)
+    got = fk.compare(a, b, labels, simd=simd)
+    check_against_reference(got, a64, b64, labels)
+
+
+@pytest.mark.parametrize("simd", AVAILABLE)
+@pytest.mark.parametrize("noise", [1e-4, 1e-3, 1e-2])
+def test_near_identical_rows(simd, noise):
+    """KLD ~ 1e-8..1e-4, where sum p*(a-b) - lse_a + lse_b in float32 cancels badly."""
+    rng = np.random.default_rng(7)
+    a = (rng.standard_normal((64, 32000)) * 8 + 20).astype(np.float32)  # lse ~ 60
+    b = (a + rng.standard_normal(a.shape).astype(np.float32) * noise).astype(np.float32)
+    got = fk.compare(a, b, simd=simd)
+    want = reference.logit_stats(a, b)
+    err = np.abs(got.kld - want["kld"])
+    assert np.all(err <= KLD_ATOL + KLD_RTOL * want["kld"])
+    # and well below the bar for the smallest divergences
+    assert np.max(err) < 2e-7
+
+
+@pytest.mark.parametrize("simd", AVAILABLE)
+def test_shifted_rows_have_zero_kld(simd):
+    rng = np.random.default_rng(3)
+    a = (rng.standard_normal((16, 1271)) * 4).astype(np.float32)
+    got = fk.compare(a, a + np.float32(3.0), simd=simd)
+    assert np.all(np.abs(got.kld) < 1e-6)
+
+
+@pytest.mark.parametrize("simd", AVAILABLE)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_self_kld_is_zero(simd, dtype):
+    rng = np.random.default_rng(11)
+    a, _ = encode((rng.standard_normal((50, 4099)) * 6).astype(np.float32), dtype)
+    got = fk.compare(a, a, simd=simd)
+    assert np.all(np.abs(got.kld) <= 1e-7)
+    assert np.all(np.abs(got.kld_reverse) <= 1e-7)
+    assert np.all(got.kld >= -1e-6)
+    np.testing.assert_array_equal(got.lse_ref, got.lse_q)
+
+
+@pytest.mark.parametrize("simd", AVAILABLE)
+def test_kld_nonnegative_within_rounding(simd):
+    rng = np.random.default_rng(5)
+    a, b = make_pair(rng, 500, 513, noise=1e-3)
+    got = fk.compare(a, b, simd=simd)
+    assert np.all(got.kld >= -1e-6) and np.all(got.kld_reverse >= -1e-6)
+
+
+@pytest.mark.parametrize("simd", AVAILABLE)
+def test_probabilities_sum_to_one(simd):
+    """Summing p(y) over every label y of one row gives 1 (exercises lse and the label path)."""
+    rng = np.random.default_rng(2)
+    v = 1271
+    row = (rng.standard_normal(v) * 5).astype(np.float32)
+    a = np.repeat(row[None, :], v, axis=0)
+    b = np.repeat((row + 0.5 * rng.standard_normal(v)).astype(np.float32)[None, :], v, axis=0)
+    got = fk.compare(a, b, np.arange(v), simd=simd)
+    assert abs(got.p_ref_y.sum() - 1.0) < 1e-6
+    assert abs(got.p_q_y.sum() - 1.0) < 1e-6
+
+
+@pytest.mark.parametrize("simd", AVAILABLE)
+def test_ties_go_to_lowest_index(simd):
+    v = 100
+    a = np.zeros((4, v), dtype=np.float32)
+    a[0, [17, 40, 99]] = 5.0
+    a[1, [0, 1]] = 2.0
+    a[2, :] = 1.0  # constant row: argmax 0
+    a[3, [63, 64, 95]] = 7.0  # across a SIMD-vector boundary and in the tail
+    got = fk.compare(a, a[::-1].copy(), simd=simd)
+    np.testing.assert_array_equal(got.top1_ref, [17, 0, 0, 63])
+    np.testing.assert_array_equal(got.top1_q, [63, 0, 0, 17])
+
+
+@pytest.mark.parametrize("simd", AVAILABLE)
+def test_masked_vocab_and_invalid_rows(simd):
+    rng = np.random.default_rng(9)
+    n, v = 8, 1000
+    a = (rng.standard_normal((n, v)) * 3).astype(np.float32)
+    b = (a + 0.2 * rng.standard_normal((n, v))).astype(np.float32)
+    a[0, 100:300] = -np.inf  # masked on the reference only: finite KLD, infinite reverse
+    b[1, 500:700] = -np.inf  # q has no mass where p does: KLD = +inf
+    a[2, ::2] = -np.inf
+    b[2, ::2] = -np.inf  # same mask on both: finite both ways
+    a[3, 5] = np.nan  # invalid
+    b[4, 7] = np.inf  # invalid
+    a[5, :] = -np.inf  # no finite entry: invalid
+    a[6, :] = 1.0  # constant row: uniform
+    a[7] = a[7] * 1e3 + 1e4  # huge magnitudes
+    got = fk.compare(a, b, rng.integers(0, v, n), simd=simd)
+    check_against_reference(got, a.astype(np.float64), b.astype(np.float64), got.labels)
+    assert np.isfinite(got.kld[0]) and np.isinf(got.kld_reverse[0])
+    assert np.isposinf(got.kld[1]) and np.isfinite(got.kld_reverse[1])
+    assert np.isfinite(got.kld[2]) and np.isfinite(got.kld_reverse[2])
+    assert np.all(np.isnan(got.kld[3:6])) and np.all(got.top1_ref[3:6] == -1)
+    assert not got.valid[3:6].any() and got.valid[[0, 1, 2, 6, 7]].all()
+    assert abs(got.entropy_ref[6] - np.log(v)) < 1e-6
+
+
+@pytest.mark.parametrize("simd", AVAILABLE)
+def test_bitwise_identical_across_thread_counts(simd):
+    rng = np.random.default_rng(4)
+    a, b = make_pair(rng, 97, 32000)
+    a, b = a.astype(np.float16), b.astype(np.float16)
+    y = rng.integers(0, 32000, 97)
+    base = fk.compare(a, b, y, threads=1, simd=simd).as_dict()
+    for threads in (2, 3, 8):
+        other = fk.compare(a, b, y, threads=threads, simd=simd).as_dict()
+        for key, val in base.items():
+            np.testing.assert_array_equal(other[key], val, err_msg=f"{key} threads={threads}")
+
+
+@pytest.mark.parametrize("simd", AVAILABLE)
+def test_strided_and_mixed_dtype_inputs(simd):
+    rng = np.random.default_rng(6)
+    wide = (rng.standard_normal((20, 1300)) * 4).astype(np.float32)
+    a = wide[::2, :1271]  # row stride 2*1300 elements, rows narrower than the buffer
+    b_full = (wide + 0.3 * rng.standard_normal(wide.shape)).astype(np.float32)
+    b_u16 = reference.float32_to_bf16(b_full[::2, :1271])
+    got = fk.compare(a, fk.Logits(b_u16, "bfloat16", 1271), simd=simd)
+    check_against_reference(got, a.astype(np.float64), reference.bf16_to_float32(b_u16).astype(np.float64))
+
+
+def test_negative_stride_and_other_float_types_are_normalised():
+    rng = np.random.default_rng(8)
+    a = (rng.standard_normal((6, 300)) * 3).astype(np.float32)
+    b = (a + 0.1).astype(np.float64)[::-1]  # float64, reversed rows
+    got = fk.compare(a[::-1], b)
+    check_against_reference(got, a[::-1].astype(np.float64), b)
+
+
+def test_input_errors():
+    a = np.zeros((3, 10), np.float32)
+    with pytest.raises(ValueError, match="vocabulary mismatch"):
+        fk.compare(a, np.zeros((3, 11), np.float32))
+    with pytest.raises(ValueError, match="token count mismatch"):
+        fk.compare(a, np.zeros((4, 10), np.float32))
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        fk.compare(a, a, [0, 10, 1])
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        fk.compare(a, a, [0, -1, 1])
+    with pytest.raises(ValueError, match="labels has 2 entries"):
+        fk.compare(a, a, [0, 1])
+    with pytest.raises(ValueError, match="uint16"):
+        fk.compare(a.view(np.uint16)[:, :10], a)
+    with pytest.raises(ValueError, match="must be"):
+        fk.compare(np.zeros((2, 3, 4), np.float32), np.zeros((2, 3, 4), np.float32))
+
+
+def test_empty_input():
+    got = fk.compare(np.zeros((0, 5), np.float32), np.zeros((0, 5), np.float32))
+    assert got.n_tokens == 0
+
+
+def test_torch_and_dlpack_inputs():
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(1)
+    a, b = make_pair(rng, 5, 777)
+    want = fk.compare(a, b)
+    ta, tb = torch.from_numpy(a), torch.from_numpy(b)
+    np.testing.assert_array_equal(fk.compare(ta, tb).kld, want.kld)
+    got_bf16 = fk.compare(ta.bfloat16(), tb.bfloat16())
+    a16 = reference.bf16_to_float32(reference.float32_to_bf16(a)).astype(np.float64)
+    b16 = reference.bf16_to_float32(reference.float32_to_bf16(b)).astype(np.float64)
+    check_against_reference(got_bf16, a16, b16)
+
+    class OnlyDlpack:
+        def __init__(self, arr):
+            self._arr = arr
+
+        def __dlpack__(self, **kw):
+            return self._arr.__dlpack__(**kw)
+
+        def __dlpack_device__(self):
+            return self._arr.__dlpack_device__()
+
+    np.testing.assert_array_equal(fk.compare(OnlyDlpack(a), OnlyDlpack(b)).kld, want.kld)
+
+
+def test_env_var_forces_lower_simd_level():
+    code = "from fidelity_kld import _core; print(_core.simd_level, _core.active_simd_level())"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env={**os.environ, "FIDELITY_KLD_SIMD": "scalar"}, check=True)
+    assert out.stdout.split() == ["scalar", "scalar"]
+
+
+def test_simd_level_above_cpu_is_refused():
+    if _core.active_simd_level() == "avx512":
+        pytest.skip("this CPU runs the highest level")
+    with pytest.raises(ValueError, match="not available"):
+        fk.compare(np.zeros((1, 4), np.float32), np.zeros((1, 4), np.float32), simd="avx512")
