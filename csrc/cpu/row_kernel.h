@@ -236,6 +236,8 @@ struct RowKernel {
 
     Sums s;
     const bool llama = p.llama_parity;
+    // llama parity with a llama.cpp file on the q side too: its rows are log-probs already.
+    const bool kQLogProbs = llama && DB == DType::LLAMA_U16;
     if (masked) {
       s = llama ? pass2<true, true>(a, b, vocab, shift_a, shift_b, next_a, next_b)
                 : pass2<true, false>(a, b, vocab, shift_a, shift_b, next_a, next_b);
@@ -265,7 +267,7 @@ struct RowKernel {
       const double by = load_scalar<DB>(b.values, y, b.dec);
       // In llama parity mode the reference row already holds log-probs (not renormalised).
       const double nll_a = llama ? -ay : lse_a - ay;
-      const double nll_b = lse_b - by;
+      const double nll_b = kQLogProbs ? -by : lse_b - by;
       p.nll_ref[r] = nll_a;
       p.nll_q[r] = nll_b;
       p.p_ref_y[r] = std::exp(-nll_a);
@@ -274,8 +276,11 @@ struct RowKernel {
     if (llama) {
       // p_i(llama) = exp(x_i) = exp(lse_a) * e_i / S_ref; log p_i - log q_i =
       // lse_a + ln2*d_i - log S_ref + log S_q.
+      // When q is a llama.cpp file too, its decoded values are log q as they are (as llama.cpp
+      // uses the quant's exactly normalised log-probs): log q_i = ln2*t_q - log S_q + lse_q.
+      const double q_offset = kQLogProbs ? lse_b : 0.0;
       p.kld_llama[r] = std::exp(lse_a) / s.s_ref *
-                       (kLn2Eff * s.w_t + (lse_a - log_s_ref + log_s_q) * s.w_s);
+                       (kLn2Eff * s.w_t + (lse_a - log_s_ref + log_s_q - q_offset) * s.w_s);
     }
   }
 

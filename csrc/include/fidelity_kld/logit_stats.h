@@ -11,7 +11,10 @@
 //
 // llama_parity (ref must be LLAMA_U16): the reference row holds llama.cpp's decoded log-probs;
 // nll_ref/p_ref_y use them as they are (no renormalisation), and kld_llama is llama.cpp's
-// KLD: the sum restricted to entries whose decoded log-prob is > -16.
+// KLD: sum over entries whose decoded ref log-prob is > -16 of exp(ref_i) (ref_i - log q_i).
+// If q is LLAMA_U16 too, its decoded values are taken as log q as they are (nll_q, p_q_y and
+// kld_llama), since llama.cpp uses the quant's own normalised log-probs; renormalising the
+// decoded row would add the mass of the clamped floor (about 1e-4 nats for V = 8000).
 //
 // A row with NaN or +inf (or only -inf) on either side gives NaN for every float output and
 // -1 for top1: the token is invalid. KLD is +inf where p has mass and q has none.
