@@ -12,7 +12,7 @@ mean +inf, as they should) and counted.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 
@@ -220,29 +220,43 @@ def _label_stats(nll_ref, nll_q, delta_p, llama_compat) -> dict:
 
 
 class Accumulator:
-    """Feed (ref, q, labels) chunk by chunk; ``summary()`` at any time; ``merge`` two.
+    """Feed (ref, q, labels) batch by batch; ``summary()`` and ``per_prompt()`` at any time;
+    ``merge`` two.
 
-    Keeps the per-token results (a few float64 per token: about 100 bytes, against the
-    hundreds of KB of logits each token costs to read), so percentiles are exact and the
-    summary of chunked feeding is bitwise the summary of one call over the same tokens.
+    Batches may be [tokens, vocab] or [batch, seq, vocab] (flattened), numpy arrays, torch
+    tensors or DLPack objects; ``mask`` ([batch, seq] or [tokens], true = keep) drops padding
+    positions; ``prompt_ids`` may be per sequence ([batch]) or per token.
+
+    Keeps the per-token results (about 100 bytes a token, against the hundreds of KB of
+    logits each token costs to read), so percentiles are exact and the summary of chunked
+    feeding is bitwise the summary of one call over the same tokens.
     """
 
     def __init__(self, *, threads: int | None = None, llama_parity: bool = False):
         self.threads = threads
         self.llama_parity = llama_parity
         self._parts: list[TokenStats] = []
+        self._prompt_ids: list[np.ndarray | None] = []
 
-    def add(self, ref, q, labels=None, **kwargs) -> TokenStats:
-        stats = compare(ref, q, labels, threads=self.threads, llama_parity=self.llama_parity, **kwargs)
-        self._parts.append(stats)
+    def add(self, ref, q, labels=None, *, mask=None, prompt_ids=None, **kwargs) -> TokenStats:
+        ref, q, labels, prompt_ids = _flatten_batch(ref, q, labels, mask, prompt_ids)
+        stats = compare(ref, q, labels, threads=self.threads, llama_parity=self.llama_parity,
+                        **kwargs)
+        self.add_stats(stats, prompt_ids)
         return stats
 
-    def add_stats(self, stats: TokenStats) -> None:
+    def add_stats(self, stats: TokenStats, prompt_ids=None) -> None:
+        if prompt_ids is not None:
+            prompt_ids = np.asarray(prompt_ids).reshape(-1)
+            if prompt_ids.size != stats.n_tokens:
+                raise ValueError(f"prompt_ids has {prompt_ids.size} entries for {stats.n_tokens} tokens")
         self._parts.append(stats)
+        self._prompt_ids.append(prompt_ids)
 
     def merge(self, other: "Accumulator") -> "Accumulator":
         out = Accumulator(threads=self.threads, llama_parity=self.llama_parity)
         out._parts = self._parts + other._parts
+        out._prompt_ids = self._prompt_ids + other._prompt_ids
         return out
 
     @property
@@ -250,11 +264,67 @@ class Accumulator:
         return sum(p.n_tokens for p in self._parts)
 
     def token_stats(self) -> TokenStats:
-        if len(self._parts) > 1:  # keep one array per field: later calls are cheap
-            self._parts = [TokenStats.concat(self._parts)]
         if not self._parts:
             raise ValueError("the accumulator has seen no tokens yet")
+        if len(self._parts) > 1:  # keep one array per field: later calls are cheap
+            ids = self._prompt_ids
+            self._parts = [TokenStats.concat(self._parts)]
+            self._prompt_ids = [None if any(i is None for i in ids) else np.concatenate(ids)]
         return self._parts[0]
 
     def summary(self) -> Summary:
         return summarize(self.token_stats())
+
+    def per_prompt(self) -> dict[str, np.ndarray]:
+        """Per-prompt table (fidelity_kld.stats.per_prompt.COLUMNS); needs prompt ids."""
+        from .per_prompt import per_prompt
+
+        stats = self.token_stats()
+        if self._prompt_ids[0] is None:
+            raise ValueError("per_prompt() needs prompt_ids for every batch that was added")
+        if stats.kld_llama is not None:
+            stats = replace(stats, kld=stats.kld_llama)
+        return per_prompt(stats, self._prompt_ids[0])
+
+
+def _flatten_batch(ref, q, labels, mask, prompt_ids):
+    """[B, T, V] -> [B*T, V] with the mask applied; prompt ids per sequence broadcast."""
+    shape = tuple(getattr(ref, "shape", ()))
+    if len(shape) == 3:
+        b, t, v = shape
+        ref = ref.reshape(b * t, v)
+        q = q.reshape(b * t, v)
+        if labels is not None:
+            labels = labels.reshape(b * t)
+        if prompt_ids is not None:
+            prompt_ids = _to_numpy(prompt_ids)
+            if prompt_ids.shape == (b,):
+                prompt_ids = np.repeat(prompt_ids, t)
+            prompt_ids = prompt_ids.reshape(b * t)
+    elif prompt_ids is not None:
+        prompt_ids = _to_numpy(prompt_ids).reshape(-1)
+    if mask is not None:
+        keep_np = _to_numpy(mask).astype(bool).reshape(-1)
+        if keep_np.size != int(ref.shape[0]):
+            raise ValueError(f"mask has {keep_np.size} entries for {int(ref.shape[0])} tokens")
+        if type(ref).__module__.startswith("torch"):
+            import torch
+
+            keep = torch.as_tensor(keep_np, device=ref.device)
+        else:
+            keep = keep_np
+            ref, q = np.asarray(ref), np.asarray(q)
+        ref, q = ref[keep], q[keep]
+        if labels is not None:
+            labels = _to_numpy(labels).reshape(-1)[keep_np]
+        if prompt_ids is not None:
+            prompt_ids = prompt_ids[keep_np]
+    if labels is not None:
+        labels = _to_numpy(labels).reshape(-1)
+    return ref, q, labels, prompt_ids
+
+
+def _to_numpy(x) -> np.ndarray:
+    if type(x).__module__.startswith("torch"):
+        return x.detach().cpu().numpy()
+    return np.asarray(x)
