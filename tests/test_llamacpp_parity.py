@@ -95,9 +95,10 @@ def test_base_against_itself(tmp_path):
     assert _run(["compare", str(DATA / "base.kld"), str(DATA / "base.kld"), "-o", str(out), "-q"]) == 0
     s = json.loads(out.read_text())["models"][0]["summary"]
     llama = parse_llama_stats((DATA / "base_vs_base.stats.txt").read_text())
-    assert abs(s["kld"]["mean"]) < 1e-9 and s["kld"]["max"] <= llama["kld_max"]
+    assert abs(s["kld"]["mean"]) < 1e-9 and abs(s["kld"]["max"]) < 1e-9
     assert s["same_top"] == 1.0 and abs(s["ppl_ratio"] - 1.0) < 1e-12
-    assert 0 < llama["kld_mean"] < 1e-4
+    # llama.cpp's per-token values spread over +-5e-5 around 0 from the 16-bit storage
+    assert llama["kld_max"] > 1e-5 and llama["kld_min"] < -1e-5
 
 
 def test_text_output_has_llama_lines_in_order(capsys):
