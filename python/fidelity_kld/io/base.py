@@ -45,6 +45,21 @@ class LogitSource:
         """Rows [start, stop) as Logits (a view where possible)."""
         raise NotImplementedError
 
+    def files(self) -> list[str]:
+        """Every file this source reads (for sizes on disk); shards and sidecars included."""
+        return [self.path]
+
+    def _check_range(self, start: int, stop: int) -> tuple[int, int]:
+        start, stop = int(start), int(stop)
+        if not 0 <= start <= stop <= self.n_tokens:
+            raise IndexError(f"{self.path}: rows [{start}, {stop}) outside [0, {self.n_tokens})")
+        return start, stop
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}(path={self.path!r}, format={self.format!r}, "
+                f"n_tokens={self.n_tokens}, vocab={self.vocab}, dtype={self.dtype!r}, "
+                f"labels={self.labels is not None}, prompt_ids={self.prompt_ids is not None})")
+
     def chunks(self, rows_per_chunk: int) -> Iterator[tuple[int, Logits]]:
         for start in range(0, self.n_tokens, rows_per_chunk):
             stop = min(start + rows_per_chunk, self.n_tokens)

@@ -1,0 +1,365 @@
+"""Arrow IPC (file format) and Parquet logit dumps: one row per token.
+
+Columns: ``logits`` = fixed_size_list<float32|float16>[vocab] or list<...> with every row of
+length vocab; optional labels in ``label`` / ``labels`` / ``token_id`` / ``token_ids`` and
+prompt ids in ``prompt_id`` / ``prompt_ids`` (integers, no nulls). bfloat16 logits are stored
+as uint16 bit patterns with the schema metadata {"fidelity_kld.dtype": "bfloat16"} (or
+declared with ``open_source(path, dtype='bfloat16')``).
+
+Arrow IPC files are memory-mapped and read() returns zero-copy views when the rows asked for
+lie in one record batch (uncompressed). Parquet is decoded batch by batch from the row group
+holding the first row asked for; sequential reads continue one iterator, so memory stays at
+about one read's worth whatever the file size.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..ops import Logits
+from ._util import STORAGE, AtomicFiles, check_ids, file_size, logical_dtype
+from .base import DumpError, LogitSource
+
+LABEL_COLUMNS = ("label", "labels", "token_id", "token_ids")
+PROMPT_COLUMNS = ("prompt_id", "prompt_ids")
+DTYPE_KEY = b"fidelity_kld.dtype"
+ARROW_MAGIC = b"ARROW1"
+PARQUET_MAGIC = b"PAR1"
+TARGET_BATCH_BYTES = 64 << 20
+
+
+def _first_line(e: BaseException) -> str:
+    s = str(e).strip()
+    return s.splitlines()[0] if s else type(e).__name__
+
+
+def _pa():
+    import pyarrow as pa  # lazily: only Arrow/Parquet users pay the import
+
+    return pa
+
+
+def _inspect_schema(path: str, schema, dtype: str | None) -> dict:
+    """Column names, list kind, value storage dtype, logical dtype and (if fixed) vocab."""
+    pa = _pa()
+    names = schema.names
+    if "logits" not in names:
+        raise DumpError(f"{path}: no 'logits' column (has: {', '.join(names) or 'none'})")
+    t = schema.field("logits").type
+    if pa.types.is_fixed_size_list(t):
+        vocab = t.list_size
+    elif pa.types.is_list(t) or pa.types.is_large_list(t):
+        vocab = None
+    else:
+        raise DumpError(f"{path}: 'logits' column is {t}, expected a (fixed-size) list of float32/float16")
+    vt = t.value_type
+    storage = {pa.float32(): np.dtype("<f4"), pa.float16(): np.dtype("<f2"),
+               pa.uint16(): np.dtype("<u2")}.get(vt)
+    if storage is None:
+        raise DumpError(f"{path}: unsupported logits dtype {vt} (expected float32, float16 or bfloat16 as uint16)")
+    meta = schema.metadata or {}
+    declared = dtype if dtype is not None else (meta[DTYPE_KEY].decode() if DTYPE_KEY in meta else None)
+    logical = logical_dtype(path, storage, declared)
+    if vocab is not None and vocab <= 0:
+        raise DumpError(f"{path}: 'logits' lists have size {vocab}")
+    label = next((c for c in LABEL_COLUMNS if c in names), None)
+    prompt = next((c for c in PROMPT_COLUMNS if c in names), None)
+    for col in (label, prompt):
+        if col is not None and not pa.types.is_integer(schema.field(col).type):
+            raise DumpError(f"{path}: column {col!r} must be integer, got {schema.field(col).type}")
+    return {"vocab": vocab, "dtype": logical, "label": label, "prompt": prompt,
+            "logits_type": str(t)}
+
+
+def _block(path: str, arr, vocab: int, dtype: str, row0: int) -> np.ndarray:
+    """A logits list array (one batch) as a [rows, vocab] numpy array, zero-copy if possible."""
+    pa = _pa()
+    if isinstance(arr, pa.ChunkedArray):
+        arr = arr.combine_chunks()
+    if arr.null_count:
+        i = int(np.flatnonzero(arr.is_null().to_numpy(zero_copy_only=False))[0])
+        raise DumpError(f"{path}: logits row {row0 + i} is null")
+    if not pa.types.is_fixed_size_list(arr.type):
+        offs = arr.offsets.to_numpy()
+        lens = np.diff(offs)
+        bad = np.flatnonzero(lens != vocab)
+        if bad.size:
+            i = int(bad[0])
+            raise DumpError(f"{path}: logits row {row0 + i} has {int(lens[i])} values, expected {vocab}")
+    values = arr.flatten()
+    if values.null_count:
+        raise DumpError(f"{path}: null logit values in rows {row0}..{row0 + len(arr) - 1}")
+    out = values.to_numpy(zero_copy_only=False)
+    return out.view(STORAGE[dtype]).reshape(len(arr), vocab)
+
+
+def _ids(path: str, column, n: int, name: str) -> np.ndarray:
+    if column.null_count:
+        raise DumpError(f"{path}: column {name!r} has {column.null_count} nulls")
+    return check_ids(path, column.to_numpy(), n, name)
+
+
+class ArrowSource(LogitSource):
+    """An Arrow IPC file (random-access 'file' format), memory-mapped."""
+
+    def __init__(self, path: str, *, dtype: str | None = None):
+        pa = _pa()
+        file_size(path)
+        try:
+            self._mm = pa.memory_map(path, "r")
+            self._reader = pa.ipc.open_file(self._mm)
+        except (pa.ArrowInvalid, pa.ArrowIOError, OSError) as e:
+            raise DumpError(f"{path}: unreadable Arrow IPC file ({_first_line(e)})") from None
+        info = _inspect_schema(path, self._reader.schema, dtype)
+        counts, labels, prompts = [], [], []
+        vocab = info["vocab"]
+        row0 = 0
+        for i in range(self._reader.num_record_batches):
+            try:
+                batch = self._reader.get_batch(i)
+            except (pa.ArrowInvalid, pa.ArrowIOError, OSError) as e:
+                raise DumpError(f"{path}: record batch {i} unreadable ({_first_line(e)})") from None
+            col = batch.column("logits")
+            if vocab is None and len(col):
+                vocab = len(col[0].values) if col[0].is_valid else 0
+            if len(col):
+                _block(path, col, vocab, info["dtype"], row0)  # validates nulls and lengths
+            counts.append(batch.num_rows)
+            if info["label"]:
+                labels.append(batch.column(info["label"]))
+            if info["prompt"]:
+                prompts.append(batch.column(info["prompt"]))
+            row0 += batch.num_rows
+        n = row0
+        if n == 0 or not vocab:
+            raise DumpError(f"{path}: holds no logits ({n} rows)")
+        lab = _ids(path, pa.chunked_array(labels, type=self._reader.schema.field(info["label"]).type), n, info["label"]) if info["label"] else None
+        pro = _ids(path, pa.chunked_array(prompts, type=self._reader.schema.field(info["prompt"]).type), n, info["prompt"]) if info["prompt"] else None
+        super().__init__(
+            path=path, format="arrow", n_tokens=n, vocab=vocab, dtype=info["dtype"],
+            labels=lab, prompt_ids=pro,
+            header={"record_batches": len(counts), "logits_type": info["logits_type"],
+                    "label_column": info["label"], "prompt_column": info["prompt"],
+                    "schema_metadata": _meta(self._reader.schema)},
+        )
+        self._starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        self._cache: tuple[int, np.ndarray] | None = None
+
+    def _batch_block(self, i: int) -> np.ndarray:
+        if self._cache is None or self._cache[0] != i:
+            col = self._reader.get_batch(i).column("logits")
+            self._cache = (i, _block(self.path, col, self.vocab, self.dtype, int(self._starts[i])))
+        return self._cache[1]
+
+    def read(self, start: int, stop: int) -> Logits:
+        start, stop = self._check_range(start, stop)
+        if self._reader is None:
+            raise DumpError(f"{self.path}: source is closed")
+        if start == stop:
+            return Logits(np.empty((0, self.vocab), STORAGE[self.dtype]), self.dtype, self.vocab)
+        first = int(np.searchsorted(self._starts, start, side="right") - 1)
+        parts, row = [], start
+        i = first
+        while row < stop:
+            b0, b1 = int(self._starts[i]), int(self._starts[i + 1])
+            if b1 > b0:
+                block = self._batch_block(i)
+                parts.append(block[row - b0 : min(stop, b1) - b0])
+                row = min(stop, b1)
+            i += 1
+        data = parts[0] if len(parts) == 1 else np.concatenate(parts)
+        return Logits(data, self.dtype, self.vocab)
+
+    def close(self) -> None:
+        # Arrays already handed out keep their buffers (and the mapping) alive.
+        self._reader = None
+        self._cache = None
+        if getattr(self, "_mm", None) is not None:
+            self._mm.close()
+            self._mm = None
+
+
+class ParquetSource(LogitSource):
+    """A Parquet file, decoded batch by batch (see the module docstring)."""
+
+    def __init__(self, path: str, *, dtype: str | None = None):
+        pa = _pa()
+        import pyarrow.parquet as pq
+
+        file_size(path)
+        try:
+            self._pf = pq.ParquetFile(path, buffer_size=1 << 22)
+        except (pa.ArrowInvalid, pa.ArrowIOError, OSError) as e:
+            raise DumpError(f"{path}: unreadable Parquet file ({_first_line(e)})") from None
+        schema = self._pf.schema_arrow
+        info = _inspect_schema(path, schema, dtype)
+        md = self._pf.metadata
+        n = md.num_rows
+        counts = [md.row_group(g).num_rows for g in range(md.num_row_groups)]
+        if n <= 0:
+            raise DumpError(f"{path}: holds no logits (0 rows)")
+        vocab = info["vocab"]
+        try:
+            if vocab is None:  # a plain list column: the first row sets the vocabulary
+                first = next(self._pf.iter_batches(batch_size=1, columns=["logits"]))
+                vocab = len(first.column(0)[0].values) if first.column(0)[0].is_valid else 0
+                if not vocab:
+                    raise DumpError(f"{path}: logits row 0 is null or empty")
+            lab = self._read_ids(path, info["label"], n) if info["label"] else None
+            pro = self._read_ids(path, info["prompt"], n) if info["prompt"] else None
+        except (pa.ArrowInvalid, pa.ArrowIOError, OSError) as e:
+            raise DumpError(f"{path}: unreadable Parquet data ({_first_line(e)})") from None
+        super().__init__(
+            path=path, format="parquet", n_tokens=n, vocab=vocab, dtype=info["dtype"],
+            labels=lab, prompt_ids=pro,
+            header={"row_groups": md.num_row_groups, "logits_type": info["logits_type"],
+                    "label_column": info["label"], "prompt_column": info["prompt"],
+                    "created_by": md.created_by, "schema_metadata": _meta(schema)},
+        )
+        self._starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        self._iter = None
+        self._pos = -1  # absolute row of the next row self._buf/_iter will yield
+        self._buf: np.ndarray | None = None
+
+    def _read_ids(self, path: str, col: str, n: int) -> np.ndarray:
+        return _ids(path, self._pf.read(columns=[col]).column(0), n, col)
+
+    def _seek(self, start: int, rows: int) -> None:
+        g = int(np.searchsorted(self._starts, start, side="right") - 1)
+        batch = max(1, min(rows, TARGET_BATCH_BYTES // max(1, self.bytes_per_token)))
+        self._iter = self._pf.iter_batches(batch_size=batch, columns=["logits"],
+                                           row_groups=list(range(g, len(self._starts) - 1)))
+        self._pos = int(self._starts[g])
+        self._buf = None
+        while self._pos < start:  # skip inside the row group, one batch at a time
+            block = self._next_block()
+            skip = min(start - self._pos, block.shape[0])
+            self._buf = block[skip:]
+            self._pos += skip
+            if self._buf.shape[0]:
+                break
+
+    def _next_block(self) -> np.ndarray:
+        pa = _pa()
+        try:
+            batch = next(self._iter)
+        except StopIteration:
+            raise DumpError(f"{self.path}: data ended at row {self._pos}, metadata says {self.n_tokens}") from None
+        except (pa.ArrowInvalid, pa.ArrowIOError, OSError) as e:
+            raise DumpError(f"{self.path}: unreadable Parquet data near row {self._pos} ({_first_line(e)})") from None
+        return _block(self.path, batch.column(0), self.vocab, self.dtype, self._pos)
+
+    def read(self, start: int, stop: int) -> Logits:
+        start, stop = self._check_range(start, stop)
+        if self._pf is None:
+            raise DumpError(f"{self.path}: source is closed")
+        if start == stop:
+            return Logits(np.empty((0, self.vocab), STORAGE[self.dtype]), self.dtype, self.vocab)
+        if self._iter is None or start != self._pos:
+            self._seek(start, stop - start)
+        parts, need = [], stop - start
+        while need:
+            if self._buf is None or self._buf.shape[0] == 0:
+                self._buf = self._next_block()
+            take = min(need, self._buf.shape[0])
+            parts.append(self._buf[:take])
+            self._buf = self._buf[take:]
+            self._pos += take
+            need -= take
+        data = parts[0] if len(parts) == 1 else np.concatenate(parts)
+        return Logits(data, self.dtype, self.vocab)
+
+    def close(self) -> None:
+        self._iter = None
+        self._buf = None
+        if getattr(self, "_pf", None) is not None:
+            self._pf.close()
+            self._pf = None
+
+
+def _meta(schema) -> dict:
+    return {k.decode(errors="replace"): v.decode(errors="replace") for k, v in (schema.metadata or {}).items()
+            if not k.startswith(b"ARROW:")}
+
+
+class _TableWriter:
+    """Shared by the IPC and Parquet writers: batches of (logits, label, prompt_id)."""
+
+    def __init__(self, path: str, files: AtomicFiles, *, n_tokens: int, vocab: int, dtype: str,
+                 labels: np.ndarray | None, prompt_ids: np.ndarray | None):
+        pa = _pa()
+        self.path, self.vocab, self.dtype = path, vocab, dtype
+        self._expected, self._written = n_tokens, 0
+        self._labels, self._prompts = labels, prompt_ids
+        value_type = {"float32": pa.float32(), "float16": pa.float16(), "bfloat16": pa.uint16()}[dtype]
+        fields = [pa.field("logits", pa.list_(value_type, vocab), nullable=False)]
+        if labels is not None:
+            fields.append(pa.field("label", pa.int64(), nullable=False))
+        if prompt_ids is not None:
+            fields.append(pa.field("prompt_id", pa.int64(), nullable=False))
+        self.schema = pa.schema(fields, metadata={DTYPE_KEY: dtype.encode()})
+        self._tmp = files.new(path)
+        self._open(self._tmp)
+
+    def _batch(self, block: np.ndarray):
+        pa = _pa()
+        r0, r1 = self._written, self._written + block.shape[0]
+        flat = np.ascontiguousarray(block, dtype=STORAGE[self.dtype]).reshape(-1)
+        cols = [pa.FixedSizeListArray.from_arrays(pa.array(flat), self.vocab)]
+        if self._labels is not None:
+            cols.append(pa.array(self._labels[r0:r1], type=pa.int64()))
+        if self._prompts is not None:
+            cols.append(pa.array(self._prompts[r0:r1], type=pa.int64()))
+        self._written = r1
+        return pa.RecordBatch.from_arrays(cols, schema=self.schema)
+
+    def finish(self) -> None:
+        self._close_writer()
+        if self._written != self._expected:
+            raise DumpError(f"{self.path}: wrote {self._written} rows, expected {self._expected}")
+
+    def after_commit(self) -> None:
+        pass
+
+
+class ArrowWriter(_TableWriter):
+    """Arrow IPC file format, one record batch per write()."""
+
+    def _open(self, tmp: str) -> None:
+        pa = _pa()
+        self._sink = pa.OSFile(tmp, "wb")
+        self._w = pa.ipc.new_file(self._sink, self.schema)
+
+    def write(self, block: np.ndarray) -> None:
+        self._w.write_batch(self._batch(block))
+
+    def _close_writer(self) -> None:
+        if self._w is not None:
+            self._w.close()
+            self._w = None
+        self._sink.close()
+
+    def close(self) -> None:
+        if not self._sink.closed:
+            self._sink.close()
+
+
+class ParquetWriter(_TableWriter):
+    """Parquet, one row group per write() (convert sizes writes to ~64 MB)."""
+
+    def _open(self, tmp: str) -> None:
+        import pyarrow.parquet as pq
+
+        # Dictionary encoding and statistics are useless on logits and cost time.
+        self._w = pq.ParquetWriter(tmp, self.schema, use_dictionary=False, write_statistics=False)
+
+    def write(self, block: np.ndarray) -> None:
+        self._w.write_batch(self._batch(block), row_group_size=block.shape[0])
+
+    def _close_writer(self) -> None:
+        if self._w is not None:
+            self._w.close()
+            self._w = None
+
+    def close(self) -> None:
+        self._close_writer()

@@ -1,0 +1,134 @@
+"""llama.cpp `--kl-divergence-base` files (layout: FORMATS.md section 1).
+
+    offset 0   char[8]  magic "_logits_"
+           8   int32    n_ctx      12 int32 n_vocab      16 int32 n_chunk
+          20   int32    tokens[n_chunk * n_ctx]
+           .   uint16   rows[n_chunk * R][nv]   R = n_ctx - 1 - n_ctx//2,  nv = 2*((n_vocab+1)//2) + 4
+
+Each row is 4 header words (float32 scale, float32 min_log_prob) then n_vocab uint16 codes
+(and one padding word when n_vocab is odd). read() hands these rows to the compiled core
+undecoded (dtype 'llama_u16'); decode_rows() is the numpy decode used by `convert`.
+Row k of chunk c scores the token tokens[c*n_ctx + n_ctx//2 + 1 + k]: that is its label.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..ops import Logits
+from ._util import file_size, read_prefix
+from .base import DumpError, LogitSource
+
+MAGIC = b"_logits_"
+HEADER_BYTES = 20
+
+
+def row_words(n_vocab: int) -> int:
+    """uint16 words per stored row: 4 header words, the codes, padding to an even count."""
+    return 2 * ((n_vocab + 1) // 2) + 4
+
+
+def layout(n_ctx: int, n_vocab: int, n_chunk: int) -> dict:
+    first = n_ctx // 2
+    rows_per_chunk = n_ctx - 1 - first
+    nv = row_words(n_vocab)
+    tokens_end = HEADER_BYTES + 4 * n_ctx * n_chunk
+    return {
+        "first": first,
+        "rows_per_chunk": rows_per_chunk,
+        "row_words": nv,
+        "row_bytes": 2 * nv,
+        "tokens_offset": HEADER_BYTES,
+        "rows_offset": tokens_end,
+        "file_bytes": tokens_end + 2 * nv * rows_per_chunk * n_chunk,
+    }
+
+
+class LlamaSource(LogitSource):
+    """A llama.cpp --kl-divergence-base file, memory-mapped.
+
+    read() returns Logits(data=[rows, nv] uint16 view of the map, dtype='llama_u16',
+    vocab=n_vocab). labels: each row's target token; prompt_ids: each row's chunk index.
+    header: n_ctx, n_vocab, n_chunk, first, rows_per_chunk, row_words, row_bytes,
+    tokens_offset, rows_offset, file_bytes. tokens: the stored token table (int32).
+    """
+
+    def __init__(self, path: str, *, dtype: str | None = None):
+        if dtype not in (None, "llama_u16"):
+            raise DumpError(f"{path}: a llama.cpp file holds 16-bit log-prob codes, not {dtype}")
+        size = file_size(path)
+        head = read_prefix(path, HEADER_BYTES)
+        if len(head) >= len(MAGIC) and head[: len(MAGIC)] != MAGIC:
+            raise DumpError(f"{path}: bad magic {head[:8]!r} (expected {MAGIC!r}): not a llama.cpp --kl-divergence-base file")
+        if len(head) < HEADER_BYTES:
+            if head[: len(MAGIC)] != MAGIC[: len(head)]:
+                raise DumpError(f"{path}: bad magic {head!r} (expected {MAGIC!r})")
+            raise DumpError(f"{path}: truncated in the header ({size} of {HEADER_BYTES} bytes)")
+        n_ctx, n_vocab, n_chunk = (int(v) for v in np.frombuffer(head, dtype="<i4", count=3, offset=8))
+        fields = f"n_ctx={n_ctx}, n_vocab={n_vocab}, n_chunk={n_chunk}"
+        if n_ctx <= 0 or n_vocab <= 0 or n_chunk <= 0:
+            raise DumpError(f"{path}: header sizes must be positive ({fields})")
+        lay = layout(n_ctx, n_vocab, n_chunk)
+        if lay["rows_per_chunk"] <= 0:
+            raise DumpError(f"{path}: n_ctx={n_ctx} leaves no scored rows per chunk")
+        # Python integers: no overflow, and nothing is allocated before these checks pass.
+        if size < lay["rows_offset"]:
+            raise DumpError(
+                f"{path}: truncated in the token table: header ({fields}) puts "
+                f"{n_ctx * n_chunk} tokens in bytes {HEADER_BYTES}..{lay['rows_offset']}, file has {size} bytes"
+            )
+        n_rows = lay["rows_per_chunk"] * n_chunk
+        if size < lay["file_bytes"]:
+            whole = (size - lay["rows_offset"]) // lay["row_bytes"]
+            where = "the last row" if whole == n_rows - 1 else f"row {whole} of {n_rows}"
+            raise DumpError(
+                f"{path}: truncated in the log-prob rows at {where}: header ({fields}) needs "
+                f"{lay['file_bytes']} bytes, file has {size}"
+            )
+        if size > lay["file_bytes"]:
+            raise DumpError(
+                f"{path}: {size - lay['file_bytes']} extra bytes after the last row: header "
+                f"({fields}) implies {lay['file_bytes']} bytes, file has {size}"
+            )
+        tokens = np.fromfile(path, dtype="<i4", count=n_ctx * n_chunk, offset=HEADER_BYTES)
+        if tokens.shape[0] != n_ctx * n_chunk:  # the file changed under us
+            raise DumpError(f"{path}: short read in the token table")
+        bad = np.flatnonzero((tokens < 0) | (tokens >= n_vocab))
+        if bad.size:
+            i = int(bad[0])
+            raise DumpError(f"{path}: token table entry {i} is {int(tokens[i])}, outside [0, {n_vocab})")
+        first, r = lay["first"], lay["rows_per_chunk"]
+        labels = tokens.reshape(n_chunk, n_ctx)[:, first + 1 : first + 1 + r].reshape(-1).astype(np.int64)
+        prompt_ids = np.repeat(np.arange(n_chunk, dtype=np.int64), r)
+        super().__init__(
+            path=path, format="llama", n_tokens=n_rows, vocab=n_vocab, dtype="llama_u16",
+            labels=labels, prompt_ids=prompt_ids,
+            header={"n_ctx": n_ctx, "n_vocab": n_vocab, "n_chunk": n_chunk, **lay},
+        )
+        self.tokens = tokens
+        self._rows = np.memmap(path, dtype="<u2", mode="r", offset=lay["rows_offset"], shape=(n_rows, lay["row_words"]))
+
+    @property
+    def bytes_per_token(self) -> int:
+        return int(self.header["row_bytes"])
+
+    def read(self, start: int, stop: int) -> Logits:
+        start, stop = self._check_range(start, stop)
+        if self._rows is None:
+            raise DumpError(f"{self.path}: source is closed")
+        return Logits(self._rows[start:stop], "llama_u16", self.vocab)
+
+    def close(self) -> None:
+        self._rows = None
+
+
+def decode_rows(rows: np.ndarray, n_vocab: int) -> np.ndarray:
+    """Decode stored rows to log-probabilities, FORMATS.md's reader arithmetic in float32:
+    log p[i] = scale * u[i] + min_log_prob. rows: [n, nv] uint16; returns [n, n_vocab] float32.
+    For `convert` and tests; compare() hands the raw rows to the core."""
+    rows = np.asarray(rows, dtype=np.uint16)
+    if rows.ndim != 2 or rows.shape[1] < 4 + n_vocab:
+        raise ValueError(f"llama rows must be [n, >= {4 + n_vocab}] uint16, got {rows.shape}")
+    head = np.ascontiguousarray(rows[:, :4]).view("<f4")  # [n, 2]: scale, min_log_prob
+    scale, min_log_prob = head[:, 0:1], head[:, 1:2]
+    return rows[:, 4 : 4 + n_vocab].astype(np.float32) * scale + min_log_prob

@@ -1,0 +1,197 @@
+"""`.npy` logit dumps, memory-mapped.
+
+The file holds one C-order [tokens, vocab] matrix of float32 or float16. numpy has no
+bfloat16, so bfloat16 logits are stored as uint16 bit patterns and declared either by
+``open_source(path, dtype='bfloat16')`` or by a JSON sidecar named after the whole file,
+``<name>.npy.json`` holding ``{"dtype": "bfloat16"}`` (the one convention; ``<stem>.json``
+is not read, it is too easily some other file).
+
+Optional companions, found by stem (``logits.npy`` -> ``logits.labels.npy``,
+``logits.prompt_ids.npy``): 1-D integer arrays of length tokens. The writer produces the
+same files, and removes stale companions of a file it replaces.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+
+from ..ops import Logits
+from ._util import STORAGE, AtomicFiles, check_ids, file_size, logical_dtype
+from .base import DumpError, LogitSource
+
+MAGIC = b"\x93NUMPY"
+SIBLING_SUFFIXES = (".labels.npy", ".prompt_ids.npy", ".npy.json")
+
+
+def siblings(path: str) -> dict[str, str]:
+    """Companion file names of a .npy dump: labels, prompt_ids, sidecar."""
+    stem = path[:-4] if path.endswith(".npy") else path
+    return {
+        "labels": stem + ".labels.npy",
+        "prompt_ids": stem + ".prompt_ids.npy",
+        "sidecar": path + ".json",
+    }
+
+
+def is_sibling(name: str) -> bool:
+    return name.endswith(SIBLING_SUFFIXES)
+
+
+def read_header(path: str, size: int) -> tuple[tuple, np.dtype, bool, int, tuple[int, int]]:
+    """(shape, dtype, fortran_order, data_offset, version) of a .npy file, validated."""
+    fmt = np.lib.format
+    try:
+        with open(path, "rb") as f:
+            version = fmt.read_magic(f)
+            if version == (1, 0):
+                shape, fortran, dtype = fmt.read_array_header_1_0(f)
+            elif version in ((2, 0), (3, 0)):
+                shape, fortran, dtype = fmt.read_array_header_2_0(f)
+            else:
+                raise DumpError(f"{path}: unsupported .npy version {version}")
+            offset = f.tell()
+    except DumpError:
+        raise
+    except OSError as e:
+        raise DumpError(f"{path}: cannot read ({e.strerror})") from None
+    except (ValueError, SyntaxError, EOFError) as e:
+        problem = str(e).splitlines()[0] if str(e) else type(e).__name__
+        if size < 10 or "EOF" in problem or "truncat" in problem.lower():
+            raise DumpError(f"{path}: truncated in the .npy header ({size} bytes)") from None
+        raise DumpError(f"{path}: bad .npy header ({problem})") from None
+    return shape, dtype, fortran, offset, version
+
+
+class NpySource(LogitSource):
+    """A memory-mapped .npy matrix; read() returns views of the map."""
+
+    def __init__(self, path: str, *, dtype: str | None = None):
+        size = file_size(path)
+        with open(path, "rb") as f:
+            if f.read(6) != MAGIC:
+                raise DumpError(f"{path}: bad magic (expected {MAGIC!r}): not a .npy file")
+        shape, storage, fortran, offset, version = read_header(path, size)
+        if storage.hasobject:
+            raise DumpError(f"{path}: object arrays are not logit dumps")
+        if len(shape) != 2:
+            raise DumpError(f"{path}: shape {tuple(shape)} is not 2-D [tokens, vocab]")
+        n, v = int(shape[0]), int(shape[1])
+        if n <= 0 or v <= 0:
+            raise DumpError(f"{path}: shape {tuple(shape)} holds no logits")
+        if fortran:
+            raise DumpError(f"{path}: Fortran-order (column-major) array; rows must be contiguous "
+                            "(save np.ascontiguousarray(x))")
+        sib = siblings(path)
+        sidecar = None
+        if os.path.exists(sib["sidecar"]):
+            sidecar = _read_sidecar(sib["sidecar"])
+        declared = dtype if dtype is not None else (sidecar or {}).get("dtype")
+        logical = logical_dtype(path, storage, declared)
+        if storage.byteorder == ">":
+            raise DumpError(f"{path}: big-endian {storage} data is not supported")
+        need = offset + n * v * storage.itemsize
+        if size < need:
+            raise DumpError(f"{path}: truncated: header says {n}x{v} {storage} ({need} bytes in all), file has {size}")
+        if size > need:
+            raise DumpError(f"{path}: {size - need} extra bytes after the {n}x{v} {storage} data")
+        labels = _read_ids(sib["labels"], n, "labels")
+        prompt_ids = _read_ids(sib["prompt_ids"], n, "prompt_ids")
+        super().__init__(
+            path=path, format="npy", n_tokens=n, vocab=v, dtype=logical,
+            labels=labels, prompt_ids=prompt_ids,
+            header={"npy_version": f"{version[0]}.{version[1]}", "storage_dtype": str(storage),
+                    "data_offset": offset, "shape": [n, v],
+                    "sidecar": sib["sidecar"] if sidecar is not None else None},
+        )
+        self._companions = [p for k, p in sib.items() if os.path.exists(p) and
+                            (k != "sidecar" or sidecar is not None)]
+        self._data = np.memmap(path, dtype=STORAGE[logical], mode="r", offset=offset, shape=(n, v))
+
+    def files(self) -> list[str]:
+        return [self.path, *self._companions]
+
+    def read(self, start: int, stop: int) -> Logits:
+        start, stop = self._check_range(start, stop)
+        if self._data is None:
+            raise DumpError(f"{self.path}: source is closed")
+        return Logits(self._data[start:stop], self.dtype, self.vocab)
+
+    def close(self) -> None:
+        self._data = None
+
+
+def _read_sidecar(path: str) -> dict:
+    try:
+        with open(path, encoding="utf-8") as f:
+            meta = json.load(f)
+    except (OSError, ValueError) as e:
+        raise DumpError(f"{path}: unreadable dtype sidecar ({e})") from None
+    if not isinstance(meta, dict) or meta.get("dtype") not in ("bfloat16", "float16", "float32"):
+        raise DumpError(f"{path}: dtype sidecar must be {{\"dtype\": \"bfloat16\"}}")
+    return meta
+
+
+def _read_ids(path: str, n: int, what: str) -> np.ndarray | None:
+    if not os.path.exists(path):
+        return None
+    file_size(path)
+    try:
+        ids = np.load(path, mmap_mode=None, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as e:
+        raise DumpError(f"{path}: unreadable {what} ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+    return check_ids(path, ids, n, what)
+
+
+class NpyWriter:
+    """Streams a [n_tokens, vocab] matrix into `path` (plus companions), atomically."""
+
+    def __init__(self, path: str, files: AtomicFiles, *, n_tokens: int, vocab: int, dtype: str,
+                 labels: np.ndarray | None, prompt_ids: np.ndarray | None):
+        self.path, self.vocab, self.dtype = path, vocab, dtype
+        self._expected = n_tokens
+        self._written = 0
+        self._files = files
+        self._tmp = files.new(path)
+        sib = siblings(path)
+        # the matrix was registered first, so commit() moves it into place last; stale
+        # companions (which would now describe the wrong matrix) are removed after commit
+        self._stale = []
+        for key, arr in (("labels", labels), ("prompt_ids", prompt_ids)):
+            if arr is None:
+                self._stale.append(sib[key])
+            else:
+                with open(files.new(sib[key]), "wb") as f:
+                    np.save(f, np.asarray(arr, dtype=np.int64))
+        if dtype == "bfloat16":
+            with open(files.new(sib["sidecar"]), "w", encoding="utf-8") as f:
+                json.dump({"dtype": "bfloat16"}, f)
+        else:
+            self._stale.append(sib["sidecar"])
+        self._f = open(self._tmp, "wb")
+        np.lib.format.write_array_header_1_0(
+            self._f, {"descr": np.lib.format.dtype_to_descr(STORAGE[dtype]),
+                      "fortran_order": False, "shape": (n_tokens, vocab)})
+
+    def write(self, block: np.ndarray) -> None:
+        self._f.write(np.ascontiguousarray(block, dtype=STORAGE[self.dtype]).data)
+        self._written += block.shape[0]
+
+    def finish(self) -> None:
+        self._f.close()
+        if self._written != self._expected:
+            raise DumpError(f"{self.path}: wrote {self._written} rows, expected {self._expected}")
+
+    def after_commit(self) -> None:
+        for p in self._stale:
+            try:
+                os.unlink(p)
+            except FileNotFoundError:
+                pass
+
+    def close(self) -> None:
+        if not self._f.closed:
+            self._f.close()
+

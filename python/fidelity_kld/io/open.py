@@ -1,0 +1,121 @@
+"""Open any supported dump by content, and check that two dumps can be compared."""
+
+from __future__ import annotations
+
+import glob as _glob
+import os
+
+import numpy as np
+
+from . import arrow, llama, npy, safetensors
+from ._util import file_size, read_prefix
+from .base import DumpError, LogitSource
+from .shards import ShardedSource
+
+READERS = {
+    "llama": llama.LlamaSource,
+    "npy": npy.NpySource,
+    "safetensors": safetensors.SafetensorsSource,
+    "arrow": arrow.ArrowSource,
+    "parquet": arrow.ParquetSource,
+}
+MAGICS = (
+    (llama.MAGIC, "llama"),
+    (npy.MAGIC, "npy"),
+    (arrow.ARROW_MAGIC, "arrow"),
+    (arrow.PARQUET_MAGIC, "parquet"),
+)
+EXTENSIONS = {
+    ".kld": "llama",
+    ".npy": "npy",
+    ".safetensors": "safetensors",
+    ".arrow": "arrow",
+    ".feather": "arrow",
+    ".ipc": "arrow",
+    ".parquet": "parquet",
+}
+FORMATS = tuple(READERS)
+
+
+def detect_format(path: str) -> str:
+    """The format of one file, from its first bytes (the extension only when they say
+    nothing, so that e.g. a .kld file with a bad magic gets the llama reader's message)."""
+    file_size(path)
+    head = read_prefix(path, 16)
+    for magic, fmt in MAGICS:
+        if head.startswith(magic) or (len(head) < len(magic) and magic.startswith(head)):
+            return fmt
+    if safetensors.looks_like(head):
+        return "safetensors"
+    if head[:4] == b"\xff\xff\xff\xff":
+        raise DumpError(f"{path}: Arrow IPC stream format; write the random-access file format "
+                        "(pyarrow.ipc.new_file) instead")
+    ext = os.path.splitext(path)[1].lower()
+    if ext in EXTENSIONS:
+        return EXTENSIONS[ext]
+    raise DumpError(f"{path}: unrecognised format (starts with {head[:8]!r}); expected a llama.cpp "
+                    "--kl-divergence-base file, .npy, safetensors, Arrow IPC or Parquet")
+
+
+def _is_glob(path: str) -> bool:
+    return any(c in path for c in "*?[") and not os.path.exists(path)
+
+
+def shard_paths(path: str) -> list[str]:
+    """The files of a directory (sorted by name) or a glob (sorted), companions and hidden
+    files (temporary outputs) excluded."""
+    if os.path.isdir(path):
+        names = sorted(n for n in os.listdir(path) if not n.startswith("."))
+        files = [os.path.join(path, n) for n in names]
+        files = [f for f in files if not os.path.isdir(f)]
+    else:
+        files = sorted(f for f in _glob.glob(path) if not os.path.isdir(f))
+    files = [f for f in files if not npy.is_sibling(f)]
+    if not files:
+        raise DumpError(f"{path}: no files {'in directory' if os.path.isdir(path) else 'match'}")
+    return files
+
+
+def open_source(path: str | os.PathLike, *, dtype: str | None = None) -> LogitSource:
+    """Open a logit dump: a llama.cpp --kl-divergence-base file, .npy, safetensors, Arrow
+    IPC or Parquet file, or a directory / glob of shards of one of them (read in sorted
+    order). dtype: declare uint16 storage as 'bfloat16' (otherwise read from the file).
+    Raises DumpError (a ValueError) naming the file for anything unreadable."""
+    path = os.fspath(path)
+    if os.path.isdir(path) or _is_glob(path):
+        shards = [_open_file(f, dtype) for f in shard_paths(path)]
+        return ShardedSource(path, shards)
+    return _open_file(path, dtype)
+
+
+def _open_file(path: str, dtype: str | None) -> LogitSource:
+    if dtype is not None and dtype not in ("float32", "float16", "bfloat16", "llama_u16"):
+        raise DumpError(f"{path}: unknown dtype {dtype!r}")
+    return READERS[detect_format(path)](path, dtype=dtype)
+
+
+def check_compatible(ref: LogitSource, q: LogitSource) -> None:
+    """Raise DumpError naming both files unless ref and q can be compared row by row:
+    same vocabulary, same token count, and (when both carry labels) the same token ids."""
+    both = f"{ref.path} (ref) and {q.path} (q)"
+    if ref.vocab != q.vocab:
+        raise DumpError(f"{both}: vocabulary mismatch ({ref.vocab} vs {q.vocab} entries)")
+    if ref.n_tokens != q.n_tokens:
+        raise DumpError(f"{both}: token count mismatch ({ref.n_tokens} vs {q.n_tokens} tokens)")
+    if ref.labels is not None and q.labels is not None:
+        diff = np.flatnonzero(ref.labels != q.labels)
+        if diff.size:
+            i = int(diff[0])
+            raise DumpError(
+                f"{both}: token ids differ, first at token {i} ({int(ref.labels[i])} vs "
+                f"{int(q.labels[i])}; {diff.size} of {ref.n_tokens} differ)"
+            )
+
+
+def example_paths() -> tuple[str, str]:
+    """The bundled example pair (`compare --example`): a llama.cpp reference file and the
+    Q4_K_M quantization's file, one 256-token chunk each (127 scored tokens, vocab 8000)."""
+    from importlib.resources import files
+
+    root = files("fidelity_kld") / "data" / "example"
+    return str(root / "base.kld"), str(root / "q4_k_m.kld")
