@@ -149,6 +149,10 @@ def _contiguous_rows(lg: Logits) -> Logits:
     return lg if ok else Logits(np.ascontiguousarray(d), lg.dtype, lg.vocab)
 
 
+def _on_cuda(x: Any) -> bool:
+    return type(x).__module__.startswith("torch") and getattr(x, "is_cuda", False)
+
+
 def default_threads() -> int:
     env = os.environ.get("FIDELITY_KLD_THREADS")
     return int(env) if env else 0
@@ -164,6 +168,7 @@ def compare(
     q_dtype: str | None = None,
     llama_parity: bool = False,
     simd: str = "auto",
+    device: str = "auto",
 ) -> TokenStats:
     """Per-token statistics of ``ref`` (the reference) against ``q`` (the quantized model).
 
@@ -171,8 +176,16 @@ def compare(
     patterns with ``*_dtype='bfloat16'``, torch CPU tensors, DLPack objects, or Logits.
     labels: optional [tokens] token ids (the token each row predicts): adds nll, p(y).
     threads: worker threads (default: all cores). Results do not depend on it.
+    device: 'cpu', 'cuda' (CUDA extension, else Triton; fidelity_kld.gpu), or 'auto': the
+    GPU when the inputs are CUDA tensors already, else the CPU core.
     Returns a TokenStats (see its docstring for definitions; KLD is KL(P_ref || P_q) in nats).
     """
+    if device not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"device must be auto, cpu or cuda, not {device!r}")
+    if device == "cuda" or (device == "auto" and (_on_cuda(ref) or _on_cuda(q))):
+        from .gpu import compare_gpu  # torch and triton are imported only on this path
+
+        return compare_gpu(ref, q, labels, llama_parity=llama_parity)
     a = _contiguous_rows(as_logits(ref, ref_dtype, name="ref"))
     b = _contiguous_rows(as_logits(q, q_dtype, name="q"))
     if a.vocab != b.vocab:
