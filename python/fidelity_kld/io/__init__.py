@@ -10,7 +10,7 @@ Formats: llama.cpp --kl-divergence-base (io.llama), .npy (io.npy), safetensors
 """
 
 from .base import DumpError, LogitSource
-from .convert import convert
+from .conversion import convert
 from .memory import ArraySource
 from .open import FORMATS, check_compatible, detect_format, example_paths, open_source
 

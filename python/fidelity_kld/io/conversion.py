@@ -76,12 +76,12 @@ def convert(src: LogitSource, out: str | os.PathLike, *, to: str | None = None,
     """Write `src` to `out` in format `to` (default: from out's extension) with logits in
     `dtype` (default: the source's; float32 for a llama.cpp file). Returns the format."""
     out = os.fspath(out)
+    if os.path.isdir(out):
+        raise DumpError(f"{out}: is a directory; give an output file name")
     fmt = output_format(out, to)
     out_dtype = dtype or ("float32" if src.dtype == "llama_u16" else src.dtype)
     if out_dtype not in RAW_DTYPES:
         raise DumpError(f"{out}: cannot write dtype {out_dtype!r} (choose from {', '.join(RAW_DTYPES)})")
-    if os.path.isdir(out):
-        raise DumpError(f"{out}: is a directory; give an output file name")
     if os.path.exists(out) and any(os.path.exists(f) and os.path.samefile(f, out) for f in src.files()):
         raise DumpError(f"{out}: output would overwrite the input")
     if rows_per_chunk is None:

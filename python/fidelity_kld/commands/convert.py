@@ -1,0 +1,37 @@
+"""`fidelity-kld convert IN OUT`: rewrite a logit dump in another format, streaming."""
+
+from __future__ import annotations
+
+import os
+
+import click
+
+from ..cli import InputError
+
+
+@click.command("convert")
+@click.argument("src", metavar="IN")
+@click.argument("dst", metavar="OUT")
+@click.option("--to", "to", type=click.Choice(["npy", "safetensors", "arrow", "parquet"]), default=None,
+              help="Output format (default: from OUT's extension).")
+@click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default=None,
+              help="Logit dtype to write (default: the input's; float32 for llama.cpp files).")
+@click.option("--input-dtype", type=click.Choice(["bfloat16"]), default=None,
+              help="Declare uint16 input logits as bfloat16 bit patterns.")
+def command(src: str, dst: str, to: str | None, dtype: str | None, input_dtype: str | None) -> None:
+    """Convert the logit dump IN (file, directory of shards or quoted glob) to OUT.
+
+    A llama.cpp --kl-divergence-base file is decoded to float32 log-probabilities; labels
+    and prompt ids are written alongside. OUT appears only when complete."""
+    from ..io import DumpError, convert, open_source
+
+    try:
+        with open_source(src, dtype=input_dtype) as source:
+            fmt = convert(source, dst, to=to, dtype=dtype)
+            n, v = source.n_tokens, source.vocab
+            out_dtype = dtype or ("float32" if source.dtype == "llama_u16" else source.dtype)
+    except DumpError as e:
+        raise InputError(str(e)) from None
+    except OSError as e:
+        raise InputError(f"{e.filename or dst}: {e.strerror or e}") from None
+    click.echo(f"wrote {dst} ({fmt}, {n} tokens x {v} {out_dtype}, {os.path.getsize(dst)} bytes)")

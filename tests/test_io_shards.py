@@ -1,0 +1,105 @@
+"""Directories and globs of shards read as one source, in file-name order."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from fidelity_kld.io import ArraySource, DumpError, convert, open_source
+from fidelity_kld.io.shards import ShardedSource
+
+EXT = {"npy": ".npy", "safetensors": ".safetensors", "arrow": ".arrow", "parquet": ".parquet"}
+
+
+def make_shards(directory, fmt, sizes=(5, 9, 4), vocab=11, names=("b", "a", "c"), labels=True):
+    """Shards written under `names`; returns the matrix and labels in sorted-name order."""
+    rng = np.random.default_rng(3)
+    parts = {}
+    for name, n in zip(names, sizes):
+        x = rng.normal(size=(n, vocab)).astype(np.float32)
+        y = rng.integers(0, vocab, size=n) if labels else None
+        convert(ArraySource(x, labels=y, prompt_ids=np.full(n, ord(name[0]))), directory / f"{name}{EXT[fmt]}")
+        parts[name] = (x, y)
+    order = sorted(parts)
+    x = np.concatenate([parts[k][0] for k in order])
+    y = np.concatenate([parts[k][1] for k in order]) if labels else None
+    return x, y
+
+
+@pytest.mark.parametrize("fmt", list(EXT))
+def test_directory_in_name_order(tmp_path, fmt):
+    x, y = make_shards(tmp_path, fmt)
+    src = open_source(tmp_path)
+    assert isinstance(src, ShardedSource)
+    assert (src.n_tokens, src.vocab, src.dtype, src.format) == (18, 11, "float32", fmt)
+    assert [s.path.rsplit("/", 1)[1] for s in src.shards] == [f"{n}{EXT[fmt]}" for n in "abc"]
+    np.testing.assert_array_equal(src.read(0, 18).data, x)
+    np.testing.assert_array_equal(np.concatenate([lg.data for _, lg in src.chunks(4)]), x)
+    np.testing.assert_array_equal(src.read(8, 15).data, x[8:15])  # spans all three shards
+    np.testing.assert_array_equal(src.read(18, 18).data.shape, (0, 11))
+    np.testing.assert_array_equal(src.labels, y)
+    np.testing.assert_array_equal(src.prompt_ids, np.repeat([97, 98, 99], [9, 5, 4]))
+    assert len(src.files()) >= 3
+
+
+def test_glob(tmp_path):
+    x, _ = make_shards(tmp_path, "safetensors")
+    convert(ArraySource(np.zeros((2, 11), np.float32)), tmp_path / "other.npy")
+    src = open_source(str(tmp_path / "*.safetensors"))
+    assert src.n_tokens == 18
+    np.testing.assert_array_equal(src.read(0, 18).data, x)
+
+
+def test_llama_shards(tmp_path, llama_base_path):
+    raw = llama_base_path.read_bytes()
+    (tmp_path / "0.kld").write_bytes(raw)
+    (tmp_path / "1.kld").write_bytes(raw)
+    src = open_source(tmp_path)
+    assert (src.n_tokens, src.dtype) == (1524, "llama_u16")
+    one = open_source(llama_base_path)
+    np.testing.assert_array_equal(src.read(760, 764).data, np.concatenate([one.read(760, 762).data, one.read(0, 2).data]))
+    assert src.bytes_per_token == 16008
+
+
+def _shard_error(tmp_path, match):
+    with pytest.raises(DumpError) as e:
+        open_source(tmp_path)
+    msg = str(e.value)
+    assert "\n" not in msg and match in msg, msg
+    return msg
+
+
+def test_shard_with_other_vocabulary(tmp_path):
+    make_shards(tmp_path, "npy")
+    convert(ArraySource(np.zeros((3, 12), np.float32), labels=np.zeros(3, int), prompt_ids=np.zeros(3, int)),
+            tmp_path / "d.npy")
+    msg = _shard_error(tmp_path, "shard has vocabulary 12, but")
+    assert msg.startswith(str(tmp_path / "d.npy"))
+
+
+def test_shard_with_other_dtype_format_or_labels(tmp_path):
+    make_shards(tmp_path, "npy")
+    convert(ArraySource(np.zeros((3, 11), np.float16), labels=np.zeros(3, int), prompt_ids=np.zeros(3, int)),
+            tmp_path / "d.npy")
+    assert _shard_error(tmp_path, "shard dtype is float16").startswith(str(tmp_path / "d.npy"))
+    (tmp_path / "d.npy").unlink()
+    for f in tmp_path.glob("d.*"):
+        f.unlink()
+    convert(ArraySource(np.zeros((3, 11), np.float32)), tmp_path / "d.npy")
+    assert _shard_error(tmp_path, "shard has no labels").startswith(str(tmp_path / "d.npy"))
+    for f in tmp_path.glob("d.*"):
+        f.unlink()
+    convert(ArraySource(np.zeros((3, 11), np.float32)), tmp_path / "d.parquet")
+    assert _shard_error(tmp_path, "shard is parquet").startswith(str(tmp_path / "d.parquet"))
+
+
+def test_corrupt_shard_named(tmp_path):
+    make_shards(tmp_path, "arrow")
+    (tmp_path / "zz.arrow").write_bytes(b"ARROW1\0\0junk")
+    assert _shard_error(tmp_path, "unreadable").startswith(str(tmp_path / "zz.arrow"))
+
+
+def test_hidden_temporary_files_ignored(tmp_path):
+    x, _ = make_shards(tmp_path, "npy")
+    (tmp_path / ".a.npy.123.tmp").write_bytes(b"partial")
+    assert open_source(tmp_path).n_tokens == 18
