@@ -7,12 +7,10 @@ import struct
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.ipc
 import pyarrow.parquet as pq
 import pytest
 
 from fidelity_kld.io import ArraySource, DumpError, convert, open_source
-from fidelity_kld.io.llama import decode_rows
 
 FORMATS = ("npy", "safetensors", "arrow", "parquet")
 EXT = {"npy": ".npy", "safetensors": ".safetensors", "arrow": ".arrow", "parquet": ".parquet"}

@@ -37,7 +37,7 @@ def test_detection_by_content_not_name(tmp_path, fmt):
     assert open_source(q).format == fmt
 
 
-def test_llama_detected_without_extension(tmp_path, llama_base_path):
+def test_llama_detected_by_magic(llama_base_path):
     assert detect_format(str(llama_base_path)) == "llama"
 
 
@@ -85,7 +85,7 @@ def test_arrow_stream_format_is_named(tmp_path):
 # --- check_compatible -----------------------------------------------------------------
 
 
-def _names_both(e, a, b):
+def _names_both(e):
     msg = str(e.value)
     assert "ref.npy" in msg and "q.npy" in msg and "\n" not in msg, msg
     return msg
@@ -106,23 +106,23 @@ def test_vocab_token_count_and_token_id_mismatch(tmp_path):
     convert(ArraySource(logits(v=18), labels=y), tmp_path / "q.npy")
     with pytest.raises(DumpError) as e:
         check_compatible(ref, open_source(tmp_path / "q.npy"))
-    assert "vocabulary mismatch (17 vs 18 entries)" in _names_both(e, "ref", "q")
+    assert "vocabulary mismatch (17 vs 18 entries)" in _names_both(e)
 
     convert(ArraySource(logits(n=11), labels=y[:11]), tmp_path / "q.npy")
     with pytest.raises(DumpError) as e:
         check_compatible(ref, open_source(tmp_path / "q.npy"))
-    assert "token count mismatch (12 vs 11 tokens)" in _names_both(e, "ref", "q")
+    assert "token count mismatch (12 vs 11 tokens)" in _names_both(e)
 
     y2 = y.copy()
     y2[7], y2[9] = 0, 1
     convert(ArraySource(logits(), labels=y2), tmp_path / "q.npy")
     with pytest.raises(DumpError) as e:
         check_compatible(ref, open_source(tmp_path / "q.npy"))
-    assert "token ids differ, first at token 7 (7 vs 0; 2 of 12 differ)" in _names_both(e, "ref", "q")
+    assert "token ids differ, first at token 7 (7 vs 0; 2 of 12 differ)" in _names_both(e)
 
     # without labels on one side there is nothing to compare
-    convert(ArraySource(logits()), tmp_path / "q.npy")
-    os.remove(tmp_path / "q.labels.npy") if (tmp_path / "q.labels.npy").exists() else None
+    convert(ArraySource(logits()), tmp_path / "q.npy")  # also removes the stale q.labels.npy
+    assert open_source(tmp_path / "q.npy").labels is None
     check_compatible(ref, open_source(tmp_path / "q.npy"))
 
 

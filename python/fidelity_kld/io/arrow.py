@@ -9,7 +9,8 @@ declared with ``open_source(path, dtype='bfloat16')``).
 Arrow IPC files are memory-mapped and read() returns zero-copy views when the rows asked for
 lie in one record batch (uncompressed). Parquet is decoded batch by batch from the row group
 holding the first row asked for; sequential reads continue one iterator, so memory stays at
-about one read's worth whatever the file size.
+about one read's worth whatever the file size. Like every reader here, a source is meant to
+be read from one thread at a time (a prefetch thread is fine; concurrent reads are not).
 """
 
 from __future__ import annotations

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import numpy as np
 
 from ..ops import Logits, as_logits
 from ._util import check_ids
