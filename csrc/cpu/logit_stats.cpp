@@ -2,6 +2,7 @@
 #include "fidelity_kld/logit_stats.h"
 
 #include <algorithm>
+#include <atomic>
 #include <functional>
 #include <cstdlib>
 #include <cstring>
@@ -118,19 +119,23 @@ void logit_stats(const LogitStatsParams& p, SimdLevel level) {
     fn(p, 0, p.n_rows);
     return;
   }
+  // Rows are handed out in small blocks from a shared counter, so a thread that the OS
+  // preempts (a reader thread shares these cores) delays only its current block, not a
+  // fixed share of the call. Each row's result does not depend on which thread computes it.
+  const int64_t block = std::max<int64_t>(1, std::min<int64_t>(
+      p.n_rows / (4 * threads), std::max<int64_t>(1, (2 << 20) / std::max<int64_t>(row_bytes, 1))));
+  std::atomic<int64_t> next{0};
+  const auto worker = [&] {
+    for (;;) {
+      const int64_t begin = next.fetch_add(block, std::memory_order_relaxed);
+      if (begin >= p.n_rows) return;
+      fn(p, begin, std::min(begin + block, p.n_rows));
+    }
+  };
   std::vector<std::thread> pool;
   pool.reserve(threads - 1);
-  const int64_t per = p.n_rows / threads, extra = p.n_rows % threads;
-  int64_t begin = 0;
-  std::vector<std::pair<int64_t, int64_t>> ranges;
-  for (int t = 0; t < threads; ++t) {
-    const int64_t end = begin + per + (t < extra ? 1 : 0);
-    ranges.emplace_back(begin, end);
-    begin = end;
-  }
-  for (int t = 1; t < threads; ++t)
-    pool.emplace_back(fn, std::cref(p), ranges[t].first, ranges[t].second);
-  fn(p, ranges[0].first, ranges[0].second);
+  for (int t = 1; t < threads; ++t) pool.emplace_back(worker);
+  worker();
   for (auto& th : pool) th.join();
 }
 

@@ -20,7 +20,7 @@ import numpy as np
 from .io.base import DumpError, LogitSource
 from .ops import Logits, TokenStats, compare
 
-DEFAULT_CHUNK_BYTES = 64 << 20
+DEFAULT_CHUNK_BYTES = 128 << 20
 _MADV_POPULATE_READ = 22  # Linux >= 5.14; not yet named in Python's mmap module
 _PAGE = mmap.PAGESIZE
 
@@ -110,24 +110,27 @@ def compare_sources(
     t0 = time.perf_counter()
     bytes_read = 0
 
-    def fetch(start: int) -> list[Logits]:
+    def fetch(start: int, done: list[Logits]) -> list[Logits]:
+        for lg in done:  # dropping used pages costs about as much as mapping new ones
+            _release(lg)
         stop = min(start + rows, n)
         return [_populate(src.read(start, stop)) for src in (ref, *quants)]
 
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="fidelity-kld-read") as pool:
-        pending = pool.submit(fetch, 0) if n else None
+        pending = pool.submit(fetch, 0, [])
         for start in range(0, n, rows):
             chunk = pending.result()
             stop = min(start + rows, n)
-            pending = pool.submit(fetch, stop) if stop < n else None
+            pending = pool.submit(fetch, stop, chunk) if stop < n else None
             ref_chunk, q_chunks = chunk[0], chunk[1:]
             y = None if labels is None else labels[start:stop]
             for i, q_chunk in enumerate(q_chunks):
                 parts[i].append(compare_fn(ref_chunk, q_chunk, y, threads=threads,
                                            llama_parity=llama_parity))
-            for lg in chunk:
-                _release(lg)
-                bytes_read += lg.data.nbytes
+            bytes_read += sum(lg.data.nbytes for lg in chunk)
+            if pending is None:
+                for lg in chunk:
+                    _release(lg)
             del chunk, ref_chunk, q_chunks
             if progress is not None:
                 progress(Progress(stop, n, bytes_read, time.perf_counter() - t0))
