@@ -151,3 +151,257 @@ def format_table(rows: list[Row], roofline: float | None = None, baseline: dict 
             line += f"{r.gb_per_s / b:>7.1f}x" if b else f"{'':>8}"
         out.append(line)
     return "\n".join(out)
+
+
+# ------------------------------------------------------------------------------------------
+# The suite behind `fidelity-kld bench`.
+
+SUITE_VOCABS = (32000, 128256, 152064, 262144)
+
+
+def _pair_rows(v: int, dtype: str, pair_bytes: int) -> int:
+    return max(8, pair_bytes // (2 * v * BYTES[dtype]))
+
+
+def _torch_baselines(a, b, dtype: str, v: int, n: int, nbytes: int, quick: bool, log) -> list[Row]:
+    try:
+        import torch
+    except ImportError:
+        return []
+    if dtype == "bfloat16":
+        ta = torch.from_numpy(a.view(np.int16)).view(torch.bfloat16)
+        tb = torch.from_numpy(b.view(np.int16)).view(torch.bfloat16)
+    else:
+        ta, tb = torch.from_numpy(a), torch.from_numpy(b)
+
+    def eager(x, y):
+        lp = torch.log_softmax(x.float(), dim=-1)
+        lq = torch.log_softmax(y.float(), dim=-1)
+        kld = (lp.exp() * (lp - lq)).sum(-1)
+        return kld, lp.argmax(-1) == lq.argmax(-1)
+
+    rows = []
+    with torch.inference_mode():
+        t = measure(lambda: eager(ta, tb), repeats=3)
+        rows.append(row("logit_stats", "torch-eager", dtype, n, v, torch.get_num_threads(), t, nbytes))
+        if not quick:
+            try:
+                compiled = torch.compile(eager)
+                log("  compiling torch baseline (first call is slow) ...")
+                t = measure(lambda: compiled(ta, tb), warmup=2, repeats=3)
+                rows.append(row("logit_stats", "torch-compile", dtype, n, v, torch.get_num_threads(), t, nbytes))
+            except Exception as e:  # a compiler toolchain problem must not sink the suite
+                log(f"  torch.compile baseline skipped: {type(e).__name__}: {e}")
+    return rows
+
+
+def run_suite(*, quick: bool = False, log=print, torch_baselines: bool = True,
+              workdir: str | None = None) -> dict:
+    """Every CPU case of issue 6; returns {machine, roofline, rows, scaling}."""
+    import fidelity_kld as fk
+
+    cores = os.cpu_count() or 1
+    thread_counts = sorted({1, cores} | ({2} if cores >= 2 else set()))
+    pair_bytes = (128 << 20) if quick else (1 << 30)
+    repeats = 3 if quick else 5
+    rng = np.random.default_rng(0)
+    info = machine()
+    log(f"# {info['cpu']}, {cores} cores, simd={info['simd']}, commit {info['commit']}, {info['date']}")
+    roof = {t: read_roofline(max(pair_bytes, 256 << 20), t, repeats=3) for t in thread_counts}
+    log("# read roofline: " + ", ".join(f"{t} thread(s) {g:.1f} GB/s" for t, g in roof.items()))
+    rows: list[Row] = []
+    baseline: dict = {}
+    dtypes = ("float16", "bfloat16") if quick else ("float32", "float16", "bfloat16")
+    vocabs = (32000, 152064) if quick else SUITE_VOCABS
+
+    # 1. fused statistics, every dtype x vocabulary, all threads; numpy (+ torch) baselines
+    for dtype in dtypes:
+        for v in vocabs:
+            n = _pair_rows(v, dtype, pair_bytes)
+            first = len(rows)
+            a, b = random_logits(rng, n, v, dtype)
+            ref, q = fk.Logits(a, dtype, v), fk.Logits(b, dtype, v)
+            nbytes = a.nbytes + b.nbytes
+            t = measure(lambda: fk.compare(ref, q), repeats=repeats)
+            rows.append(row("logit_stats", f"core/{info['simd']}", dtype, n, v, cores, t, nbytes))
+            m = max(8, n // 16)
+            sub_a = a[:m] if dtype != "bfloat16" else bf16_to_float32_view(a[:m])
+            sub_b = b[:m] if dtype != "bfloat16" else bf16_to_float32_view(b[:m])
+            t = measure(lambda: numpy_logit_stats(sub_a, sub_b), repeats=2)
+            base = row("logit_stats", "numpy-f32-blocked", dtype, m, v, 1, t, a[:m].nbytes + b[:m].nbytes)
+            rows.append(base)
+            baseline[("logit_stats", dtype, v)] = base.gb_per_s
+            if torch_baselines and v == 152064:
+                rows.extend(_torch_baselines(a[:m * 4], b[:m * 4], dtype, v, m * 4,
+                                             a[:m * 4].nbytes + b[:m * 4].nbytes, quick, log))
+            log(format_table(rows[first:]).split("\n", 1)[1])
+            del a, b, ref, q
+
+    # 2. the llama.cpp uint16 decode path (fused decode + statistics)
+    v = 152064
+    n = _pair_rows(v, "float16", pair_bytes)
+    words = 2 * ((v + 1) // 2) + 4
+    codes = rng.integers(0, 65535, (n, words), dtype=np.uint16)
+    header = np.zeros((n, 2), np.float32)
+    header[:, 0] = 16.0 / 65535
+    header[:, 1] = -20.0
+    codes[:, :4] = header.view(np.uint16)
+    codes2 = codes.copy()
+    codes2[:, 4:] ^= rng.integers(0, 8, (n, words - 4), dtype=np.uint16)
+    ref, q = fk.Logits(codes, "llama_u16", v), fk.Logits(codes2, "llama_u16", v)
+    t = measure(lambda: fk.compare(ref, q, llama_parity=True), repeats=repeats)
+    rows.append(row("llama_u16", f"core/{info['simd']}", "llama_u16", n, v, cores, t,
+                    codes.nbytes + codes2.nbytes))
+    del codes, codes2, ref, q
+
+    # 3. one reference against 4 quantized models (reference read once), from memory
+    v = 152064
+    n = _pair_rows(v, "float16", pair_bytes) // 2
+    a, _ = random_logits(rng, n, v, "float16")
+    quants = [random_logits(rng, n, v, "float16")[1] for _ in range(4)]
+    t = measure(lambda: [fk.compare(a, qq) for qq in quants], repeats=repeats)
+    rows.append(row("ref_vs_4", f"core/{info['simd']}", "float16", n, v, cores, t,
+                    a.nbytes + sum(qq.nbytes for qq in quants), models=4))
+    del a, quants
+
+    # 4. streaming from files in the page cache, and cold (after dropping the files' pages)
+    rows.extend(_stream_cases(rng, pair_bytes, repeats, workdir, info, cores))
+
+    # 5. per-call overhead of the streaming API on tiny batches
+    a1 = rng.standard_normal((4, 32), dtype=np.float32)
+    acc = fk.Accumulator(threads=1)
+    t = measure(lambda: acc.add(a1, a1), warmup=10, repeats=2000 if not quick else 500)
+    rows.append(row("api_overhead", "Accumulator.add", "float32", 4, 32, 1, t, a1.nbytes * 2,
+                    us_per_call=1e6 * t.median_s))
+
+    # 6. cohort analysis: 40 models x 2000 prompts
+    rows.append(_cohort_case(rng, quick))
+
+    # 7. scaling: threads, tokens and vocabulary
+    scaling = _scaling(rng, quick, thread_counts, info)
+    log(format_table(rows, roofline=roof[cores], baseline=baseline))
+    return {"machine": info, "roofline_gb_s": roof, "rows": [r.as_dict() for r in rows],
+            "scaling": scaling, "quick": quick}
+
+
+def bf16_to_float32_view(u16: np.ndarray) -> np.ndarray:
+    from .reference import bf16_to_float32
+
+    return bf16_to_float32(u16)
+
+
+def _stream_cases(rng, pair_bytes, repeats, workdir, info, cores) -> list[Row]:
+    import tempfile
+
+    from .io import open_source
+    from .stream import compare_sources
+
+    v = 152064
+    n = _pair_rows(v, "float16", pair_bytes)
+    rows = []
+    with tempfile.TemporaryDirectory(dir=workdir) as d:
+        paths = []
+        for i, x in enumerate(random_logits(rng, n, v, "float16")):
+            p = os.path.join(d, f"dump{i}.npy")
+            np.save(p, x)
+            paths.append(p)
+        nbytes = sum(os.path.getsize(p) for p in paths)
+
+        def run():
+            srcs = [open_source(p) for p in paths]
+            try:
+                compare_sources(srcs[0], srcs[1:])
+            finally:
+                for s in srcs:
+                    s.close()
+
+        for p in paths:  # into the page cache
+            with open(p, "rb") as f:
+                while f.read(64 << 20):
+                    pass
+        t = measure(run, repeats=repeats)
+        rows.append(row("stream_cached", "compare_sources", "float16", n, v, cores, t, nbytes))
+
+        def drop():
+            for p in paths:
+                fd = os.open(p, os.O_RDONLY)
+                try:
+                    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+                finally:
+                    os.close(fd)
+
+        times = []
+        for _ in range(max(1, repeats // 2)):
+            drop()
+            t0 = time.perf_counter()
+            run()
+            times.append(time.perf_counter() - t0)
+        rows.append(row("stream_cold", "compare_sources", "float16", n, v, cores, Timing.of(times),
+                        nbytes, note="pages dropped with posix_fadvise(DONTNEED) before each run"))
+    return rows
+
+
+def _cohort_case(rng, quick: bool) -> Row:
+    from .stats.cohort import AnalysisOptions, analyze_cohort
+    from .stats.cohort_data import Cohort
+
+    n_models, n_prompts = 40, 2000
+    skill = np.sort(rng.uniform(0.55, 0.7, n_models))[::-1]
+    ref_p = rng.uniform(0, 1, n_prompts) < 0.7
+    scores = np.vstack([ref_p, rng.uniform(0, 1, (n_models, n_prompts)) < skill[:, None]]).astype(float)
+    kld = np.linspace(0.001, 0.3, n_models)
+    cohort = Cohort(
+        reference="ref", models=tuple(f"q{i}" for i in range(n_models)), tasks=("task",),
+        prompt_ids={"task": tuple(str(i) for i in range(n_prompts))}, scores={"task": scores},
+        variants={"kld_mean": kld, "kld_p99": kld * 5},
+        per_prompt_kld={"task": kld[:, None] * rng.lognormal(0, 1, (n_models, n_prompts))},
+    )
+    t = measure(lambda: analyze_cohort(cohort, AnalysisOptions()), warmup=0, repeats=1 if quick else 3)
+    return row("cohort", "analyze_cohort", "-", n_prompts, n_models, 1, t, 0,
+               models=n_models, prompts=n_prompts)
+
+
+def _scaling(rng, quick, thread_counts, info) -> dict:
+    import fidelity_kld as fk
+
+    v = 152064
+    n = _pair_rows(v, "float16", (128 << 20) if quick else (512 << 20))
+    a, b = random_logits(rng, n, v, "float16")
+    threads = [{"threads": t, "tokens_per_s": n / measure(lambda: fk.compare(a, b, threads=t), repeats=3).median_s}
+               for t in thread_counts]
+    del a, b
+    by_n, by_v = [], []
+    for nn in ((64, 256, 1024) if quick else (64, 256, 1024, 4096)):
+        a, b = random_logits(rng, nn, 32000, "float16")
+        by_n.append({"n": nn, "vocab": 32000, "ms": 1e3 * measure(lambda: fk.compare(a, b), repeats=3).median_s})
+    for vv in ((32000, 152064) if quick else SUITE_VOCABS):
+        a, b = random_logits(rng, 256, vv, "float16")
+        by_v.append({"n": 256, "vocab": vv, "ms": 1e3 * measure(lambda: fk.compare(a, b), repeats=3).median_s})
+    return {"threads": threads, "by_tokens": by_n, "by_vocab": by_v}
+
+
+def plot_scaling(result: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    s = result["scaling"]
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.6))
+    ax = axes[0]
+    ts = [r["threads"] for r in s["threads"]]
+    ax.plot(ts, [r["tokens_per_s"] for r in s["threads"]], "o-")
+    ax.set(xlabel="threads", ylabel="tokens/s", title="fp16, V=152064", xticks=ts)
+    ax.set_ylim(bottom=0)
+    ax = axes[1]
+    ax.loglog([r["n"] for r in s["by_tokens"]], [r["ms"] for r in s["by_tokens"]], "o-")
+    ax.set(xlabel="tokens N", ylabel="ms", title="fp16, V=32000")
+    ax = axes[2]
+    ax.plot([r["vocab"] / 1000 for r in s["by_vocab"]], [r["ms"] for r in s["by_vocab"]], "o-")
+    ax.set(xlabel="vocabulary V (thousands)", ylabel="ms", title="fp16, N=256")
+    ax.set_ylim(bottom=0)
+    m = result["machine"]
+    fig.suptitle(f"fidelity-kld scaling on {m['cpu']} ({m['cores']} cores, {m['simd']}), {m['date']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
