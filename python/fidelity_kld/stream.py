@@ -118,10 +118,12 @@ def compare_sources(
 
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="fidelity-kld-read") as pool:
         pending = pool.submit(fetch, 0, [])
+        previous: list[Logits] = []  # the chunk compared last: its pages can go now
         for start in range(0, n, rows):
             chunk = pending.result()
             stop = min(start + rows, n)
-            pending = pool.submit(fetch, stop, chunk) if stop < n else None
+            # Not `chunk`: the core has yet to read it, and would fault its pages back in.
+            pending = pool.submit(fetch, stop, previous) if stop < n else None
             ref_chunk, q_chunks = chunk[0], chunk[1:]
             y = None if labels is None else labels[start:stop]
             for i, q_chunk in enumerate(q_chunks):
@@ -129,8 +131,9 @@ def compare_sources(
                                            llama_parity=llama_parity))
             bytes_read += sum(lg.data.nbytes for lg in chunk)
             if pending is None:
-                for lg in chunk:
+                for lg in (*previous, *chunk):
                     _release(lg)
+            previous = chunk
             del chunk, ref_chunk, q_chunks
             if progress is not None:
                 progress(Progress(stop, n, bytes_read, time.perf_counter() - t0))
