@@ -37,6 +37,16 @@ class LogitSource:
     prompt_ids: np.ndarray | None = None
     header: dict = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        # A label outside the vocabulary would otherwise surface mid-run from the core,
+        # without the file's name.
+        if self.labels is not None and self.labels.size:
+            bad = np.flatnonzero((self.labels < 0) | (self.labels >= self.vocab))
+            if bad.size:
+                i = int(bad[0])
+                raise DumpError(f"{self.path}: label {int(self.labels[i])} at token {i} is outside "
+                                f"the vocabulary [0, {self.vocab}) ({bad.size} such labels)")
+
     @property
     def bytes_per_token(self) -> int:
         return self.vocab * (4 if self.dtype == "float32" else 2)
