@@ -14,6 +14,7 @@ same files, and removes stale companions of a file it replaces.
 from __future__ import annotations
 
 import json
+import math
 import os
 
 import numpy as np
@@ -137,7 +138,13 @@ def _read_sidecar(path: str) -> dict:
 def _read_ids(path: str, n: int, what: str) -> np.ndarray | None:
     if not os.path.exists(path):
         return None
-    file_size(path)
+    size = file_size(path)
+    # np.load allocates what the header claims before reading: check the claim first.
+    shape, storage, _, offset, _ = read_header(path, size)
+    need = offset + math.prod(shape) * storage.itemsize
+    if size < need:
+        raise DumpError(f"{path}: truncated {what}: header says {tuple(shape)} {storage} "
+                        f"({need} bytes in all), file has {size}")
     try:
         ids = np.load(path, mmap_mode=None, allow_pickle=False)
     except (OSError, ValueError, EOFError) as e:
