@@ -128,7 +128,8 @@ class _ProgressLine:
 def _read_ids(path: str, what: str) -> np.ndarray:
     try:
         if path.endswith(".npy"):
-            arr = np.load(path, mmap_mode=None, allow_pickle=False)
+            # mapped, not loaded: np.load would allocate whatever size the header claims
+            arr = np.load(path, mmap_mode="r", allow_pickle=False)
         else:
             arr = np.loadtxt(path, dtype=np.int64, ndmin=1)
     except (OSError, ValueError) as e:
