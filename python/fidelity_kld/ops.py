@@ -192,10 +192,15 @@ def compare(
         raise ValueError(f"vocabulary mismatch: ref has {a.vocab} entries, q has {b.vocab}")
     if a.n_tokens != b.n_tokens:
         raise ValueError(f"token count mismatch: ref has {a.n_tokens} tokens, q has {b.n_tokens}")
+    if a.vocab < 1:
+        raise ValueError("empty vocabulary: ref and q have 0 logits per token")
     n = a.n_tokens
     y = None
     if labels is not None:
-        y = np.ascontiguousarray(np.asarray(labels).reshape(-1), dtype=np.int64)
+        lab = np.asarray(labels).reshape(-1)
+        if lab.size and lab.dtype.kind not in "iu":  # a cast would truncate 3.7 to 3 silently
+            raise ValueError(f"labels must be integer token ids, got {lab.dtype}")
+        y = np.ascontiguousarray(lab, dtype=np.int64)
         if y.shape[0] != n:
             raise ValueError(f"labels has {y.shape[0]} entries for {n} tokens")
     out: dict[str, np.ndarray | None] = {
