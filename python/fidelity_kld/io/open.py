@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import glob as _glob
 import os
+import re
 
 import numpy as np
 
@@ -61,18 +62,48 @@ def _is_glob(path: str) -> bool:
     return any(c in path for c in "*?[") and not os.path.exists(path)
 
 
+def _natural_key(name: str) -> list:
+    """Numbers compare as numbers: shard_2 before shard_10 (zero-padded names sort as before)."""
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
+
+
+def _check_numbering(path: str, files: list[str]) -> None:
+    """A DumpError when numbered shard names show one is missing: NNNNN-of-MMMMM names that
+    do not cover 1..M (or 0..M-1), or names that differ only in a number with a gap."""
+    names = [os.path.basename(f) for f in files]
+    of = [re.search(r"(\d+)-of-(\d+)", n) for n in names]
+    if all(of) and len({int(m.group(2)) for m in of}) == 1:
+        total = int(of[0].group(2))
+        have = {int(m.group(1)) for m in of}
+        want = set(range(total)) if 0 in have else set(range(1, total + 1))
+        missing = sorted(want - have)
+        if missing:
+            raise DumpError(f"{path}: shard {missing[0]} of {total} is missing "
+                            f"({len(have & want)} of {total} shards present)")
+        return
+    parts = [re.fullmatch(r"(.*?)(\d+)(\D*)", n) for n in names]
+    if len(files) < 2 or not all(parts) or len({(m.group(1), m.group(3)) for m in parts}) != 1:
+        return
+    numbers = [int(m.group(2)) for m in parts]  # in natural order: ascending
+    for a, b, name_a, name_b in zip(numbers, numbers[1:], names, names[1:]):
+        if b > a + 1:
+            raise DumpError(f"{path}: shard numbering jumps from {name_a} to {name_b}: "
+                            f"a shard is missing")
+
+
 def shard_paths(path: str) -> list[str]:
-    """The files of a directory (sorted by name) or a glob (sorted), companions and hidden
-    files (temporary outputs) excluded."""
+    """The files of a directory or a glob, sorted by name (numbers by value), companions
+    and hidden files (temporary outputs) excluded. Refuses numbered shards with a gap."""
     if os.path.isdir(path):
-        names = sorted(n for n in os.listdir(path) if not n.startswith("."))
+        names = sorted((n for n in os.listdir(path) if not n.startswith(".")), key=_natural_key)
         files = [os.path.join(path, n) for n in names]
         files = [f for f in files if not os.path.isdir(f)]
     else:
-        files = sorted(f for f in _glob.glob(path) if not os.path.isdir(f))
+        files = sorted((f for f in _glob.glob(path) if not os.path.isdir(f)), key=_natural_key)
     files = [f for f in files if not npy.is_sibling(f)]
     if not files:
         raise DumpError(f"{path}: no files {'in directory' if os.path.isdir(path) else 'match'}")
+    _check_numbering(path, files)
     return files
 
 
