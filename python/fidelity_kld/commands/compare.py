@@ -237,13 +237,18 @@ def command(ref, quants, example, labels_path, prompt_ids_path, fmt, output, per
                         "summary": s}
                        for n, p, src, s in zip(names, quants, q_srcs, summaries)],
         }
-        if output:
-            with atomic_output(output) as tmp:
-                Path(tmp).write_text(json.dumps(doc, indent=2) + "\n")
-        if per_token:
-            _write_per_token(per_token, names, results, prompt_ids)
-        if per_prompt:
-            _write_per_prompt(per_prompt, names, results, prompt_ids, per_prompt_table)
+        # Every output is written under a temporary name first; they are moved into place
+        # together when all are complete, so an error or interrupt leaves none of them.
+        with ExitStack() as outputs:
+            if output:
+                Path(outputs.enter_context(atomic_output(output))).write_text(
+                    json.dumps(doc, indent=2) + "\n")
+            if per_token:
+                _write_per_token(outputs.enter_context(atomic_output(per_token)), names,
+                                 results, prompt_ids)
+            if per_prompt:
+                _write_per_prompt(outputs.enter_context(atomic_output(per_prompt)), names,
+                                  results, prompt_ids, per_prompt_table)
     if fmt == "json":
         click.echo(json.dumps(doc, indent=2))
     else:
@@ -271,41 +276,40 @@ def _compare_fn(device: str, threads):
     return compare
 
 
-def _write_per_token(path, names, results, prompt_ids):
+def _write_per_token(tmp, names, results, prompt_ids):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    with atomic_output(path) as tmp:
-        writer = None
-        try:
-            for name, st in zip(names, results):
-                n = st.n_tokens
-                cols = {
-                    "model": pa.array([name] * n).dictionary_encode(),
-                    "token_index": np.arange(n, dtype=np.int64),
-                    "prompt_id": prompt_ids if prompt_ids is not None else np.full(n, -1, np.int64),
-                    "label": st.labels if st.labels is not None else np.full(n, -1, np.int64),
-                    "kld": st.kld,
-                    "kld_reverse": st.kld_reverse,
-                    "top1_ref": st.top1_ref,
-                    "top1_q": st.top1_q,
-                    "top1_agree": st.top1_agree,
-                    "nll_ref": st.nll_ref if st.nll_ref is not None else np.full(n, np.nan),
-                    "nll_q": st.nll_q if st.nll_q is not None else np.full(n, np.nan),
-                    "delta_p": st.delta_p if st.delta_p is not None else np.full(n, np.nan),
-                }
-                if st.kld_llama is not None:
-                    cols["kld_llama"] = st.kld_llama
-                table = pa.table(cols)
-                if writer is None:
-                    writer = pq.ParquetWriter(tmp, table.schema)
-                writer.write_table(table)
-        finally:
-            if writer is not None:
-                writer.close()
+    writer = None
+    try:
+        for name, st in zip(names, results):
+            n = st.n_tokens
+            cols = {
+                "model": pa.array([name] * n).dictionary_encode(),
+                "token_index": np.arange(n, dtype=np.int64),
+                "prompt_id": prompt_ids if prompt_ids is not None else np.full(n, -1, np.int64),
+                "label": st.labels if st.labels is not None else np.full(n, -1, np.int64),
+                "kld": st.kld,
+                "kld_reverse": st.kld_reverse,
+                "top1_ref": st.top1_ref,
+                "top1_q": st.top1_q,
+                "top1_agree": st.top1_agree,
+                "nll_ref": st.nll_ref if st.nll_ref is not None else np.full(n, np.nan),
+                "nll_q": st.nll_q if st.nll_q is not None else np.full(n, np.nan),
+                "delta_p": st.delta_p if st.delta_p is not None else np.full(n, np.nan),
+            }
+            if st.kld_llama is not None:
+                cols["kld_llama"] = st.kld_llama
+            table = pa.table(cols)
+            if writer is None:
+                writer = pq.ParquetWriter(tmp, table.schema)
+            writer.write_table(table)
+    finally:
+        if writer is not None:
+            writer.close()
 
 
-def _write_per_prompt(path, names, results, prompt_ids, table_fn):
+def _write_per_prompt(tmp, names, results, prompt_ids, table_fn):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -317,5 +321,4 @@ def _write_per_prompt(path, names, results, prompt_ids, table_fn):
         cols = table_fn(st, prompt_ids)
         n = len(cols["prompt_id"])
         tables.append(pa.table({"model": pa.array([name] * n), **cols}))
-    with atomic_output(path) as tmp:
-        pq.write_table(pa.concat_tables(tables), tmp)
+    pq.write_table(pa.concat_tables(tables), tmp)
