@@ -307,18 +307,20 @@ def _flatten_batch(ref, q, labels, mask, prompt_ids):
         keep_np = _to_numpy(mask).astype(bool).reshape(-1)
         if keep_np.size != int(ref.shape[0]):
             raise ValueError(f"mask has {keep_np.size} entries for {int(ref.shape[0])} tokens")
-        if type(ref).__module__.startswith("torch"):
-            import torch
+        if not keep_np.all():  # no padding: no copy
+            if type(ref).__module__.startswith("torch"):
+                import torch
 
-            keep = torch.as_tensor(keep_np, device=ref.device)
-        else:
-            keep = keep_np
-            ref, q = np.asarray(ref), np.asarray(q)
-        ref, q = ref[keep], q[keep]
-        if labels is not None:
-            labels = _to_numpy(labels).reshape(-1)[keep_np]
-        if prompt_ids is not None:
-            prompt_ids = prompt_ids[keep_np]
+                # index_select with precomputed indices: torch's boolean indexing costs
+                # ~50 µs on small CPU batches and synchronises on CUDA (it runs nonzero)
+                idx = torch.from_numpy(np.flatnonzero(keep_np)).to(ref.device)
+                ref, q = ref.index_select(0, idx), q.index_select(0, idx)
+            else:
+                ref, q = np.asarray(ref)[keep_np], np.asarray(q)[keep_np]
+            if labels is not None:
+                labels = _to_numpy(labels).reshape(-1)[keep_np]
+            if prompt_ids is not None:
+                prompt_ids = prompt_ids[keep_np]
     if labels is not None:
         labels = _to_numpy(labels).reshape(-1)
     return ref, q, labels, prompt_ids
