@@ -97,10 +97,14 @@ struct RowKernel {
     }
   }
 
+  // kMasked: t = (x - max)*log2e (two roundings, no shift residual); otherwise
+  // t = fma(x, log2e, -shift), which is off by the residual c of the shift.
   template <bool kMasked, bool kLlama>
   static Sums pass2(const RowInput& a, const RowInput& b, int64_t vocab, float shift_a,
-                    float shift_b, const uint8_t* next_a, const uint8_t* next_b) {
+                    float shift_b, float max_a, float max_b, const uint8_t* next_a,
+                    const uint8_t* next_b) {
     const V log2e = S::set1(kLog2eF), neg_sa = S::set1(-shift_a), neg_sb = S::set1(-shift_b);
+    const V max_av = S::set1(max_a), max_bv = S::set1(max_b), zero = S::set1(0);
     V s_ref = S::set1(0), s_q = S::set1(0), t_rq = S::set1(0), t_qr = S::set1(0),
       h = S::set1(0), w_t = S::set1(0), w_s = S::set1(0);
     typename S::DAcc d_s_ref, d_s_q, d_t_rq, d_t_qr, d_h, d_w_t, d_w_s;
@@ -125,8 +129,8 @@ struct RowKernel {
       }
       const V x = S::template load<DA>(a.values, i, a.dec);
       const V y = S::template load<DB>(b.values, i, b.dec);
-      const V ta = S::fmadd(x, log2e, neg_sa);
-      const V tb = S::fmadd(y, log2e, neg_sb);
+      const V ta = kMasked ? S::fmadd(S::sub(x, max_av), log2e, zero) : S::fmadd(x, log2e, neg_sa);
+      const V tb = kMasked ? S::fmadd(S::sub(y, max_bv), log2e, zero) : S::fmadd(y, log2e, neg_sb);
       const V d = S::sub(ta, tb);
       if constexpr (kMasked) {
         const V ta_c = S::clamp_below(ta, kMaskedFloor);
@@ -175,8 +179,8 @@ struct RowKernel {
     for (; i < vocab; ++i) {
       const float x = load_scalar<DA>(a.values, i, a.dec);
       const float y = load_scalar<DB>(b.values, i, b.dec);
-      const float ta = std::fma(x, kLog2eF, -shift_a);
-      const float tb = std::fma(y, kLog2eF, -shift_b);
+      const float ta = kMasked ? (x - max_a) * kLog2eF : std::fma(x, kLog2eF, -shift_a);
+      const float tb = kMasked ? (y - max_b) * kLog2eF : std::fma(y, kLog2eF, -shift_b);
       const float d = ta - tb;
       const float ta_c = ta < kMaskedFloor ? kMaskedFloor : ta;
       const float tb_c = tb < kMaskedFloor ? kMaskedFloor : tb;
@@ -224,26 +228,30 @@ struct RowKernel {
       return;
     }
     // Fast path: every t finite and far from overflow. Otherwise the masked variant zeroes
-    // 0 * inf terms (p_i = 0 where the other side is -inf).
+    // 0 * inf terms (p_i = 0 where the other side is -inf). It also takes rows whose max is
+    // so large that the shift's residual c (up to half an ulp of max*log2e) is not small:
+    // 2^c overflows from |max| ~ 1e10 and would make a finite row NaN.
     constexpr float kMaxRange = 1e30f;
+    constexpr float kMaxShifted = 1048576.0f;  // 2^20: |c| <= 2^-4
     const bool masked = !(std::isfinite(ma.min) && std::isfinite(mb.min) &&
-                          ma.max - ma.min < kMaxRange && mb.max - mb.min < kMaxRange);
+                          ma.max - ma.min < kMaxRange && mb.max - mb.min < kMaxRange &&
+                          std::fabs(ma.max) < kMaxShifted && std::fabs(mb.max) < kMaxShifted);
     const float shift_a = ma.max * kLog2eF;
     const float shift_b = mb.max * kLog2eF;
-    // Exact rounding residual of the shift: t_i = (x_i - max)*log2e + c.
-    const float c_a = std::fma(ma.max, kLog2eF, -shift_a);
-    const float c_b = std::fma(mb.max, kLog2eF, -shift_b);
+    // Exact rounding residual of the shift: t_i = (x_i - max)*log2e + c (0 when masked).
+    const float c_a = masked ? 0.0f : std::fma(ma.max, kLog2eF, -shift_a);
+    const float c_b = masked ? 0.0f : std::fma(mb.max, kLog2eF, -shift_b);
 
     Sums s;
     const bool llama = p.llama_parity;
     // llama parity with a llama.cpp file on the q side too: its rows are log-probs already.
     const bool kQLogProbs = llama && DB == DType::LLAMA_U16;
     if (masked) {
-      s = llama ? pass2<true, true>(a, b, vocab, shift_a, shift_b, next_a, next_b)
-                : pass2<true, false>(a, b, vocab, shift_a, shift_b, next_a, next_b);
+      s = llama ? pass2<true, true>(a, b, vocab, shift_a, shift_b, ma.max, mb.max, next_a, next_b)
+                : pass2<true, false>(a, b, vocab, shift_a, shift_b, ma.max, mb.max, next_a, next_b);
     } else {
-      s = llama ? pass2<false, true>(a, b, vocab, shift_a, shift_b, next_a, next_b)
-                : pass2<false, false>(a, b, vocab, shift_a, shift_b, next_a, next_b);
+      s = llama ? pass2<false, true>(a, b, vocab, shift_a, shift_b, ma.max, mb.max, next_a, next_b)
+                : pass2<false, false>(a, b, vocab, shift_a, shift_b, ma.max, mb.max, next_a, next_b);
     }
     if (std::isnan(s.s_ref) || std::isnan(s.s_q) || std::isnan(s.t_rq) || std::isnan(s.t_qr) ||
         std::isnan(s.h)) {  // a NaN somewhere in the row
