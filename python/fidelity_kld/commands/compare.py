@@ -228,6 +228,11 @@ def command(ref, quants, example, labels_path, prompt_ids_path, fmt, output, per
             raise InputError(str(e)) from None
         names = _model_names(quants)
         summaries = [summarize(st).to_dict() for st in results]
+        for qpath, s in zip(quants, summaries):  # excluded, never averaged in unannounced
+            if s["n_invalid"]:
+                click.echo(f"warning: {qpath} vs {ref}: {s['n_invalid']} of {s['n_tokens']} tokens "
+                           "have NaN or +inf logits, or no finite logit; excluded from every "
+                           "statistic", err=True)
         doc = {
             "fidelity_kld_version": __version__,
             "reference": {"path": os.fspath(ref), "format": ref_src.format,
