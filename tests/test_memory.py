@@ -1,0 +1,61 @@
+"""Peak resident memory of `fidelity-kld compare` does not grow with the input: 2 x 100 MB
+and 2 x 400 MB float16 dumps give about the same peak (the 2 x 8 GB figure is
+benchmarks/bench_memory.py's). Peak RSS is the child's own ru_maxrss, from os.wait4."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+VOCAB = 32000  # float16: 64,000 bytes a row
+MB = 1 << 20
+
+
+def write_npy(path, n, v, seed):
+    block = np.random.default_rng(seed).normal(0, 2, size=(64, v)).astype(np.float16)
+    with open(path, "wb") as f:
+        np.lib.format.write_array_header_1_0(
+            f, {"descr": "<f2", "fortran_order": False, "shape": (n, v)})
+        for start in range(0, n, 64):
+            f.write(np.roll(block, start, axis=1)[: min(64, n - start)].tobytes())
+
+
+def peak_rss_bytes(argv) -> tuple[int, bytes]:
+    """(peak RSS of the child process, its stderr)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FIDELITY_KLD_")}
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+    err = proc.stderr.read()
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    assert proc.returncode == 0, err
+    return usage.ru_maxrss * 1024, err  # Linux reports kilobytes
+
+
+@pytest.fixture
+def workdir(tmp_path):
+    yield tmp_path
+    shutil.rmtree(tmp_path, ignore_errors=True)  # a GB of dumps: do not leave it to pytest
+
+
+def test_peak_rss_does_not_grow_with_input_size(workdir):
+    peaks = {}
+    for label, mb_per_dump in (("small", 100), ("large", 400)):
+        n = mb_per_dump * MB // (2 * VOCAB)
+        ref, q = workdir / f"{label}_ref.npy", workdir / f"{label}_q.npy"
+        write_npy(ref, n, VOCAB, 0)
+        write_npy(q, n, VOCAB, 1)
+        peaks[label], _ = peak_rss_bytes([sys.executable, "-m", "fidelity_kld", "compare",
+                                          str(ref), str(q), "-q", "--format", "json"])
+        os.unlink(ref)
+        os.unlink(q)
+    small, large = peaks["small"] / MB, peaks["large"] / MB
+    print(f"peak RSS: 2 x 100 MB -> {small:.0f} MiB, 2 x 400 MB -> {large:.0f} MiB")
+    # Were pages kept, the large run would hold ~600 MB more than the small one. The small
+    # run fits in the two chunks (128 MB each) the pipeline holds; allow that and some noise.
+    assert large - small < 150, (small, large)
+    assert large < 600, (small, large)
