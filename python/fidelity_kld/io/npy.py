@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import tokenize
 
 import numpy as np
 
@@ -47,6 +48,15 @@ def read_header(path: str, size: int) -> tuple[tuple, np.dtype, bool, int, tuple
     try:
         with open(path, "rb") as f:
             version = fmt.read_magic(f)
+            # numpy reads (allocates) as many header bytes as the length field claims, up to
+            # 4 GB for versions 2 and 3, before checking it: check the claim against the file.
+            if version in ((1, 0), (2, 0), (3, 0)):
+                width = 2 if version == (1, 0) else 4
+                claimed = int.from_bytes(f.read(width), "little")
+                if 8 + width + claimed > size:
+                    raise DumpError(f"{path}: truncated in the .npy header (header length says "
+                                    f"{claimed} bytes, file has {size})")
+                f.seek(8)
             if version == (1, 0):
                 shape, fortran, dtype = fmt.read_array_header_1_0(f)
             elif version in ((2, 0), (3, 0)):
@@ -58,7 +68,8 @@ def read_header(path: str, size: int) -> tuple[tuple, np.dtype, bool, int, tuple
         raise
     except OSError as e:
         raise DumpError(f"{path}: cannot read ({e.strerror})") from None
-    except (ValueError, SyntaxError, EOFError) as e:
+    except (ValueError, SyntaxError, EOFError, tokenize.TokenError) as e:
+        # (numpy tokenizes the header: an unterminated bracket raises TokenError)
         problem = str(e).splitlines()[0] if str(e) else type(e).__name__
         if size < 10 or "EOF" in problem or "truncat" in problem.lower():
             raise DumpError(f"{path}: truncated in the .npy header ({size} bytes)") from None
