@@ -15,6 +15,8 @@ be read from one thread at a time (a prefetch thread is fine; concurrent reads a
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 
 from ..ops import Logits
@@ -43,7 +45,10 @@ def _pa():
 def _inspect_schema(path: str, schema, dtype: str | None) -> dict:
     """Column names, list kind, value storage dtype, logical dtype and (if fixed) vocab."""
     pa = _pa()
-    names = schema.names
+    try:
+        names = schema.names
+    except UnicodeDecodeError:  # flatbuffer strings are not checked for UTF-8 on read
+        raise DumpError(f"{path}: a column name is not valid UTF-8") from None
     if "logits" not in names:
         raise DumpError(f"{path}: no 'logits' column (has: {', '.join(names) or 'none'})")
     t = schema.field("logits").type
@@ -91,6 +96,9 @@ def _block(path: str, arr, vocab: int, dtype: str, row0: int) -> np.ndarray:
     if values.null_count:
         raise DumpError(f"{path}: null logit values in rows {row0}..{row0 + len(arr) - 1}")
     out = values.to_numpy(zero_copy_only=False)
+    if out.size != len(arr) * vocab:
+        raise DumpError(f"{path}: logits rows {row0}..{row0 + len(arr) - 1} hold {out.size} values, "
+                        f"expected {len(arr)} x {vocab}")
     return out.view(STORAGE[dtype]).reshape(len(arr), vocab)
 
 
@@ -100,16 +108,31 @@ def _ids(path: str, column, n: int, name: str) -> np.ndarray:
     return check_ids(path, column.to_numpy(), n, name)
 
 
+@contextlib.contextmanager
+def _arrow_errors(path: str, what: str):
+    """pyarrow's own exceptions (any kind: a damaged file raises NotImplemented and Type
+    errors too) as a DumpError naming the file."""
+    pa = _pa()
+    try:
+        yield
+    except (pa.ArrowException, OSError, UnicodeDecodeError) as e:
+        raise DumpError(f"{path}: {what} ({_first_line(e)})") from None
+
+
 class ArrowSource(LogitSource):
     """An Arrow IPC file (random-access 'file' format), memory-mapped."""
 
     def __init__(self, path: str, *, dtype: str | None = None):
+        with _arrow_errors(path, "unreadable Arrow IPC file"):
+            self._open(path, dtype)
+
+    def _open(self, path: str, dtype: str | None) -> None:
         pa = _pa()
         file_size(path)
         try:
             self._mm = pa.memory_map(path, "r")
             self._reader = pa.ipc.open_file(self._mm)
-        except (pa.ArrowInvalid, pa.ArrowIOError, OSError) as e:
+        except (pa.ArrowException, OSError) as e:
             raise DumpError(f"{path}: unreadable Arrow IPC file ({_first_line(e)})") from None
         info = _inspect_schema(path, self._reader.schema, dtype)
         counts, labels, prompts = [], [], []
@@ -118,7 +141,10 @@ class ArrowSource(LogitSource):
         for i in range(self._reader.num_record_batches):
             try:
                 batch = self._reader.get_batch(i)
-            except (pa.ArrowInvalid, pa.ArrowIOError, OSError) as e:
+                # The IPC reader checks buffer bounds only; a damaged length or list size
+                # would otherwise give views past the data.
+                batch.validate(full=True)
+            except (pa.ArrowException, OSError) as e:
                 raise DumpError(f"{path}: record batch {i} unreadable ({_first_line(e)})") from None
             col = batch.column("logits")
             if vocab is None and len(col):
@@ -184,13 +210,17 @@ class ParquetSource(LogitSource):
     """A Parquet file, decoded batch by batch (see the module docstring)."""
 
     def __init__(self, path: str, *, dtype: str | None = None):
+        with _arrow_errors(path, "unreadable Parquet file"):
+            self._open(path, dtype)
+
+    def _open(self, path: str, dtype: str | None) -> None:
         pa = _pa()
         import pyarrow.parquet as pq
 
         file_size(path)
         try:
             self._pf = pq.ParquetFile(path, buffer_size=1 << 22)
-        except (pa.ArrowInvalid, pa.ArrowIOError, OSError) as e:
+        except (pa.ArrowException, OSError) as e:
             raise DumpError(f"{path}: unreadable Parquet file ({_first_line(e)})") from None
         schema = self._pf.schema_arrow
         info = _inspect_schema(path, schema, dtype)
@@ -208,7 +238,7 @@ class ParquetSource(LogitSource):
                     raise DumpError(f"{path}: logits row 0 is null or empty")
             lab = self._read_ids(path, info["label"], n) if info["label"] else None
             pro = self._read_ids(path, info["prompt"], n) if info["prompt"] else None
-        except (pa.ArrowInvalid, pa.ArrowIOError, OSError) as e:
+        except (pa.ArrowException, OSError) as e:
             raise DumpError(f"{path}: unreadable Parquet data ({_first_line(e)})") from None
         super().__init__(
             path=path, format="parquet", n_tokens=n, vocab=vocab, dtype=info["dtype"],
@@ -246,7 +276,7 @@ class ParquetSource(LogitSource):
             batch = next(self._iter)
         except StopIteration:
             raise DumpError(f"{self.path}: data ended at row {self._pos}, metadata says {self.n_tokens}") from None
-        except (pa.ArrowInvalid, pa.ArrowIOError, OSError) as e:
+        except (pa.ArrowException, OSError) as e:
             raise DumpError(f"{self.path}: unreadable Parquet data near row {self._pos} ({_first_line(e)})") from None
         return _block(self.path, batch.column(0), self.vocab, self.dtype, self._pos)
 
