@@ -126,12 +126,19 @@ class _ProgressLine:
 
 
 def _read_ids(path: str, what: str) -> np.ndarray:
+    from ..io import DumpError
+    from ..io.npy import read_header
+
     try:
         if path.endswith(".npy"):
-            # mapped, not loaded: np.load would allocate whatever size the header claims
+            # header checked against the file size, then mapped, not loaded: np.load would
+            # allocate whatever sizes the header claims
+            read_header(path, os.path.getsize(path))
             arr = np.load(path, mmap_mode="r", allow_pickle=False)
         else:
             arr = np.loadtxt(path, dtype=np.int64, ndmin=1)
+    except DumpError as e:
+        raise InputError(f"{e} (reading {what})") from None
     except (OSError, ValueError) as e:
         raise InputError(f"{path}: cannot read {what}: {e}") from None
     arr = np.asarray(arr).reshape(-1)
