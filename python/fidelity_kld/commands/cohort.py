@@ -1,0 +1,113 @@
+"""`fidelity-kld cohort`: can a fidelity metric stand in for the benchmark across a cohort
+of quantized models, and inside the silent zone of near-lossless ones?"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from importlib import resources
+from pathlib import Path
+
+import click
+
+from ..cli import InputError
+
+EXAMPLE = ("data", "example_cohort", "manifest.toml")
+
+
+def _thresholds(ctx, param, value):
+    if value is None:
+        return None
+    try:
+        out = tuple(float(v) for v in value.split(",") if v.strip())
+    except ValueError:
+        raise click.BadParameter("a comma-separated list of numbers, e.g. 0.005,0.01,0.02") from None
+    if not out:
+        raise click.BadParameter("at least one threshold")
+    return out
+
+
+def _models(ctx, param, value):
+    if value is None:
+        return None
+    return tuple(v.strip() for v in value.split(",") if v.strip())
+
+
+def example_manifest() -> Path:
+    return Path(str(resources.files("fidelity_kld").joinpath(*EXAMPLE)))
+
+
+@click.command("cohort")
+@click.argument("manifest", required=False, type=click.Path(dir_okay=False))
+@click.option("--example", is_flag=True, help="Run on the example cohort shipped with the package.")
+@click.option("--zone-threshold", type=float, default=None,
+              help="Silent zone: composite within this relative distance of the reference (default 0.02).")
+@click.option("--thresholds", callback=_thresholds, default=None,
+              help="Sensitivity sweep, comma-separated (default 0.005,0.01,0.02,0.03,0.05; the zone threshold is always added).")
+@click.option("--format", "fmt", type=click.Choice(["text", "json", "markdown"]), default="text",
+              show_default=True, help="What to print.")
+@click.option("--output", "-o", type=click.Path(dir_okay=False), default=None,
+              help="Write the printed output to this file instead of stdout.")
+@click.option("--report", "report_dir", type=click.Path(file_okay=False), default=None,
+              help="Write a report directory: report.md, report.html, cohort.json, figures/*.png.")
+@click.option("--intersect", is_flag=True,
+              help="Keep the prompts every model was scored on instead of failing on differences.")
+@click.option("--seed", type=int, default=None, help="Seed for every random draw (default 0).")
+@click.option("--bootstrap", "n_bootstrap", type=click.IntRange(min=0), default=None,
+              help="Bootstrap resamples for CIs and null draws (default 1000).")
+@click.option("--holdout-reps", type=click.IntRange(min=0), default=None,
+              help="Hold-out repetitions (default 200).")
+@click.option("--primary", default=None, help="The fidelity variant to lead with (default kld_mean).")
+@click.option("--routing", callback=_models, default=None,
+              help="Comma-separated models to route among (default: the zone's models with per-prompt KLD).")
+@click.option("--fail-below", type=float, default=None,
+              help="A per-prompt score below this is a failure (default 0.5).")
+def command(manifest, example, zone_threshold, thresholds, fmt, output, report_dir, intersect, seed,
+            n_bootstrap, holdout_reps, primary, routing, fail_below):
+    """Correlate fidelity variants with benchmark scores across a cohort of quantized models:
+    full cohort and pre-specified silent zone, threshold sweep, hold-out, range-restriction
+    null, volume vs direction, per-prompt failure prediction and routing.
+
+    MANIFEST is a TOML, JSON or CSV file naming the reference, the quantized models, their
+    fidelity summaries (from `fidelity-kld compare --output`) and benchmark outcomes.
+    """
+    from ..report import render, write_report
+    from ..stats.cohort import analyze
+    from ..stats.manifest import ManifestError
+    from ..stats.outcomes import OutcomeError
+
+    if example == bool(manifest):
+        raise click.UsageError("give a MANIFEST or --example (one of them)")
+    path = example_manifest() if example else Path(manifest)
+    try:
+        report = analyze(path, zone_threshold=zone_threshold, thresholds=thresholds, seed=seed,
+                         n_bootstrap=n_bootstrap, holdout_reps=holdout_reps, primary=primary,
+                         routing=routing, fail_below=fail_below, intersect=intersect or None)
+    except (ManifestError, OutcomeError) as e:
+        raise InputError(str(e)) from None
+    except ValueError as e:
+        raise InputError(f"{path}: {e}") from None
+    text = render(report, fmt)
+    if report_dir is not None:
+        try:
+            write_report(report, report_dir)
+        except ValueError as e:
+            raise InputError(str(e)) from None
+    if output is None:
+        click.echo(text, nl=False)
+    else:
+        _write_atomic(Path(output), text)
+    if report_dir is not None:
+        click.echo(f"report written to {report_dir}", err=True)
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

@@ -1,0 +1,218 @@
+"""The cohort report's figures (PNG, matplotlib imported here and only here)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+
+from ..stats.cohort import CohortReport
+from ..stats.decompose import COMPOSITE
+
+ZONE_COLOR = "#2a9d8f"
+OUT_COLOR = "#6c757d"
+REF_COLOR = "#e76f51"
+
+
+def _legend_below(ax, ncol=2):
+    """Legends go under the axes: inside they hide the points, wherever those fall."""
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=ncol, fontsize=7.5, frameon=False)
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def make_figures(r: CohortReport, out_dir) -> dict[str, str]:
+    """Write every figure the cohort supports into out_dir; {name: file name}."""
+    plt = _plt()
+    out_dir = Path(out_dir)
+    made = {}
+    for name, fn in (("scatter", _scatter), ("sensitivity", _sensitivity), ("null_holdout", _null_holdout),
+                     ("volume_direction", _volume_direction), ("pareto", _pareto)):
+        fig = fn(r, plt)
+        if fig is None:
+            continue
+        fname = f"{name}.png"
+        fig.savefig(out_dir / fname, dpi=130, bbox_inches="tight")
+        plt.close(fig)
+        made[name] = fname
+    return made
+
+
+def _xy(r: CohortReport, variant: str):
+    x = np.array([m.fidelity.get(variant, math.nan) for m in r.models])
+    y = np.array([m.composite for m in r.models])
+    zone = np.array([m.in_zone for m in r.models])
+    return x, y, zone
+
+
+def _log_ok(x) -> bool:
+    f = x[np.isfinite(x)]
+    return f.size > 1 and np.all(f > 0) and f.max() / f.min() > 20
+
+
+def _scatter(r: CohortReport, plt):
+    x, y, zone = _xy(r, r.primary)
+    v = r.variant(r.primary)
+    ref = r.reference.composite
+    fig, ax = plt.subplots(figsize=(7.5, 5))
+    lo, hi = ref * (1 - r.zone_threshold), ref * (1 + r.zone_threshold)
+    ax.axhspan(lo, hi, color=ZONE_COLOR, alpha=0.12, lw=0,
+               label=f"silent zone (within {r.zone_threshold * 100:g}% of reference)")
+    ax.axhline(ref, color=REF_COLOR, lw=1, ls="--", label=f"reference ({r.reference.name})")
+    ok = np.isfinite(x)
+    ax.scatter(x[ok & ~zone], y[ok & ~zone], color=OUT_COLOR, s=28, zorder=3, label="outside the zone")
+    ax.scatter(x[ok & zone], y[ok & zone], color=ZONE_COLOR, s=32, zorder=3, label="in the zone")
+    for xi, yi, m in zip(x, y, r.models):
+        if np.isfinite(xi):
+            ax.annotate(m.name, (xi, yi), fontsize=6.5, xytext=(3, 2), textcoords="offset points", color="#333")
+    if _log_ok(x):
+        ax.set_xscale("log")
+    ax.set_xlabel(f"{r.primary} ({v.description})")
+    ax.set_ylabel("composite score")
+    text = [f"full cohort: {_rho_text(v.full)}", f"silent zone: {_rho_text(v.zone)}"]
+    if v.null.status == "ok":
+        text.append(f"range-restriction null for the zone: {v.null.median:+.2f} "
+                    f"[{v.null.low:+.2f}, {v.null.high:+.2f}], p = {v.null.p:.2g}")
+    ax.set_title(f"{r.name}: {r.primary} vs benchmark\n" + "\n".join(text), fontsize=9, loc="left")
+    _legend_below(ax)
+    return fig
+
+
+def _rho_text(c) -> str:
+    if not c.ok:
+        return f"{c.status} (n = {c.n})"
+    ci = "" if math.isnan(c.ci_low) else f" [{c.ci_low:+.2f}, {c.ci_high:+.2f}]"
+    return f"rho = {c.rho:+.2f}{ci}, p = {c.p:.2g}, n = {c.n}"
+
+
+def _sensitivity(r: CohortReport, plt):
+    pts = r.sensitivity
+    th = np.array([s.threshold * 100 for s in pts])
+    cs = [s.correlations[r.primary] for s in pts]
+    rho = np.array([c.rho if c.ok else np.nan for c in cs])
+    lo = np.array([c.ci_low if c.ok else np.nan for c in cs])
+    hi = np.array([c.ci_high if c.ok else np.nan for c in cs])
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    nl = np.array([s.null.low if s.null.status == "ok" else np.nan for s in pts])
+    nh = np.array([s.null.high if s.null.status == "ok" else np.nan for s in pts])
+    nm = np.array([s.null.median if s.null.status == "ok" else np.nan for s in pts])
+    if np.isfinite(nm).any():
+        ax.fill_between(th, nl, nh, color="#adb5bd", alpha=0.35, lw=0, label="range-restriction null (95%)")
+        ax.plot(th, nm, color="#6c757d", lw=1, ls=":")
+    ok = np.isfinite(rho)
+    ax.errorbar(th[ok], rho[ok], yerr=[rho[ok] - lo[ok], hi[ok] - rho[ok]], fmt="o-", color=ZONE_COLOR,
+                capsize=3, label=f"zone rho ({r.primary} vs composite), 95% CI")
+    full = r.variant(r.primary).full
+    if full.ok:
+        ax.axhline(full.rho, color=REF_COLOR, lw=1, ls="--", label=f"full cohort rho = {full.rho:+.2f}")
+    ax.axhline(0, color="#999", lw=0.6)
+    ax.axvline(r.zone_threshold * 100, color="#333", lw=0.6, ls="--")
+    for t, s, c in zip(th, pts, cs):
+        label = f"n={s.zone_size}" + ("" if c.ok else f"\n{'undefined' if c.status == 'constant' else 'insufficient'}")
+        ax.annotate(label, (t, 1.0), fontsize=7, ha="center", va="top", color="#444")
+        if not c.ok:
+            ax.plot([t], [0], marker="x", color="#999", ms=7)
+    pad = 0.06 * (th.max() - th.min()) if th.size > 1 else 0.5
+    ax.set_xlim(th.min() - pad, th.max() + pad)
+    ax.set_ylim(-1.05, 1.12)
+    ax.set_xlabel("zone threshold (% relative to the reference composite)")
+    ax.set_ylabel("Spearman rho")
+    ax.set_title("Sensitivity of the zone correlation to the threshold")
+    _legend_below(ax)
+    return fig
+
+
+def _null_holdout(r: CohortReport, plt):
+    null = np.asarray(r.null_draws, float)
+    hold = np.asarray(r.holdout_draws, float)
+    hold = hold[np.isfinite(hold)]
+    if null.size == 0 and hold.size == 0:
+        return None
+    v = r.variant(r.primary)
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    bins = np.linspace(-1, 1, 41)
+    if null.size:
+        ax.hist(null, bins=bins, color="#adb5bd", alpha=0.7, density=True,
+                label=f"null: full-cohort relation held in the zone ({null.size} draws)")
+    if hold.size:
+        ax.hist(hold, bins=bins, color=ZONE_COLOR, alpha=0.55, density=True,
+                label=f"hold-out zone rho ({hold.size} splits)")
+    if v.zone.ok:
+        ax.axvline(v.zone.rho, color=REF_COLOR, lw=2, label=f"observed zone rho = {v.zone.rho:+.2f}")
+    if v.full.ok:
+        ax.axvline(v.full.rho, color="#333", lw=1, ls="--", label=f"full cohort rho = {v.full.rho:+.2f}")
+    ax.set_xlabel(f"Spearman rho in the zone ({r.primary} vs composite)")
+    ax.set_ylabel("density")
+    ax.set_title("Is the zone's collapse more than restriction of range?")
+    _legend_below(ax)
+    return fig
+
+
+def _volume_direction(r: CohortReport, plt):
+    x, _, zone = _xy(r, r.primary)
+    by = {f.model: f for f in r.flips if f.task == COMPOSITE}
+    vol = np.array([by[m.name].volume for m in r.models])
+    dirn = np.array([by[m.name].direction for m in r.models])
+    v = r.variant(r.primary)
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4.2))
+    ok = np.isfinite(x)
+    for ax, y, name, tc in ((axes[0], vol, "volume (all flips / prompts)", v.volume[0]),
+                            (axes[1], dirn, "direction (net change / prompts)", v.direction[0])):
+        ax.scatter(x[ok & ~zone], y[ok & ~zone] * 100, color=OUT_COLOR, s=24, label="outside the zone")
+        ax.scatter(x[ok & zone], y[ok & zone] * 100, color=ZONE_COLOR, s=28, label="in the zone")
+        if _log_ok(x):
+            ax.set_xscale("log")
+        ax.set_xlabel(r.primary)
+        ax.set_ylabel(f"{name}, %")
+        ax.set_title(f"full cohort: {_short(tc.full)}\nsilent zone: {_short(tc.zone)}", fontsize=8.5, loc="left")
+    axes[1].axhline(0, color="#999", lw=0.6)
+    fig.suptitle("What the fidelity metric measures: volume of disagreement, or its direction?", fontsize=10)
+    fig.tight_layout()
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=2, fontsize=7.5,
+               frameon=False)
+    return fig
+
+
+def _short(c) -> str:
+    return f"rho = {c.rho:+.2f} (p = {c.p:.2g})" if c.ok else c.status
+
+
+def _pareto(r: CohortReport, plt):
+    size = np.array([m.size_gb for m in r.models])
+    name = "kld_p99.9" if any(v.name == "kld_p99.9" for v in r.variants) else r.primary
+    x = np.array([m.fidelity.get(name, math.nan) for m in r.models])
+    ok = np.isfinite(size) & np.isfinite(x)
+    if ok.sum() < 2:
+        return None
+    zone = np.array([m.in_zone for m in r.models])
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    ax.scatter(size[ok & ~zone], x[ok & ~zone], color=OUT_COLOR, s=26, label="outside the zone")
+    ax.scatter(size[ok & zone], x[ok & zone], color=ZONE_COLOR, s=30, label="in the zone")
+    for s, k, m, good in zip(size, x, r.models, ok):
+        if good:
+            ax.annotate(m.name, (s, k), fontsize=6.5, xytext=(3, 2), textcoords="offset points")
+    # the front: no other model is both smaller and closer to the reference
+    idx = np.where(ok)[0]
+    order = idx[np.lexsort((x[idx], size[idx]))]
+    front, best = [], math.inf
+    for i in order:
+        if x[i] < best:
+            front.append(i)
+            best = x[i]
+    ax.step(size[front], x[front], where="post", color=REF_COLOR, lw=1.2, label="Pareto front")
+    if _log_ok(x):
+        ax.set_yscale("log")
+    ax.set_xlabel("size (GB)")
+    ax.set_ylabel(name)
+    ax.set_title(f"Size against {name}")
+    _legend_below(ax, ncol=3)
+    return fig
