@@ -1,0 +1,263 @@
+"""vLLM prompt log-probs: what it gives, and a top-k table a top-k KLD estimator can read.
+
+Limits (why this is not a full-logit capture):
+- vLLM returns log-probabilities, never logits, and for prompt tokens only the top k per
+  position (`SamplingParams(prompt_logprobs=k)`, k at most the engine's `max_logprobs`,
+  20 by default) plus the actual prompt token's own entry when it is outside the top k.
+  The tail (the other V - k tokens) is known only by its total mass, 1 - sum(top-k probs),
+  so KLD can be bounded or estimated from it, not computed: fidelity-kld's exact metrics
+  need full logits (capture.hf, capture.llama_cpp, or dumps).
+- Position 0 has no distribution (None). Entry i (i >= 1) is the distribution of token i
+  given tokens 0..i-1; here it becomes row `position` = i - 1 with `label` = token i, the
+  convention of every dump (row j predicts token j+1).
+- The values are the model's raw log-softmax by default; engines configured with another
+  `logprobs_mode` (processed logprobs after temperature/penalties) report those instead.
+  Compare a reference and a quant captured the same way.
+
+Forms accepted and written (no vllm import anywhere):
+
+JSONL, one line per prompt, vLLM's RequestOutput made plain (`output_record` builds it):
+    {"prompt_id": 7, "prompt_token_ids": [1, 450, ...], "k": 20,
+     "prompt_logprobs": [null, {"450": {"logprob": -3.2, "rank": 4, "decoded_token": " The"}, ...}, ...]}
+(keys may be ints or strings; an entry may also be a bare float log-prob).
+
+Parquet (`write_topk`), one row per scored position: prompt_id (int64 or string), position
+(int64), label (int64), label_logprob (float32), label_rank (int64, -1 unknown),
+topk_ids (fixed_size_list<int64>[k], -1 padding), topk_logprobs (fixed_size_list<float32>[k],
+-inf padding), ranks 1..k in order; schema metadata {"fidelity_kld.topk": '{"k": k, ...}'}.
+`read_topk` reads either form into a TopKLogprobs.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass
+from typing import Iterable, Mapping
+
+import numpy as np
+
+META_KEY = b"fidelity_kld.topk"
+FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class TopKLogprobs:
+    """Top-k log-probs per scored position (records in order, positions ascending).
+
+    prompt_id [N]; position [N] (row j predicts token j+1 of its prompt); label [N] (that
+    token); label_logprob [N] (NaN if not given); label_rank [N] (1-based, -1 unknown);
+    token_ids [N, k] (-1 where fewer than k were given); logprobs [N, k] float32 (-inf there),
+    in decreasing order.
+    """
+
+    prompt_id: np.ndarray
+    position: np.ndarray
+    label: np.ndarray
+    label_logprob: np.ndarray
+    label_rank: np.ndarray
+    token_ids: np.ndarray
+    logprobs: np.ndarray
+
+    @property
+    def k(self) -> int:
+        return int(self.token_ids.shape[1])
+
+    @property
+    def n_rows(self) -> int:
+        return int(self.label.shape[0])
+
+    def tail_mass(self) -> np.ndarray:
+        """1 - sum of the top-k probabilities per row (float64; can be a hair below 0 by
+        rounding of near-certain rows)."""
+        with np.errstate(under="ignore"):
+            return 1.0 - np.exp(self.logprobs.astype(np.float64)).sum(axis=1)
+
+
+def _entry(value, where: str) -> tuple[float, int | None]:
+    """(logprob, rank) from a vllm Logprob, a dict {"logprob", "rank"}, or a bare float."""
+    if isinstance(value, Mapping):
+        if "logprob" not in value:
+            raise ValueError(f"{where}: entry has no logprob")
+        lp, rank = value["logprob"], value.get("rank")
+    elif hasattr(value, "logprob"):
+        lp, rank = value.logprob, getattr(value, "rank", None)
+    elif isinstance(value, (int, float)) and not isinstance(value, bool):
+        lp, rank = value, None
+    else:
+        raise ValueError(f"{where}: cannot read a log-prob from {type(value).__name__}")
+    lp = float(lp)
+    if math.isnan(lp) or lp > 1e-6:
+        raise ValueError(f"{where}: log-prob {lp} is not <= 0")
+    return lp, None if rank is None else int(rank)
+
+
+def output_record(output, prompt_id, *, k: int | None = None) -> dict:
+    """A plain JSON-able record of one vLLM RequestOutput's prompt log-probs (reads
+    output.prompt_token_ids and output.prompt_logprobs; nothing vLLM-specific is imported)."""
+    plps = []
+    for pos in output.prompt_logprobs:
+        if pos is None:
+            plps.append(None)
+            continue
+        d = {}
+        for tid, v in pos.items():
+            lp, rank = _entry(v, f"prompt {prompt_id}")
+            d[str(int(tid))] = {"logprob": lp, "rank": rank,
+                                "decoded_token": getattr(v, "decoded_token", None)
+                                if not isinstance(v, Mapping) else v.get("decoded_token")}
+        plps.append(d)
+    rec = {"prompt_id": prompt_id, "prompt_token_ids": [int(t) for t in output.prompt_token_ids],
+           "prompt_logprobs": plps}
+    if k is not None:
+        rec["k"] = int(k)
+    return rec
+
+
+def write_jsonl(records: Iterable[Mapping], path) -> str:
+    """One record (output_record's form) per line."""
+    from .._atomic import atomic_output
+
+    path = os.fspath(path)
+    with atomic_output(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        for rec in records:
+            f.write(json.dumps(rec) + "\n")
+    return path
+
+
+def _positions(rec: Mapping, where: str):
+    """Yield (position, label, label_logprob, label_rank, entries sorted by decreasing
+    log-prob as (logprob, token_id)) per scored position of one record."""
+    tokens = rec.get("prompt_token_ids")
+    plps = rec.get("prompt_logprobs")
+    if not isinstance(tokens, list) or not isinstance(plps, list):
+        raise ValueError(f"{where}: needs prompt_token_ids and prompt_logprobs lists")
+    if len(plps) != len(tokens):
+        raise ValueError(f"{where}: {len(plps)} prompt_logprobs entries for {len(tokens)} prompt tokens")
+    for i in range(1, len(tokens)):
+        pos = plps[i]
+        if not isinstance(pos, Mapping) or not pos:
+            raise ValueError(f"{where}: position {i} has no log-probs (only position 0 may be null)")
+        label = int(tokens[i])
+        label_lp, label_rank = math.nan, -1
+        entries = []
+        for tid, v in pos.items():
+            lp, rank = _entry(v, f"{where}: position {i}")
+            if int(tid) == label:
+                label_lp, label_rank = lp, -1 if rank is None else rank
+            entries.append((lp, int(tid)))
+        entries.sort(key=lambda e: (-e[0], e[1]))
+        yield i - 1, label, label_lp, label_rank, entries
+
+
+def normalize(records: Iterable[Mapping], *, k: int | None = None) -> TopKLogprobs:
+    """Records (output_record's form, or anything shaped like it) -> TopKLogprobs.
+
+    k: the prompt_logprobs vLLM was asked for (a record's own "k" wins). A position holds k
+    entries, or k + 1 when the prompt token is outside the top k: that extra entry, the
+    lowest, is kept only as the label's. Without k, k is the fewest entries any position
+    has, which is right whenever some position's token is in its top k; pass k to be sure."""
+    rows = []
+    for n, rec in enumerate(records):
+        where = f"record {n} (prompt {rec.get('prompt_id', '?')})"
+        if "prompt_id" not in rec:
+            raise ValueError(f"{where}: no prompt_id")
+        rk = rec.get("k", k)
+        for pos, label, lp, rank, entries in _positions(rec, where):
+            rows.append((rec["prompt_id"], pos, label, lp, rank, entries, rk))
+    if not rows:
+        raise ValueError("no scored positions (every prompt shorter than two tokens?)")
+    inferred = min(len(r[5]) for r in rows)
+    width = max(inferred if r[6] is None else int(r[6]) for r in rows)
+    n = len(rows)
+    ids = np.full((n, width), -1, dtype=np.int64)
+    lps = np.full((n, width), -np.inf, dtype=np.float32)
+    for j, r in enumerate(rows):
+        top = r[5][:inferred if r[6] is None else int(r[6])]
+        ids[j, :len(top)] = [e[1] for e in top]
+        lps[j, :len(top)] = [e[0] for e in top]
+    return TopKLogprobs(
+        prompt_id=_id_array([r[0] for r in rows]),
+        position=np.array([r[1] for r in rows], dtype=np.int64),
+        label=np.array([r[2] for r in rows], dtype=np.int64),
+        label_logprob=np.array([r[3] for r in rows], dtype=np.float32),
+        label_rank=np.array([r[4] for r in rows], dtype=np.int64),
+        token_ids=ids, logprobs=lps)
+
+
+def _id_array(ids: list) -> np.ndarray:
+    if all(isinstance(i, (int, np.integer)) and not isinstance(i, bool) for i in ids):
+        return np.array(ids, dtype=np.int64)
+    return np.array([str(i) for i in ids], dtype=object)
+
+
+def read_vllm_jsonl(path, *, k: int | None = None) -> TopKLogprobs:
+    path = os.fspath(path)
+    records = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path}: line {lineno}: not JSON ({e.msg})") from None
+    try:
+        return normalize(records, k=k)
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
+
+
+def write_topk(topk: TopKLogprobs, path) -> str:
+    """Parquet, in the layout of the module docstring."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from .._atomic import atomic_output
+
+    k = topk.k
+    pid = topk.prompt_id
+    cols = {
+        "prompt_id": pa.array(pid, pa.int64()) if pid.dtype != object else pa.array(list(pid), pa.string()),
+        "position": pa.array(topk.position, pa.int64()),
+        "label": pa.array(topk.label, pa.int64()),
+        "label_logprob": pa.array(topk.label_logprob, pa.float32()),
+        "label_rank": pa.array(topk.label_rank, pa.int64()),
+        "topk_ids": pa.FixedSizeListArray.from_arrays(pa.array(topk.token_ids.reshape(-1), pa.int64()), k),
+        "topk_logprobs": pa.FixedSizeListArray.from_arrays(
+            pa.array(topk.logprobs.reshape(-1), pa.float32()), k),
+    }
+    meta = {META_KEY: json.dumps({"k": k, "version": FORMAT_VERSION}).encode()}
+    table = pa.table(cols).replace_schema_metadata(meta)
+    path = os.fspath(path)
+    with atomic_output(path) as tmp:
+        pq.write_table(table, tmp)
+    return path
+
+
+def read_topk(path, *, k: int | None = None) -> TopKLogprobs:
+    """A top-k table: Parquet written by write_topk, or vLLM-shaped JSONL (.jsonl)."""
+    path = os.fspath(path)
+    if path.endswith(".jsonl"):
+        return read_vllm_jsonl(path, k=k)
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(path)
+    meta = table.schema.metadata or {}
+    if META_KEY not in meta:
+        raise ValueError(f"{path}: not a fidelity-kld top-k table (no {META_KEY.decode()} metadata)")
+    width = json.loads(meta[META_KEY])["k"]
+
+    def matrix(name, dtype):
+        flat = table.column(name).combine_chunks().flatten().to_numpy(zero_copy_only=False)
+        return np.asarray(flat, dtype=dtype).reshape(-1, width)
+
+    pid = table.column("prompt_id").to_numpy(zero_copy_only=False)
+    return TopKLogprobs(
+        prompt_id=pid.astype(np.int64) if pid.dtype.kind in "iu" else pid.astype(object),
+        position=table.column("position").to_numpy().astype(np.int64),
+        label=table.column("label").to_numpy().astype(np.int64),
+        label_logprob=table.column("label_logprob").to_numpy(zero_copy_only=False).astype(np.float32),
+        label_rank=table.column("label_rank").to_numpy().astype(np.int64),
+        token_ids=matrix("topk_ids", np.int64),
+        logprobs=matrix("topk_logprobs", np.float32))
