@@ -431,7 +431,7 @@ class _Loader:
             files = [(None, self.path(value))]
         by_task, all_values = {}, []
         for task, p in files:
-            ids, kld, file_tasks = _read_per_prompt(p)
+            ids, kld, file_tasks = _read_per_prompt(p, entry.get("fidelity_name", entry["name"]))
             all_values.append(kld)
             if file_tasks is not None:
                 keys = list(zip(file_tasks, ids))
@@ -474,18 +474,27 @@ class _Loader:
         return by_task, float(np.mean(values)) if values.size else math.nan
 
 
-def _read_per_prompt(p: Path):
-    """(prompt ids as keys, kld_mean, task column or None) from compare's per-prompt Parquet."""
+def _read_per_prompt(p: Path, model: str | None = None):
+    """(prompt ids as keys, kld_mean, task column or None) from compare's per-prompt Parquet.
+    A file covering several models (a `model` column, as `compare --per-prompt` writes for
+    more than one quant) is filtered to `model`."""
     import pyarrow.parquet as pq
 
     if not p.is_file():
         raise ManifestError(f"{p}: no such per-prompt file")
     try:
         schema = pq.read_schema(p)
-        cols = [c for c in ("prompt_id", "kld_mean", "task") if c in schema.names]
+        cols = [c for c in ("prompt_id", "kld_mean", "task", "model") if c in schema.names]
         if "prompt_id" not in cols or "kld_mean" not in cols:
             raise ManifestError(f"{p}: per-prompt Parquet needs prompt_id and kld_mean columns")
         table = pq.read_table(p, columns=cols)
+        if "model" in cols:
+            names = [str(m) for m in table.column("model").to_pylist()]
+            if len(set(names)) > 1:  # a single-model file may name its model differently
+                if model not in set(names):
+                    raise ManifestError(f"{p}: no rows for model {model!r} (the file holds "
+                                        f"{', '.join(sorted(set(names))[:5])})")
+                table = table.filter(np.array([n == model for n in names]))
     except ManifestError:
         raise
     except Exception as e:  # pyarrow raises its own error types for damaged files
