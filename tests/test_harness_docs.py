@@ -1,4 +1,4 @@
-"""The examples of docs/harness.md (the README's "Using fidelity-kld from your harness")
+"""The examples of README.md's "Using fidelity-kld from your harness" and docs/harness.md
 are run here exactly as written: each ```python block after a `<!-- test: NAME -->` line.
 The transformers and lm-eval examples get the tiny local model of tests/data/lm_eval for
 MODEL / REF_MODEL; the GPU example runs on the CPU without a GPU."""
@@ -11,18 +11,22 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-DOC = Path(__file__).parent.parent / "docs" / "harness.md"
+ROOT = Path(__file__).parent.parent
+DOCS = (ROOT / "README.md", ROOT / "docs" / "harness.md")
 FIXTURE = Path(__file__).parent / "data" / "lm_eval"
 BLOCK = re.compile(r"<!-- test: (\w+) -->\n```python\n(.*?)```", re.S)
 
 
 def examples() -> dict[str, str]:
-    return dict(BLOCK.findall(DOC.read_text(encoding="utf-8")))
+    found: dict[str, str] = {}
+    for doc in DOCS:
+        found.update(BLOCK.findall(doc.read_text(encoding="utf-8")))
+    return found
 
 
 def run(name: str, **names) -> dict:
     ns = {"__name__": f"docs_harness_{name}", **names}
-    exec(compile(examples()[name], f"{DOC}:{name}", "exec"), ns)
+    exec(compile(examples()[name], f"docs:{name}", "exec"), ns)
     return ns
 
 
