@@ -229,10 +229,14 @@ class ParquetSource(LogitSource):
         counts = [md.row_group(g).num_rows for g in range(md.num_row_groups)]
         if n <= 0:
             raise DumpError(f"{path}: holds no logits (0 rows)")
+        if sum(counts) != n:
+            raise DumpError(f"{path}: metadata says {n} rows, its row groups hold {sum(counts)}")
         vocab = info["vocab"]
         try:
             if vocab is None:  # a plain list column: the first row sets the vocabulary
-                first = next(self._pf.iter_batches(batch_size=1, columns=["logits"]))
+                first = next(self._pf.iter_batches(batch_size=1, columns=["logits"]), None)
+                if first is None or first.num_rows == 0:
+                    raise DumpError(f"{path}: no rows to read, though the metadata says {n}")
                 vocab = len(first.column(0)[0].values) if first.column(0)[0].is_valid else 0
                 if not vocab:
                     raise DumpError(f"{path}: logits row 0 is null or empty")
