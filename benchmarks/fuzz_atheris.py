@@ -1,0 +1,253 @@
+"""Coverage-guided fuzzing of every binary reader with atheris (libFuzzer for Python).
+
+Each input is written as a file and opened with fidelity_kld.io.open_source; the property
+is the one tests/test_fuzz_readers.py checks in seconds with hypothesis:
+
+  * the reader refuses the bytes with a one-line DumpError naming the file, or opens a
+    source whose every row reads and goes through the compiled core;
+  * nothing else is raised (any other exception is reported as a crash), the process does
+    not die (segfaults are reported by libFuzzer), no input takes longer than -timeout;
+  * no input makes the process allocate much more than the file holds: numpy and Python
+    allocations are traced (tracemalloc peak per input) and Arrow's pool peak is watched;
+    the claims a header makes (a length, a shape, a count) must be checked before use.
+
+Readers: llama (.kld), npy, npy-labels (a fuzzed x.labels.npy beside a valid x.npy),
+safetensors, arrow (IPC file), parquet. Seeds are small valid files made here.
+
+    pip install atheris
+    python benchmarks/fuzz_atheris.py --all --runs 25000          # every reader, in turn
+    python benchmarks/fuzz_atheris.py --reader npy -- -runs=50000 -timeout=10
+
+--all runs each reader in its own process and prints a table: runs done, time, and whether
+libFuzzer reported a crash, timeout or out-of-memory. Artifacts (crashing inputs) go to
+benchmarks/out/fuzz/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import re
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+import tracemalloc
+from pathlib import Path
+
+READERS = ("llama", "npy", "npy-labels", "safetensors", "arrow", "parquet")
+EXTENSION = {"llama": ".kld", "npy": ".npy", "npy-labels": ".npy", "safetensors": ".safetensors",
+             "arrow": ".arrow", "parquet": ".parquet"}
+MAX_EXTRA_ALLOC = 16 << 20  # bytes a case may allocate beyond 4x its own size
+ARROW_POOL_LIMIT = 256 << 20
+OUT = Path(__file__).resolve().parent / "out" / "fuzz"
+
+
+# ----------------------------------------------------------------------------- seeds
+
+
+def seeds(reader: str) -> list[bytes]:
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(6, 5)).astype(np.float32)
+    labels = np.arange(6, dtype=np.int64) % 5
+    if reader == "llama":
+        out = []
+        for n_ctx, n_vocab, n_chunk in ((8, 7, 2), (6, 4, 1)):
+            r = n_ctx - 1 - n_ctx // 2
+            words = 2 * ((n_vocab + 1) // 2) + 4
+            rows = rng.integers(0, 65536, size=(r * n_chunk, words)).astype("<u2")
+            rows[:, :4] = np.frombuffer(struct.pack("<ff", 16 / 65535, -20.0), dtype="<u2")
+            tokens = rng.integers(0, n_vocab, size=n_ctx * n_chunk).astype("<i4")
+            out.append(b"_logits_" + struct.pack("<iii", n_ctx, n_vocab, n_chunk)
+                       + tokens.tobytes() + rows.tobytes())
+        return out
+    if reader in ("npy", "npy-labels"):
+        arrays = ([labels, labels.astype(np.int32)] if reader == "npy-labels"
+                  else [x, x.astype(np.float16)])
+        out = []
+        for arr in arrays:
+            buf = io.BytesIO()
+            np.save(buf, arr)
+            out.append(buf.getvalue())
+        return out
+    if reader == "safetensors":
+        head = {"logits": {"dtype": "F32", "shape": [6, 5], "data_offsets": [0, 120]},
+                "labels": {"dtype": "I64", "shape": [6], "data_offsets": [120, 168]},
+                "__metadata__": {"format": "fidelity_kld.logits"}}
+        blob = json.dumps(head).encode()
+        return [len(blob).to_bytes(8, "little") + blob + x.tobytes() + labels.tobytes()]
+    values = pa.array(x.reshape(-1))
+    tables = [
+        pa.table({"logits": pa.FixedSizeListArray.from_arrays(values, 5), "label": labels}),
+        pa.table({"logits": pa.ListArray.from_arrays(pa.array(np.arange(0, 31, 5, dtype=np.int32)),
+                                                     values), "prompt_id": labels // 2}),
+    ]
+    out = []
+    for t in tables:
+        sink = pa.BufferOutputStream()
+        if reader == "arrow":
+            with pa.ipc.new_file(sink, t.schema) as w:
+                for batch in t.to_batches(max_chunksize=4):
+                    w.write_batch(batch)
+        else:
+            pq.write_table(t, sink, row_group_size=4)
+        out.append(sink.getvalue().to_pybytes())
+    return out
+
+
+# ----------------------------------------------------------------------------- one case
+
+
+class Harness:
+    def __init__(self, reader: str, workdir: Path, target_runs: int):
+        import numpy as np
+        import pyarrow as pa
+
+        import fidelity_kld as fk
+        from fidelity_kld.io import DumpError, open_source
+
+        self.np, self.pa, self.fk = np, pa, fk
+        self.DumpError, self.open_source = DumpError, open_source
+        self.reader = reader
+        self.target = target_runs
+        self.cases = 0
+        self.outcomes = {"refused": 0, "read": 0}
+        self.max_traced = 0
+        if reader == "npy-labels":
+            self.path = workdir / "d.labels.npy"
+            self.open_path = workdir / "d.npy"
+            buf = io.BytesIO()
+            np.save(buf, np.zeros((6, 5), np.float32))
+            self.open_path.write_bytes(buf.getvalue())
+        else:
+            self.path = self.open_path = workdir / f"case{EXTENSION[reader]}"
+        tracemalloc.start()
+
+    def named(self, msg: str) -> bool:
+        p = str(self.open_path)
+        stem = p[:-4] if p.endswith(".npy") else p
+        return "\n" not in msg and (msg.startswith(p + ": ") or msg.startswith(stem + "."))
+
+    def __call__(self, data: bytes) -> None:
+        self.path.write_bytes(data)
+        tracemalloc.reset_peak()
+        base = tracemalloc.get_traced_memory()[0]
+        outcome = self.open_and_read()
+        peak = tracemalloc.get_traced_memory()[1] - base
+        self.max_traced = max(self.max_traced, peak)
+        if peak > 4 * len(data) + MAX_EXTRA_ALLOC:
+            raise AssertionError(f"{peak} bytes allocated for a {len(data)}-byte input")
+        if self.pa.default_memory_pool().max_memory() > ARROW_POOL_LIMIT:
+            raise AssertionError(f"Arrow pool peak {self.pa.default_memory_pool().max_memory()}")
+        self.outcomes[outcome] += 1
+        self.cases += 1
+        if self.cases % 5000 == 0 or self.cases == self.target:
+            print(f"[{self.reader}] {self.cases} cases: {self.outcomes}, max traced "
+                  f"allocation {self.max_traced} bytes, Arrow pool peak "
+                  f"{self.pa.default_memory_pool().max_memory()} bytes", file=sys.stderr, flush=True)
+
+    def open_and_read(self) -> str:
+        try:
+            src = self.open_source(self.open_path)
+        except self.DumpError as e:
+            if not self.named(str(e)):
+                raise AssertionError(f"error does not name the file in one line: {e!r}") from None
+            return "refused"
+        with src:
+            assert src.n_tokens > 0 and src.vocab > 0
+            if src.labels is not None:
+                assert src.labels.shape == (src.n_tokens,)
+                assert 0 <= src.labels.min() and src.labels.max() < src.vocab
+            step = max(1, src.n_tokens // 3)
+            for start in range(0, src.n_tokens, step):
+                stop = min(start + step, src.n_tokens)
+                try:
+                    lg = src.read(start, stop)
+                except self.DumpError as e:
+                    if not self.named(str(e)):
+                        raise AssertionError(f"error does not name the file: {e!r}") from None
+                    return "refused"
+                assert lg.data.shape[0] == stop - start
+                y = None if src.labels is None else src.labels[start:stop]
+                st = self.fk.compare(lg, lg, y, llama_parity=src.dtype == "llama_u16")
+                assert st.n_tokens == stop - start
+        return "read"
+
+
+# ----------------------------------------------------------------------------- drivers
+
+
+def run_one(reader: str, libfuzzer_args: list[str]) -> None:
+    import atheris
+
+    runs = next((int(a.split("=", 1)[1]) for a in libfuzzer_args if a.startswith("-runs=")), -1)
+    corpus = Path(tempfile.mkdtemp(prefix=f"fk_corpus_{reader}_"))
+    for i, seed in enumerate(seeds(reader)):
+        (corpus / f"seed{i}").write_bytes(seed)
+    shm = Path("/dev/shm") if Path("/dev/shm").is_dir() else Path(tempfile.gettempdir())
+    workdir = Path(tempfile.mkdtemp(prefix="fk_fuzz_", dir=shm))
+    OUT.mkdir(parents=True, exist_ok=True)
+    harness = Harness(reader, workdir, runs)
+    harness.open_and_read()  # import every module a case can reach before instrumenting
+    # Coverage feedback for every loaded Python function (ours, numpy's .npy header parser,
+    # pyarrow's wrappers). instrument_imports() misses the package: the editable install's
+    # redirecting import finder bypasses its hook.
+    atheris.instrument_all()
+    argv = [sys.argv[0], str(corpus), f"-artifact_prefix={OUT}/{reader}-", *libfuzzer_args]
+    atheris.Setup(argv, harness)
+    atheris.Fuzz()
+
+
+def run_all(runs: int, extra: list[str]) -> int:
+    rows, failed = [], False
+    for reader in READERS:
+        t0 = time.monotonic()
+        cmd = [sys.executable, __file__, "--reader", reader, "--", f"-runs={runs}",
+               "-timeout=10", "-rss_limit_mb=2048", "-max_len=4096", *extra]
+        r = subprocess.run(cmd, capture_output=True, text=True)
+        seconds = time.monotonic() - t0
+        log = r.stdout + r.stderr
+        done = re.findall(r"Done (\d+) runs", log)
+        problem = re.search(r"ERROR: libFuzzer: [^\n]*|Uncaught Python exception[^\n]*"
+                            r"|==\d+== ERROR[^\n]*", log)
+        stats = re.findall(rf"\[{re.escape(reader)}\] \d+ cases: [^\n]*", log)
+        ok = r.returncode == 0 and done and not problem
+        failed |= not ok
+        rows.append((reader, int(done[-1]) if done else 0, seconds,
+                     "ok" if ok else (problem.group(0) if problem else f"exit {r.returncode}"),
+                     stats[-1] if stats else ""))
+        if not ok:
+            (OUT / f"{reader}.log").write_text(log)
+    total = sum(r[1] for r in rows)
+    print(f"{'reader':<12} {'runs':>8} {'seconds':>8}  result")
+    for reader, done, seconds, result, stats in rows:
+        print(f"{reader:<12} {done:>8} {seconds:>8.0f}  {result}")
+        if stats:
+            print(f"{'':<12} {stats}")
+    print(f"{'total':<12} {total:>8}")
+    return 1 if failed else 0
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--reader", choices=READERS)
+    p.add_argument("--all", action="store_true", help="every reader in turn, with a summary")
+    p.add_argument("--runs", type=int, default=20000, help="cases per reader with --all")
+    args, rest = p.parse_known_args()
+    rest = [a for a in rest if a != "--"]
+    if args.all:
+        return run_all(args.runs, rest)
+    if not args.reader:
+        p.error("give --reader or --all")
+    run_one(args.reader, rest)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
