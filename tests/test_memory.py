@@ -1,10 +1,16 @@
 """Peak resident memory of `fidelity-kld compare` does not grow with the input: 2 x 100 MB
 and 2 x 400 MB float16 dumps give about the same peak (the 2 x 8 GB figure is
-benchmarks/bench_memory.py's). Peak RSS is the child's own ru_maxrss, from os.wait4."""
+benchmarks/bench_memory.py's).
+
+The peak is VmHWM from /proc/self/status, read by the CLI process itself when it exits.
+Not ru_maxrss: on Linux a child's ru_maxrss starts at its parent's RSS when it forked (the
+kernel carries the forked address space's high-water mark over exec), so under a large
+pytest process every run would read the same figure."""
 
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -25,15 +31,26 @@ def write_npy(path, n, v, seed):
             f.write(np.roll(block, start, axis=1)[: min(64, n - start)].tobytes())
 
 
-def peak_rss_bytes(argv) -> tuple[int, bytes]:
-    """(peak RSS of the child process, its stderr)."""
+# The console script's entry point, run in a process that reports its own peak at exit.
+CLI_REPORTING_PEAK = """
+import atexit, sys
+def report():
+    hwm = next(line for line in open("/proc/self/status") if line.startswith("VmHWM:"))
+    sys.stderr.write("PEAK_KB " + hwm.split()[1] + "\\n")
+atexit.register(report)
+from fidelity_kld.cli import main
+sys.argv[0] = "fidelity-kld"
+main()
+"""
+
+
+def peak_rss_bytes(args) -> int:
+    """Peak RSS of `fidelity-kld ARGS` (which must succeed)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("FIDELITY_KLD_")}
-    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
-    err = proc.stderr.read()
-    _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    assert proc.returncode == 0, err
-    return usage.ru_maxrss * 1024, err  # Linux reports kilobytes
+    r = subprocess.run([sys.executable, "-c", CLI_REPORTING_PEAK, *args], env=env,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    return int(re.search(r"PEAK_KB (\d+)", r.stderr).group(1)) * 1024
 
 
 @pytest.fixture
@@ -49,8 +66,7 @@ def test_peak_rss_does_not_grow_with_input_size(workdir):
         ref, q = workdir / f"{label}_ref.npy", workdir / f"{label}_q.npy"
         write_npy(ref, n, VOCAB, 0)
         write_npy(q, n, VOCAB, 1)
-        peaks[label], _ = peak_rss_bytes([sys.executable, "-m", "fidelity_kld", "compare",
-                                          str(ref), str(q), "-q", "--format", "json"])
+        peaks[label] = peak_rss_bytes(["compare", str(ref), str(q), "-q", "--format", "json"])
         os.unlink(ref)
         os.unlink(q)
     small, large = peaks["small"] / MB, peaks["large"] / MB
