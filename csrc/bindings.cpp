@@ -8,6 +8,11 @@
 #include <string>
 
 #include "fidelity_kld/logit_stats.h"
+#ifdef FK_HAVE_CUDA
+#include <cstdint>
+
+#include "fidelity_kld/logit_stats_cuda.h"
+#endif
 
 namespace py = pybind11;
 
@@ -140,6 +145,61 @@ void register_logit_stats(py::module_& m) {
       "Fill per-token statistics of ref vs q into the given float64/int32 output arrays.");
 }
 
+#ifdef FK_HAVE_CUDA
+// Device memory crosses as integers (torch's data_ptr(), __cuda_array_interface__, DLPack), so the
+// extension never links torch; fidelity_kld.gpu checks shapes, dtypes, devices and labels and
+// allocates the outputs. Optional outputs are 0 when not wanted.
+void register_logit_stats_cuda(py::module_& m) {
+  m.def(
+      "logit_stats_cuda",
+      [](std::uintptr_t ref, const std::string& ref_dtype, int64_t ref_row_stride,
+         std::uintptr_t q, const std::string& q_dtype, int64_t q_row_stride, int64_t n_rows,
+         int64_t vocab, std::uintptr_t labels, bool llama_parity, std::uintptr_t kld,
+         std::uintptr_t kld_reverse, std::uintptr_t lse_ref, std::uintptr_t lse_q,
+         std::uintptr_t entropy_ref, std::uintptr_t top1_ref, std::uintptr_t top1_q,
+         std::uintptr_t nll_ref, std::uintptr_t nll_q, std::uintptr_t p_ref_y,
+         std::uintptr_t p_q_y, std::uintptr_t kld_llama, std::uintptr_t stream,
+         int vocab_splits) {
+        fk::LogitStatsParams p;
+        p.ref = reinterpret_cast<const void*>(ref);
+        p.q = reinterpret_cast<const void*>(q);
+        p.ref_dtype = parse_dtype(ref_dtype);
+        p.q_dtype = parse_dtype(q_dtype);
+        p.ref_row_stride = ref_row_stride;
+        p.q_row_stride = q_row_stride;
+        p.n_rows = n_rows;
+        p.vocab = vocab;
+        p.labels = reinterpret_cast<const int64_t*>(labels);
+        p.llama_parity = llama_parity;
+        p.kld = reinterpret_cast<double*>(kld);
+        p.kld_reverse = reinterpret_cast<double*>(kld_reverse);
+        p.lse_ref = reinterpret_cast<double*>(lse_ref);
+        p.lse_q = reinterpret_cast<double*>(lse_q);
+        p.entropy_ref = reinterpret_cast<double*>(entropy_ref);
+        p.top1_ref = reinterpret_cast<int32_t*>(top1_ref);
+        p.top1_q = reinterpret_cast<int32_t*>(top1_q);
+        p.nll_ref = reinterpret_cast<double*>(nll_ref);
+        p.nll_q = reinterpret_cast<double*>(nll_q);
+        p.p_ref_y = reinterpret_cast<double*>(p_ref_y);
+        p.p_q_y = reinterpret_cast<double*>(p_q_y);
+        p.kld_llama = reinterpret_cast<double*>(kld_llama);
+        // Safe without the GIL: only device memory and a stream handle are touched, and the
+        // call returns once the kernels are queued; the caller keeps the tensors alive.
+        py::gil_scoped_release release;
+        fk::logit_stats_cuda(p, reinterpret_cast<void*>(stream), vocab_splits);
+      },
+      py::arg("ref"), py::arg("ref_dtype"), py::arg("ref_row_stride"), py::arg("q"),
+      py::arg("q_dtype"), py::arg("q_row_stride"), py::arg("n_rows"), py::arg("vocab"),
+      py::kw_only(), py::arg("labels") = 0, py::arg("llama_parity") = false, py::arg("kld"),
+      py::arg("kld_reverse"), py::arg("lse_ref"), py::arg("lse_q"), py::arg("entropy_ref"),
+      py::arg("top1_ref"), py::arg("top1_q"), py::arg("nll_ref") = 0, py::arg("nll_q") = 0,
+      py::arg("p_ref_y") = 0, py::arg("p_q_y") = 0, py::arg("kld_llama") = 0,
+      py::arg("stream") = 0, py::arg("vocab_splits") = 0,
+      "Queue the fused statistics on a CUDA stream: integer device pointers, byte row strides, "
+      "float64/int32 device outputs. Returns without synchronising.");
+}
+#endif
+
 }  // namespace
 
 PYBIND11_MODULE(_core, m) {
@@ -150,6 +210,7 @@ PYBIND11_MODULE(_core, m) {
         "SIMD path logit_stats uses now (reads FIDELITY_KLD_SIMD on every call).");
 #ifdef FK_HAVE_CUDA
   m.attr("has_cuda") = true;
+  register_logit_stats_cuda(m);
 #else
   m.attr("has_cuda") = false;
 #endif

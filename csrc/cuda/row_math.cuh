@@ -1,0 +1,508 @@
+// The per-thread arithmetic of the CUDA kernel (logit_stats.cu), written as __host__ __device__
+// code so that tests/test_cuda_compile.py can run it on the CPU: a host driver walks each
+// simulated thread of a CTA through exactly the traversal the kernel uses (fold_thread_range),
+// merges the threads as block_merge does (merge_block_states), and finishes each row with the
+// same float64 formulas (finish_stats). Only the 16-byte loads, the warp shuffles and the shared
+// memory of the kernel itself need a GPU (tests/test_gpu.py).
+//
+// Numerics (see the header of logit_stats.cu and csrc/cpu/row_kernel.h): per side an integer
+// shift k = ceil(max * log2 e), t = fma(x, log2e, -k), e = 2^t, d = t_ref - t_q; float32 sums per
+// step of 8 elements, float64 running sums, exact rescaling by powers of two when k rises.
+#pragma once
+
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <climits>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+#include "fidelity_kld/dtype.h"
+
+#define FK_HD __host__ __device__ __forceinline__
+
+namespace fk {
+namespace cuda_detail {
+
+constexpr float kLog2eF = 1.44269504088896340736f;
+constexpr double kLn2Eff = 1.0 / static_cast<double>(kLog2eF);
+// Shift of a side that has seen no finite entry yet: finite (differences stay finite) and far
+// below any real ceil(max * log2 e); its sums are 0, so every term it scales is 0.
+constexpr float kKFloor = -8.5070591730234616e37f;  // -2^126
+constexpr float kLlamaWindow = -16.0f;
+constexpr int kVec = 8;    // elements per thread per step
+constexpr int kPart = 16;  // float64 words of split state per (row, split)
+constexpr int kThreads = 256;  // threads per CTA (one CTA per row or per (row, split))
+
+template <DType D>
+struct Storage {
+  static constexpr int kSize = D == DType::F32 ? 4 : 2;         // bytes per element
+  static constexpr int kHeader = D == DType::LLAMA_U16 ? 8 : 0;  // bytes before element 0
+  static constexpr int kStepBytes = kVec * kSize;               // 16 or 32
+  static constexpr int kWords = kStepBytes / 4;
+};
+
+// Steps each thread loads before folding the first: 4 (64 bytes per side) for 16-bit inputs,
+// 2 (2 x 32 bytes) when a side is float32.
+template <DType DA, DType DB>
+__host__ __device__ constexpr int unroll_steps() {
+  return (Storage<DA>::kSize == 2 && Storage<DB>::kSize == 2) ? 4 : 2;
+}
+
+// Columns per split, a whole number of steps so each split's body stays aligned like the row's;
+// returns the number of splits that are actually non-empty.
+FK_HD int split_columns(int64_t vocab, int splits, int64_t* cols) {
+  int64_t c = (vocab + splits - 1) / splits;
+  c = (c + kVec - 1) / kVec * kVec;
+  *cols = c;
+  return static_cast<int>((vocab + c - 1) / c);
+}
+
+struct Decode {
+  float scale;
+  float offset;
+};
+
+FK_HD bool is_nan(float x) { return x != x; }
+FK_HD bool is_nan(double x) { return x != x; }
+
+FK_HD float bits_to_float(uint32_t u) {
+#ifdef __CUDA_ARCH__
+  return __uint_as_float(u);
+#else
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+#endif
+}
+
+// ----------------------------------------------------------------------------------------------
+// loads
+// ----------------------------------------------------------------------------------------------
+
+FK_HD uint32_t load_u16(const uint8_t* p) {
+#ifdef __CUDA_ARCH__
+  return static_cast<uint32_t>(__ldg(reinterpret_cast<const unsigned short*>(p)));
+#else
+  uint16_t u;
+  std::memcpy(&u, p, 2);
+  return u;
+#endif
+}
+
+template <DType D>
+FK_HD Decode read_decode(const uint8_t* row) {
+  Decode dec{1.0f, 0.0f};
+  if constexpr (D == DType::LLAMA_U16) {
+    // Two 16-bit halves each: the row base is only guaranteed 2-byte aligned.
+    dec.scale = bits_to_float(load_u16(row) | (load_u16(row + 2) << 16));
+    dec.offset = bits_to_float(load_u16(row + 4) | (load_u16(row + 6) << 16));
+  }
+  return dec;
+}
+
+// The raw bytes of one step (kBytes = 16 or 32) at p, with the widest access `align` allows.
+template <int kBytes>
+FK_HD void load_raw(const uint8_t* p, int align, uint32_t (&w)[kBytes / 4]) {
+#ifdef __CUDA_ARCH__
+  if (align >= 16) {
+#pragma unroll
+    for (int k = 0; k < kBytes / 16; ++k) {
+      const uint4 v = __ldcs(reinterpret_cast<const uint4*>(p) + k);
+      w[4 * k] = v.x;
+      w[4 * k + 1] = v.y;
+      w[4 * k + 2] = v.z;
+      w[4 * k + 3] = v.w;
+    }
+  } else if (align >= 8) {
+#pragma unroll
+    for (int k = 0; k < kBytes / 8; ++k) {
+      const uint2 v = __ldcs(reinterpret_cast<const uint2*>(p) + k);
+      w[2 * k] = v.x;
+      w[2 * k + 1] = v.y;
+    }
+  } else if (align >= 4) {
+#pragma unroll
+    for (int k = 0; k < kBytes / 4; ++k)
+      w[k] = __ldcs(reinterpret_cast<const unsigned int*>(p) + k);
+  } else {
+#pragma unroll
+    for (int k = 0; k < kBytes / 4; ++k) w[k] = load_u16(p + 4 * k) | (load_u16(p + 4 * k + 2) << 16);
+  }
+#else
+  (void)align;
+  std::memcpy(w, p, kBytes);
+#endif
+}
+
+template <DType D>
+FK_HD void decode_step(const uint32_t (&w)[Storage<D>::kWords], const Decode& dec,
+                       float (&x)[kVec]) {
+  if constexpr (D == DType::F32) {
+#pragma unroll
+    for (int j = 0; j < kVec; ++j) x[j] = bits_to_float(w[j]);
+  } else {
+#pragma unroll
+    for (int k = 0; k < kVec / 2; ++k) {
+      const uint32_t lo = w[k] & 0xffffu, hi = w[k] >> 16;
+      if constexpr (D == DType::F16) {
+        x[2 * k] = __half2float(__ushort_as_half(static_cast<unsigned short>(lo)));
+        x[2 * k + 1] = __half2float(__ushort_as_half(static_cast<unsigned short>(hi)));
+      } else if constexpr (D == DType::BF16) {
+        x[2 * k] = bits_to_float(lo << 16);
+        x[2 * k + 1] = bits_to_float(hi << 16);
+      } else {  // LLAMA_U16: fma(code, scale, min), as the CPU's SIMD paths
+        x[2 * k] = fmaf(static_cast<float>(lo), dec.scale, dec.offset);
+        x[2 * k + 1] = fmaf(static_cast<float>(hi), dec.scale, dec.offset);
+      }
+    }
+  }
+}
+
+template <DType D>
+FK_HD float load_one(const uint8_t* vals, int64_t i, const Decode& dec) {
+  const uint8_t* p = vals + i * Storage<D>::kSize;
+  if constexpr (D == DType::F32) {
+#ifdef __CUDA_ARCH__
+    return __ldg(reinterpret_cast<const float*>(p));
+#else
+    float f;
+    std::memcpy(&f, p, 4);
+    return f;
+#endif
+  }
+  const uint32_t u = load_u16(p);
+  if constexpr (D == DType::F16) return __half2float(__ushort_as_half(static_cast<unsigned short>(u)));
+  if constexpr (D == DType::BF16) return bits_to_float(u << 16);
+  return fmaf(static_cast<float>(u), dec.scale, dec.offset);
+}
+
+// Largest power of two <= 16 dividing the address.
+FK_HD int alignment_of(const uint8_t* p) {
+  const uintptr_t a = reinterpret_cast<uintptr_t>(p);
+  return (a & 15u) == 0 ? 16 : (a & 7u) == 0 ? 8 : (a & 3u) == 0 ? 4 : 2;
+}
+
+// ----------------------------------------------------------------------------------------------
+// the running state
+// ----------------------------------------------------------------------------------------------
+
+struct State {
+  float ka, kb;  // integer shifts (log2 units)
+  double sa, sb, trq, tqr, h, wt, ws;
+  float best_a, best_b;
+  int ia, ib;  // first index of best (INT_MAX: none yet)
+  bool bad;
+};
+
+FK_HD void init_state(State& s) {
+  s.ka = s.kb = kKFloor;
+  s.sa = s.sb = s.trq = s.tqr = s.h = s.wt = s.ws = 0.0;
+  s.best_a = s.best_b = -INFINITY;
+  s.ia = s.ib = INT_MAX;
+  s.bad = false;
+}
+
+// 2^-delta for an integer-valued delta >= 0, exact; 0 below 2^-1022 (and for NaN).
+FK_HD double pow2_neg(double delta) {
+  if (!(delta <= 1022.0)) return 0.0;
+  return ldexp(1.0, -static_cast<int>(delta));
+}
+
+// Re-express the float64 sums against the larger shifts (na, nb) >= (ka, kb):
+//   S' = 2^-da S,  T_rq' = 2^-da (T_rq + (db - da) S_ref),  T_qr' = 2^-db (T_qr + (db - da) S_q),
+//   H' = 2^-da (H - da S_ref),  and W_t, W_s (llama window) like T_rq and S_ref.
+// A factor 0 drops what lies 2^1022 below the new max; the guards keep 0 * inf out.
+FK_HD void rescale(State& s, double na, double nb) {
+  const double da = na - static_cast<double>(s.ka), db = nb - static_cast<double>(s.kb);
+  const double fa = pow2_neg(da), fb = pow2_neg(db), diff = db - da;
+  s.trq = fa == 0.0 ? 0.0 : fa * (s.trq + diff * s.sa);
+  s.tqr = fb == 0.0 ? 0.0 : fb * (s.tqr + diff * s.sb);
+  s.h = fa == 0.0 ? 0.0 : fa * (s.h - da * s.sa);
+  s.wt = fa == 0.0 ? 0.0 : fa * (s.wt + diff * s.ws);
+  s.ws = fa * s.ws;
+  s.sa = is_nan(s.sa) ? s.sa : fa * s.sa;
+  s.sb = is_nan(s.sb) ? s.sb : fb * s.sb;
+}
+
+FK_HD float exp2_f32(float t) {
+#ifdef __CUDA_ARCH__
+  return exp2f(t);
+#else
+  return std::exp2(t);
+#endif
+}
+
+// Fold one step of kVec elements (x: ref, y: q; -inf where absent) starting at index i0.
+template <bool kParity>
+FK_HD void fold_step(State& s, const float (&x)[kVec], const float (&y)[kVec], int64_t i0) {
+  float mx_a = x[0], mx_b = y[0];
+#pragma unroll
+  for (int j = 1; j < kVec; ++j) {
+    mx_a = fmaxf(mx_a, x[j]);
+    mx_b = fmaxf(mx_b, y[j]);
+  }
+  if (mx_a > s.best_a) {  // strictly: an earlier step keeps a tie
+    int j = 0;
+    while (j < kVec - 1 && !(x[j] == mx_a)) ++j;
+    s.best_a = mx_a;
+    s.ia = static_cast<int>(i0 + j);
+  }
+  if (mx_b > s.best_b) {
+    int j = 0;
+    while (j < kVec - 1 && !(y[j] == mx_b)) ++j;
+    s.best_b = mx_b;
+    s.ib = static_cast<int>(i0 + j);
+  }
+  const float na = fmaxf(s.ka, ceilf(mx_a * kLog2eF));
+  const float nb = fmaxf(s.kb, ceilf(mx_b * kLog2eF));
+  if (na > s.ka || nb > s.kb) {
+    rescale(s, na, nb);
+    s.ka = na;
+    s.kb = nb;
+  }
+  float ta[kVec], tb[kVec], ea[kVec], eb[kVec];
+  float ps_a = 0.f, ps_b = 0.f, p_rq = 0.f, p_qr = 0.f, p_h = 0.f;
+#pragma unroll
+  for (int j = 0; j < kVec; ++j) {
+    ta[j] = fmaf(x[j], kLog2eF, -s.ka);
+    tb[j] = fmaf(y[j], kLog2eF, -s.kb);
+    ea[j] = exp2_f32(ta[j]);
+    eb[j] = exp2_f32(tb[j]);
+    const float d = ta[j] - tb[j];
+    ps_a += ea[j];
+    ps_b += eb[j];
+    p_rq = fmaf(ea[j], d, p_rq);
+    p_qr = fmaf(eb[j], d, p_qr);
+    p_h = fmaf(ea[j], ta[j], p_h);
+  }
+  if (is_nan(p_rq) || is_nan(p_qr) || is_nan(p_h)) {
+    // -inf in this step: 0 * inf made NaN. Redo it with e = 0 terms contributing 0.
+    p_rq = p_qr = p_h = 0.f;
+#pragma unroll
+    for (int j = 0; j < kVec; ++j) {
+      const float d = ta[j] - tb[j];
+      if (ea[j] > 0.f) {
+        p_rq = fmaf(ea[j], d, p_rq);
+        p_h = fmaf(ea[j], ta[j], p_h);
+      }
+      if (eb[j] > 0.f) p_qr = fmaf(eb[j], d, p_qr);
+    }
+  }
+  if constexpr (kParity) {
+    float p_wt = 0.f, p_ws = 0.f;
+#pragma unroll
+    for (int j = 0; j < kVec; ++j) {
+      if (x[j] > kLlamaWindow && ea[j] > 0.f) {
+        p_wt = fmaf(ea[j], ta[j] - tb[j], p_wt);
+        p_ws += ea[j];
+      }
+    }
+    s.wt += p_wt;
+    s.ws += p_ws;
+  }
+  s.bad |= is_nan(ps_a) || is_nan(ps_b);
+  s.sa += ps_a;
+  s.sb += ps_b;
+  s.trq += p_rq;
+  s.tqr += p_qr;
+  s.h += p_h;
+}
+
+// Elements [lo, hi) (fewer than kVec) through scalar loads, padded with -inf.
+template <DType DA, DType DB, bool kParity>
+FK_HD void fold_partial(State& s, const uint8_t* a_vals, const uint8_t* b_vals, const Decode& da,
+                        const Decode& db, int64_t lo, int64_t hi) {
+  float x[kVec], y[kVec];
+#pragma unroll
+  for (int j = 0; j < kVec; ++j) {
+    const bool in = lo + j < hi;
+    x[j] = in ? load_one<DA>(a_vals, lo + j, da) : -INFINITY;
+    y[j] = in ? load_one<DB>(b_vals, lo + j, db) : -INFINITY;
+  }
+  fold_step<kParity>(s, x, y, lo);
+}
+
+template <DType DA, DType DB>
+FK_HD void load_pair(const uint8_t* a_vals, const uint8_t* b_vals, int64_t i, int align_a,
+                     int align_b, const Decode& da, const Decode& db, float (&x)[kVec],
+                     float (&y)[kVec]) {
+  uint32_t wa[Storage<DA>::kWords], wb[Storage<DB>::kWords];
+  load_raw<Storage<DA>::kStepBytes>(a_vals + i * Storage<DA>::kSize, align_a, wa);
+  load_raw<Storage<DB>::kStepBytes>(b_vals + i * Storage<DB>::kSize, align_b, wb);
+  decode_step<DA>(wa, da, x);
+  decode_step<DB>(wb, db, y);
+}
+
+// How a CTA covers columns [begin, end) of a row: `head` elements folded in by thread 0, then
+// n_steps aligned steps of kVec, then the tail (< kVec elements) by the last thread.
+struct Traversal {
+  int head, align_a, align_b;
+  int64_t body, n_steps, tail;
+};
+
+template <DType DA, DType DB>
+FK_HD Traversal plan_traversal(const uint8_t* a_vals, const uint8_t* b_vals, int64_t begin,
+                               int64_t end) {
+  // The first index (within kVec of begin) from which both sides load as widely as possible.
+  Traversal t{0, 2, 2, 0, 0, 0};
+  int best = 0;
+  for (int h = 0; h < kVec; ++h) {
+    const int al_a = alignment_of(a_vals + (begin + h) * Storage<DA>::kSize);
+    const int al_b = alignment_of(b_vals + (begin + h) * Storage<DB>::kSize);
+    const int score = al_a < al_b ? al_a : al_b;
+    if (score > best) {
+      best = score;
+      t.head = h;
+      t.align_a = al_a;
+      t.align_b = al_b;
+    }
+  }
+  if (begin + t.head > end) t.head = static_cast<int>(end - begin);
+  t.body = begin + t.head;
+  t.n_steps = (end - t.body) / kVec;
+  t.tail = t.body + t.n_steps * kVec;
+  return t;
+}
+
+// Thread `tid` of `n_threads`: its share of [begin, end) in increasing index order (the strict
+// tie rule in fold_step relies on it). kUnroll steps are loaded before the first is folded.
+template <DType DA, DType DB, bool kParity, int kUnroll>
+FK_HD void fold_thread_range(State& s, int tid, int n_threads, const uint8_t* a_vals,
+                             const uint8_t* b_vals, const Decode& da, const Decode& db,
+                             int64_t begin, int64_t end, const Traversal& t) {
+  if (tid == 0 && t.head > 0) fold_partial<DA, DB, kParity>(s, a_vals, b_vals, da, db, begin, t.body);
+  int64_t st = tid;
+  for (; st + (kUnroll - 1) * static_cast<int64_t>(n_threads) < t.n_steps;
+       st += kUnroll * static_cast<int64_t>(n_threads)) {
+    float x[kUnroll][kVec], y[kUnroll][kVec];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u)
+      load_pair<DA, DB>(a_vals, b_vals, t.body + (st + u * n_threads) * kVec, t.align_a,
+                        t.align_b, da, db, x[u], y[u]);
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u)
+      fold_step<kParity>(s, x[u], y[u], t.body + (st + u * n_threads) * kVec);
+  }
+  for (; st < t.n_steps; st += n_threads) {
+    float x[kVec], y[kVec];
+    load_pair<DA, DB>(a_vals, b_vals, t.body + st * kVec, t.align_a, t.align_b, da, db, x, y);
+    fold_step<kParity>(s, x, y, t.body + st * kVec);
+  }
+  // The tail indices exceed every step's: folding them last keeps this thread's order.
+  if (tid == n_threads - 1 && t.tail < end)
+    fold_partial<DA, DB, kParity>(s, a_vals, b_vals, da, db, t.tail, end);
+}
+
+// Merge `o` into `s` (o covers later vocabulary indices than s: strict > keeps the lowest index).
+FK_HD void merge_state(State& s, State o) {
+  const float na = fmaxf(s.ka, o.ka), nb = fmaxf(s.kb, o.kb);
+  rescale(s, na, nb);
+  rescale(o, na, nb);
+  s.ka = na;
+  s.kb = nb;
+  s.sa += o.sa;
+  s.sb += o.sb;
+  s.trq += o.trq;
+  s.tqr += o.tqr;
+  s.h += o.h;
+  s.wt += o.wt;
+  s.ws += o.ws;
+  if (o.best_a > s.best_a) {
+    s.best_a = o.best_a;
+    s.ia = o.ia;
+  }
+  if (o.best_b > s.best_b) {
+    s.best_b = o.best_b;
+    s.ib = o.ib;
+  }
+  s.bad |= o.bad;
+}
+
+FK_HD bool better(float v, int i, float bv, int bi) { return v > bv || (v == bv && i < bi); }
+
+// What block_merge computes, for a host-side CTA: the largest shifts, every thread's sums moved
+// onto them and added, the best value with the lowest index. (The device adds in a different
+// order: warp butterflies, then warps.)
+FK_HD State merge_block_states(const State* threads, int n) {
+  float ka = kKFloor, kb = kKFloor;
+  for (int i = 0; i < n; ++i) {
+    ka = fmaxf(ka, threads[i].ka);
+    kb = fmaxf(kb, threads[i].kb);
+  }
+  State out;
+  init_state(out);
+  out.ka = ka;
+  out.kb = kb;
+  for (int i = 0; i < n; ++i) {
+    State s = threads[i];
+    rescale(s, ka, kb);
+    out.sa += s.sa;
+    out.sb += s.sb;
+    out.trq += s.trq;
+    out.tqr += s.tqr;
+    out.h += s.h;
+    out.wt += s.wt;
+    out.ws += s.ws;
+    if (better(s.best_a, s.ia, out.best_a, out.ia)) {
+      out.best_a = s.best_a;
+      out.ia = s.ia;
+    }
+    if (better(s.best_b, s.ib, out.best_b, out.ib)) {
+      out.best_b = s.best_b;
+      out.ib = s.ib;
+    }
+    out.bad |= s.bad;
+  }
+  return out;
+}
+
+// ----------------------------------------------------------------------------------------------
+// finishing a row, in float64
+// ----------------------------------------------------------------------------------------------
+
+struct RowOut {
+  double kld, kld_reverse, lse_ref, lse_q, entropy_ref, nll_ref, nll_q, p_ref_y, p_q_y, kld_llama;
+  int top1_ref, top1_q;
+};
+
+// ay, by: the label's logits (when has_label).
+FK_HD RowOut finish_stats(const State& s, bool parity, bool has_label, double ay, double by) {
+  RowOut o;
+  const double ka = s.ka, kb = s.kb;
+  const bool valid = !s.bad && s.sa > 0.0 && s.sb > 0.0 && s.sa < INFINITY && s.sb < INFINITY &&
+                     ka < INFINITY && kb < INFINITY;
+  if (!valid) {
+    const double nan = NAN;
+    o.kld = o.kld_reverse = o.lse_ref = o.lse_q = o.entropy_ref = nan;
+    o.nll_ref = o.nll_q = o.p_ref_y = o.p_q_y = o.kld_llama = nan;
+    o.top1_ref = o.top1_q = -1;
+    return o;
+  }
+  const double log_sa = log(s.sa), log_sb = log(s.sb);
+  const double lse_a = kLn2Eff * ka + log_sa, lse_b = kLn2Eff * kb + log_sb;
+  o.lse_ref = lse_a;
+  o.lse_q = lse_b;
+  o.kld = kLn2Eff * s.trq / s.sa + (log_sb - log_sa);
+  o.kld_reverse = -kLn2Eff * s.tqr / s.sb + (log_sa - log_sb);
+  o.entropy_ref = log_sa - kLn2Eff * s.h / s.sa;
+  o.top1_ref = s.ia;
+  o.top1_q = s.ib;
+  o.nll_ref = o.nll_q = o.p_ref_y = o.p_q_y = o.kld_llama = 0.0;
+  if (has_label) {
+    // In llama parity mode the reference row already holds log-probs (not renormalised).
+    o.nll_ref = parity ? -ay : lse_a - ay;
+    o.nll_q = lse_b - by;
+    o.p_ref_y = exp(-o.nll_ref);
+    o.p_q_y = exp(-o.nll_q);
+  }
+  if (parity) {
+    // p_i(llama) = exp(x_i) = exp(lse_a) e_i / S_ref; log p_i - log q_i = ln2 d_i + ln2 k_a + log S_q.
+    o.kld_llama = exp(lse_a) / s.sa * (kLn2Eff * s.wt + (kLn2Eff * ka + log_sb) * s.ws);
+  }
+  return o;
+}
+
+}  // namespace cuda_detail
+}  // namespace fk

@@ -1,0 +1,280 @@
+"""Per-token statistics on a CUDA GPU: input normalisation and backend choice for the two GPU
+backends, the CUDA extension (``_core.logit_stats_cuda``, in builds with FIDELITY_KLD_CUDA=ON)
+and the Triton kernel (``fidelity_kld.kernels.logit_stats``). The arithmetic lives in those.
+
+    stats = compare_gpu(ref_cuda, q_cuda, labels)          # numpy TokenStats, like ops.compare
+    out = compare_gpu_tensors(ref_cuda, q_cuda, labels)    # {name: torch tensor} on the device
+
+torch is imported here, lazily by callers (ops.compare(device=...), the CLI): the extension
+itself never links it and takes raw device pointers plus a stream.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import _core
+from .ops import Logits, TokenStats
+
+BACKENDS = ("auto", "cuda", "triton")
+_FLOAT_OUTPUTS = ("kld", "kld_reverse", "lse_ref", "lse_q", "entropy_ref")
+_LABEL_OUTPUTS = ("nll_ref", "nll_q", "p_ref_y", "p_q_y")
+
+
+def _torch():
+    try:
+        import torch
+    except ImportError as exc:  # pragma: no cover - depends on the environment
+        raise RuntimeError("GPU statistics need torch: pip install 'fidelity-kld[gpu]'") from exc
+    return torch
+
+
+def triton_kernels():
+    """The Triton kernel module (``fidelity_kld.kernels.logit_stats``).
+
+    The wheel ships the top-level ``kernels/`` folder as ``fidelity_kld.kernels``; a source
+    checkout whose editable install predates that folder gets it loaded from the tree.
+    """
+    if importlib.util.find_spec("triton") is None:
+        raise RuntimeError("the Triton backend needs triton: pip install 'fidelity-kld[gpu]'")
+    try:
+        return importlib.import_module("fidelity_kld.kernels.logit_stats")
+    except ModuleNotFoundError as exc:
+        if exc.name not in ("fidelity_kld.kernels", "fidelity_kld.kernels.logit_stats"):
+            raise
+    name = "fidelity_kld.kernels.logit_stats"
+    if name in sys.modules:
+        return sys.modules[name]
+    path = Path(__file__).resolve().parents[2] / "kernels" / "logit_stats.py"
+    if not path.is_file():
+        raise RuntimeError("fidelity_kld.kernels is missing from this installation")
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def available_backends() -> list[str]:
+    """GPU backends usable in this process ('cuda' needs a CUDA build of the extension)."""
+    out = []
+    if _core.has_cuda:
+        out.append("cuda")
+    if importlib.util.find_spec("triton") is not None:
+        out.append("triton")
+    return out
+
+
+def _resolve_backend(backend: str) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, not {backend!r}")
+    if backend == "auto":
+        if _core.has_cuda:
+            return "cuda"
+        if importlib.util.find_spec("triton") is not None:
+            return "triton"
+        raise RuntimeError(
+            "no GPU backend: this fidelity_kld._core was built without CUDA "
+            "(-Ccmake.define.FIDELITY_KLD_CUDA=ON) and triton is not installed"
+        )
+    if backend == "cuda" and not _core.has_cuda:
+        raise RuntimeError(
+            "fidelity_kld._core was built without CUDA: rebuild with "
+            "pip install -e . -Ccmake.define.FIDELITY_KLD_CUDA=ON, or use backend='triton'"
+        )
+    return backend
+
+
+def _as_device_tensor(x: Any, dtype: str | None, device, name: str):
+    """(tensor on `device`, logical dtype name). Keeps CUDA tensors in place; moves host data."""
+    torch = _torch()
+    if isinstance(x, Logits):
+        dtype = dtype or x.dtype
+        x = x.data
+    if not isinstance(x, torch.Tensor):
+        if type(x).__name__ == "PyCapsule":  # a raw DLPack capsule
+            x = torch.utils.dlpack.from_dlpack(x)
+        elif hasattr(x, "__cuda_array_interface__"):
+            x = torch.as_tensor(x, device="cuda")
+        elif not isinstance(x, np.ndarray) and hasattr(x, "__dlpack__"):
+            x = torch.from_dlpack(x)
+        else:
+            arr = np.asarray(x)
+            if arr.dtype == np.uint16:
+                arr = arr.view(np.int16)  # bfloat16 or llama_u16 bit patterns
+            x = torch.from_numpy(np.ascontiguousarray(arr))
+    if x.dim() == 1:
+        x = x[None, :]
+    if x.dim() != 2:
+        raise ValueError(f"{name} must be [tokens, vocab], got shape {tuple(x.shape)}")
+    if dtype == "llama_u16":
+        if x.dtype not in (torch.int16, torch.uint16):
+            raise ValueError(f"{name}: llama_u16 rows must be 16-bit integers, got {x.dtype}")
+    elif dtype == "bfloat16" and x.dtype in (torch.int16, torch.uint16):
+        x = x.view(torch.int16).view(torch.bfloat16)
+    elif x.dtype in (torch.int16, torch.uint16):
+        raise ValueError(f"{name} holds 16-bit integers: say dtype='bfloat16' or 'llama_u16'")
+    elif x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        if x.dtype.is_complex or x.dtype == torch.bool:
+            raise ValueError(f"{name}: unsupported dtype {x.dtype}")
+        x = x.float()
+    logical = dtype if dtype == "llama_u16" else str(x.dtype).replace("torch.", "")
+    if x.device != device:
+        x = x.to(device)
+    if not (x.shape[0] <= 1 or x.shape[1] == 1 or (x.stride(1) == 1 and x.stride(0) > 0)):
+        x = x.contiguous()
+    return x, logical
+
+
+def _pick_device(ref, q, device):
+    torch = _torch()
+    if device is not None:
+        dev = torch.device(device)
+        return torch.device("cuda", torch.cuda.current_device()) if dev.type == "cuda" and dev.index is None else dev
+    for x in (ref, q):
+        data = x.data if isinstance(x, Logits) else x
+        if isinstance(data, torch.Tensor) and data.device.type == "cuda":
+            return data.device
+    if _triton_interpreting():  # Triton's CPU interpreter (tests): stay on the host
+        return torch.device("cpu")
+    return torch.device("cuda", torch.cuda.current_device())
+
+
+def compare_gpu_tensors(
+    ref: Any,
+    q: Any,
+    labels: Any = None,
+    *,
+    backend: str = "auto",
+    llama_parity: bool = False,
+    ref_dtype: str | None = None,
+    q_dtype: str | None = None,
+    vocab: int | None = None,
+    device: Any = None,
+    out: dict | None = None,
+    vocab_splits: int = 0,
+) -> dict:
+    """Per-token statistics of ``ref`` against ``q`` as torch tensors on the GPU.
+
+    ref, q: [tokens, vocab] CUDA torch tensors (float32/float16/bfloat16), anything
+    ``torch.from_dlpack`` or ``__cuda_array_interface__`` takes, Logits, or host arrays (copied
+    to ``device``). llama.cpp rows: ``*_dtype='llama_u16'`` with ``vocab``. labels: optional
+    [tokens] token ids; their range is checked (one small device-to-host sync).
+    Returns {name: tensor}: float64 kld (KL(P_ref || P_q), nats), kld_reverse, lse_ref, lse_q,
+    entropy_ref; int32 top1_ref, top1_q (-1 for invalid tokens); with labels float64 nll_ref,
+    nll_q, p_ref_y, p_q_y; with llama_parity float64 kld_llama. Work is queued on the current
+    torch stream and not synchronised, except for the label check.
+    vocab_splits: 0 = heuristic; 1 = one CTA/program per row; k > 1 = split each row k ways.
+    """
+    torch = _torch()
+    which = _resolve_backend(backend)
+    if vocab is None:  # Logits carry their vocabulary (needed for llama_u16 rows)
+        vocab = next((x.vocab for x in (ref, q) if isinstance(x, Logits)), None)
+    dev = _pick_device(ref, q, device)
+    if dev.type != "cuda" and not (which == "triton" and _triton_interpreting()):
+        raise ValueError(f"GPU statistics need CUDA tensors or device='cuda', got {dev}")
+    a, a_dtype = _as_device_tensor(ref, ref_dtype, dev, "ref")
+    b, b_dtype = _as_device_tensor(q, q_dtype, dev, "q")
+    if llama_parity and a_dtype != "llama_u16":
+        raise ValueError("llama_parity needs a llama_u16 reference")
+    llama = "llama_u16" in (a_dtype, b_dtype)
+    if llama and vocab is None:
+        raise ValueError("llama_u16 rows need vocab=")
+    v = int(vocab) if vocab is not None else int(a.shape[1])
+    for name, x, dt in (("ref", a, a_dtype), ("q", b, b_dtype)):
+        if dt == "llama_u16":
+            if x.shape[1] < v + 4:
+                raise ValueError(f"{name}: llama rows hold {x.shape[1]} words, need {v + 4} for vocab {v}")
+        elif x.shape[1] != v:
+            raise ValueError(f"vocabulary mismatch: {name} has {x.shape[1]} entries, expected {v}")
+    if a.shape[0] != b.shape[0]:
+        raise ValueError(f"token count mismatch: ref has {a.shape[0]} tokens, q has {b.shape[0]}")
+    n = int(a.shape[0])
+    y = None
+    if labels is not None:
+        y = labels if isinstance(labels, torch.Tensor) else torch.as_tensor(np.asarray(labels))
+        y = y.reshape(-1).to(device=dev, dtype=torch.int64).contiguous()
+        if y.shape[0] != n:
+            raise ValueError(f"labels has {y.shape[0]} entries for {n} tokens")
+        bad = (y < 0) | (y >= v)
+        if n and bool(bad.any()):
+            i = int(torch.nonzero(bad)[0, 0])
+            raise ValueError(f"label {int(y[i])} at token {i} is outside the vocabulary [0, {v})")
+
+    if which == "triton":
+        return triton_kernels().logit_stats(
+            a, b, y, vocab=v, ref_dtype=a_dtype, q_dtype=b_dtype, llama_parity=llama_parity,
+            out=out, splits=vocab_splits or None)
+
+    res = dict(out or {})
+    for name in _FLOAT_OUTPUTS:
+        res.setdefault(name, torch.empty(n, dtype=torch.float64, device=dev))
+    for name in ("top1_ref", "top1_q"):
+        res.setdefault(name, torch.empty(n, dtype=torch.int32, device=dev))
+    if y is not None:
+        for name in _LABEL_OUTPUTS:
+            res.setdefault(name, torch.empty(n, dtype=torch.float64, device=dev))
+    if llama_parity:
+        res.setdefault("kld_llama", torch.empty(n, dtype=torch.float64, device=dev))
+    for name, t in res.items():
+        want = torch.int32 if name.startswith("top1") else torch.float64
+        if t.dtype != want or tuple(t.shape) != (n,) or t.device != dev or not t.is_contiguous():
+            raise ValueError(f"out[{name!r}] must be a contiguous {want} tensor of shape ({n},) on {dev}")
+    if n == 0:
+        return res
+    ptr = {name: t.data_ptr() for name, t in res.items()}
+    with torch.cuda.device(dev):
+        stream = torch.cuda.current_stream(dev).cuda_stream
+        _core.logit_stats_cuda(
+            a.data_ptr(), a_dtype, a.stride(0) * a.element_size(),
+            b.data_ptr(), b_dtype, b.stride(0) * b.element_size(), n, v,
+            labels=y.data_ptr() if y is not None else 0, llama_parity=llama_parity,
+            stream=stream, vocab_splits=int(vocab_splits), **ptr)
+    return res
+
+
+def compare_gpu(
+    ref: Any,
+    q: Any,
+    labels: Any = None,
+    *,
+    backend: str = "auto",
+    llama_parity: bool = False,
+    ref_dtype: str | None = None,
+    q_dtype: str | None = None,
+    vocab: int | None = None,
+    device: Any = None,
+    vocab_splits: int = 0,
+) -> TokenStats:
+    """Per-token statistics of ``ref`` (the reference) against ``q`` on a CUDA GPU.
+
+    Same inputs as compare_gpu_tensors; returns a numpy TokenStats exactly like
+    fidelity_kld.compare (KLD is KL(P_ref || P_q) in nats). backend: 'auto' (the CUDA extension
+    when this build has it, else Triton), 'cuda' or 'triton'.
+    """
+    out = compare_gpu_tensors(
+        ref, q, labels, backend=backend, llama_parity=llama_parity, ref_dtype=ref_dtype,
+        q_dtype=q_dtype, vocab=vocab, device=device, vocab_splits=vocab_splits)
+    host = {name: t.cpu().numpy() for name, t in out.items()}
+    y = None
+    if labels is not None:
+        y = np.ascontiguousarray(_host_labels(labels), dtype=np.int64)
+    return TokenStats(labels=y, **host)
+
+
+def _host_labels(labels):
+    if type(labels).__module__.startswith("torch"):
+        return labels.detach().reshape(-1).cpu().numpy()
+    return np.asarray(labels).reshape(-1)
+
+
+def _triton_interpreting() -> bool:
+    import os
+
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")

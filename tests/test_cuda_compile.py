@@ -1,0 +1,429 @@
+"""The CUDA sources compile with nvcc and the Triton kernel compiles for sm_90 (so a broken
+kernel cannot land unnoticed on a machine without a GPU), and the CUDA kernel's per-thread
+arithmetic, run on the CPU, meets the float64 reference.
+
+No GPU is needed: csrc/cuda/row_math.cuh holds the kernel's arithmetic as __host__ __device__
+code. A small host driver (below) walks every simulated thread of a 256-thread CTA through the
+kernel's own traversal (fold_thread_range: head, aligned steps, tail), merges the threads as the
+block reduction does, merges vocabulary splits as the merge kernel does and finishes each row
+with the kernel's float64 formulas. What only a GPU runs (16-byte loads, warp shuffles, shared
+memory, the launch) is covered by tests/test_gpu.py. The nvcc tests skip when nvcc is not on
+PATH; the Triton compile runs in a subprocess (without TRITON_INTERPRET, which another test
+module sets) with Triton's own ptxas and skips when triton is missing.
+"""
+
+import importlib.util
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fidelity_kld import reference
+
+ROOT = Path(__file__).resolve().parents[1]
+CUDA_DIR = ROOT / "csrc" / "cuda"
+NVCC = shutil.which("nvcc")
+needs_nvcc = pytest.mark.skipif(NVCC is None, reason="nvcc is not on PATH")
+
+# sm_80 (A100) and sm_90 (H100/H200): what the CMake build ships; nvcc 12 and 13 accept both.
+ARCH_FLAGS = ["-gencode", "arch=compute_80,code=sm_80", "-gencode", "arch=compute_90,code=sm_90"]
+KLD_ATOL, KLD_RTOL = 2e-6, 2e-4
+F32, F16, BF16, LLAMA = 0, 1, 2, 3  # fk::DType codes
+NAMES = ["float32", "float16", "bfloat16", "llama_u16"]
+
+
+def nvcc(*args, cwd=None):
+    proc = subprocess.run([NVCC, *args], capture_output=True, text=True, cwd=cwd)
+    assert proc.returncode == 0, f"nvcc {' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}"
+    return proc
+
+
+@needs_nvcc
+def test_cuda_sources_compile(tmp_path):
+    sources = sorted(CUDA_DIR.glob("*.cu"))
+    assert sources, "no CUDA sources in csrc/cuda"
+    for src in sources:
+        proc = nvcc("-std=c++17", "-O3", "--threads", "2", *ARCH_FLAGS, "-I", str(ROOT / "csrc" / "include"),
+                    "-Xcompiler", "-Wall,-Wno-unknown-pragmas", "-c", str(src), "-o", str(tmp_path / (src.stem + ".o")))
+        assert "warning" not in (proc.stderr + proc.stdout).lower(), proc.stderr
+        assert (tmp_path / (src.stem + ".o")).stat().st_size > 0
+
+
+TRITON_COMPILE = r"""
+import importlib.util, sys
+try:
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+except ImportError as exc:
+    print("triton compile API unavailable:", exc); sys.exit(3)
+spec = importlib.util.spec_from_file_location("fk_triton_logit_stats", sys.argv[1])
+ks = importlib.util.module_from_spec(spec); spec.loader.exec_module(ks)
+
+def signature(kernel, dt_a, dt_b, consts):
+    sig = {}
+    for name in kernel.arg_names:
+        if name in consts: sig[name] = "constexpr"
+        elif name == "a_ptr": sig[name] = dt_a
+        elif name == "b_ptr": sig[name] = dt_b
+        elif name == "labels_ptr": sig[name] = "*i64"
+        elif name in ("top1_ref_ptr", "top1_q_ptr"): sig[name] = "*i32"
+        elif name.endswith("_ptr"): sig[name] = "*fp64"
+        else: sig[name] = "i64" if "stride" in name else "i32"
+    return sig
+
+def build(kernel, dt_a, dt_b, consts, num_warps):
+    sig = signature(kernel, dt_a, dt_b, consts)
+    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(kernel.arg_names)
+             if sig[n] != "constexpr" and n != "cols_per_split"}
+    try:
+        src = ASTSource(kernel, sig, consts, attrs)
+    except TypeError as exc:
+        print("triton compile API changed:", exc); sys.exit(3)
+    k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
+    assert k.asm.get("cubin"), "no cubin"
+    return k
+
+# (ref, q, llama ref, llama q, parity, labels, split, block, warps, stages): the launcher's
+# defaults for 16-bit and float32 logits, llama rows, the split variant and a tiny block.
+CASES = [("*bf16", "*bf16", 0, 0, 0, 1, 0, 4096, 16, 3), ("*fp32", "*fp16", 0, 0, 0, 0, 1, 2048, 16, 3),
+         ("*i16", "*fp32", 1, 0, 1, 1, 0, 4096, 16, 3), ("*i16", "*i16", 1, 1, 0, 0, 1, 16, 4, 1)]
+for dt_a, dt_b, la, lb, parity, labels, split, block, warps, stages in CASES:
+    consts = dict(A_LLAMA=bool(la), B_LLAMA=bool(lb), PARITY=bool(parity), HAS_LABELS=bool(labels),
+                  SPLIT=bool(split), BLOCK_V=block, FUSED=True, NUM_STAGES=stages)
+    build(ks._logit_stats_kernel, dt_a, dt_b, consts, warps)
+for labels in (False, True):
+    consts = dict(A_LLAMA=False, B_LLAMA=False, PARITY=False, HAS_LABELS=labels)
+    build(ks._logit_stats_merge_kernel, "*bf16", "*bf16", consts, 1)
+print("compiled", len(CASES) + 2, "kernels with triton", triton.__version__)
+"""
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+def test_triton_kernel_compiles_for_sm90(tmp_path):
+    """The interpreter accepts code the compiler rejects (non-constexpr globals, type mismatches
+    across branches): compile the real kernel for an H100 target, no GPU needed."""
+    script = tmp_path / "compile_triton.py"
+    script.write_text(TRITON_COMPILE)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path / "cache")
+    proc = subprocess.run([sys.executable, str(script), str(ROOT / "kernels" / "logit_stats.py")],
+                          capture_output=True, text=True, env=env, timeout=600)
+    if proc.returncode == 3:
+        pytest.skip(proc.stdout.strip())
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "compiled" in proc.stdout
+
+
+DRIVER = r"""
+// Host emulation of csrc/cuda/logit_stats.cu (written by tests/test_cuda_compile.py): every
+// simulated thread of a CTA runs the kernel's own traversal (fold_thread_range), the threads
+// merge as block_merge does, splits merge as the merge kernel does, rows finish in float64.
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <vector>
+
+#include "row_math.cuh"
+
+using namespace fk;
+using namespace fk::cuda_detail;
+
+struct Job {
+  int ref_dtype, q_dtype, has_labels, parity, splits;
+  int64_t n, vocab, ref_stride, q_stride, ref_offset, q_offset;
+};
+
+static std::vector<uint8_t> read_file(const char* path, size_t* size) {
+  FILE* f = std::fopen(path, "rb");
+  if (!f) { std::perror(path); std::exit(2); }
+  std::fseek(f, 0, SEEK_END);
+  *size = static_cast<size_t>(std::ftell(f));
+  std::fseek(f, 0, SEEK_SET);
+  std::vector<uint8_t> buf(*size + 64);
+  if (std::fread(buf.data(), 1, *size, f) != *size) { std::perror(path); std::exit(2); }
+  std::fclose(f);
+  return buf;
+}
+
+// A copy at a 64-byte aligned address, so that byte offsets give the alignments the test asks for.
+static uint8_t* aligned_copy(const std::vector<uint8_t>& buf, size_t size) {
+  void* p = nullptr;
+  if (posix_memalign(&p, 64, size + 64) != 0) std::exit(3);
+  std::memcpy(p, buf.data(), size);
+  return static_cast<uint8_t*>(p);
+}
+
+template <DType DA, DType DB, bool kParity>
+void run(const Job& g, const uint8_t* ref, const uint8_t* q, const int64_t* labels, double* out) {
+  constexpr int kUnroll = unroll_steps<DA, DB>();
+  int64_t cols = g.vocab;
+  const int splits = g.splits > 1 ? split_columns(g.vocab, g.splits, &cols) : 1;
+  std::vector<State> threads(kThreads);
+  for (int64_t r = 0; r < g.n; ++r) {
+    const uint8_t* a_row = ref + g.ref_offset + r * g.ref_stride;
+    const uint8_t* b_row = q + g.q_offset + r * g.q_stride;
+    const Decode da = read_decode<DA>(a_row), db = read_decode<DB>(b_row);
+    const uint8_t* a_vals = a_row + Storage<DA>::kHeader;
+    const uint8_t* b_vals = b_row + Storage<DB>::kHeader;
+    State m;
+    init_state(m);
+    for (int sp = 0; sp < splits; ++sp) {
+      const int64_t begin = sp * cols;
+      const int64_t end = begin + cols < g.vocab ? begin + cols : g.vocab;
+      const Traversal t = plan_traversal<DA, DB>(a_vals, b_vals, begin, end);
+      for (int tid = 0; tid < kThreads; ++tid) {
+        init_state(threads[tid]);
+        fold_thread_range<DA, DB, kParity, kUnroll>(threads[tid], tid, kThreads, a_vals, b_vals,
+                                                    da, db, begin, end, t);
+      }
+      const State blk = merge_block_states(threads.data(), kThreads);
+      if (splits == 1) m = blk;
+      else merge_state(m, blk);
+    }
+    double ay = 0.0, by = 0.0;
+    if (g.has_labels) {
+      int64_t y = labels[r];
+      y = y < 0 ? 0 : (y >= g.vocab ? g.vocab - 1 : y);
+      ay = load_one<DA>(a_vals, y, da);
+      by = load_one<DB>(b_vals, y, db);
+    }
+    const RowOut o = finish_stats(m, kParity, g.has_labels != 0, ay, by);
+    const double vals[12] = {o.kld, o.kld_reverse, o.lse_ref, o.lse_q, o.entropy_ref,
+                             static_cast<double>(o.top1_ref), static_cast<double>(o.top1_q),
+                             o.nll_ref, o.nll_q, o.p_ref_y, o.p_q_y, o.kld_llama};
+    std::memcpy(out + 12 * r, vals, sizeof(vals));
+  }
+}
+
+int main(int argc, char** argv) {
+  if (argc != 16) {
+    std::fprintf(stderr, "usage: ref q labels out ref_dtype q_dtype n vocab ref_stride q_stride "
+                         "ref_offset q_offset has_labels parity splits\n");
+    return 1;
+  }
+  Job g;
+  g.ref_dtype = std::atoi(argv[5]);
+  g.q_dtype = std::atoi(argv[6]);
+  g.n = std::atoll(argv[7]);
+  g.vocab = std::atoll(argv[8]);
+  g.ref_stride = std::atoll(argv[9]);
+  g.q_stride = std::atoll(argv[10]);
+  g.ref_offset = std::atoll(argv[11]);
+  g.q_offset = std::atoll(argv[12]);
+  g.has_labels = std::atoi(argv[13]);
+  g.parity = std::atoi(argv[14]);
+  g.splits = std::atoi(argv[15]);
+  size_t na, nb, nl;
+  const auto ra = read_file(argv[1], &na), rb = read_file(argv[2], &nb), rl = read_file(argv[3], &nl);
+  const uint8_t* ref = aligned_copy(ra, na);
+  const uint8_t* q = aligned_copy(rb, nb);
+  std::vector<int64_t> labels(g.n + 1);
+  std::memcpy(labels.data(), rl.data(), nl < labels.size() * 8 ? nl : labels.size() * 8);
+  std::vector<double> out(12 * g.n + 1);
+  dispatch_dtype(static_cast<DType>(g.ref_dtype), [&](auto ta) {
+    constexpr DType DA = decltype(ta)::value;
+    dispatch_dtype(static_cast<DType>(g.q_dtype), [&](auto tb) {
+      constexpr DType DB = decltype(tb)::value;
+      if constexpr (DA == DType::LLAMA_U16) {
+        if (g.parity) return run<DA, DB, true>(g, ref, q, labels.data(), out.data());
+      }
+      run<DA, DB, false>(g, ref, q, labels.data(), out.data());
+    });
+  });
+  FILE* f = std::fopen(argv[4], "wb");
+  std::fwrite(out.data(), sizeof(double), 12 * g.n, f);
+  std::fclose(f);
+  return 0;
+}
+"""
+
+
+@pytest.fixture(scope="module")
+def driver(tmp_path_factory):
+    if NVCC is None:
+        pytest.skip("nvcc is not on PATH")
+    d = tmp_path_factory.mktemp("cuda_host_emulation")
+    (d / "driver.cu").write_text(DRIVER)
+    nvcc("-std=c++17", "-O2", "-I", str(ROOT / "csrc" / "include"), "-I", str(CUDA_DIR),
+         "driver.cu", "-o", "driver", cwd=d)
+    return d
+
+
+def _storage(x32: np.ndarray, dtype: int):
+    """(uint8 row bytes, float64 values the kernel sees) for float32 logits."""
+    if dtype == F32:
+        return x32.view(np.uint8), x32.astype(np.float64)
+    if dtype == F16:
+        h = x32.astype(np.float16)
+        return h.view(np.uint8), h.astype(np.float64)
+    u = reference.float32_to_bf16(x32)
+    return u.view(np.uint8), reference.bf16_to_float32(u).astype(np.float64)
+
+
+def llama_bytes(logprobs: np.ndarray, scale: float, offset: float):
+    n, v = logprobs.shape
+    codes = np.clip(np.round((logprobs - offset) / scale), 0, 65535).astype(np.uint16)
+    raw = np.zeros((n, 4 + v + (v % 2)), dtype=np.uint16)
+    raw[:, :4] = np.frombuffer(np.array([scale, offset], dtype=np.float32).tobytes(), dtype=np.uint16)
+    raw[:, 4:4 + v] = codes
+    decoded = (codes.astype(np.float64) * np.float32(scale) + np.float32(offset)).astype(np.float32)
+    return raw.view(np.uint8), decoded.astype(np.float64)
+
+
+def emulate(driver, a_bytes, a_dtype, b_bytes, b_dtype, vocab, labels=None, *, parity=False,
+            splits=1, pad_a=0, pad_b=0, offset_a=0, offset_b=0):
+    """Run the host emulation on rows given as uint8 [n, row_bytes]; rows are laid out with
+    `pad` extra bytes each (the stride) after `offset` leading bytes (the alignment)."""
+    n = a_bytes.shape[0]
+    files = {}
+    for name, rows, pad, off in (("ref", a_bytes, pad_a, offset_a), ("q", b_bytes, pad_b, offset_b)):
+        stride = rows.shape[1] + pad
+        buf = np.zeros(off + n * stride + 64, dtype=np.uint8)
+        for r in range(n):
+            buf[off + r * stride: off + r * stride + rows.shape[1]] = rows[r]
+        path = driver / f"{name}.bin"
+        buf.tofile(path)
+        files[name] = (path, stride)
+    lab = np.zeros(n, np.int64) if labels is None else np.asarray(labels, np.int64)
+    lab.tofile(driver / "labels.bin")
+    out = driver / "out.bin"
+    cmd = [str(driver / "driver"), str(files["ref"][0]), str(files["q"][0]), str(driver / "labels.bin"),
+           str(out), str(a_dtype), str(b_dtype), str(n), str(vocab), str(files["ref"][1]),
+           str(files["q"][1]), str(offset_a), str(offset_b), str(int(labels is not None)),
+           str(int(parity)), str(splits)]
+    subprocess.run(cmd, check=True)
+    vals = np.fromfile(out, dtype=np.float64).reshape(n, 12)
+    keys = ["kld", "kld_reverse", "lse_ref", "lse_q", "entropy_ref", "top1_ref", "top1_q",
+            "nll_ref", "nll_q", "p_ref_y", "p_q_y", "kld_llama"]
+    got = {k: vals[:, i] for i, k in enumerate(keys)}
+    got["top1_ref"] = got["top1_ref"].astype(np.int64)
+    got["top1_q"] = got["top1_q"].astype(np.int64)
+    return got
+
+
+def check(got, ref64, q64, labels=None, *, llama_parity=False):
+    want = reference.logit_stats(ref64, q64, labels, llama_parity=llama_parity)
+    valid = ~np.isnan(want["kld"])
+    np.testing.assert_array_equal(np.isnan(got["kld"]), ~valid)
+    for key in ["kld", "kld_reverse"] + (["kld_llama"] if llama_parity else []):
+        g, w = got[key][valid], want[key][valid]
+        finite = np.isfinite(w)
+        np.testing.assert_array_equal(np.isposinf(g), np.isposinf(w), err_msg=key)
+        np.testing.assert_array_equal(np.isfinite(g), finite, err_msg=key)
+        err = np.abs(g[finite] - w[finite])
+        tol = KLD_ATOL + KLD_RTOL * np.abs(w[finite])
+        assert np.all(err <= tol), f"{key}: worst excess {np.max(err - tol)} (max err {err.max()})"
+    for key in ("lse_ref", "lse_q"):
+        np.testing.assert_allclose(got[key][valid], want[key][valid], rtol=1e-6, atol=1e-6, err_msg=key)
+    np.testing.assert_allclose(got["entropy_ref"][valid], want["entropy_ref"][valid], rtol=1e-5, atol=2e-6)
+    np.testing.assert_array_equal(got["top1_ref"], want["top1_ref"])
+    np.testing.assert_array_equal(got["top1_q"], want["top1_q"])
+    for key in ("nll_ref", "nll_q", "p_ref_y", "p_q_y") if labels is not None else ():
+        atol = 1e-9 if key.startswith("p_") else 1e-6
+        np.testing.assert_allclose(got[key][valid], want[key][valid], rtol=1e-5, atol=atol, err_msg=key)
+
+
+def make_pair(rng, n, v, *, scale=3.0, noise=0.3):
+    a = (rng.standard_normal((n, v)) * scale).astype(np.float32)
+    if n > 2:
+        a[::3, rng.integers(0, v)] += 25.0
+    b = (a + rng.standard_normal((n, v)).astype(np.float32) * noise).astype(np.float32)
+    return a, b
+
+
+@pytest.mark.parametrize("a_dtype,b_dtype", [(F32, F32), (F16, F16), (BF16, BF16), (F32, BF16), (F16, F32)])
+@pytest.mark.parametrize("n,v,splits", [(2, 1, 1), (5, 7, 1), (4, 1271, 1), (3, 4099, 3), (2, 30011, 1), (2, 30011, 5)])
+def test_emulated_kernel_matches_reference(driver, a_dtype, b_dtype, n, v, splits):
+    rng = np.random.default_rng([a_dtype, b_dtype, n, v, splits])
+    a32, b32 = make_pair(rng, n, v, scale=float(rng.choice([2.0, 5.0, 10.0])))
+    a, a64 = _storage(a32, a_dtype)
+    b, b64 = _storage(b32, b_dtype)
+    labels = rng.integers(0, v, n)
+    got = emulate(driver, a, a_dtype, b, b_dtype, v, labels, splits=splits)
+    check(got, a64, b64, labels)
+
+
+@pytest.mark.parametrize("offset_a,offset_b,pad_a,pad_b", [(2, 2, 6, 6), (2, 6, 2, 10), (8, 0, 0, 8)])
+def test_misaligned_rows(driver, offset_a, offset_b, pad_a, pad_b):
+    """Rows at 2/4/8-byte alignments and strides that move each row's alignment: the head
+    search, the narrower loads and the tails (host loads are plain copies)."""
+    rng = np.random.default_rng(offset_a * 7 + offset_b)
+    a32, b32 = make_pair(rng, 6, 2003)
+    a, a64 = _storage(a32, BF16)
+    b, b64 = _storage(b32, F16)
+    got = emulate(driver, a, BF16, b, F16, 2003, pad_a=pad_a, pad_b=pad_b, offset_a=offset_a, offset_b=offset_b)
+    check(got, a64, b64)
+
+
+@pytest.mark.parametrize("splits", [1, 4])
+def test_masked_invalid_and_tied_rows(driver, splits):
+    rng = np.random.default_rng(9)
+    n, v = 14, 5000
+    a = (rng.standard_normal((n, v)) * 3).astype(np.float32)
+    b = (a + 0.2 * rng.standard_normal((n, v))).astype(np.float32)
+    a[0, 100:3000] = -np.inf  # masked on the reference: finite KLD, infinite reverse
+    b[1, 500:4000] = -np.inf  # q has no mass where p does: KLD = +inf
+    a[2, ::2] = -np.inf
+    b[2, ::2] = -np.inf
+    a[3, 5] = np.nan
+    b[4, 7] = np.inf
+    a[5, :] = -np.inf
+    a[6, :] = 1.0  # constant: every thread ties, argmax 0
+    a[7] = a[7] * 1e3 + 1e4
+    a[8, :4000] = -np.inf  # whole threads and splits see nothing
+    b[8, :4000] = -np.inf
+    a[9, 4990:] = 60.0  # the max arrives last: everything before rescales by 2^-80
+    a[10, [3, 2050, 4999]] = 30.0  # ties across threads and splits
+    b[11, :] = -1e6  # uniform at a very low level: the shift is large and negative
+    a[12, :2048] = -np.inf  # the reference side starts empty in many threads
+    a[13] = np.linspace(-300, 40, v, dtype=np.float32)  # the max rises in every step
+    labels = rng.integers(0, v, n)
+    labels[0] = 150
+    got = emulate(driver, a.view(np.uint8), F32, b.view(np.uint8), F32, v, labels, splits=splits)
+    check(got, a.astype(np.float64), b.astype(np.float64), labels)
+    assert got["top1_ref"][6] == 0 and got["top1_ref"][10] == 3
+    assert np.isposinf(got["kld_reverse"][0]) and np.isposinf(got["kld"][1])
+    assert np.all(got["top1_ref"][3:6] == -1)
+
+
+@pytest.mark.parametrize("noise", [1e-4, 1e-3, 1e-2])
+def test_near_identical_rows(driver, noise):
+    rng = np.random.default_rng(7)
+    a = (rng.standard_normal((8, 32000)) * 8 + 20).astype(np.float32)
+    b = (a + rng.standard_normal(a.shape).astype(np.float32) * noise).astype(np.float32)
+    got = emulate(driver, a.view(np.uint8), F32, b.view(np.uint8), F32, 32000)
+    want = reference.logit_stats(a, b)
+    err = np.abs(got["kld"] - want["kld"])
+    assert np.all(err <= KLD_ATOL + KLD_RTOL * want["kld"]) and err.max() < 2e-7
+
+
+def test_self_kld_is_zero(driver):
+    rng = np.random.default_rng(11)
+    a, _ = _storage((rng.standard_normal((5, 4099)) * 6).astype(np.float32), BF16)
+    got = emulate(driver, a, BF16, a, BF16, 4099)
+    assert np.all(np.abs(got["kld"]) <= 1e-7) and np.all(np.abs(got["kld_reverse"]) <= 1e-7)
+    np.testing.assert_array_equal(got["lse_ref"], got["lse_q"])
+
+
+@pytest.mark.parametrize("q_dtype,splits", [(F32, 1), (BF16, 3), (LLAMA, 1)])
+def test_llama_rows(driver, q_dtype, splits):
+    rng = np.random.default_rng(13 + q_dtype)
+    n, v = 5, 3001
+    z = rng.standard_normal((n, v)) * 4
+    logp = z - z.max(1, keepdims=True)
+    logp -= np.log(np.exp(logp).sum(1, keepdims=True))
+    ref, ref64 = llama_bytes(logp, 2.0**-10, -60.0)  # decoded values exact in float32
+    noisy = (ref64 + 0.3 * rng.standard_normal((n, v))).astype(np.float32)
+    if q_dtype == LLAMA:
+        q, q64 = llama_bytes(noisy.astype(np.float64), 2.0**-10, -60.0)
+    else:
+        q, q64 = _storage(noisy, q_dtype)
+    labels = rng.integers(0, v, n)
+    parity = q_dtype != LLAMA
+    got = emulate(driver, ref, LLAMA, q, q_dtype, v, labels, parity=parity, splits=splits)
+    check(got, ref64, q64, labels, llama_parity=parity)

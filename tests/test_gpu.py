@@ -1,0 +1,275 @@
+"""The GPU backends (the CUDA extension and the Triton kernel) on real CUDA tensors, against the
+float64 reference. Skipped without a CUDA GPU; benchmarks/gpu_check.sh runs them.
+
+The reference runs on the host on the values the GPU saw (upcast), so each case stays small
+enough for float64 numpy: the large vocabularies come with few rows.
+"""
+
+import importlib.util
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+]
+
+from fidelity_kld import _core, reference  # noqa: E402
+
+# GPU accuracy bar (issue 8): kld within 2e-6 absolute + 2e-4 relative.
+KLD_ATOL, KLD_RTOL = 2e-6, 2e-4
+LSE_RTOL = 1e-6
+DTYPES = ["float32", "float16", "bfloat16"]
+
+
+def backends():
+    out = [pytest.param("cuda", marks=pytest.mark.skipif(not _core.has_cuda, reason="_core built without CUDA"))]
+    # find_spec, not import: importing triton here (at collection) would fix its mode before
+    # tests/test_triton_logit_stats.py can ask for the interpreter.
+    if importlib.util.find_spec("triton") is not None:
+        out.append("triton")
+    else:
+        out.append(pytest.param("triton", marks=pytest.mark.skip(reason="triton not installed")))
+    return out
+
+
+BACKENDS = backends()
+
+
+def gpu():
+    from fidelity_kld import gpu as module
+
+    return module
+
+
+def run(ref, q, labels=None, *, backend, poison=True, **kw):
+    """Outputs as numpy, after checking that every output element was written."""
+    n = ref.shape[0]
+    out = None
+    if poison:
+        out = {k: torch.full((n,), 12345.0, dtype=torch.float64, device="cuda")
+               for k in ("kld", "kld_reverse", "lse_ref", "lse_q", "entropy_ref")}
+        out.update({k: torch.full((n,), 12345, dtype=torch.int32, device="cuda") for k in ("top1_ref", "top1_q")})
+        if labels is not None:
+            out.update({k: torch.full((n,), 12345.0, dtype=torch.float64, device="cuda")
+                        for k in ("nll_ref", "nll_q", "p_ref_y", "p_q_y")})
+        if kw.get("llama_parity"):
+            out["kld_llama"] = torch.full((n,), 12345.0, dtype=torch.float64, device="cuda")
+    res = gpu().compare_gpu_tensors(ref, q, labels, backend=backend, out=out, **kw)
+    torch.cuda.synchronize()
+    host = {k: v.cpu().numpy() for k, v in res.items()}
+    for k, v in host.items():
+        assert not np.any(v == 12345), f"{k} not written everywhere"
+    return host
+
+
+def encode(x32: np.ndarray, dtype: str):
+    t = torch.from_numpy(np.ascontiguousarray(x32)).cuda()
+    if dtype != "float32":
+        t = t.to(getattr(torch, dtype))
+    return t, t.float().cpu().numpy().astype(np.float64)
+
+
+def make_pair(rng, n, v, *, scale=3.0, noise=0.3):
+    a = (rng.standard_normal((n, v)) * scale).astype(np.float32)
+    if n > 2:
+        a[::3, rng.integers(0, v)] += 25.0
+    b = (a + rng.standard_normal((n, v)).astype(np.float32) * noise).astype(np.float32)
+    return a, b
+
+
+def check(got, ref64, q64, labels=None, *, llama_parity=False):
+    want = reference.logit_stats(ref64, q64, labels, llama_parity=llama_parity)
+    valid = ~np.isnan(want["kld"])
+    np.testing.assert_array_equal(np.isnan(got["kld"]), ~valid)
+    for key in ["kld", "kld_reverse"] + (["kld_llama"] if llama_parity else []):
+        g, w = got[key][valid], want[key][valid]
+        finite = np.isfinite(w)
+        np.testing.assert_array_equal(np.isposinf(g), np.isposinf(w), err_msg=key)
+        np.testing.assert_array_equal(np.isfinite(g), finite, err_msg=key)
+        err = np.abs(g[finite] - w[finite])
+        tol = KLD_ATOL + KLD_RTOL * np.abs(w[finite])
+        assert np.all(err <= tol), f"{key}: worst excess {np.max(err - tol)} (max err {err.max()})"
+    for key in ("lse_ref", "lse_q"):
+        np.testing.assert_allclose(got[key][valid], want[key][valid], rtol=LSE_RTOL, atol=1e-6, err_msg=key)
+    np.testing.assert_allclose(got["entropy_ref"][valid], want["entropy_ref"][valid], rtol=1e-5, atol=2e-6)
+    np.testing.assert_array_equal(got["top1_ref"], want["top1_ref"])
+    np.testing.assert_array_equal(got["top1_q"], want["top1_q"])
+    for key in ("nll_ref", "nll_q", "p_ref_y", "p_q_y") if labels is not None else ():
+        atol = 1e-9 if key.startswith("p_") else 1e-6
+        np.testing.assert_allclose(got[key][valid], want[key][valid], rtol=1e-5, atol=atol, err_msg=key)
+    assert np.all(got["top1_ref"][~valid] == -1)
+
+
+SHAPES = [(1, 1), (3, 7), (1000, 7), (3, 1271), (300, 1271), (64, 32000), (1, 152064), (3, 152064)]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n,v", SHAPES)
+def test_matches_reference(backend, dtype, n, v):
+    rng = np.random.default_rng([n, v, DTYPES.index(dtype)])
+    a32, b32 = make_pair(rng, n, v, scale=float(rng.choice([2.0, 5.0, 10.0])))
+    a, a64 = encode(a32, dtype)
+    b, b64 = encode(b32, dtype)
+    labels = rng.integers(0, v, n)
+    got = run(a, b, torch.from_numpy(labels).cuda(), backend=backend)
+    check(got, a64, b64, labels)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("splits", [1, 2, 7])
+def test_vocabulary_splits(backend, splits):
+    rng = np.random.default_rng(splits)
+    a32, b32 = make_pair(rng, 5, 50000, scale=4.0)
+    a32[1, 30000:] = -np.inf  # whole splits without mass on the reference side
+    b32[2, :20000] = -np.inf  # and on q (KLD = +inf)
+    a32[3, [100, 25001, 49999]] = 40.0  # a tie across splits
+    a, a64 = encode(a32, "bfloat16")
+    b, b64 = encode(b32, "bfloat16")
+    got = run(a, b, backend=backend, vocab_splits=splits)
+    check(got, a64, b64)
+    assert got["top1_ref"][3] == 100
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("noise", [1e-4, 1e-3, 1e-2])
+def test_near_identical_rows(backend, noise):
+    rng = np.random.default_rng(7)
+    a = (rng.standard_normal((64, 32000)) * 8 + 20).astype(np.float32)
+    b = (a + rng.standard_normal(a.shape).astype(np.float32) * noise).astype(np.float32)
+    got = run(torch.from_numpy(a).cuda(), torch.from_numpy(b).cuda(), backend=backend)
+    want = reference.logit_stats(a, b)
+    err = np.abs(got["kld"] - want["kld"])
+    assert np.all(err <= KLD_ATOL + KLD_RTOL * want["kld"]), err.max()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_self_kld_is_zero(backend, dtype):
+    rng = np.random.default_rng(11)
+    a, _ = encode((rng.standard_normal((50, 4099)) * 6).astype(np.float32), dtype)
+    got = run(a, a, backend=backend)
+    assert np.all(np.abs(got["kld"]) <= 1e-7) and np.all(np.abs(got["kld_reverse"]) <= 1e-7)
+    np.testing.assert_array_equal(got["lse_ref"], got["lse_q"])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_ties_go_to_lowest_index(backend):
+    v = 100
+    a = np.zeros((4, v), dtype=np.float32)
+    a[0, [17, 40, 99]] = 5.0
+    a[1, [0, 1]] = 2.0
+    a[2, :] = 1.0
+    a[3, [63, 64, 95]] = 7.0
+    t = torch.from_numpy(a).cuda()
+    got = run(t, t.flip(0).contiguous(), backend=backend)
+    np.testing.assert_array_equal(got["top1_ref"], [17, 0, 0, 63])
+    np.testing.assert_array_equal(got["top1_q"], [63, 0, 0, 17])
+    # many equal maxima spread over threads and blocks of a long row
+    big = np.zeros((2, 152064), dtype=np.float32)
+    big[0, [70001, 9000, 151999]] = 3.0
+    big[1, :] = -1.0
+    tb = torch.from_numpy(big).cuda()
+    got = run(tb, tb, backend=backend)
+    np.testing.assert_array_equal(got["top1_ref"], [9000, 0])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_masked_vocab_and_invalid_rows(backend):
+    rng = np.random.default_rng(9)
+    n, v = 10, 20000
+    a = (rng.standard_normal((n, v)) * 3).astype(np.float32)
+    b = (a + 0.2 * rng.standard_normal((n, v))).astype(np.float32)
+    a[0, 100:3000] = -np.inf
+    b[1, 500:7000] = -np.inf
+    a[2, ::2] = -np.inf
+    b[2, ::2] = -np.inf
+    a[3, 5] = np.nan
+    b[4, 7] = np.inf
+    a[5, :] = -np.inf
+    a[6, :] = 1.0
+    a[7] = a[7] * 1e3 + 1e4
+    a[8, :15000] = -np.inf
+    b[8, :15000] = -np.inf
+    a[9, 19990:] = 60.0
+    labels = rng.integers(0, v, n)
+    got = run(torch.from_numpy(a).cuda(), torch.from_numpy(b).cuda(), torch.from_numpy(labels).cuda(),
+              backend=backend)
+    check(got, a.astype(np.float64), b.astype(np.float64), labels)
+    assert np.isposinf(got["kld_reverse"][0]) and np.isposinf(got["kld"][1])
+    assert np.all(np.isnan(got["kld"][3:6])) and np.all(got["top1_q"][3:6] == -1)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_strided_misaligned_and_mixed_dtype_inputs(backend):
+    """Row strides that are not multiples of 16 bytes (odd vocabularies), views into wider
+    buffers, and float32 against bfloat16."""
+    rng = np.random.default_rng(6)
+    wide = torch.from_numpy((rng.standard_normal((40, 3001)) * 4).astype(np.float32)).cuda()
+    a = wide[::2, 1:2999]  # offset by one element, stride 2 * 3001
+    b = (wide + 0.3 * torch.randn_like(wide)).to(torch.bfloat16)[1::2, 2:3000]
+    got = run(a, b, backend=backend)
+    check(got, a.double().cpu().numpy(), b.double().cpu().numpy())
+    odd = torch.from_numpy((rng.standard_normal((9, 1271)) * 3).astype(np.float32)).cuda()
+    got = run(odd.half(), odd.to(torch.bfloat16), backend=backend)
+    check(got, odd.half().double().cpu().numpy(), odd.to(torch.bfloat16).double().cpu().numpy())
+
+
+def llama_rows(logprobs: np.ndarray, scale: float, offset: float):
+    n, v = logprobs.shape
+    codes = np.clip(np.round((logprobs - offset) / scale), 0, 65535).astype(np.uint16)
+    raw = np.zeros((n, 4 + v + (v % 2)), dtype=np.uint16)
+    raw[:, :4] = np.frombuffer(np.array([scale, offset], dtype=np.float32).tobytes(), dtype=np.uint16)
+    raw[:, 4:4 + v] = codes
+    decoded = (codes.astype(np.float64) * np.float32(scale) + np.float32(offset)).astype(np.float32)
+    return torch.from_numpy(raw.view(np.int16)).cuda(), decoded.astype(np.float64)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("v", [8000, 32001])
+def test_llama_parity(backend, v):
+    rng = np.random.default_rng(v)
+    n = 20
+    z = rng.standard_normal((n, v)) * 4
+    logp = z - z.max(1, keepdims=True)
+    logp -= np.log(np.exp(logp).sum(1, keepdims=True))
+    ref, ref64 = llama_rows(logp, 2.0**-10, -60.0)
+    q32 = (ref64 + 0.3 * rng.standard_normal((n, v))).astype(np.float32)
+    labels = rng.integers(0, v, n)
+    got = run(ref, torch.from_numpy(q32).cuda(), torch.from_numpy(labels).cuda(), backend=backend,
+              ref_dtype="llama_u16", vocab=v, llama_parity=True)
+    check(got, ref64, q32.astype(np.float64), labels, llama_parity=True)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_compare_gpu_matches_cpu_core_contract(backend):
+    """compare_gpu returns the numpy TokenStats of fidelity_kld.compare; both meet the bar."""
+    import fidelity_kld as fk
+
+    rng = np.random.default_rng(21)
+    a, b = make_pair(rng, 200, 5000)
+    y = rng.integers(0, 5000, 200)
+    got = gpu().compare_gpu(torch.from_numpy(a).cuda(), torch.from_numpy(b).cuda(), y, backend=backend)
+    assert isinstance(got, fk.TokenStats) and got.kld.dtype == np.float64 and got.top1_ref.dtype == np.int32
+    check(got.as_dict(), a.astype(np.float64), b.astype(np.float64), y)
+    cpu = fk.compare(a, b, y)
+    np.testing.assert_array_equal(got.top1_ref, cpu.top1_ref)
+    np.testing.assert_allclose(got.kld, cpu.kld, rtol=2e-4, atol=2e-6)
+    # DLPack producers and host arrays are accepted too
+    got2 = gpu().compare_gpu(np.asarray(a), torch.utils.dlpack.to_dlpack(torch.from_numpy(b).cuda()),
+                             y, backend=backend)
+    np.testing.assert_array_equal(got2.top1_q, got.top1_q)
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        gpu().compare_gpu(torch.from_numpy(a).cuda(), torch.from_numpy(b).cuda(),
+                          np.full(200, 5000), backend=backend)
+
+
+def test_auto_backend_prefers_the_extension():
+    if not _core.has_cuda:
+        pytest.skip("_core built without CUDA")
+    assert gpu()._resolve_backend("auto") == "cuda"
+    assert "cuda" in gpu().available_backends()
