@@ -150,7 +150,11 @@ def _contiguous_rows(lg: Logits) -> Logits:
 
 
 def _on_cuda(x: Any) -> bool:
-    return type(x).__module__.startswith("torch") and getattr(x, "is_cuda", False)
+    """A CUDA torch tensor, a __cuda_array_interface__ object (CuPy, Numba), or Logits of one."""
+    x = x.data if isinstance(x, Logits) else x
+    if type(x).__module__.startswith("torch"):
+        return bool(getattr(x, "is_cuda", False))
+    return hasattr(x, "__cuda_array_interface__")
 
 
 def default_threads() -> int:
@@ -169,6 +173,7 @@ def compare(
     llama_parity: bool = False,
     simd: str = "auto",
     device: str = "auto",
+    backend: str = "auto",
 ) -> TokenStats:
     """Per-token statistics of ``ref`` (the reference) against ``q`` (the quantized model).
 
@@ -177,7 +182,8 @@ def compare(
     labels: optional [tokens] token ids (the token each row predicts): adds nll, p(y).
     threads: worker threads (default: all cores). Results do not depend on it.
     device: 'cpu', 'cuda' (CUDA extension, else Triton; fidelity_kld.gpu), or 'auto': the
-    GPU when the inputs are CUDA tensors already, else the CPU core.
+    GPU when the inputs are CUDA tensors already, else the CPU core. backend (GPU only):
+    'auto' (the CUDA extension when built, else Triton), 'cuda' or 'triton'.
     Returns a TokenStats (see its docstring for definitions; KLD is KL(P_ref || P_q) in nats).
     """
     if device not in ("auto", "cpu", "cuda"):
@@ -185,7 +191,8 @@ def compare(
     if device == "cuda" or (device == "auto" and (_on_cuda(ref) or _on_cuda(q))):
         from .gpu import compare_gpu  # torch and triton are imported only on this path
 
-        return compare_gpu(ref, q, labels, llama_parity=llama_parity)
+        return compare_gpu(ref, q, labels, llama_parity=llama_parity, ref_dtype=ref_dtype,
+                           q_dtype=q_dtype, backend=backend)
     a = _contiguous_rows(as_logits(ref, ref_dtype, name="ref"))
     b = _contiguous_rows(as_logits(q, q_dtype, name="q"))
     if a.vocab != b.vocab:

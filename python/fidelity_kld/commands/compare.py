@@ -277,15 +277,18 @@ def _model_names(paths) -> list[str]:
 
 
 def _compare_fn(device: str, threads):
+    """The per-chunk compare: the CPU core, or for --device cuda the GPU with host chunks
+    staged through pinned buffers (fidelity_kld.gpu.PinnedStager)."""
     from ..ops import compare
 
-    if device == "cuda":
-        try:
-            from ..gpu import compare_host_chunks_on_gpu
-        except ImportError as e:
-            raise InputError(f"--device cuda: GPU support is not available ({e})") from None
-        return compare_host_chunks_on_gpu()
-    return compare
+    if device != "cuda":  # 'auto': file chunks are on the host, so the CPU core
+        return compare
+    try:
+        from ..gpu import PinnedStager
+        stager = PinnedStager()
+    except (ImportError, RuntimeError) as e:
+        raise InputError(f"--device cuda: GPU support is not available ({e})") from None
+    return stager.compare
 
 
 def _write_per_token(tmp, names, results, prompt_ids):
