@@ -23,12 +23,16 @@ def command(device, quick, json_path, plot_path, no_torch):
     roofline measured in the same run."""
     from .. import bench
 
-    if device == "cuda":
-        try:
-            from benchmarks import bench_gpu  # noqa: F401  (a source checkout)
-        except ImportError:
-            raise click.UsageError("--device cuda runs benchmarks/bench_gpu.py from a source "
-                                   "checkout: python benchmarks/bench_gpu.py") from None
+    if device == "cuda":  # the GPU suite lives in the source tree (it needs torch/triton)
+        import os
+        import subprocess
+
+        script = os.path.join("benchmarks", "bench_gpu.py")
+        if not os.path.isfile(script):
+            raise click.UsageError("--device cuda runs benchmarks/bench_gpu.py: run it from a "
+                                   "source checkout")
+        cmd = [sys.executable, script] + (["--json", json_path] if json_path else [])
+        raise SystemExit(subprocess.call(cmd))
     result = bench.run_suite(quick=quick, torch_baselines=not no_torch,
                              log=lambda s: click.echo(s, err=False))
     if json_path:
