@@ -1,0 +1,68 @@
+"""Type stub for the compiled core (private: use fidelity_kld.compare)."""
+
+import numpy as np
+from numpy.typing import NDArray
+
+simd_level: str
+"""SIMD path chosen at import: 'avx512', 'avx2' or 'scalar' (FIDELITY_KLD_SIMD lowers it)."""
+has_cuda: bool
+"""Whether this build contains the CUDA kernels (logit_stats_cuda)."""
+
+def active_simd_level() -> str:
+    """SIMD path logit_stats uses now (reads FIDELITY_KLD_SIMD on every call)."""
+
+def logit_stats(
+    ref: np.ndarray,
+    ref_dtype: str,
+    q: np.ndarray,
+    q_dtype: str,
+    vocab: int,
+    *,
+    labels: NDArray[np.int64] | None = None,
+    llama_parity: bool = False,
+    threads: int = 0,
+    simd: str = "auto",
+    kld: NDArray[np.float64],
+    kld_reverse: NDArray[np.float64],
+    lse_ref: NDArray[np.float64],
+    lse_q: NDArray[np.float64],
+    entropy_ref: NDArray[np.float64],
+    top1_ref: NDArray[np.int32],
+    top1_q: NDArray[np.int32],
+    nll_ref: NDArray[np.float64] | None = None,
+    nll_q: NDArray[np.float64] | None = None,
+    p_ref_y: NDArray[np.float64] | None = None,
+    p_q_y: NDArray[np.float64] | None = None,
+    kld_llama: NDArray[np.float64] | None = None,
+) -> None:
+    """Fill per-token statistics of ref vs q ([tokens, vocab] rows; dtype names float32,
+    float16, bfloat16 (uint16 storage), llama_u16 (raw llama.cpp rows)) into the outputs."""
+
+def logit_stats_cuda(
+    ref: int,
+    ref_dtype: str,
+    ref_row_stride: int,
+    q: int,
+    q_dtype: str,
+    q_row_stride: int,
+    n_rows: int,
+    vocab: int,
+    *,
+    labels: int = 0,
+    llama_parity: bool = False,
+    kld: int,
+    kld_reverse: int,
+    lse_ref: int,
+    lse_q: int,
+    entropy_ref: int,
+    top1_ref: int,
+    top1_q: int,
+    nll_ref: int = 0,
+    nll_q: int = 0,
+    p_ref_y: int = 0,
+    p_q_y: int = 0,
+    kld_llama: int = 0,
+    stream: int = 0,
+    vocab_splits: int = 0,
+) -> None:
+    """CUDA builds only: the same statistics from raw device pointers (ints) on `stream`."""
