@@ -280,6 +280,7 @@ def run_suite(*, quick: bool = False, log=print, torch_baselines: bool = True,
     # 7. scaling: threads, tokens and vocabulary
     scaling = _scaling(rng, quick, thread_counts, info)
     log(format_table(rows, roofline=roof[cores], baseline=baseline))
+    log(format_scaling(scaling))
     return {"machine": info, "roofline_gb_s": roof, "rows": [r.as_dict() for r in rows],
             "scaling": scaling, "quick": quick}
 
@@ -378,6 +379,16 @@ def _scaling(rng, quick, thread_counts, info) -> dict:
         a, b = random_logits(rng, 256, vv, "float16")
         by_v.append({"n": 256, "vocab": vv, "ms": 1e3 * measure(lambda: fk.compare(a, b), repeats=3).median_s})
     return {"threads": threads, "by_tokens": by_n, "by_vocab": by_v}
+
+
+def format_scaling(s: dict) -> str:
+    lines = ["scaling (fp16): threads -> tokens/s at V=152064"]
+    lines += [f"  {r['threads']:>3} threads  {r['tokens_per_s']:>10,.0f} tok/s" for r in s["threads"]]
+    lines.append("tokens N -> ms at V=32000")
+    lines += [f"  N={r['n']:<6} {r['ms']:>9.2f} ms" for r in s["by_tokens"]]
+    lines.append("vocabulary V -> ms at N=256")
+    lines += [f"  V={r['vocab']:<7} {r['ms']:>9.2f} ms" for r in s["by_vocab"]]
+    return "\n".join(lines)
 
 
 def plot_scaling(result: dict, path: str) -> None:
