@@ -25,7 +25,7 @@ from hypothesis import strategies as st
 import fidelity_kld as fk
 from fidelity_kld.io import DumpError, open_source
 
-FUZZ = settings(max_examples=60, deadline=2000, derandomize=False,
+FUZZ = settings(max_examples=120, deadline=2000, derandomize=False,
                 suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 MAX_EXTRA_ALLOC = 16 << 20  # bytes allocated beyond the file's own size
 
