@@ -73,6 +73,11 @@ def test_invalid_and_infinite_tokens_are_counted_not_dropped():
     s = fk.summarize(fk.compare(a, b))
     assert (s.n_tokens, s.n_valid, s.n_invalid, s.n_kld_inf) == (10, 9, 1, 1)
     assert math.isinf(s.kld.mean) and math.isinf(s.kld.max)
+    # 1 of 9 tokens is +inf: the top percentiles interpolate between it and a finite value
+    # (inf) or between two finite values; never NaN
+    assert math.isinf(s.kld.percentiles["99.9"]) and math.isfinite(s.kld.percentiles["10"])
+    both_inf = fk.summarize(fk.compare(np.vstack([a[1:2]] * 3), np.vstack([b[1:2]] * 3)))
+    assert all(math.isinf(v) for v in both_inf.kld.percentiles.values())
     d = s.to_dict()
     assert d["kld"]["mean"] == "inf"
     json.dumps(d, allow_nan=False)

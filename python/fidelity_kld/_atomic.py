@@ -18,6 +18,9 @@ def atomic_output(path: str | os.PathLike, suffix: str | None = None):
         raise OSError(f"{dest}: directory {directory} does not exist")
     fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=suffix or ".tmp", dir=directory)
     os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the output a normal file's mode
     try:
         yield tmp
         os.replace(tmp, dest)

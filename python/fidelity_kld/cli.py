@@ -31,6 +31,10 @@ class InputError(click.ClickException):
     exit_code = 1
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, turned into an exception so outputs are cleaned up as for Ctrl-C (exit 143)."""
+
+
 class LazyGroup(click.Group):
     def list_commands(self, ctx):
         return sorted(name for name, mod in COMMANDS.items() if _module_exists(mod))
@@ -61,12 +65,15 @@ def main(argv=None):
     debug = "--debug" in (argv if argv is not None else sys.argv[1:])
     try:
         return cli.main(args=argv, prog_name="fidelity-kld", standalone_mode=False)
-    except click.exceptions.Abort:
+    except click.exceptions.Abort as e:  # click turns Ctrl-C (and our SIGTERM) into Abort
         click.echo("Aborted.", err=True)
-        sys.exit(130)
+        sys.exit(143 if isinstance(e.__cause__, Terminated) else 130)
     except click.ClickException as e:
         e.show()
         sys.exit(e.exit_code)
+    except Terminated:
+        click.echo("Terminated.", err=True)
+        sys.exit(143)
     except KeyboardInterrupt:
         click.echo("Interrupted.", err=True)
         sys.exit(130)

@@ -17,7 +17,7 @@ import click
 import numpy as np
 
 from .. import __version__
-from ..cli import InputError
+from ..cli import InputError, Terminated
 from .._atomic import atomic_output
 
 EXAMPLE_FILES = ("base.kld", "q4_k_m.kld")
@@ -148,7 +148,7 @@ def _read_ids(path: str, what: str) -> np.ndarray:
 
 
 def _term_handler(signum, frame):
-    raise KeyboardInterrupt
+    raise Terminated
 
 
 @click.command("compare")
@@ -185,11 +185,6 @@ def command(ref, quants, example, labels_path, prompt_ids_path, fmt, output, per
     Dumps: llama.cpp --kl-divergence-base files, .npy, safetensors, Arrow IPC, Parquet, or
     a directory of shards. Prints llama.cpp-style statistics for each model.
     """
-    from ..io import check_compatible, open_source
-    from ..stats.per_prompt import per_prompt as per_prompt_table
-    from ..stats.summary import summarize
-    from ..stream import compare_sources
-
     if example:
         if ref or quants:
             raise click.UsageError("--example takes no REF/QUANT arguments")
@@ -197,9 +192,21 @@ def command(ref, quants, example, labels_path, prompt_ids_path, fmt, output, per
         ref, quants = str(base / EXAMPLE_FILES[0]), (str(base / EXAMPLE_FILES[1]),)
     if not ref or not quants:
         raise click.UsageError("give REF and at least one QUANT (or --example)")
-    if per_prompt and not prompt_ids_path:
-        pass  # the dumps may carry prompt ids; checked below
-    signal.signal(signal.SIGTERM, _term_handler)
+    previous = signal.signal(signal.SIGTERM, _term_handler)
+    try:
+        _run(ref, quants, labels_path, prompt_ids_path, fmt, output, per_token, per_prompt,
+             threads, device, dtype_override, definitions, quiet)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _run(ref, quants, labels_path, prompt_ids_path, fmt, output, per_token, per_prompt,
+         threads, device, dtype_override, definitions, quiet):
+    from ..io import check_compatible, open_source
+    from ..stats.per_prompt import per_prompt as per_prompt_table
+    from ..stats.summary import summarize
+    from ..stream import compare_sources
+
 
     with ExitStack() as stack:
         try:

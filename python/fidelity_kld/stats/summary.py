@@ -34,10 +34,24 @@ def _mean_se(x: np.ndarray) -> tuple[float, float]:
 
 
 def _percentiles_numpy(x: np.ndarray, ps) -> dict[str, float]:
+    """numpy's default 'linear' percentiles, except that interpolating between two +inf
+    order statistics gives +inf (numpy computes inf - inf = NaN there)."""
     if x.size == 0:
         return {f"{p:g}": math.nan for p in ps}
-    vals = np.percentile(x, ps, method="linear")
-    return {f"{p:g}": float(v) for p, v in zip(ps, vals)}
+    s = np.sort(x)
+    out = {}
+    for p in ps:
+        pos = p / 100.0 * (s.size - 1)
+        lo = int(math.floor(pos))
+        hi = min(lo + 1, s.size - 1)
+        if s[lo] == s[hi] or pos == lo:
+            out[f"{p:g}"] = float(s[lo])
+        elif np.isinf(s[hi]) or np.isinf(s[lo]):  # any weight on an infinite end
+            out[f"{p:g}"] = float(s[hi] if np.isinf(s[hi]) else s[lo])
+        else:
+            with np.errstate(invalid="ignore"):
+                out[f"{p:g}"] = float(np.percentile(s[lo:hi + 1], 100.0 * (pos - lo), method="linear"))
+    return out
 
 
 def _percentiles_llama(sorted32: np.ndarray, ps) -> dict[str, float]:
