@@ -207,7 +207,6 @@ def _run(ref, quants, labels_path, prompt_ids_path, fmt, output, per_token, per_
     from ..stats.summary import summarize
     from ..stream import compare_sources
 
-
     with ExitStack() as stack:
         try:
             ref_src = stack.enter_context(open_source(ref, dtype=dtype_override))
@@ -232,7 +231,7 @@ def _run(ref, quants, labels_path, prompt_ids_path, fmt, output, per_token, per_
         parity = {"auto": None, "llama": True, "exact": False}[definitions]
         if parity and ref_src.dtype != "llama_u16":
             raise InputError(f"{ref}: --definitions llama needs a llama.cpp reference file")
-        compare_fn = _compare_fn(device, threads)
+        compare_fn = _compare_fn(device)
         show = not quiet and sys.stderr.isatty()
         try:
             results = compare_sources(ref_src, q_srcs, labels=labels, threads=threads,
@@ -283,7 +282,7 @@ def _model_names(paths) -> list[str]:
     return stems if len(set(stems)) == len(stems) else names if len(set(names)) == len(names) else [str(p) for p in paths]
 
 
-def _compare_fn(device: str, threads):
+def _compare_fn(device: str):
     """The per-chunk compare: the CPU core, or for --device cuda the GPU with host chunks
     staged through pinned buffers (fidelity_kld.gpu.PinnedStager)."""
     from ..ops import compare
