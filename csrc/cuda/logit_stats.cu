@@ -279,38 +279,16 @@ __global__ void logit_stats_merge_kernel(LogitStatsParams p, const double* part,
 // host side
 // ----------------------------------------------------------------------------------------------
 
-int64_t storage_size(DType d) { return d == DType::F32 ? 4 : 2; }
-int64_t storage_header(DType d) { return d == DType::LLAMA_U16 ? 8 : 0; }
-
 void validate(const LogitStatsParams& p) {
-  FK_CHECK(p.ref && p.q, "ref and q must not be null");
-  FK_CHECK(p.n_rows >= 0, "n_rows must be >= 0, got " << p.n_rows);
+  check_params(p);
   FK_CHECK(p.n_rows <= INT_MAX, "too many rows for one launch: " << p.n_rows);
-  FK_CHECK(p.vocab >= 1, "vocab must be >= 1, got " << p.vocab);
-  FK_CHECK(p.vocab <= (int64_t{1} << 31) - 1, "vocab too large: " << p.vocab);
-  const int64_t min_a = storage_header(p.ref_dtype) + p.vocab * storage_size(p.ref_dtype);
-  const int64_t min_b = storage_header(p.q_dtype) + p.vocab * storage_size(p.q_dtype);
-  FK_CHECK(p.n_rows <= 1 || p.ref_row_stride >= min_a,
-           "ref row stride " << p.ref_row_stride << " bytes is shorter than a row (" << min_a
-                             << " bytes)");
-  FK_CHECK(p.n_rows <= 1 || p.q_row_stride >= min_b,
-           "q row stride " << p.q_row_stride << " bytes is shorter than a row (" << min_b
-                           << " bytes)");
   const auto aligned = [](const void* ptr, int64_t stride, int64_t size) {
     return reinterpret_cast<uintptr_t>(ptr) % size == 0 && stride % size == 0;
   };
-  FK_CHECK(aligned(p.ref, p.ref_row_stride, storage_size(p.ref_dtype)),
+  FK_CHECK(aligned(p.ref, p.ref_row_stride, dtype_size(p.ref_dtype)),
            "ref pointer and row stride must be multiples of its element size");
-  FK_CHECK(aligned(p.q, p.q_row_stride, storage_size(p.q_dtype)),
+  FK_CHECK(aligned(p.q, p.q_row_stride, dtype_size(p.q_dtype)),
            "q pointer and row stride must be multiples of its element size");
-  FK_CHECK(p.kld && p.kld_reverse && p.lse_ref && p.lse_q && p.entropy_ref && p.top1_ref &&
-               p.top1_q,
-           "an output pointer is null");
-  if (p.labels) FK_CHECK(p.nll_ref && p.nll_q && p.p_ref_y && p.p_q_y, "a label output pointer is null");
-  if (p.llama_parity) {
-    FK_CHECK(p.ref_dtype == DType::LLAMA_U16, "llama_parity needs a llama_u16 reference");
-    FK_CHECK(p.kld_llama, "kld_llama output is null");
-  }
 }
 
 int device_of(const void* ptr) {

@@ -56,6 +56,33 @@ struct LogitStatsParams {
   int threads = 0;  // <= 0: all hardware threads
 };
 
+// Checks every backend shares (sizes, strides, output pointers, parity mode). Reads no
+// buffer, so it also serves device pointers; each backend adds its own (the CPU checks label
+// values, the GPU alignment and launch limits).
+inline void check_params(const LogitStatsParams& p) {
+  FK_CHECK(p.ref && p.q, "ref and q must not be null");
+  FK_CHECK(p.n_rows >= 0, "n_rows must be >= 0, got " << p.n_rows);
+  FK_CHECK(p.vocab >= 1, "vocab must be >= 1, got " << p.vocab);
+  FK_CHECK(p.vocab <= (int64_t{1} << 31) - 1, "vocab too large: " << p.vocab);
+  const int64_t min_a = dtype_row_header(p.ref_dtype) + p.vocab * dtype_size(p.ref_dtype);
+  const int64_t min_b = dtype_row_header(p.q_dtype) + p.vocab * dtype_size(p.q_dtype);
+  FK_CHECK(p.n_rows <= 1 || p.ref_row_stride >= min_a,
+           "ref row stride " << p.ref_row_stride << " bytes is shorter than a row (" << min_a
+                             << " bytes)");
+  FK_CHECK(p.n_rows <= 1 || p.q_row_stride >= min_b,
+           "q row stride " << p.q_row_stride << " bytes is shorter than a row (" << min_b
+                           << " bytes)");
+  FK_CHECK(p.kld && p.kld_reverse && p.lse_ref && p.lse_q && p.entropy_ref && p.top1_ref &&
+               p.top1_q,
+           "an output pointer is null");
+  if (p.labels)
+    FK_CHECK(p.nll_ref && p.nll_q && p.p_ref_y && p.p_q_y, "a label output pointer is null");
+  if (p.llama_parity) {
+    FK_CHECK(p.ref_dtype == DType::LLAMA_U16, "llama_parity needs a llama_u16 reference");
+    FK_CHECK(p.kld_llama, "kld_llama output is null");
+  }
+}
+
 enum class SimdLevel : int32_t { SCALAR = 0, AVX2 = 1, AVX512 = 2 };
 
 // Highest level this CPU supports, lowered by FIDELITY_KLD_SIMD=scalar|avx2|avx512.
