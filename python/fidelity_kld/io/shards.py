@@ -11,7 +11,8 @@ from .base import DumpError, LogitSource
 class ShardedSource(LogitSource):
     """Shards concatenated along tokens. All must share format, vocabulary and dtype; labels
     and prompt ids are kept only if every shard has them (a mix is an error). Prompt ids are
-    concatenated as stored: give each shard its own ids if prompts must stay distinct.
+    concatenated as stored (give each shard its own ids if prompts must stay distinct), except
+    llama.cpp files' chunk numbers, which continue from one shard to the next.
     read() returns a view when the rows lie in one shard, a copy when they span shards."""
 
     def __init__(self, path: str, shards: list[LogitSource]):
@@ -30,7 +31,18 @@ class ShardedSource(LogitSource):
                     have, lack = (first, s) if getattr(first, attr) is not None else (s, first)
                     raise DumpError(f"{lack.path}: shard has no {what}, but {have.path} has")
         labels = None if first.labels is None else np.concatenate([s.labels for s in shards])
-        prompt_ids = None if first.prompt_ids is None else np.concatenate([s.prompt_ids for s in shards])
+        prompt_ids = None
+        if first.prompt_ids is not None:
+            if first.format == "llama":
+                # llama.cpp files number their chunks from 0: continue the numbering across
+                # shards so chunks of different shards stay different prompts
+                ids, offset = [], 0
+                for s in shards:
+                    ids.append(s.prompt_ids + offset)
+                    offset += int(s.prompt_ids.max()) + 1 if s.prompt_ids.size else 0
+                prompt_ids = np.concatenate(ids)
+            else:
+                prompt_ids = np.concatenate([s.prompt_ids for s in shards])
         counts = [s.n_tokens for s in shards]
         super().__init__(
             path=path, format=first.format, n_tokens=sum(counts), vocab=first.vocab, dtype=first.dtype,
