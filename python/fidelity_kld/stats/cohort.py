@@ -29,6 +29,7 @@ from .correlation import Correlation, correlate, keyed_rng
 from .decompose import COMPOSITE, Flips, flip_arrays, flips
 from .failure import FailurePrediction, failure_prediction
 from .routing import Routing, route
+from .summary import json_ready
 from .zone import (Holdout, RangeNull, holdout, prompt_bootstrap_deviations,
                    range_restriction_null, relative_change, zone_mask)
 
@@ -168,27 +169,6 @@ class CohortReport:
 
     def to_json(self, indent: int | None = 2) -> str:
         return json.dumps(self.to_dict(), indent=indent)
-
-
-def json_ready(obj):
-    if isinstance(obj, dict):
-        return {str(k): json_ready(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [json_ready(v) for v in obj]
-    if isinstance(obj, (bool, np.bool_)):
-        return bool(obj)
-    if isinstance(obj, (float, np.floating)):
-        v = float(obj)
-        if math.isnan(v):
-            return None
-        if math.isinf(v):
-            return "inf" if v > 0 else "-inf"
-        return v
-    if isinstance(obj, np.integer):
-        return int(obj)
-    if isinstance(obj, np.ndarray):
-        return json_ready(obj.tolist())
-    return obj
 
 
 def analyze(manifest, **options) -> CohortReport:

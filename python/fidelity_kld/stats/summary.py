@@ -143,14 +143,18 @@ class Summary:
 
     def to_dict(self) -> dict:
         """JSON-ready: NaN becomes None, infinities the strings 'inf' / '-inf'."""
-        return _json_ready(asdict(self))
+        return json_ready(asdict(self))
 
 
-def _json_ready(obj):
+def json_ready(obj):
+    """Plain JSON types: NaN becomes None, infinities the strings 'inf' / '-inf', numpy
+    scalars and arrays Python numbers and lists, dict keys strings."""
     if isinstance(obj, dict):
-        return {k: _json_ready(v) for k, v in obj.items()}
+        return {str(k): json_ready(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_json_ready(v) for v in obj]
+        return [json_ready(v) for v in obj]
+    if isinstance(obj, (bool, np.bool_)):
+        return bool(obj)
     if isinstance(obj, (float, np.floating)):
         v = float(obj)
         if math.isnan(v):
@@ -160,6 +164,8 @@ def _json_ready(obj):
         return v
     if isinstance(obj, np.integer):
         return int(obj)
+    if isinstance(obj, np.ndarray):
+        return json_ready(obj.tolist())
     return obj
 
 
