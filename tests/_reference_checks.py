@@ -23,12 +23,13 @@ def make_pair(rng, n, v, *, scale=3.0, noise=0.3):
     return a, b
 
 
-def check_stats(got, ref64, q64, labels=None, *, llama_parity=False, kld_atol, kld_rtol,
-                entropy_atol):
+def check_stats(got, ref64, q64, labels=None, *, llama_parity=False, q_logprobs=False,
+                kld_atol, kld_rtol, entropy_atol):
     """Assert a backend's outputs (TokenStats or {name: array}) match the oracle."""
     if hasattr(got, "as_dict"):
         got = got.as_dict()
-    want = reference.logit_stats(ref64, q64, labels, llama_parity=llama_parity)
+    want = reference.logit_stats(ref64, q64, labels, llama_parity=llama_parity,
+                                 q_logprobs=q_logprobs)
     valid = ~np.isnan(want["kld"])
     np.testing.assert_array_equal(np.isnan(got["kld"]), ~valid)
     for key in ["kld", "kld_reverse"] + (["kld_llama"] if llama_parity else []):
@@ -50,3 +51,52 @@ def check_stats(got, ref64, q64, labels=None, *, llama_parity=False, kld_atol, k
         np.testing.assert_allclose(got[key][valid], want[key][valid], rtol=1e-5, atol=atol, err_msg=key)
         assert np.all(np.isnan(got[key][~valid]))
     assert np.all(got["top1_ref"][~valid] == -1) and np.all(got["top1_q"][~valid] == -1)
+
+
+def llama_rows(logprobs, scale: float, offset: float):
+    """llama.cpp --kl-divergence-base rows holding these log-probs with a given scale and minimum:
+    (uint16 [n, 4 + v + pad] rows, the float64 values a kernel decodes: fma(code, scale, min) in
+    float32). With scale 2^-10 and min -60 every decoded value is exact in float32, so a test
+    pins a kernel's arithmetic, not decode rounding."""
+    logprobs = np.asarray(logprobs, dtype=np.float64)
+    n, v = logprobs.shape
+    codes = np.clip(np.round((logprobs - offset) / scale), 0, 65535).astype(np.uint16)
+    raw = np.zeros((n, 4 + v + (v % 2)), dtype=np.uint16)
+    raw[:, :4] = np.frombuffer(np.array([scale, offset], dtype=np.float32).tobytes(), dtype=np.uint16)
+    raw[:, 4:4 + v] = codes
+    decoded = (codes.astype(np.float64) * np.float32(scale) + np.float32(offset)).astype(np.float32)
+    return raw, decoded.astype(np.float64)
+
+
+def random_logprobs(rng, n, v, scale=4.0):
+    """Normalised log-probs of random logits, float64."""
+    z = rng.standard_normal((n, v)) * scale
+    z -= z.max(axis=1, keepdims=True)
+    return z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+
+
+def huge_logit_rows(v=3000):
+    """float32 (ref, q) rows at magnitudes from 1e6 to 1e37, far beyond any real model's logits
+    but finite, so every output must be finite and exact: rows offset by a huge constant, rows
+    scaled by it (values spread over +-mag), negative offsets, a max that arrives in the last
+    entries after everything before sat 1e30 lower, and a masked half."""
+    rng = np.random.default_rng(2037)
+    rows_a, rows_b = [], []
+    for mag in (1e6, 1e8, 1e9, 1e12, 1e20, 1e30, 1e37):
+        base = rng.standard_normal(v) * 3
+        rows_a += [base + mag, rng.standard_normal(v) * mag, base - mag]
+        rows_b += [base + 0.3 * rng.standard_normal(v) + mag, rows_a[-2] * (1 + 1e-7 * mag ** 0.2),
+                   base * 1.1 - mag]
+    late = rng.standard_normal(v) * 3
+    late[-5:] += 1e30
+    rows_a.append(late)
+    rows_b.append(late + rng.standard_normal(v))
+    half = rng.standard_normal(v) * 1e20
+    half[: v // 2] = -np.inf
+    rows_a.append(half)
+    rows_b.append(np.where(np.isinf(half), -np.inf, half * 1.001))
+    with np.errstate(over="ignore"):
+        a = np.asarray(rows_a).astype(np.float32)
+        b = np.asarray(rows_b).astype(np.float32)
+    assert np.isfinite(a[:, v // 2:]).all() and np.isfinite(b[:, v // 2:]).all()
+    return a, b

@@ -10,7 +10,8 @@ import pytest
 import fidelity_kld as fk
 from fidelity_kld import _core, reference
 
-from _reference_checks import CPU_TOL, check_stats, make_pair
+from _reference_checks import (CPU_TOL, check_stats, huge_logit_rows, llama_rows, make_pair,
+                               random_logprobs)
 
 LEVELS = ["scalar", "avx2", "avx512"]
 AVAILABLE = LEVELS[: LEVELS.index(_core.active_simd_level()) + 1]
@@ -146,6 +147,34 @@ def test_masked_vocab_and_invalid_rows(simd):
     assert np.all(np.isnan(got.kld[3:6])) and np.all(got.top1_ref[3:6] == -1)
     assert not got.valid[3:6].any() and got.valid[[0, 1, 2, 6, 7]].all()
     assert abs(got.entropy_ref[6] - np.log(v)) < 1e-6
+
+
+@pytest.mark.parametrize("simd", AVAILABLE)
+def test_huge_logits(simd):
+    """Finite rows up to 1e37 stay finite and exact (the shift's rounding must not reach 2^t)."""
+    a, b = huge_logit_rows()
+    got = fk.compare(a, b, simd=simd)
+    check_against_reference(got, a.astype(np.float64), b.astype(np.float64))
+
+
+@pytest.mark.parametrize("simd", AVAILABLE)
+@pytest.mark.parametrize("q_kind", ["bfloat16", "llama_u16"])
+def test_llama_parity_mode(simd, q_kind):
+    """A llama.cpp reference in parity mode: nll_ref = -logprob(y) as stored, kld_llama over
+    logprob > -16; a llama.cpp quant file's rows are log-probs used as they are."""
+    rng = np.random.default_rng(17)
+    n, v = 7, 3001
+    raw, ref64 = llama_rows(random_logprobs(rng, n, v), 2.0**-10, -60.0)
+    noisy = (ref64 + 0.3 * rng.standard_normal((n, v))).astype(np.float32)
+    if q_kind == "llama_u16":
+        q_raw, q64 = llama_rows(np.minimum(noisy.astype(np.float64), 0.0), 2.0**-10, -60.0)
+        q = fk.Logits(q_raw, "llama_u16", v)
+    else:
+        q, q64 = encode(noisy, q_kind)
+    labels = rng.integers(0, v, n)
+    got = fk.compare(fk.Logits(raw, "llama_u16", v), q, labels, llama_parity=True, simd=simd)
+    check_stats(got, ref64, q64, labels, llama_parity=True, q_logprobs=q_kind == "llama_u16",
+                **CPU_TOL)
 
 
 @pytest.mark.parametrize("simd", AVAILABLE)

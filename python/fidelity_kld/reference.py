@@ -15,13 +15,17 @@ LLAMA_WINDOW = -16.0
 
 
 def _log_softmax(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Row-wise (lse, log p) in float64; -inf entries stay -inf."""
+    """Row-wise (lse, log p) in float64; -inf entries stay -inf.
+
+    log p is (x - max) - log S, not x - lse: next to a huge max (1e12 and up) lse has lost the
+    few nats that log S carries, and x - lse would make every near-max entry log p = 0."""
     m = np.max(x, axis=1, keepdims=True)
     m_safe = np.where(np.isfinite(m), m, 0.0)
     with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
-        s = np.sum(np.exp(x - m_safe), axis=1, keepdims=True)
-        lse = m_safe + np.log(s)
-    return lse[:, 0], x - lse
+        shifted = x - m_safe
+        log_s = np.log(np.sum(np.exp(shifted), axis=1, keepdims=True))
+        lse = m_safe + log_s
+    return lse[:, 0], shifted - log_s
 
 
 def _xlogy_terms(w: np.ndarray, diff: np.ndarray) -> np.ndarray:
@@ -39,14 +43,20 @@ def invalid_rows(ref: np.ndarray, q: np.ndarray) -> np.ndarray:
     return bad
 
 
-def logit_stats(ref, q, labels=None, *, llama_parity: bool = False) -> dict[str, np.ndarray]:
+def logit_stats(ref, q, labels=None, *, llama_parity: bool = False,
+                q_logprobs: bool = False) -> dict[str, np.ndarray]:
     """Every per-token statistic of ref vs q, in float64.
 
     ref, q: [N, V] arrays of logits (any real dtype; upcast to float64 here).
     labels: optional [N] ints, the token each row predicts.
     llama_parity: ref rows are llama.cpp's decoded log-probs: nll_ref = -ref[y] (no
     renormalisation) and kld_llama = sum over ref > -16 of exp(ref) * (ref - log q).
+    q_logprobs (with llama_parity): q rows are a llama.cpp file's decoded log-probs too, and
+    like llama.cpp they are used as they are: log q = q in kld_llama and nll_q = -q[y]. Every
+    other statistic renormalises both sides.
     """
+    if q_logprobs and not llama_parity:
+        raise ValueError("q_logprobs applies to llama_parity mode only")
     a = np.asarray(ref, dtype=np.float64)
     b = np.asarray(q, dtype=np.float64)
     if a.ndim != 2 or a.shape != b.shape:
@@ -76,12 +86,12 @@ def logit_stats(ref, q, labels=None, *, llama_parity: bool = False) -> dict[str,
         y = np.asarray(labels, dtype=np.int64)
         rows = np.arange(n)
         nll_ref = -a_ok[rows, y] if llama_parity else lse_a - a_ok[rows, y]
-        nll_q = lse_b - b_ok[rows, y]
+        nll_q = -b_ok[rows, y] if q_logprobs else lse_b - b_ok[rows, y]
         out.update(nll_ref=nll_ref, nll_q=nll_q, p_ref_y=np.exp(-nll_ref), p_q_y=np.exp(-nll_q))
     if llama_parity:
         w = np.where(a_ok > LLAMA_WINDOW, np.exp(a_ok), 0.0)
         with np.errstate(invalid="ignore"):
-            out["kld_llama"] = _xlogy_terms(w, a_ok - logq).sum(axis=1)
+            out["kld_llama"] = _xlogy_terms(w, a_ok - (b_ok if q_logprobs else logq)).sum(axis=1)
     for key, val in out.items():
         if key.startswith("top1"):
             val[bad] = -1
