@@ -72,6 +72,10 @@ SQRT2 = tl.constexpr(1.4142135623730951)
 # Shift of a side that has seen no finite entry yet: finite, so differences stay finite, and far
 # below any real ceil(max * log2 e); its sums are 0, so every term it scales is 0.
 K_FLOOR = tl.constexpr(-(2.0**126))
+# From |max * log2 e| = 2^23 on, float32 holds only integers there, and the rounding of
+# max * log2 e itself (up to half an ulp: 2^16 at 1e12) would be left in t: the shift becomes
+# hi + lo (see _shift_of).
+BIG_SHIFT = tl.constexpr(8388608.0)
 LLAMA_WINDOW = tl.constexpr(-16.0)
 BIG_INDEX = tl.constexpr(2147483647)
 N_PART = tl.constexpr(16)  # float64 words of split state per (row, split)
@@ -237,10 +241,35 @@ def _block_sum5(a, b, c, d, e, FUSED: tl.constexpr):
 
 
 @triton.jit
+def _shift_of(m):
+    """The integer shift (hi, lo) for a block max m: t = fma(x, log2e, -hi) - lo puts m at
+    t in (-1, 0]. Below 2^23, hi = ceil(m log2e) and lo = 0. Above, hi = fl(m log2e) (an
+    integer there) and lo = ceil of its exact rounding error (one fma), so rows of any finite
+    magnitude below 2.3e38 keep t exact near their max instead of overflowing 2^t."""
+    p = m * LOG2E
+    big = (tl.abs(p) >= BIG_SHIFT) & (tl.abs(p) < float("inf"))
+    hi = tl.where(big, p, tl.math.ceil(p))
+    lo = tl.where(big, tl.math.ceil(tl.fma(m, LOG2E, -p)), 0.0)
+    return hi, lo
+
+
+@triton.jit
+def _shift64(hi, lo):
+    """hi + lo in float64: exact (both integers, lo below hi's last bit, 48 bits in all)."""
+    return hi.to(tl.float64) + lo.to(tl.float64)
+
+
+@triton.jit
+def _raises(hi, lo, k_hi, k_lo):
+    """(hi, lo) > (k_hi, k_lo) as shifts; comparing hi first is exact (|lo| <= ulp(hi)/2)."""
+    return (hi > k_hi) | ((hi == k_hi) & (lo > k_lo))
+
+
+@triton.jit
 def _rescale(ka, kb, na, nb, sa, sb, trq, tqr, h, wt, ws):
-    """The float64 sums, re-expressed against the larger shifts (na, nb) >= (ka, kb)."""
-    da = na.to(tl.float64) - ka.to(tl.float64)
-    db = nb.to(tl.float64) - kb.to(tl.float64)
+    """The float64 sums, re-expressed against the larger float64 shifts (na, nb) >= (ka, kb)."""
+    da = na - ka
+    db = nb - kb
     fa = _pow2_neg(da)
     fb = _pow2_neg(db)
     diff = db - da
@@ -256,7 +285,7 @@ def _rescale(ka, kb, na, nb, sa, sb, trq, tqr, h, wt, ws):
 
 
 @triton.jit
-def _block(x, y, offs, ka, kb, sa, sb, trq, tqr, h, wt, ws, best_a, ia, best_b, ib, bad,
+def _block(x, y, offs, ka, la, kb, lb, sa, sb, trq, tqr, h, wt, ws, best_a, ia, best_b, ib, bad,
            PARITY: tl.constexpr, FUSED: tl.constexpr):
     """Fold one vocabulary block (x: ref, y: q, float32, -inf padded) into the running state."""
     mx_a, mx_b = _block_max2(x, y, FUSED)
@@ -266,14 +295,28 @@ def _block(x, y, offs, ka, kb, sa, sb, trq, tqr, h, wt, ws, best_a, ia, best_b, 
     if mx_b > best_b:
         ib = tl.min(tl.where(y == mx_b, offs, BIG_INDEX), 0)
         best_b = mx_b
-    na = tl.maximum(ka, tl.math.ceil(mx_a * LOG2E))
-    nb = tl.maximum(kb, tl.math.ceil(mx_b * LOG2E))
-    if (na > ka) | (nb > kb):
-        sa, sb, trq, tqr, h, wt, ws = _rescale(ka, kb, na, nb, sa, sb, trq, tqr, h, wt, ws)
+    ca, cla = _shift_of(mx_a)
+    cb, clb = _shift_of(mx_b)
+    up_a = _raises(ca, cla, ka, la)
+    up_b = _raises(cb, clb, kb, lb)
+    if up_a | up_b:
+        na = tl.where(up_a, ca, ka)
+        nla = tl.where(up_a, cla, la)
+        nb = tl.where(up_b, cb, kb)
+        nlb = tl.where(up_b, clb, lb)
+        sa, sb, trq, tqr, h, wt, ws = _rescale(
+            _shift64(ka, la), _shift64(kb, lb), _shift64(na, nla), _shift64(nb, nlb),
+            sa, sb, trq, tqr, h, wt, ws)
         ka = na
+        la = nla
         kb = nb
-    ta = tl.fma(x, LOG2E, -ka)
-    tb = tl.fma(y, LOG2E, -kb)
+        lb = nlb
+    if (la != 0.0) | (lb != 0.0):  # rows beyond |max| ~ 5.8e6 only: a uniform branch
+        ta = tl.fma(x, LOG2E, -ka) - la
+        tb = tl.fma(y, LOG2E, -kb) - lb
+    else:
+        ta = tl.fma(x, LOG2E, -ka)
+        tb = tl.fma(y, LOG2E, -kb)
     ea = tl.exp2(ta)
     eb = tl.exp2(tb)
     d = ta - tb
@@ -300,7 +343,7 @@ def _block(x, y, offs, ka, kb, sa, sb, trq, tqr, h, wt, ws, best_a, ia, best_b, 
     trq += b_rq.to(tl.float64)
     tqr += b_qr.to(tl.float64)
     h += b_h.to(tl.float64)
-    return ka, kb, sa, sb, trq, tqr, h, wt, ws, best_a, ia, best_b, ib, bad
+    return ka, la, kb, lb, sa, sb, trq, tqr, h, wt, ws, best_a, ia, best_b, ib, bad
 
 
 @triton.jit
@@ -310,9 +353,7 @@ def _finish(row, ka, kb, sa, sb, trq, tqr, h, wt, ws, ia, ib, bad,
             nll_ref_ptr, nll_q_ptr, p_ref_y_ptr, p_q_y_ptr, kld_llama_ptr,
             A_LLAMA: tl.constexpr, B_LLAMA: tl.constexpr, PARITY: tl.constexpr,
             HAS_LABELS: tl.constexpr):
-    """Write one row's outputs from its merged state, in float64."""
-    ka = ka.to(tl.float64)
-    kb = kb.to(tl.float64)
+    """Write one row's outputs from its merged state (float64 shifts ka, kb), in float64."""
     valid = ((bad == 0) & (sa > 0.0) & (sb > 0.0) & (sa < float("inf")) & (sb < float("inf"))
              & (ka < float("inf")) & (kb < float("inf")))
     sa_s = tl.where(valid, sa, 1.0)
@@ -338,15 +379,21 @@ def _finish(row, ka, kb, sa, sb, trq, tqr, h, wt, ws, ia, ib, bad,
             nll_a = -ay
         else:
             nll_a = lse_a - ay
-        nll_b = lse_b - by
+        if PARITY and B_LLAMA:  # so does a llama.cpp quant file's row (as llama.cpp uses it)
+            nll_b = -by
+        else:
+            nll_b = lse_b - by
         tl.store(nll_ref_ptr + row, tl.where(valid, nll_a, nan))
         tl.store(nll_q_ptr + row, tl.where(valid, nll_b, nan))
         tl.store(p_ref_y_ptr + row, tl.where(valid, _exp_f64(-nll_a), nan))
         tl.store(p_q_y_ptr + row, tl.where(valid, _exp_f64(-nll_b), nan))
     if PARITY:
         # p_i(llama) = exp(x_i) = exp(lse_a) e_i / S_ref; log p_i - log q_i = ln2 d_i + ln2 k_a
-        # + log S_q (see row_kernel.h).
-        kl = _exp_f64(lse_a) / sa_s * (LN2_EFF * wt + (LN2_EFF * ka + log_sb) * ws)
+        # + log S_q (see row_kernel.h), less lse_q when q's rows are log-probs as they are.
+        q_offset = LN2_EFF * ka + log_sb
+        if B_LLAMA:
+            q_offset -= lse_b
+        kl = _exp_f64(lse_a) / sa_s * (LN2_EFF * wt + q_offset * ws)
         tl.store(kld_llama_ptr + row, tl.where(valid, kl, nan))
 
 
@@ -396,6 +443,8 @@ def _logit_stats_kernel(
 
     ka = tl.full((), K_FLOOR, tl.float32)
     kb = tl.full((), K_FLOOR, tl.float32)
+    la = tl.zeros((), tl.float32)
+    lb = tl.zeros((), tl.float32)
     sa = tl.zeros((), tl.float64)
     sb = tl.zeros((), tl.float64)
     trq = tl.zeros((), tl.float64)
@@ -413,20 +462,22 @@ def _logit_stats_kernel(
         offs = start + cols
         x = _load_block(a_vals, offs, None, a_scale, a_off, A_LLAMA, False)
         y = _load_block(b_vals, offs, None, b_scale, b_off, B_LLAMA, False)
-        ka, kb, sa, sb, trq, tqr, h, wt, ws, best_a, ia, best_b, ib, bad = _block(
-            x, y, offs, ka, kb, sa, sb, trq, tqr, h, wt, ws, best_a, ia, best_b, ib, bad, PARITY, FUSED)
+        ka, la, kb, lb, sa, sb, trq, tqr, h, wt, ws, best_a, ia, best_b, ib, bad = _block(
+            x, y, offs, ka, la, kb, lb, sa, sb, trq, tqr, h, wt, ws, best_a, ia, best_b, ib, bad,
+            PARITY, FUSED)
     if full_end < end:
         offs = full_end + cols
         mask = offs < end
         x = _load_block(a_vals, offs, mask, a_scale, a_off, A_LLAMA, True)
         y = _load_block(b_vals, offs, mask, b_scale, b_off, B_LLAMA, True)
-        ka, kb, sa, sb, trq, tqr, h, wt, ws, best_a, ia, best_b, ib, bad = _block(
-            x, y, offs, ka, kb, sa, sb, trq, tqr, h, wt, ws, best_a, ia, best_b, ib, bad, PARITY, FUSED)
+        ka, la, kb, lb, sa, sb, trq, tqr, h, wt, ws, best_a, ia, best_b, ib, bad = _block(
+            x, y, offs, ka, la, kb, lb, sa, sb, trq, tqr, h, wt, ws, best_a, ia, best_b, ib, bad,
+            PARITY, FUSED)
 
     if SPLIT:
         p = part_ptr + (row * tl.num_programs(1) + split) * N_PART
-        tl.store(p + 0, ka.to(tl.float64))
-        tl.store(p + 1, kb.to(tl.float64))
+        tl.store(p + 0, _shift64(ka, la))
+        tl.store(p + 1, _shift64(kb, lb))
         tl.store(p + 2, sa)
         tl.store(p + 3, sb)
         tl.store(p + 4, trq)
@@ -440,7 +491,7 @@ def _logit_stats_kernel(
         tl.store(p + 12, ib.to(tl.float64))
         tl.store(p + 13, bad.to(tl.float64))
     else:
-        _finish(row, ka, kb, sa, sb, trq, tqr, h, wt, ws, ia, ib, bad,
+        _finish(row, _shift64(ka, la), _shift64(kb, lb), sa, sb, trq, tqr, h, wt, ws, ia, ib, bad,
                 a_vals, b_vals, a_scale, a_off, b_scale, b_off, labels_ptr, vocab,
                 kld_ptr, kld_rev_ptr, lse_ref_ptr, lse_q_ptr, entropy_ptr, top1_ref_ptr,
                 top1_q_ptr, nll_ref_ptr, nll_q_ptr, p_ref_y_ptr, p_q_y_ptr, kld_llama_ptr,

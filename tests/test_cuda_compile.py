@@ -24,7 +24,8 @@ import pytest
 
 from fidelity_kld import reference
 
-from _reference_checks import GPU_TOL, check_stats, make_pair  # noqa: E402
+from _reference_checks import (  # noqa: E402
+    GPU_TOL, check_stats, huge_logit_rows, llama_rows, make_pair, random_logprobs)
 
 ROOT = Path(__file__).resolve().parents[1]
 CUDA_DIR = ROOT / "csrc" / "cuda"
@@ -36,8 +37,9 @@ ARCH_FLAGS = ["-gencode", "arch=compute_80,code=sm_80", "-gencode", "arch=comput
 KLD_ATOL, KLD_RTOL = GPU_TOL["kld_atol"], GPU_TOL["kld_rtol"]
 
 
-def check(got, ref64, q64, labels=None, *, llama_parity=False):
-    check_stats(got, ref64, q64, labels, llama_parity=llama_parity, **GPU_TOL)
+def check(got, ref64, q64, labels=None, *, llama_parity=False, q_logprobs=False):
+    check_stats(got, ref64, q64, labels, llama_parity=llama_parity, q_logprobs=q_logprobs,
+                **GPU_TOL)
 
 
 F32, F16, BF16, LLAMA = 0, 1, 2, 3  # fk::DType codes
@@ -99,7 +101,7 @@ def build(kernel, dt_a, dt_b, consts, num_warps):
 # (ref, q, llama ref, llama q, parity, labels, split, block, warps, stages): the launcher's
 # defaults for 16-bit and float32 logits, llama rows, the split variant and a tiny block.
 CASES = [("*bf16", "*bf16", 0, 0, 0, 1, 0, 4096, 16, 3), ("*fp32", "*fp16", 0, 0, 0, 0, 1, 2048, 16, 3),
-         ("*i16", "*fp32", 1, 0, 1, 1, 0, 4096, 16, 3), ("*i16", "*i16", 1, 1, 0, 0, 1, 16, 4, 1)]
+         ("*i16", "*fp32", 1, 0, 1, 1, 0, 4096, 16, 3), ("*i16", "*i16", 1, 1, 1, 1, 1, 16, 4, 1)]
 for dt_a, dt_b, la, lb, parity, labels, split, block, warps, stages in CASES:
     consts = dict(A_LLAMA=bool(la), B_LLAMA=bool(lb), PARITY=bool(parity), HAS_LABELS=bool(labels),
                   SPLIT=bool(split), BLOCK_V=block, FUSED=True, NUM_STAGES=stages)
@@ -200,7 +202,8 @@ void run(const Job& g, const uint8_t* ref, const uint8_t* q, const int64_t* labe
       ay = load_one<DA>(a_vals, y, da);
       by = load_one<DB>(b_vals, y, db);
     }
-    const RowOut o = finish_stats(m, kParity, g.has_labels != 0, ay, by);
+    const RowOut o =
+        finish_stats(m, kParity, kParity && DB == DType::LLAMA_U16, g.has_labels != 0, ay, by);
     const double vals[12] = {o.kld, o.kld_reverse, o.lse_ref, o.lse_q, o.entropy_ref,
                              static_cast<double>(o.top1_ref), static_cast<double>(o.top1_q),
                              o.nll_ref, o.nll_q, o.p_ref_y, o.p_q_y, o.kld_llama};
@@ -273,14 +276,9 @@ def _storage(x32: np.ndarray, dtype: int):
     return u.view(np.uint8), reference.bf16_to_float32(u).astype(np.float64)
 
 
-def llama_bytes(logprobs: np.ndarray, scale: float, offset: float):
-    n, v = logprobs.shape
-    codes = np.clip(np.round((logprobs - offset) / scale), 0, 65535).astype(np.uint16)
-    raw = np.zeros((n, 4 + v + (v % 2)), dtype=np.uint16)
-    raw[:, :4] = np.frombuffer(np.array([scale, offset], dtype=np.float32).tobytes(), dtype=np.uint16)
-    raw[:, 4:4 + v] = codes
-    decoded = (codes.astype(np.float64) * np.float32(scale) + np.float32(offset)).astype(np.float32)
-    return raw.view(np.uint8), decoded.astype(np.float64)
+def llama_bytes(logprobs, scale=2.0**-10, offset=-60.0):
+    raw, decoded = llama_rows(logprobs, scale, offset)
+    return raw.view(np.uint8), decoded
 
 
 def emulate(driver, a_bytes, a_dtype, b_bytes, b_dtype, vocab, labels=None, *, parity=False,
@@ -392,20 +390,27 @@ def test_self_kld_is_zero(driver):
     np.testing.assert_array_equal(got["lse_ref"], got["lse_q"])
 
 
-@pytest.mark.parametrize("q_dtype,splits", [(F32, 1), (BF16, 3), (LLAMA, 1)])
-def test_llama_rows(driver, q_dtype, splits):
-    rng = np.random.default_rng(13 + q_dtype)
+@pytest.mark.parametrize("q_dtype,parity,splits",
+                         [(F32, True, 1), (BF16, True, 3), (LLAMA, False, 1), (LLAMA, True, 3)])
+def test_llama_rows(driver, q_dtype, parity, splits):
+    """llama_u16 reference rows, in parity mode or not; a llama_u16 q side in parity mode is
+    taken as log-probs as they are (q_logprobs)."""
+    rng = np.random.default_rng(13 + q_dtype + 7 * parity)
     n, v = 5, 3001
-    z = rng.standard_normal((n, v)) * 4
-    logp = z - z.max(1, keepdims=True)
-    logp -= np.log(np.exp(logp).sum(1, keepdims=True))
-    ref, ref64 = llama_bytes(logp, 2.0**-10, -60.0)  # decoded values exact in float32
+    ref, ref64 = llama_bytes(random_logprobs(rng, n, v))  # decoded values exact in float32
     noisy = (ref64 + 0.3 * rng.standard_normal((n, v))).astype(np.float32)
     if q_dtype == LLAMA:
-        q, q64 = llama_bytes(noisy.astype(np.float64), 2.0**-10, -60.0)
+        q, q64 = llama_bytes(np.minimum(noisy.astype(np.float64), 0.0))
     else:
         q, q64 = _storage(noisy, q_dtype)
     labels = rng.integers(0, v, n)
-    parity = q_dtype != LLAMA
     got = emulate(driver, ref, LLAMA, q, q_dtype, v, labels, parity=parity, splits=splits)
-    check(got, ref64, q64, labels, llama_parity=parity)
+    check(got, ref64, q64, labels, llama_parity=parity, q_logprobs=parity and q_dtype == LLAMA)
+
+
+@pytest.mark.parametrize("splits", [1, 3])
+def test_huge_logits(driver, splits):
+    """Finite rows up to 1e37: the shift's own rounding (2^16 at 1e12) must not reach 2^t."""
+    a, b = huge_logit_rows()
+    got = emulate(driver, a.view(np.uint8), F32, b.view(np.uint8), F32, a.shape[1], splits=splits)
+    check(got, a.astype(np.float64), b.astype(np.float64))

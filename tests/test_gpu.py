@@ -19,14 +19,16 @@ pytestmark = [
 
 from fidelity_kld import _core, reference  # noqa: E402
 
-from _reference_checks import GPU_TOL, check_stats, make_pair  # noqa: E402
+from _reference_checks import (  # noqa: E402
+    GPU_TOL, check_stats, huge_logit_rows, llama_rows, make_pair, random_logprobs)
 
 # GPU accuracy bar (issue 8): kld within 2e-6 absolute + 2e-4 relative.
 KLD_ATOL, KLD_RTOL = GPU_TOL["kld_atol"], GPU_TOL["kld_rtol"]
 
 
-def check(got, ref64, q64, labels=None, *, llama_parity=False):
-    check_stats(got, ref64, q64, labels, llama_parity=llama_parity, **GPU_TOL)
+def check(got, ref64, q64, labels=None, *, llama_parity=False, q_logprobs=False):
+    check_stats(got, ref64, q64, labels, llama_parity=llama_parity, q_logprobs=q_logprobs,
+                **GPU_TOL)
 
 
 DTYPES = ["float32", "float16", "bfloat16"]
@@ -199,14 +201,9 @@ def test_strided_misaligned_and_mixed_dtype_inputs(backend):
     check(got, odd.half().double().cpu().numpy(), odd.to(torch.bfloat16).double().cpu().numpy())
 
 
-def llama_rows(logprobs: np.ndarray, scale: float, offset: float):
-    n, v = logprobs.shape
-    codes = np.clip(np.round((logprobs - offset) / scale), 0, 65535).astype(np.uint16)
-    raw = np.zeros((n, 4 + v + (v % 2)), dtype=np.uint16)
-    raw[:, :4] = np.frombuffer(np.array([scale, offset], dtype=np.float32).tobytes(), dtype=np.uint16)
-    raw[:, 4:4 + v] = codes
-    decoded = (codes.astype(np.float64) * np.float32(scale) + np.float32(offset)).astype(np.float32)
-    return torch.from_numpy(raw.view(np.int16)).cuda(), decoded.astype(np.float64)
+def llama_tensor(logprobs, scale=2.0**-10, offset=-60.0):
+    raw, decoded = llama_rows(logprobs, scale, offset)
+    return torch.from_numpy(raw.view(np.int16)).cuda(), decoded
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -214,15 +211,25 @@ def llama_rows(logprobs: np.ndarray, scale: float, offset: float):
 def test_llama_parity(backend, v):
     rng = np.random.default_rng(v)
     n = 20
-    z = rng.standard_normal((n, v)) * 4
-    logp = z - z.max(1, keepdims=True)
-    logp -= np.log(np.exp(logp).sum(1, keepdims=True))
-    ref, ref64 = llama_rows(logp, 2.0**-10, -60.0)
+    ref, ref64 = llama_tensor(random_logprobs(rng, n, v))
     q32 = (ref64 + 0.3 * rng.standard_normal((n, v))).astype(np.float32)
     labels = rng.integers(0, v, n)
     got = run(ref, torch.from_numpy(q32).cuda(), torch.from_numpy(labels).cuda(), backend=backend,
               ref_dtype="llama_u16", vocab=v, llama_parity=True)
     check(got, ref64, q32.astype(np.float64), labels, llama_parity=True)
+    # A llama.cpp quant file on the q side: its rows are log-probs, used as they are.
+    q_rows, q64 = llama_tensor(np.minimum(ref64 + 0.3 * rng.standard_normal((n, v)), 0.0))
+    got = run(ref, q_rows, torch.from_numpy(labels).cuda(), backend=backend,
+              ref_dtype="llama_u16", q_dtype="llama_u16", vocab=v, llama_parity=True)
+    check(got, ref64, q64, labels, llama_parity=True, q_logprobs=True)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_huge_logits(backend):
+    """Finite rows far beyond any real model's logits (up to 1e37) stay finite and exact."""
+    a, b = huge_logit_rows()
+    got = run(torch.from_numpy(a).cuda(), torch.from_numpy(b).cuda(), backend=backend)
+    check(got, a.astype(np.float64), b.astype(np.float64))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

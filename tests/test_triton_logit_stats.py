@@ -16,7 +16,8 @@ import pytest
 
 from fidelity_kld import reference
 
-from _reference_checks import GPU_TOL, check_stats, make_pair  # noqa: E402
+from _reference_checks import (  # noqa: E402
+    GPU_TOL, check_stats, huge_logit_rows, llama_rows, make_pair, random_logprobs)
 
 torch = pytest.importorskip("torch")
 if importlib.util.find_spec("triton") is None:
@@ -41,8 +42,9 @@ import triton  # noqa: E402,F401
 KLD_ATOL, KLD_RTOL = GPU_TOL["kld_atol"], GPU_TOL["kld_rtol"]
 
 
-def check(got, ref64, q64, labels=None, *, llama_parity=False):
-    check_stats(got, ref64, q64, labels, llama_parity=llama_parity, **GPU_TOL)
+def check(got, ref64, q64, labels=None, *, llama_parity=False, q_logprobs=False):
+    check_stats(got, ref64, q64, labels, llama_parity=llama_parity, q_logprobs=q_logprobs,
+                **GPU_TOL)
 
 
 def _load_kernels():
@@ -219,6 +221,14 @@ def test_masked_vocab_and_invalid_rows(block_v, splits):
     assert abs(got["entropy_ref"][6] - np.log(v)) < 1e-6
 
 
+@pytest.mark.parametrize("block_v,splits", [(128, 1), (128, 3), (None, None)])
+def test_huge_logits(block_v, splits):
+    """Finite rows up to 1e37: the shift's own rounding (2^16 at 1e12) must not reach 2^t."""
+    a, b = huge_logit_rows(600)
+    got = run(torch.from_numpy(a), torch.from_numpy(b), block_v=block_v, splits=splits)
+    check(got, a.astype(np.float64), b.astype(np.float64))
+
+
 def test_ascending_rows_rescale_every_block():
     """The max rises in every block (a rescale per block) and falls by hundreds of nats."""
     v = 2048
@@ -242,17 +252,9 @@ def test_strided_and_mixed_dtype_inputs():
     check(got, a.numpy().astype(np.float64), b.float().numpy().astype(np.float64))
 
 
-def llama_rows(logprobs: np.ndarray, scale: float, offset: float) -> tuple[torch.Tensor, np.ndarray]:
-    """llama.cpp --kl-divergence-base rows for these log-probs: (int16 [n, 4 + v + pad] tensor,
-    the float64 values the kernel decodes, fma(code, scale, min) in float32)."""
-    n, v = logprobs.shape
-    codes = np.clip(np.round((logprobs - offset) / scale), 0, 65535).astype(np.uint16)
-    words = 4 + v + (v % 2)
-    raw = np.zeros((n, words), dtype=np.uint16)
-    raw[:, :4] = np.frombuffer(np.array([scale, offset], dtype=np.float32).tobytes(), dtype=np.uint16)
-    raw[:, 4:4 + v] = codes
-    decoded = (codes.astype(np.float64) * np.float32(scale) + np.float32(offset)).astype(np.float32)
-    return torch.from_numpy(raw.view(np.int16)), decoded.astype(np.float64)
+def llama_tensor(logprobs, scale=2.0**-10, offset=-60.0):
+    raw, decoded = llama_rows(logprobs, scale, offset)
+    return torch.from_numpy(raw.view(np.int16)), decoded
 
 
 @pytest.mark.parametrize("splits", [1, 3])
@@ -260,21 +262,22 @@ def test_llama_parity(splits):
     """llama_u16 reference rows: nll_ref = -logprob(y) as stored, kld_llama over logprob > -16."""
     rng = np.random.default_rng(13)
     n, v = 6, 801
-    z = (rng.standard_normal((n, v)) * 4).astype(np.float64)
-    logp = z - np.log(np.exp(z - z.max(1, keepdims=True)).sum(1, keepdims=True)) - z.max(1, keepdims=True)
-    # scale 2^-10 and min -60 make every decoded value exact in float32: the test pins the
-    # kernel's arithmetic, not decode rounding.
-    ref, ref64 = llama_rows(logp, 2.0**-10, -60.0)
+    ref, ref64 = llama_tensor(random_logprobs(rng, n, v))
     q32 = (ref64 + 0.3 * rng.standard_normal((n, v))).astype(np.float32)
     labels = rng.integers(0, v, n)
     got = run(ref, torch.from_numpy(q32), torch.from_numpy(labels), ref_dtype="llama_u16",
               vocab=v, llama_parity=True, block_v=128, splits=splits)
     check(got, ref64, q32.astype(np.float64), labels, llama_parity=True)
     # both sides as llama rows, without parity: ordinary renormalised statistics
-    q_rows, q64 = llama_rows(q32.astype(np.float64), 2.0**-10, -60.0)
+    q_rows, q64 = llama_tensor(q32.astype(np.float64))
     got = run(ref, q_rows, torch.from_numpy(labels), ref_dtype="llama_u16", q_dtype="llama_u16",
               vocab=v, block_v=128, splits=splits)
     check(got, ref64, q64, labels)
+    # both sides as llama rows in parity mode: q's rows are log-probs, used as they are
+    q_rows, q64 = llama_tensor(np.minimum(q32.astype(np.float64), 0.0))
+    got = run(ref, q_rows, torch.from_numpy(labels), ref_dtype="llama_u16", q_dtype="llama_u16",
+              vocab=v, llama_parity=True, block_v=128, splits=splits)
+    check(got, ref64, q64, labels, llama_parity=True, q_logprobs=True)
 
 
 def test_llama_rows_with_arbitrary_scale():
@@ -282,7 +285,7 @@ def test_llama_rows_with_arbitrary_scale():
     rng = np.random.default_rng(14)
     n, v = 3, 500
     logp = -np.abs(rng.standard_normal((n, v)) * 6) - 0.1
-    ref, ref64 = llama_rows(logp, float(np.float32(0.0007123)), float(np.float32(-41.37)))
+    ref, ref64 = llama_tensor(logp, float(np.float32(0.0007123)), float(np.float32(-41.37)))
     q32 = (ref64 + 0.2 * rng.standard_normal((n, v))).astype(np.float32)
     got = run(ref, torch.from_numpy(q32), ref_dtype="llama_u16", vocab=v, llama_parity=True, block_v=64)
     check(got, ref64, q32.astype(np.float64), llama_parity=True)

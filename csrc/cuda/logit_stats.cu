@@ -12,7 +12,8 @@
 //   once, keep them out of the way in L2). Several steps are loaded before the first is used
 //   (kUnroll), which with 2-3 resident CTAs per SM keeps enough bytes in flight for HBM.
 // - Each thread keeps its own online state: an integer shift per side, k = ceil(max * log2 e)
-//   (float32), so the row max lands at t = fma(x, log2e, -k) in (-1, 0]; the element terms are
+//   (float32; beyond |max| ~ 5.8e6 a pair hi + lo, see shift_of in row_math.cuh), so the row
+//   max lands at t = fma(x, log2e, -k) in (-1, 0]; the element terms are
 //   e = 2^t, d = t_ref - t_q and per step (8 elements) S_ref, S_q, T_rq = sum e_ref d,
 //   T_qr = sum e_q d, H = sum e_ref t_ref in float32, then added to float64 running sums. When a
 //   step raises a thread's max the running sums are rescaled once for that step (exact powers
@@ -70,7 +71,7 @@ constexpr int kWarps = kThreads / 32;
 
 struct Shared {
   double sums[7][kWarps];
-  float shifts[2][kWarps];
+  double shifts[2][kWarps];
   float best[2][kWarps];
   int index[2][kWarps];
 };
@@ -78,12 +79,12 @@ struct Shared {
 // The block's state, reduced from every thread's `s`; returned in every thread.
 __device__ State block_merge(State s, Shared& sh) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  // 1. The block's shifts.
-  float ka = s.ka, kb = s.kb;
+  // 1. The block's shifts (exact float64 sums of each thread's hi + lo).
+  double ka = shift64(s.ka, s.la), kb = shift64(s.kb, s.lb);
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) {
-    ka = fmaxf(ka, __shfl_xor_sync(0xffffffffu, ka, o));
-    kb = fmaxf(kb, __shfl_xor_sync(0xffffffffu, kb, o));
+    ka = fmax(ka, __shfl_xor_sync(0xffffffffu, ka, o));
+    kb = fmax(kb, __shfl_xor_sync(0xffffffffu, kb, o));
   }
   if (lane == 0) {
     sh.shifts[0][warp] = ka;
@@ -94,8 +95,8 @@ __device__ State block_merge(State s, Shared& sh) {
   kb = sh.shifts[1][0];
 #pragma unroll
   for (int w = 1; w < kWarps; ++w) {
-    ka = fmaxf(ka, sh.shifts[0][w]);
-    kb = fmaxf(kb, sh.shifts[1][w]);
+    ka = fmax(ka, sh.shifts[0][w]);
+    kb = fmax(kb, sh.shifts[1][w]);
   }
   // 2. Every thread's sums against them, then one sum and one argmax per side.
   rescale(s, ka, kb);
@@ -127,8 +128,8 @@ __device__ State block_merge(State s, Shared& sh) {
   }
   const bool bad = __syncthreads_or(s.bad);  // also the barrier for the stores above
   State out;
-  out.ka = ka;
-  out.kb = kb;
+  split_shift(ka, out.ka, out.la);
+  split_shift(kb, out.kb, out.lb);
   double r[7];
 #pragma unroll
   for (int k = 0; k < 7; ++k) {
@@ -185,7 +186,8 @@ __device__ void finish_row(const LogitStatsParams& p, int64_t r, const State& s,
     ay = load_one<DA>(a_vals, y, da);
     by = load_one<DB>(b_vals, y, db);
   }
-  const RowOut o = finish_stats(s, kParity, p.labels != nullptr, ay, by);
+  const RowOut o =
+      finish_stats(s, kParity, kParity && DB == DType::LLAMA_U16, p.labels != nullptr, ay, by);
   p.kld[r] = o.kld;
   p.kld_reverse[r] = o.kld_reverse;
   p.lse_ref[r] = o.lse_ref;
@@ -224,8 +226,8 @@ __global__ void __launch_bounds__(kThreads, 2)
   if (threadIdx.x != 0) return;
   if (part) {
     double* o = part + (r * gridDim.y + split) * kPart;
-    o[0] = m.ka;
-    o[1] = m.kb;
+    o[0] = shift64(m.ka, m.la);
+    o[1] = shift64(m.kb, m.lb);
     o[2] = m.sa;
     o[3] = m.sb;
     o[4] = m.trq;
@@ -252,8 +254,8 @@ __global__ void logit_stats_merge_kernel(LogitStatsParams p, const double* part,
   for (int k = 0; k < splits; ++k) {
     const double* o = part + (r * splits + k) * kPart;
     State s;
-    s.ka = static_cast<float>(o[0]);
-    s.kb = static_cast<float>(o[1]);
+    split_shift(o[0], s.ka, s.la);
+    split_shift(o[1], s.kb, s.lb);
     s.sa = o[2];
     s.sb = o[3];
     s.trq = o[4];

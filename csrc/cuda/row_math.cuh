@@ -8,6 +8,8 @@
 // Numerics (see the header of logit_stats.cu and csrc/cpu/row_kernel.h): per side an integer
 // shift k = ceil(max * log2 e), t = fma(x, log2e, -k), e = 2^t, d = t_ref - t_q; float32 sums per
 // step of 8 elements, float64 running sums, exact rescaling by powers of two when k rises.
+// Beyond |max * log2 e| = 2^23 the shift is a pair hi + lo (shift_of), so that the rounding of
+// max * log2 e itself never reaches t.
 #pragma once
 
 #include <cuda_fp16.h>
@@ -30,6 +32,9 @@ constexpr double kLn2Eff = 1.0 / static_cast<double>(kLog2eF);
 // Shift of a side that has seen no finite entry yet: finite (differences stay finite) and far
 // below any real ceil(max * log2 e); its sums are 0, so every term it scales is 0.
 constexpr float kKFloor = -8.5070591730234616e37f;  // -2^126
+// From |max * log2 e| = 2^23 on float32 holds only integers, and the rounding of max * log2 e
+// (up to half an ulp: 2^16 at 1e12) would be left in t.
+constexpr float kBigShift = 8388608.0f;
 constexpr float kLlamaWindow = -16.0f;
 constexpr int kVec = 8;    // elements per thread per step
 constexpr int kPart = 16;  // float64 words of split state per (row, split)
@@ -189,7 +194,8 @@ FK_HD int alignment_of(const uint8_t* p) {
 // ----------------------------------------------------------------------------------------------
 
 struct State {
-  float ka, kb;  // integer shifts (log2 units)
+  float ka, kb;  // integer shifts (log2 units): ka + la, kb + lb
+  float la, lb;  // their low parts, 0 unless |max| > ~5.8e6 (shift_of)
   double sa, sb, trq, tqr, h, wt, ws;
   float best_a, best_b;
   int ia, ib;  // first index of best (INT_MAX: none yet)
@@ -198,6 +204,7 @@ struct State {
 
 FK_HD void init_state(State& s) {
   s.ka = s.kb = kKFloor;
+  s.la = s.lb = 0.0f;
   s.sa = s.sb = s.trq = s.tqr = s.h = s.wt = s.ws = 0.0;
   s.best_a = s.best_b = -INFINITY;
   s.ia = s.ib = INT_MAX;
@@ -210,12 +217,37 @@ FK_HD double pow2_neg(double delta) {
   return ldexp(1.0, -static_cast<int>(delta));
 }
 
-// Re-express the float64 sums against the larger shifts (na, nb) >= (ka, kb):
+// The integer shift for a step max m, as hi + lo: t = fma(x, log2e, -hi) - lo puts m at
+// t in (-1, 0]. Below 2^23, hi = ceil(m log2e), lo = 0; above, hi = fl(m log2e) (an integer
+// there) and lo = ceil of its exact rounding error, one fma. Rows of any finite magnitude below
+// 2.3e38 (where m log2e overflows) keep t exact near their max.
+FK_HD void shift_of(float m, float& hi, float& lo) {
+  hi = ceilf(m * kLog2eF);
+  lo = 0.0f;
+  if (fabsf(hi) >= kBigShift && fabsf(hi) < INFINITY) lo = ceilf(fmaf(m, kLog2eF, -hi));
+}
+
+// hi + lo exactly (both integers, lo below hi's last bit: 48 bits in all).
+FK_HD double shift64(float hi, float lo) { return static_cast<double>(hi) + lo; }
+
+// The float32 pair of an exact float64 shift K = hi + lo (the rounding of K and its remainder,
+// which fits in 24 bits for every K that shift_of makes).
+FK_HD void split_shift(double k, float& hi, float& lo) {
+  hi = static_cast<float>(k);
+  lo = (k < INFINITY && k > -INFINITY) ? static_cast<float>(k - hi) : 0.0f;
+}
+
+// (hi, lo) > (k_hi, k_lo) as shifts; comparing hi first is exact (|lo| <= ulp(hi) / 2).
+FK_HD bool raises(float hi, float lo, float k_hi, float k_lo) {
+  return hi > k_hi || (hi == k_hi && lo > k_lo);
+}
+
+// Re-express the float64 sums against the larger shifts (na, nb) >= (ka + la, kb + lb):
 //   S' = 2^-da S,  T_rq' = 2^-da (T_rq + (db - da) S_ref),  T_qr' = 2^-db (T_qr + (db - da) S_q),
 //   H' = 2^-da (H - da S_ref),  and W_t, W_s (llama window) like T_rq and S_ref.
 // A factor 0 drops what lies 2^1022 below the new max; the guards keep 0 * inf out.
 FK_HD void rescale(State& s, double na, double nb) {
-  const double da = na - static_cast<double>(s.ka), db = nb - static_cast<double>(s.kb);
+  const double da = na - shift64(s.ka, s.la), db = nb - shift64(s.kb, s.lb);
   const double fa = pow2_neg(da), fb = pow2_neg(db), diff = db - da;
   s.trq = fa == 0.0 ? 0.0 : fa * (s.trq + diff * s.sa);
   s.tqr = fb == 0.0 ? 0.0 : fb * (s.tqr + diff * s.sb);
@@ -234,40 +266,19 @@ FK_HD float exp2_f32(float t) {
 #endif
 }
 
-// Fold one step of kVec elements (x: ref, y: q; -inf where absent) starting at index i0.
-template <bool kParity>
-FK_HD void fold_step(State& s, const float (&x)[kVec], const float (&y)[kVec], int64_t i0) {
-  float mx_a = x[0], mx_b = y[0];
-#pragma unroll
-  for (int j = 1; j < kVec; ++j) {
-    mx_a = fmaxf(mx_a, x[j]);
-    mx_b = fmaxf(mx_b, y[j]);
-  }
-  if (mx_a > s.best_a) {  // strictly: an earlier step keeps a tie
-    int j = 0;
-    while (j < kVec - 1 && !(x[j] == mx_a)) ++j;
-    s.best_a = mx_a;
-    s.ia = static_cast<int>(i0 + j);
-  }
-  if (mx_b > s.best_b) {
-    int j = 0;
-    while (j < kVec - 1 && !(y[j] == mx_b)) ++j;
-    s.best_b = mx_b;
-    s.ib = static_cast<int>(i0 + j);
-  }
-  const float na = fmaxf(s.ka, ceilf(mx_a * kLog2eF));
-  const float nb = fmaxf(s.kb, ceilf(mx_b * kLog2eF));
-  if (na > s.ka || nb > s.kb) {
-    rescale(s, na, nb);
-    s.ka = na;
-    s.kb = nb;
-  }
+// The sums of one step against the current shifts; kLow: a shift has a low part (huge rows).
+template <bool kParity, bool kLow>
+FK_HD void fold_terms(State& s, const float (&x)[kVec], const float (&y)[kVec]) {
   float ta[kVec], tb[kVec], ea[kVec], eb[kVec];
   float ps_a = 0.f, ps_b = 0.f, p_rq = 0.f, p_qr = 0.f, p_h = 0.f;
 #pragma unroll
   for (int j = 0; j < kVec; ++j) {
     ta[j] = fmaf(x[j], kLog2eF, -s.ka);
     tb[j] = fmaf(y[j], kLog2eF, -s.kb);
+    if constexpr (kLow) {
+      ta[j] -= s.la;
+      tb[j] -= s.lb;
+    }
     ea[j] = exp2_f32(ta[j]);
     eb[j] = exp2_f32(tb[j]);
     const float d = ta[j] - tb[j];
@@ -308,6 +319,46 @@ FK_HD void fold_step(State& s, const float (&x)[kVec], const float (&y)[kVec], i
   s.trq += p_rq;
   s.tqr += p_qr;
   s.h += p_h;
+}
+
+// Fold one step of kVec elements (x: ref, y: q; -inf where absent) starting at index i0.
+template <bool kParity>
+FK_HD void fold_step(State& s, const float (&x)[kVec], const float (&y)[kVec], int64_t i0) {
+  float mx_a = x[0], mx_b = y[0];
+#pragma unroll
+  for (int j = 1; j < kVec; ++j) {
+    mx_a = fmaxf(mx_a, x[j]);
+    mx_b = fmaxf(mx_b, y[j]);
+  }
+  if (mx_a > s.best_a) {  // strictly: an earlier step keeps a tie
+    int j = 0;
+    while (j < kVec - 1 && !(x[j] == mx_a)) ++j;
+    s.best_a = mx_a;
+    s.ia = static_cast<int>(i0 + j);
+  }
+  if (mx_b > s.best_b) {
+    int j = 0;
+    while (j < kVec - 1 && !(y[j] == mx_b)) ++j;
+    s.best_b = mx_b;
+    s.ib = static_cast<int>(i0 + j);
+  }
+  float ca, la, cb, lb;
+  shift_of(mx_a, ca, la);
+  shift_of(mx_b, cb, lb);
+  const bool up_a = raises(ca, la, s.ka, s.la), up_b = raises(cb, lb, s.kb, s.lb);
+  if (up_a || up_b) {
+    if (!up_a) ca = s.ka, la = s.la;
+    if (!up_b) cb = s.kb, lb = s.lb;
+    rescale(s, shift64(ca, la), shift64(cb, lb));
+    s.ka = ca;
+    s.la = la;
+    s.kb = cb;
+    s.lb = lb;
+  }
+  if (s.la != 0.f || s.lb != 0.f)
+    fold_terms<kParity, true>(s, x, y);
+  else
+    fold_terms<kParity, false>(s, x, y);
 }
 
 // Elements [lo, hi) (fewer than kVec) through scalar loads, padded with -inf.
@@ -395,13 +446,19 @@ FK_HD void fold_thread_range(State& s, int tid, int n_threads, const uint8_t* a_
     fold_partial<DA, DB, kParity>(s, a_vals, b_vals, da, db, t.tail, end);
 }
 
+// Move a state's sums onto the shifts (na, nb), which are at least its own.
+FK_HD void move_to(State& s, double na, double nb) {
+  rescale(s, na, nb);
+  split_shift(na, s.ka, s.la);
+  split_shift(nb, s.kb, s.lb);
+}
+
 // Merge `o` into `s` (o covers later vocabulary indices than s: strict > keeps the lowest index).
 FK_HD void merge_state(State& s, State o) {
-  const float na = fmaxf(s.ka, o.ka), nb = fmaxf(s.kb, o.kb);
-  rescale(s, na, nb);
-  rescale(o, na, nb);
-  s.ka = na;
-  s.kb = nb;
+  const double na = fmax(shift64(s.ka, s.la), shift64(o.ka, o.la));
+  const double nb = fmax(shift64(s.kb, s.lb), shift64(o.kb, o.lb));
+  move_to(s, na, nb);
+  move_to(o, na, nb);
   s.sa += o.sa;
   s.sb += o.sb;
   s.trq += o.trq;
@@ -426,15 +483,15 @@ FK_HD bool better(float v, int i, float bv, int bi) { return v > bv || (v == bv 
 // onto them and added, the best value with the lowest index. (The device adds in a different
 // order: warp butterflies, then warps.)
 FK_HD State merge_block_states(const State* threads, int n) {
-  float ka = kKFloor, kb = kKFloor;
+  double ka = kKFloor, kb = kKFloor;
   for (int i = 0; i < n; ++i) {
-    ka = fmaxf(ka, threads[i].ka);
-    kb = fmaxf(kb, threads[i].kb);
+    ka = fmax(ka, shift64(threads[i].ka, threads[i].la));
+    kb = fmax(kb, shift64(threads[i].kb, threads[i].lb));
   }
   State out;
   init_state(out);
-  out.ka = ka;
-  out.kb = kb;
+  split_shift(ka, out.ka, out.la);
+  split_shift(kb, out.kb, out.lb);
   for (int i = 0; i < n; ++i) {
     State s = threads[i];
     rescale(s, ka, kb);
@@ -467,10 +524,12 @@ struct RowOut {
   int top1_ref, top1_q;
 };
 
-// ay, by: the label's logits (when has_label).
-FK_HD RowOut finish_stats(const State& s, bool parity, bool has_label, double ay, double by) {
+// ay, by: the label's logits (when has_label). q_logprobs (parity mode with a llama.cpp quant
+// file): q's rows are log-probs and, as in llama.cpp, used as they are for nll_q and kld_llama.
+FK_HD RowOut finish_stats(const State& s, bool parity, bool q_logprobs, bool has_label, double ay,
+                          double by) {
   RowOut o;
-  const double ka = s.ka, kb = s.kb;
+  const double ka = shift64(s.ka, s.la), kb = shift64(s.kb, s.lb);
   const bool valid = !s.bad && s.sa > 0.0 && s.sb > 0.0 && s.sa < INFINITY && s.sb < INFINITY &&
                      ka < INFINITY && kb < INFINITY;
   if (!valid) {
@@ -493,13 +552,15 @@ FK_HD RowOut finish_stats(const State& s, bool parity, bool has_label, double ay
   if (has_label) {
     // In llama parity mode the reference row already holds log-probs (not renormalised).
     o.nll_ref = parity ? -ay : lse_a - ay;
-    o.nll_q = lse_b - by;
+    o.nll_q = q_logprobs ? -by : lse_b - by;
     o.p_ref_y = exp(-o.nll_ref);
     o.p_q_y = exp(-o.nll_q);
   }
   if (parity) {
-    // p_i(llama) = exp(x_i) = exp(lse_a) e_i / S_ref; log p_i - log q_i = ln2 d_i + ln2 k_a + log S_q.
-    o.kld_llama = exp(lse_a) / s.sa * (kLn2Eff * s.wt + (kLn2Eff * ka + log_sb) * s.ws);
+    // p_i(llama) = exp(x_i) = exp(lse_a) e_i / S_ref; log p_i - log q_i = ln2 d_i + ln2 k_a +
+    // log S_q, less lse_q when q's rows are log-probs as they are.
+    const double q_offset = kLn2Eff * ka + log_sb - (q_logprobs ? lse_b : 0.0);
+    o.kld_llama = exp(lse_a) / s.sa * (kLn2Eff * s.wt + q_offset * s.ws);
   }
   return o;
 }
