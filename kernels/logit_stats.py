@@ -266,6 +266,13 @@ def _raises(hi, lo, k_hi, k_lo):
 
 
 @triton.jit
+def _zero_sums():
+    """Empty float64 sums S_ref, S_q, T_rq, T_qr, H, W_t, W_s."""
+    z = tl.zeros((), tl.float64)
+    return z, z, z, z, z, z, z
+
+
+@triton.jit
 def _rescale(ka, kb, na, nb, sa, sb, trq, tqr, h, wt, ws):
     """The float64 sums, re-expressed against the larger float64 shifts (na, nb) >= (ka, kb)."""
     da = na - ka
@@ -344,6 +351,19 @@ def _block(x, y, offs, ka, la, kb, lb, sa, sb, trq, tqr, h, wt, ws, best_a, ia, 
     tqr += b_qr.to(tl.float64)
     h += b_h.to(tl.float64)
     return ka, la, kb, lb, sa, sb, trq, tqr, h, wt, ws, best_a, ia, best_b, ib, bad
+
+
+@triton.jit
+def _load_fold(a_vals, b_vals, offs, end, a_scale, a_off, b_scale, b_off,
+               ka, la, kb, lb, sa, sb, trq, tqr, h, wt, ws, best_a, ia, best_b, ib, bad,
+               A_LLAMA: tl.constexpr, B_LLAMA: tl.constexpr, PARITY: tl.constexpr,
+               FUSED: tl.constexpr, MASKED: tl.constexpr):
+    """Load the block at offs (masked at end when MASKED) on both sides and fold it in."""
+    mask = offs < end
+    x = _load_block(a_vals, offs, mask, a_scale, a_off, A_LLAMA, MASKED)
+    y = _load_block(b_vals, offs, mask, b_scale, b_off, B_LLAMA, MASKED)
+    return _block(x, y, offs, ka, la, kb, lb, sa, sb, trq, tqr, h, wt, ws, best_a, ia, best_b,
+                  ib, bad, PARITY, FUSED)
 
 
 @triton.jit
@@ -445,34 +465,24 @@ def _logit_stats_kernel(
     kb = tl.full((), K_FLOOR, tl.float32)
     la = tl.zeros((), tl.float32)
     lb = tl.zeros((), tl.float32)
-    sa = tl.zeros((), tl.float64)
-    sb = tl.zeros((), tl.float64)
-    trq = tl.zeros((), tl.float64)
-    tqr = tl.zeros((), tl.float64)
-    h = tl.zeros((), tl.float64)
-    wt = tl.zeros((), tl.float64)
-    ws = tl.zeros((), tl.float64)
+    sa, sb, trq, tqr, h, wt, ws = _zero_sums()
     best_a = tl.full((), float("-inf"), tl.float32)
     best_b = tl.full((), float("-inf"), tl.float32)
     ia = tl.full((), -1, tl.int32)
     ib = tl.full((), -1, tl.int32)
     bad = tl.zeros((), tl.int1)
     cols = tl.arange(0, BLOCK_V)
+    # Whole blocks without masks, then the tail with them (MASKED is a compile-time switch).
     for start in tl.range(begin, full_end, BLOCK_V, num_stages=NUM_STAGES):
-        offs = start + cols
-        x = _load_block(a_vals, offs, None, a_scale, a_off, A_LLAMA, False)
-        y = _load_block(b_vals, offs, None, b_scale, b_off, B_LLAMA, False)
-        ka, la, kb, lb, sa, sb, trq, tqr, h, wt, ws, best_a, ia, best_b, ib, bad = _block(
-            x, y, offs, ka, la, kb, lb, sa, sb, trq, tqr, h, wt, ws, best_a, ia, best_b, ib, bad,
-            PARITY, FUSED)
+        ka, la, kb, lb, sa, sb, trq, tqr, h, wt, ws, best_a, ia, best_b, ib, bad = _load_fold(
+            a_vals, b_vals, start + cols, end, a_scale, a_off, b_scale, b_off,
+            ka, la, kb, lb, sa, sb, trq, tqr, h, wt, ws, best_a, ia, best_b, ib, bad,
+            A_LLAMA, B_LLAMA, PARITY, FUSED, False)
     if full_end < end:
-        offs = full_end + cols
-        mask = offs < end
-        x = _load_block(a_vals, offs, mask, a_scale, a_off, A_LLAMA, True)
-        y = _load_block(b_vals, offs, mask, b_scale, b_off, B_LLAMA, True)
-        ka, la, kb, lb, sa, sb, trq, tqr, h, wt, ws, best_a, ia, best_b, ib, bad = _block(
-            x, y, offs, ka, la, kb, lb, sa, sb, trq, tqr, h, wt, ws, best_a, ia, best_b, ib, bad,
-            PARITY, FUSED)
+        ka, la, kb, lb, sa, sb, trq, tqr, h, wt, ws, best_a, ia, best_b, ib, bad = _load_fold(
+            a_vals, b_vals, full_end + cols, end, a_scale, a_off, b_scale, b_off,
+            ka, la, kb, lb, sa, sb, trq, tqr, h, wt, ws, best_a, ia, best_b, ib, bad,
+            A_LLAMA, B_LLAMA, PARITY, FUSED, True)
 
     if SPLIT:
         p = part_ptr + (row * tl.num_programs(1) + split) * N_PART
@@ -512,13 +522,7 @@ def _logit_stats_merge_kernel(
         a_ptr, b_ptr, row, stride_a, stride_b, A_LLAMA, B_LLAMA)
     ka = tl.full((), K_FLOOR, tl.float64)
     kb = tl.full((), K_FLOOR, tl.float64)
-    sa = tl.zeros((), tl.float64)
-    sb = tl.zeros((), tl.float64)
-    trq = tl.zeros((), tl.float64)
-    tqr = tl.zeros((), tl.float64)
-    h = tl.zeros((), tl.float64)
-    wt = tl.zeros((), tl.float64)
-    ws = tl.zeros((), tl.float64)
+    sa, sb, trq, tqr, h, wt, ws = _zero_sums()
     best_a = tl.full((), float("-inf"), tl.float64)
     best_b = tl.full((), float("-inf"), tl.float64)
     ia = tl.full((), -1, tl.int32)

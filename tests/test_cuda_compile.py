@@ -192,8 +192,13 @@ void run(const Job& g, const uint8_t* ref, const uint8_t* q, const int64_t* labe
                                                     da, db, begin, end, t);
       }
       const State blk = merge_block_states(threads.data(), kThreads);
-      if (splits == 1) m = blk;
-      else merge_state(m, blk);
+      if (splits == 1) {
+        m = blk;
+      } else {  // through the workspace encoding, as the merge kernel reads it
+        double part[kPart];
+        write_part(blk, part);
+        merge_state(m, read_part(part));
+      }
     }
     double ay = 0.0, by = 0.0;
     if (g.has_labels) {

@@ -225,21 +225,7 @@ __global__ void __launch_bounds__(kThreads, 2)
   const State m = block_merge(s, sh);
   if (threadIdx.x != 0) return;
   if (part) {
-    double* o = part + (r * gridDim.y + split) * kPart;
-    o[0] = shift64(m.ka, m.la);
-    o[1] = shift64(m.kb, m.lb);
-    o[2] = m.sa;
-    o[3] = m.sb;
-    o[4] = m.trq;
-    o[5] = m.tqr;
-    o[6] = m.h;
-    o[7] = m.wt;
-    o[8] = m.ws;
-    o[9] = m.best_a;
-    o[10] = m.best_b;
-    o[11] = m.ia;
-    o[12] = m.ib;
-    o[13] = m.bad ? 1.0 : 0.0;
+    write_part(m, part + (r * gridDim.y + split) * kPart);
   } else {
     finish_row<DA, DB, kParity>(p, r, m, a_vals, b_vals, da, db);
   }
@@ -251,25 +237,7 @@ __global__ void logit_stats_merge_kernel(LogitStatsParams p, const double* part,
   if (r >= p.n_rows) return;
   State m;
   init_state(m);
-  for (int k = 0; k < splits; ++k) {
-    const double* o = part + (r * splits + k) * kPart;
-    State s;
-    split_shift(o[0], s.ka, s.la);
-    split_shift(o[1], s.kb, s.lb);
-    s.sa = o[2];
-    s.sb = o[3];
-    s.trq = o[4];
-    s.tqr = o[5];
-    s.h = o[6];
-    s.wt = o[7];
-    s.ws = o[8];
-    s.best_a = static_cast<float>(o[9]);
-    s.best_b = static_cast<float>(o[10]);
-    s.ia = static_cast<int>(o[11]);
-    s.ib = static_cast<int>(o[12]);
-    s.bad = o[13] != 0.0;
-    merge_state(m, s);  // splits in vocabulary order
-  }
+  for (int k = 0; k < splits; ++k) merge_state(m, read_part(part + (r * splits + k) * kPart));
   const uint8_t *a_vals, *b_vals;
   Decode da, db;
   row_start<DA>(p.ref, p.ref_row_stride, r, a_vals, da);

@@ -446,19 +446,12 @@ FK_HD void fold_thread_range(State& s, int tid, int n_threads, const uint8_t* a_
     fold_partial<DA, DB, kParity>(s, a_vals, b_vals, da, db, t.tail, end);
 }
 
-// Move a state's sums onto the shifts (na, nb), which are at least its own.
-FK_HD void move_to(State& s, double na, double nb) {
-  rescale(s, na, nb);
-  split_shift(na, s.ka, s.la);
-  split_shift(nb, s.kb, s.lb);
-}
+FK_HD bool better(float v, int i, float bv, int bi) { return v > bv || (v == bv && i < bi); }
 
-// Merge `o` into `s` (o covers later vocabulary indices than s: strict > keeps the lowest index).
-FK_HD void merge_state(State& s, State o) {
-  const double na = fmax(shift64(s.ka, s.la), shift64(o.ka, o.la));
-  const double nb = fmax(shift64(s.kb, s.lb), shift64(o.kb, o.lb));
-  move_to(s, na, nb);
-  move_to(o, na, nb);
+// Add `o` into `s`, whose shifts are at least o's: o's sums moved onto them, the best value with
+// the lowest index (an index of INT_MAX means none yet).
+FK_HD void add_state(State& s, State o) {
+  rescale(o, shift64(s.ka, s.la), shift64(s.kb, s.lb));
   s.sa += o.sa;
   s.sb += o.sb;
   s.trq += o.trq;
@@ -466,53 +459,62 @@ FK_HD void merge_state(State& s, State o) {
   s.h += o.h;
   s.wt += o.wt;
   s.ws += o.ws;
-  if (o.best_a > s.best_a) {
+  if (better(o.best_a, o.ia, s.best_a, s.ia)) {
     s.best_a = o.best_a;
     s.ia = o.ia;
   }
-  if (o.best_b > s.best_b) {
+  if (better(o.best_b, o.ib, s.best_b, s.ib)) {
     s.best_b = o.best_b;
     s.ib = o.ib;
   }
   s.bad |= o.bad;
 }
 
-FK_HD bool better(float v, int i, float bv, int bi) { return v > bv || (v == bv && i < bi); }
+// Merge `o` into `s`.
+FK_HD void merge_state(State& s, const State& o) {
+  const double na = fmax(shift64(s.ka, s.la), shift64(o.ka, o.la));
+  const double nb = fmax(shift64(s.kb, s.lb), shift64(o.kb, o.lb));
+  rescale(s, na, nb);
+  split_shift(na, s.ka, s.la);
+  split_shift(nb, s.kb, s.lb);
+  add_state(s, o);
+}
 
-// What block_merge computes, for a host-side CTA: the largest shifts, every thread's sums moved
-// onto them and added, the best value with the lowest index. (The device adds in a different
-// order: warp butterflies, then warps.)
+// What block_merge computes, for a host-side CTA: every thread's state merged. (The device adds
+// in a different order: warp butterflies, then warps.)
 FK_HD State merge_block_states(const State* threads, int n) {
-  double ka = kKFloor, kb = kKFloor;
-  for (int i = 0; i < n; ++i) {
-    ka = fmax(ka, shift64(threads[i].ka, threads[i].la));
-    kb = fmax(kb, shift64(threads[i].kb, threads[i].lb));
-  }
   State out;
   init_state(out);
-  split_shift(ka, out.ka, out.la);
-  split_shift(kb, out.kb, out.lb);
-  for (int i = 0; i < n; ++i) {
-    State s = threads[i];
-    rescale(s, ka, kb);
-    out.sa += s.sa;
-    out.sb += s.sb;
-    out.trq += s.trq;
-    out.tqr += s.tqr;
-    out.h += s.h;
-    out.wt += s.wt;
-    out.ws += s.ws;
-    if (better(s.best_a, s.ia, out.best_a, out.ia)) {
-      out.best_a = s.best_a;
-      out.ia = s.ia;
-    }
-    if (better(s.best_b, s.ib, out.best_b, out.ib)) {
-      out.best_b = s.best_b;
-      out.ib = s.ib;
-    }
-    out.bad |= s.bad;
-  }
+  for (int i = 0; i < n; ++i) merge_state(out, threads[i]);
   return out;
+}
+
+// A CTA's merged state in the split workspace (kPart float64 words) and back: what the rows
+// kernel writes for one (row, split) and the merge kernel reads.
+FK_HD void write_part(const State& m, double* o) {
+  const double words[14] = {shift64(m.ka, m.la), shift64(m.kb, m.lb), m.sa, m.sb, m.trq, m.tqr,
+                            m.h, m.wt, m.ws, m.best_a, m.best_b, static_cast<double>(m.ia),
+                            static_cast<double>(m.ib), m.bad ? 1.0 : 0.0};
+  for (int k = 0; k < 14; ++k) o[k] = words[k];
+}
+
+FK_HD State read_part(const double* o) {
+  State s;
+  split_shift(o[0], s.ka, s.la);
+  split_shift(o[1], s.kb, s.lb);
+  s.sa = o[2];
+  s.sb = o[3];
+  s.trq = o[4];
+  s.tqr = o[5];
+  s.h = o[6];
+  s.wt = o[7];
+  s.ws = o[8];
+  s.best_a = static_cast<float>(o[9]);
+  s.best_b = static_cast<float>(o[10]);
+  s.ia = static_cast<int>(o[11]);
+  s.ib = static_cast<int>(o[12]);
+  s.bad = o[13] != 0.0;
+  return s;
 }
 
 // ----------------------------------------------------------------------------------------------
