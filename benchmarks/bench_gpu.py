@@ -195,10 +195,11 @@ def main(argv=None):
                 record("cuda", dtype, n, v, gpu_time(run, args.budget), nbytes, roof, ok)
             headline = (dtype, n, v) == HEADLINE
             if args.sweep and headline:
-                # (block_v, num_warps, num_stages, fused reductions); the default is 4096/16/3
-                variants = [(4096, 8, 1, True), (4096, 8, 2, True), (4096, 16, 2, True),
-                            (2048, 8, 3, True), (2048, 16, 3, True), (8192, 16, 2, True),
-                            (4096, 16, 3, False)]
+                # (block_v, num_warps, num_stages, fused reductions); the default is 2048/4/2
+                # (16 entries per thread); 4096/16/3 was the default before (8 per thread).
+                variants = [(2048, 4, 3, True), (2048, 4, 1, True), (4096, 8, 2, True),
+                            (1024, 2, 2, True), (2048, 8, 2, True), (4096, 16, 3, True),
+                            (2048, 4, 2, False)]
                 for bv, nw, st, fused in variants:
                     label = f"triton b{bv} w{nw} s{st}{'' if fused else ' unfused'}"
                     t = gpu_time(lambda: triton_run(block_v=bv, num_warps=nw, num_stages=st,

@@ -35,10 +35,15 @@ Design (one pass over each input, never materialising probabilities):
   e = 0 contributes 0). Real NaN inputs also make S NaN, which marks the row invalid.
 - top-1: a block's first index of its max is looked for only when that max beats the running
   best (strictly, so earlier blocks win ties): a rare uniform branch, not per-element work.
-- Launch (default_config): 16 KB of input per block, 16 warps, and the loop's loads pipelined
-  three deep (tl.range num_stages: the next blocks stream into shared memory while this one is
-  reduced), so about 48 KB of loads are outstanding per SM; block size, warps, stages and the
-  fused reductions are launcher options that benchmarks/bench_gpu.py --sweep times.
+- Launch (default_config): blocks of 2048 entries over 4 warps, 16 entries per thread and
+  side, and the next block's loads in flight while this one is reduced (tl.range num_stages=2).
+  Each block pays a fixed cost for its two cross-warp reductions (about 200 instructions per
+  thread and 9 barriers, read off the sm_90 SASS); 16 entries per thread spread it to about 30
+  instructions per entry pair on the common path, against about 43 with 8 (the earlier 4096 x
+  16 warps), while an H100 at 2.7 TB/s of bf16 leaves about 44 per pair. 168 registers (194 for
+  float32), no spills: 2-3 programs per SM, whose barriers interleave. Block size, warps,
+  stages and the fused reductions are launcher options that benchmarks/bench_gpu.py --sweep
+  times; no H100 timing has chosen between them yet.
 - Split-vocabulary variant for few rows and huge vocabularies: a 2-D grid (row, split) writes
   each split's running state (shifts, float64 sums, best value and index, invalid flag) to a
   small float64 workspace; a second tiny kernel merges the splits of a row in order with the
@@ -586,16 +591,18 @@ def _num_sms(device) -> int:
 def default_config(n_rows: int, vocab: int, itemsize: int, num_sms: int) -> tuple[int, int, int, int]:
     """(block_v, num_warps, num_stages, splits) for a problem.
 
-    16 KB of input (both sides) per block; 16 warps, 8 (16-bit) or 4 (float32) elements per
-    thread and side; the loads of the next two blocks in flight (num_stages=3: Triton's pipeliner
-    stages them through shared memory), about 114 registers a thread, one program per SM, so
-    about 48 KB of loads outstanding per SM. A vocabulary split only when the rows alone cannot
-    fill about two waves of the chip. Chosen from resource counts, not yet from H100 timings:
-    benchmarks/bench_gpu.py --sweep times the alternatives.
+    16 entries per thread and side in every block (see the module docstring: the per-block
+    reductions cost about as much as 8 entries' arithmetic): blocks of up to 2048 entries over
+    up to 4 warps, the next block's loads pipelined behind this one (num_stages=2). A
+    vocabulary split only when the rows alone cannot fill about two waves of the chip. Chosen
+    from instruction and register counts of the sm_90 build, not yet from H100 timings:
+    benchmarks/bench_gpu.py --sweep times the alternatives. itemsize does not change the choice
+    (float32 blocks carry twice the bytes, with twice the time per pair to spend).
     """
-    block_v = min(4096 if itemsize <= 2 else 2048, triton.next_power_of_2(max(vocab, 16)))
-    num_warps = 16 if block_v >= 2048 else (8 if block_v >= 1024 else 4)
-    num_stages = 3 if block_v >= 1024 else 1
+    del itemsize
+    block_v = min(2048, triton.next_power_of_2(max(vocab, 16)))
+    num_warps = max(1, min(4, block_v // 512))
+    num_stages = 2 if block_v >= 1024 else 1
     splits = 1
     if n_rows < 2 * num_sms:
         want = -(-2 * num_sms // max(n_rows, 1))

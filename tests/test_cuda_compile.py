@@ -100,7 +100,7 @@ def build(kernel, dt_a, dt_b, consts, num_warps):
 
 # (ref, q, llama ref, llama q, parity, labels, split, block, warps, stages): the launcher's
 # defaults for 16-bit and float32 logits, llama rows, the split variant and a tiny block.
-CASES = [("*bf16", "*bf16", 0, 0, 0, 1, 0, 4096, 16, 3), ("*fp32", "*fp16", 0, 0, 0, 0, 1, 2048, 16, 3),
+CASES = [("*bf16", "*bf16", 0, 0, 0, 1, 0, 2048, 4, 2), ("*fp32", "*fp16", 0, 0, 0, 0, 1, 2048, 4, 2),
          ("*i16", "*fp32", 1, 0, 1, 1, 0, 4096, 16, 3), ("*i16", "*i16", 1, 1, 1, 1, 1, 16, 4, 1)]
 for dt_a, dt_b, la, lb, parity, labels, split, block, warps, stages in CASES:
     consts = dict(A_LLAMA=bool(la), B_LLAMA=bool(lb), PARITY=bool(parity), HAS_LABELS=bool(labels),
