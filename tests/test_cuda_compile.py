@@ -419,3 +419,21 @@ def test_huge_logits(driver, splits):
     a, b = huge_logit_rows()
     got = emulate(driver, a.view(np.uint8), F32, b.view(np.uint8), F32, a.shape[1], splits=splits)
     check(got, a.astype(np.float64), b.astype(np.float64))
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+def test_sass_report_finds_the_main_loops(tmp_path):
+    """benchmarks/sass_report.py (static cost of both kernels' loops) finds the vocabulary loop
+    and its common path: two exp2 per entry pair per side pair, no rare-path code counted."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path / "cache")
+    out = tmp_path / "sass.json"
+    args = [sys.executable, str(ROOT / "benchmarks" / "sass_report.py"), "--triton", "2048x4x2",
+            "--json", str(out)] + ([] if NVCC else ["--no-cuda"])
+    proc = subprocess.run(args, capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rows = __import__("json").loads(out.read_text())
+    assert [r["kernel"] for r in rows] == ["triton 2048x4x2"] + (["cuda rows"] if NVCC else [])
+    for r in rows:
+        assert r["ex2"] == 2 * r["pairs_per_trip"], r
+        assert 0 < r["common"] < r["instructions"], r

@@ -35,7 +35,8 @@
 // - Loads whose rows are not 16-byte aligned (odd vocabularies, llama_u16 rows whose 8-byte
 //   header shifts the codes) use the widest access the row's alignment allows (16/8/4/2 bytes),
 //   chosen once per row; head and tail elements are folded in by one thread each.
-// - Built without --use_fast_math: exp2f is CUDA's 2-ulp exp2 and nothing else is relaxed.
+// - Built without --use_fast_math: nothing is relaxed but exp2, which is one ex2.approx.ftz
+//   (2 ulp; results below 2^-126 flush to 0, as on the CPU and in Triton).
 //
 // Inputs: float32, float16, bfloat16, llama_u16 (a float32 scale and minimum, then uint16 codes
 // decoded as fma(code, scale, min), like the CPU's SIMD paths) on either side.

@@ -258,11 +258,17 @@ FK_HD void rescale(State& s, double na, double nb) {
   s.sb = is_nan(s.sb) ? s.sb : fb * s.sb;
 }
 
+// 2^t with results below 2^-126 flushed to 0, as the CPU core's exp2 and Triton's tl.exp2 do
+// (those terms lie more than 87 nats under the row max). On the GPU one MUFU.EX2
+// (ex2.approx.ftz, 2 ulp like exp2f); exp2f's own path for subnormal results costs four more
+// instructions per call, about 8 per entry pair (benchmarks/sass_report.py).
 FK_HD float exp2_f32(float t) {
 #ifdef __CUDA_ARCH__
-  return exp2f(t);
+  float r;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(t));
+  return r;
 #else
-  return std::exp2(t);
+  return t < -126.0f ? 0.0f : std::exp2(t);
 #endif
 }
 
