@@ -41,7 +41,8 @@ struct ScalarOps {
   static V min(V x, V acc) { return x < acc ? x : acc; }
   // max(lo, t) that keeps NaN.
   static V clamp_below(V t, float lo) { return t < lo ? lo : t; }
-  static V exp2(V t) { return std::exp2(t); }
+  // 2^t, 0 below 2^-126 like the vector paths (and the GPU kernels): no subnormal terms.
+  static V exp2(V t) { return t < -126.0f ? 0.0f : std::exp2(t); }
   // e != 0 (or NaN) ? e * d : 0
   static V mul_nonzero(V e, V d) { return e != 0.0f ? e * d : 0.0f; }
   // x > c ? v : 0
