@@ -339,7 +339,8 @@ def test_compare_gpu_plumbing_on_the_interpreter():
     check(got.as_dict(), a.astype(np.float64), b64, y)
     np.testing.assert_array_equal(got.labels, y)
     assert got.top1_agree.dtype == bool
-    with pytest.raises(ValueError, match="outside the vocabulary"):
-        gpu.compare_gpu(torch.from_numpy(a), torch.from_numpy(b), [0, 300, 1, 2], backend="triton")
+    for labels in ([0, 300, 1, 2], torch.tensor([0, 300, 1, 2])):  # host list, then a tensor
+        with pytest.raises(ValueError, match="label 300 at token 1 is outside the vocabulary"):
+            gpu.compare_gpu(torch.from_numpy(a), torch.from_numpy(b), labels, backend="triton")
     with pytest.raises(ValueError, match="backend"):
         gpu.compare_gpu(torch.from_numpy(a), torch.from_numpy(b), backend="opencl")

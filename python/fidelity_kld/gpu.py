@@ -165,7 +165,8 @@ def compare_gpu_tensors(
     ref, q: [tokens, vocab] CUDA torch tensors (float32/float16/bfloat16), anything
     ``torch.from_dlpack`` or ``__cuda_array_interface__`` takes, Logits, or host arrays (copied
     to ``device``). llama.cpp rows: ``*_dtype='llama_u16'`` with ``vocab``. labels: optional
-    [tokens] token ids; their range is checked (one small device-to-host sync).
+    [tokens] token ids; their range is checked, on the host for host labels, with one small
+    device-to-host sync for CUDA tensors.
     Returns {name: tensor}: float64 kld (KL(P_ref || P_q), nats), kld_reverse, lse_ref, lse_q,
     entropy_ref; int32 top1_ref, top1_q (-1 for invalid tokens); with labels float64 nll_ref,
     nll_q, p_ref_y, p_q_y; with llama_parity float64 kld_llama. Work is queued on the current
@@ -198,14 +199,23 @@ def compare_gpu_tensors(
     n = int(a.shape[0])
     y = None
     if labels is not None:
-        y = labels if isinstance(labels, torch.Tensor) else torch.as_tensor(np.asarray(labels))
-        y = y.reshape(-1).to(device=dev, dtype=torch.int64).contiguous()
+        if isinstance(labels, torch.Tensor):
+            y = labels.reshape(-1).to(device=dev, dtype=torch.int64).contiguous()
+            bad = (y < 0) | (y >= v)
+            found = y.shape[0] == n and n and bool(bad.any())  # one device-to-host sync
+            bad_at = int(torch.nonzero(bad)[0, 0]) if found else None
+            bad_label = int(y[bad_at]) if found else None
+        else:  # host labels (files): checked on the host, so the stream never waits here
+            host = np.asarray(labels).reshape(-1).astype(np.int64, copy=False)
+            y = torch.from_numpy(np.ascontiguousarray(host))
+            y = y.pin_memory().to(dev, non_blocking=True) if dev.type == "cuda" else y.to(dev)
+            bad = (host < 0) | (host >= v)
+            bad_at = int(np.argmax(bad)) if host.shape[0] == n and bad.any() else None
+            bad_label = int(host[bad_at]) if bad_at is not None else None
         if y.shape[0] != n:
             raise ValueError(f"labels has {y.shape[0]} entries for {n} tokens")
-        bad = (y < 0) | (y >= v)
-        if n and bool(bad.any()):
-            i = int(torch.nonzero(bad)[0, 0])
-            raise ValueError(f"label {int(y[i])} at token {i} is outside the vocabulary [0, {v})")
+        if bad_at is not None:
+            raise ValueError(f"label {bad_label} at token {bad_at} is outside the vocabulary [0, {v})")
 
     if which == "triton":
         return triton_kernels().logit_stats(
@@ -311,14 +321,17 @@ class PinnedStager:
 
     def _stage(self, lg: Logits, start: int, stop: int, slot: int, side: int):
         torch = self.torch
-        rows = np.ascontiguousarray(lg.data[start:stop])
-        pinned = self._slot_buffer(slot, side, rows.nbytes)
-        pinned.numpy()[:] = rows.reshape(-1).view(np.uint8)  # host memcpy into pinned memory
-        dev = torch.empty(rows.nbytes, dtype=torch.uint8, device=self.device)
+        rows = lg.data[start:stop]
+        shape = (stop - start, *rows.shape[1:])
+        nbytes = int(np.prod(shape)) * rows.dtype.itemsize
+        pinned = self._slot_buffer(slot, side, nbytes)
+        # One host copy, straight from the (memory-mapped) rows into pinned memory.
+        np.copyto(pinned.numpy().view(rows.dtype).reshape(shape), rows)
+        dev = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
         dev.copy_(pinned, non_blocking=True)
         torch_dtype = torch.float32 if rows.dtype == np.float32 else (
             torch.float16 if rows.dtype == np.float16 else torch.int16)
-        return dev.view(torch_dtype).view(rows.shape)
+        return dev.view(torch_dtype).view(shape)
 
     def compare(self, ref, q, labels=None, *, threads=None, llama_parity=False) -> TokenStats:
         torch = self.torch
