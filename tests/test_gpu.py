@@ -282,3 +282,17 @@ def test_pinned_stager_streams_files_like_the_cpu(tmp_path):
     np.testing.assert_allclose(got.kld, want.kld, rtol=2e-4, atol=2e-6)
     np.testing.assert_array_equal(got.top1_ref, want.top1_ref)
     np.testing.assert_allclose(got.nll_q, want.nll_q, rtol=1e-5, atol=1e-6)
+
+
+def test_cli_device_cuda_matches_llama_cpp(tmp_path):
+    """`compare base.kld Q4_K_M.kld --device cuda`: both sides llama.cpp files, parity mode, host
+    chunks through the pinned stager, against what llama.cpp printed."""
+    import json
+
+    from test_llamacpp_parity import DATA, _run, assert_matches_llama_printout
+
+    out = tmp_path / "summary.json"
+    rc = _run(["compare", str(DATA / "base.kld"), str(DATA / "Q4_K_M.kld"), "--device", "cuda",
+               "-o", str(out), "-q"])
+    assert rc == 0
+    assert_matches_llama_printout(json.loads(out.read_text())["models"][0]["summary"])
