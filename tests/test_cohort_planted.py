@@ -254,8 +254,10 @@ def test_routing_against_chance_and_oracle():
 def test_the_null_is_calibrated_where_the_full_cohort_relation_holds():
     """Loss proportional to KLD everywhere, benchmark noise on top: the zone's weaker rho is
     what restriction of range predicts, so the null should seldom call it weaker. Over these
-    40 cohorts it does in 3 (7.5%); with a smooth spline fit, whose end slope overshoots
-    between the reference and the first model outside the zone, it did in 7 (17.5%)."""
+    40 cohorts it does in none at p < 0.1 and in 5 (12.5%) at p < 0.2. Without refitting the
+    curve per draw it did in 3 (7.5%) at p < 0.05, 5 at p < 0.1 and 12 (30%) at p < 0.2;
+    with a smooth spline fit, whose end slope overshoots between the reference and the first
+    model outside the zone, in 7 (17.5%) at p < 0.05."""
     pvals = []
     for seed in range(40):
         rng = np.random.default_rng(100 + seed)
@@ -268,5 +270,6 @@ def test_the_null_is_calibrated_where_the_full_cohort_relation_holds():
         assert v.null.status == "ok"
         pvals.append(v.null.p)
     pvals = np.array(pvals)
-    assert np.mean(pvals < 0.05) <= 0.125
-    assert np.mean(pvals < 0.2) <= 0.4
+    assert np.mean(pvals < 0.05) <= 0.05
+    assert np.mean(pvals < 0.1) <= 0.1
+    assert np.mean(pvals < 0.2) <= 0.2

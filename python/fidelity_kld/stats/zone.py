@@ -138,14 +138,17 @@ class RangeNull:
     on the fitted curve, adds its composite deviation under one bootstrap resample of the
     prompts (shared across models and the reference, as the prompts are), selects the
     zone again from those simulated scores (selection on the benchmark is part of what
-    narrows the zone) and ranks within it. Draws whose zone has fewer than 4 models are
-    dropped.
+    narrows the zone) and ranks within it. The fit is itself made from noisy scores, so each
+    draw first refits it on the fitted values plus another resample's deviations (a
+    parametric bootstrap of the fit). Draws whose zone has fewer than 4 models are dropped.
 
     p is the fraction of draws whose rho is as weak as the observed zone rho or weaker (in
     the full-cohort direction), with the usual +1 correction; p < 0.05 says the collapse is
-    more than restriction of range and benchmark noise predict. The fit is itself noisy, so
-    the null runs a little confident: in simulated cohorts where the relation held, p fell
-    below 0.05 in 7-10% of them. Read p between 0.01 and 0.05 as weak evidence.
+    more than restriction of range and benchmark noise predict. In simulated cohorts where
+    the relation held (three designs, 150-200 cohorts each), p fell below 0.05 in 0-5% of
+    them; without refitting the fit it did in 12-13%. The price is power: a zone scrambled
+    against KLD was called weaker in 77% of cohorts of 1,500 prompts (86% without refits)
+    and 93% of 4,000 (100%).
     """
 
     status: str
@@ -181,16 +184,34 @@ def monotone_fit(x: np.ndarray, y: np.ndarray, increasing: bool):
     Straight lines rather than a smooth monotone spline: a spline's end slopes overshoot
     between the reference and the nearest model outside the zone, which is exactly where
     the zone lies, and in simulation made the null too confident (p < 0.05 in 17-22% of
-    cohorts where the relation did hold, against 7-10% with lines; see
-    tests/test_cohort_planted.py)."""
-    order = np.argsort(x, kind="stable")
-    x, y = x[order], y[order]
+    cohorts where the relation did hold, against 7-10% with lines, before the null refitted
+    the curve per draw; see tests/test_cohort_planted.py)."""
+    fits = monotone_fits(x, np.asarray(y, float)[None, :], increasing)
+    if fits is None:
+        return None
+    return lambda v: fits(np.atleast_1d(np.asarray(v, float)))[0].reshape(np.shape(v))
+
+
+def monotone_fits(x: np.ndarray, ys: np.ndarray, increasing: bool):
+    """monotone_fit for many y rows over the same x at once: a function of points v giving
+    (rows, len(v)) curve values; None with fewer than 2 distinct x. One isotonic regression
+    per row; the grouping and the interpolation weights are shared."""
     ux, inverse, counts = np.unique(x, return_inverse=True, return_counts=True)
     if ux.size < 2:
         return None
-    ymean = np.bincount(inverse, weights=y) / counts
-    fitted = isotonic_regression(ymean, weights=counts.astype(float), increasing=increasing).x
-    return lambda v: np.interp(v, ux, fitted)
+    group = np.zeros((x.size, ux.size))
+    group[np.arange(x.size), inverse] = 1.0 / counts[inverse]
+    ymeans = ys @ group  # (rows, distinct x): the mean y at each distinct x
+    w = counts.astype(float)
+    fitted = np.stack([isotonic_regression(row, weights=w, increasing=increasing).x for row in ymeans])
+
+    def curves(v: np.ndarray) -> np.ndarray:
+        vc = np.clip(v, ux[0], ux[-1])  # constant beyond the ends, as np.interp
+        j = np.clip(np.searchsorted(ux, vc, side="right") - 1, 0, ux.size - 2)
+        frac = (vc - ux[j]) / (ux[j + 1] - ux[j])
+        return fitted[:, j] * (1.0 - frac) + fitted[:, j + 1] * frac
+
+    return curves
 
 
 def null_rho_draws(x: np.ndarray, composite: np.ndarray, zone: np.ndarray, threshold: float,
@@ -207,7 +228,16 @@ def null_rho_draws(x: np.ndarray, composite: np.ndarray, zone: np.ndarray, thres
     if fit is None:
         return None, int(fx.size)
     has_x = ~np.isnan(x)
-    sim = np.where(has_x, fit(np.where(has_x, x, 0.0)), np.nan)[None, :] + deviations[:, 1:]
+    xs = np.where(has_x, x, 0.0)
+    # The fit carries the outside models' own benchmark noise, so each draw refits it: on the
+    # fitted values plus another draw's deviations (a parametric bootstrap of the fit), then
+    # adds its own deviations to that curve.
+    other = np.roll(deviations, 1, axis=0)
+    fit_dev = other[:, 1:][:, outside]
+    if np.isfinite(reference_value):
+        fit_dev = np.column_stack([fit_dev, other[:, 0]])
+    curve = np.where(has_x, monotone_fits(fx, fit(fx) + fit_dev, increasing)(xs), np.nan)
+    sim = curve + deviations[:, 1:]
     # the zone is re-selected in every draw, as it was on the real scores: selecting on
     # the benchmark truncates the zone's spread of scores, and the null must include that
     sim_zone = zone_mask(relative_change(np.column_stack([composite[0] + deviations[:, 0], sim])),
