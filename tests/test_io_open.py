@@ -126,6 +126,23 @@ def test_vocab_token_count_and_token_id_mismatch(tmp_path):
     check_compatible(ref, open_source(tmp_path / "q.npy"))
 
 
+def test_prompt_boundaries_must_agree(tmp_path):
+    ids = np.repeat([0, 1, 2], 4)
+    convert(ArraySource(logits(), prompt_ids=ids, path="r"), tmp_path / "ref.npy")
+    ref = open_source(tmp_path / "ref.npy")
+    # numbered differently, same boundaries: comparable
+    convert(ArraySource(logits(), prompt_ids=ids + 100), tmp_path / "q.npy")
+    check_compatible(ref, open_source(tmp_path / "q.npy"))
+    # the second prompt starts one token early in q
+    shifted = ids.copy()
+    shifted[3] = 1
+    convert(ArraySource(logits(), prompt_ids=shifted), tmp_path / "q.npy")
+    with pytest.raises(DumpError) as e:
+        check_compatible(ref, open_source(tmp_path / "q.npy"))
+    assert "prompt boundaries differ, first at token 3 (a new prompt starts there in q only; " \
+           "2 boundaries differ)" in _names_both(e)
+
+
 # --- example data ---------------------------------------------------------------------
 
 

@@ -127,7 +127,9 @@ def _open_file(path: str, dtype: str | None) -> LogitSource:
 
 def check_compatible(ref: LogitSource, q: LogitSource) -> None:
     """Raise DumpError naming both files unless ref and q can be compared row by row:
-    same vocabulary, same token count, and (when both carry labels) the same token ids."""
+    same vocabulary, same token count, and (when both carry them) the same token ids and the
+    same prompt boundaries (prompt ids may be numbered differently; where each prompt starts
+    must agree)."""
     both = f"{ref.path} (ref) and {q.path} (q)"
     if ref.vocab != q.vocab:
         raise DumpError(f"{both}: vocabulary mismatch ({ref.vocab} vs {q.vocab} entries)")
@@ -140,6 +142,17 @@ def check_compatible(ref: LogitSource, q: LogitSource) -> None:
             raise DumpError(
                 f"{both}: token ids differ, first at token {i} ({int(ref.labels[i])} vs "
                 f"{int(q.labels[i])}; {diff.size} of {ref.n_tokens} differ)"
+            )
+    if ref.prompt_ids is not None and q.prompt_ids is not None and ref.n_tokens > 1:
+        starts_ref = ref.prompt_ids[1:] != ref.prompt_ids[:-1]
+        starts_q = q.prompt_ids[1:] != q.prompt_ids[:-1]
+        diff = np.flatnonzero(starts_ref != starts_q)
+        if diff.size:
+            i = int(diff[0]) + 1
+            which = "ref" if starts_ref[i - 1] else "q"
+            raise DumpError(
+                f"{both}: prompt boundaries differ, first at token {i} (a new prompt starts there "
+                f"in {which} only; {diff.size} boundaries differ)"
             )
 
 
