@@ -164,7 +164,7 @@ def cuda_rows(dtype: str, workdir: Path) -> list[dict]:
     for name, fn in functions(cubin).items():
         if want.search(name):
             loop = main_loop(fn["sass"])
-            pairs = 8 * (4 if BYTES[dtype] == 2 else 2)  # kVec x unroll_steps<DA, DB>()
+            pairs = loop["ex2"] // 2  # kVec x unroll_steps<DA, DB>(): two exp2 per pair
             rows.append({"kernel": "cuda rows", "dtype": dtype, "regs": fn["regs"], "stack": fn["stack"],
                          "pairs_per_trip": pairs, **loop, "per_pair": round(loop["common"] / pairs, 1)})
     return rows

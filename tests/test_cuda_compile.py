@@ -435,5 +435,6 @@ def test_sass_report_finds_the_main_loops(tmp_path):
     rows = __import__("json").loads(out.read_text())
     assert [r["kernel"] for r in rows] == ["triton 2048x4x2"] + (["cuda rows"] if NVCC else [])
     for r in rows:
-        assert r["ex2"] == 2 * r["pairs_per_trip"], r
+        assert r["ex2"] == 2 * r["pairs_per_trip"] and r["pairs_per_trip"] % 8 == 0, r
         assert 0 < r["common"] < r["instructions"], r
+    assert rows[0]["pairs_per_trip"] == 16  # 2048 entries over 4 warps: from the launch
