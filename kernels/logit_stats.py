@@ -14,8 +14,11 @@ Design (one pass over each input, never materialising probabilities):
   Each block takes its max with one block reduction; the running shift k of each side is an
   *integer* k = ceil(max * log2(e)) (float32), so
     t = fma(x, log2e, -k)  (one float32 rounding; the row max lands in (-1, 0]),
-    e = 2^t, d = t_ref - t_q,
-  and moving the shift from k to k' multiplies every running sum by 2^(k - k'), an exact power
+    e = 2^t, d = t_ref - t_q.
+  Beyond |max log2e| = 2^23 (logits above about 5.8e6) float32 integers are too coarse for k:
+  it becomes a pair hi + lo and t = fma(x, log2e, -hi) - lo (_shift_of), in a uniform branch
+  that ordinary rows never take, so finite rows up to 2.3e38 stay exact. Moving the shift
+  from k to k' multiplies every running sum by 2^(k - k'), an exact power
   of two built from the exponent bits. Sums that carry d or t also pick up an exact shift term:
     T_rq' = 2^-da (T_rq + (db - da) S_ref),  T_qr' = 2^-db (T_qr + (db - da) S_q),
     H'    = 2^-da (H - da S_ref).
@@ -39,8 +42,9 @@ Design (one pass over each input, never materialising probabilities):
   side, and the next block's loads in flight while this one is reduced (tl.range num_stages=2).
   Each block pays a fixed cost for its two cross-warp reductions (about 200 instructions per
   thread and 9 barriers, read off the sm_90 SASS); 16 entries per thread spread it to about 30
-  instructions per entry pair on the common path, against about 43 with 8 (the earlier 4096 x
-  16 warps), while an H100 at 2.7 TB/s of bf16 leaves about 44 per pair. 168 registers (194 for
+  instructions per entry pair on the common path, against about 46 with 8 (the earlier 4096 x
+  16 warps), while an H100 at 2.7 TB/s of bf16 leaves about 44 per pair
+  (benchmarks/sass_report.py). 168 registers (194 for
   float32), no spills: 2-3 programs per SM, whose barriers interleave. Block size, warps,
   stages and the fused reductions are launcher options that benchmarks/bench_gpu.py --sweep
   times; no H100 timing has chosen between them yet.
