@@ -17,7 +17,8 @@ Design (one pass over each input, never materialising probabilities):
     e = 2^t, d = t_ref - t_q.
   Beyond |max log2e| = 2^23 (logits above about 5.8e6) float32 integers are too coarse for k:
   it becomes a pair hi + lo and t = fma(x, log2e, -hi) - lo (_shift_of), in a uniform branch
-  that ordinary rows never take, so finite rows up to 2.3e38 stay exact. Moving the shift
+  that ordinary rows never take, so rows whose max lies within +-2.3e38 (where max * log2e is
+  still a float32) stay exact. Moving the shift
   from k to k' multiplies every running sum by 2^(k - k'), an exact power
   of two built from the exponent bits. Sums that carry d or t also pick up an exact shift term:
     T_rq' = 2^-da (T_rq + (db - da) S_ref),  T_qr' = 2^-db (T_qr + (db - da) S_q),
@@ -78,9 +79,10 @@ LN2_HI = tl.constexpr(6.93147180369123816490e-01)  # fdlibm's split of ln 2 for 
 LN2_LO = tl.constexpr(1.90821492927058770002e-10)
 INV_LN2 = tl.constexpr(1.4426950408889634)
 SQRT2 = tl.constexpr(1.4142135623730951)
-# Shift of a side that has seen no finite entry yet: finite, so differences stay finite, and far
-# below any real ceil(max * log2 e); its sums are 0, so every term it scales is 0.
-K_FLOOR = tl.constexpr(-(2.0**126))
+# Shift of a side that has seen no finite entry yet: finite, so differences stay finite, and at
+# or below any real ceil(max * log2 e) (the most negative float32); its sums are 0, so every
+# term it scales is 0.
+K_FLOOR = tl.constexpr(-3.4028234663852886e38)
 # From |max * log2 e| = 2^23 on, float32 holds only integers there, and the rounding of
 # max * log2 e itself (up to half an ulp: 2^16 at 1e12) would be left in t: the shift becomes
 # hi + lo (see _shift_of).
@@ -253,8 +255,8 @@ def _block_sum5(a, b, c, d, e, FUSED: tl.constexpr):
 def _shift_of(m):
     """The integer shift (hi, lo) for a block max m: t = fma(x, log2e, -hi) - lo puts m at
     t in (-1, 0]. Below 2^23, hi = ceil(m log2e) and lo = 0. Above, hi = fl(m log2e) (an
-    integer there) and lo = ceil of its exact rounding error (one fma), so rows of any finite
-    magnitude below 2.3e38 keep t exact near their max instead of overflowing 2^t."""
+    integer there) and lo = ceil of its exact rounding error (one fma), so rows whose max lies
+    within +-2.3e38 keep t exact near their max instead of overflowing 2^t."""
     p = m * LOG2E
     big = (tl.abs(p) >= BIG_SHIFT) & (tl.abs(p) < float("inf"))
     hi = tl.where(big, p, tl.math.ceil(p))

@@ -76,10 +76,10 @@ def random_logprobs(rng, n, v, scale=4.0):
 
 
 def huge_logit_rows(v=3000):
-    """float32 (ref, q) rows at magnitudes from 1e6 to 1e37, far beyond any real model's logits
+    """float32 (ref, q) rows at magnitudes from 1e6 to 2e38, far beyond any real model's logits
     but finite, so every output must be finite and exact: rows offset by a huge constant, rows
-    scaled by it (values spread over +-mag), negative offsets, a max that arrives in the last
-    entries after everything before sat 1e30 lower, and a masked half."""
+    scaled by it (values spread over +-mag), negative offsets down to -2e38, a max that arrives
+    in the last entries after everything before sat 1e30 lower, and a masked half."""
     rng = np.random.default_rng(2037)
     rows_a, rows_b = [], []
     for mag in (1e6, 1e8, 1e9, 1e12, 1e20, 1e30, 1e37):
@@ -95,6 +95,9 @@ def huge_logit_rows(v=3000):
     half[: v // 2] = -np.inf
     rows_a.append(half)
     rows_b.append(np.where(np.isinf(half), -np.inf, half * 1.001))
+    low = rng.standard_normal(v) * 3 - 2e38  # a max near the most negative float32
+    rows_a.append(low)
+    rows_b.append(low + rng.standard_normal(v) * 1e32)
     with np.errstate(over="ignore"):
         a = np.asarray(rows_a).astype(np.float32)
         b = np.asarray(rows_b).astype(np.float32)

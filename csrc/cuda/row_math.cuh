@@ -29,9 +29,9 @@ namespace cuda_detail {
 
 constexpr float kLog2eF = 1.44269504088896340736f;
 constexpr double kLn2Eff = 1.0 / static_cast<double>(kLog2eF);
-// Shift of a side that has seen no finite entry yet: finite (differences stay finite) and far
+// Shift of a side that has seen no finite entry yet: finite (differences stay finite) and at or
 // below any real ceil(max * log2 e); its sums are 0, so every term it scales is 0.
-constexpr float kKFloor = -8.5070591730234616e37f;  // -2^126
+constexpr float kKFloor = -3.40282346638528859812e38f;  // the most negative float32
 // From |max * log2 e| = 2^23 on float32 holds only integers, and the rounding of max * log2 e
 // (up to half an ulp: 2^16 at 1e12) would be left in t.
 constexpr float kBigShift = 8388608.0f;
@@ -221,8 +221,8 @@ FK_HD double pow2_neg(double delta) {
 
 // The integer shift for a step max m, as hi + lo: t = fma(x, log2e, -hi) - lo puts m at
 // t in (-1, 0]. Below 2^23, hi = ceil(m log2e), lo = 0; above, hi = fl(m log2e) (an integer
-// there) and lo = ceil of its exact rounding error, one fma. Rows of any finite magnitude below
-// 2.3e38 (where m log2e overflows) keep t exact near their max.
+// there) and lo = ceil of its exact rounding error, one fma. Rows whose max lies within
+// +-2.3e38 (beyond, m log2e overflows) keep t exact near their max.
 FK_HD void shift_of(float m, float& hi, float& lo) {
   hi = ceilf(m * kLog2eF);
   lo = 0.0f;
