@@ -344,3 +344,71 @@ def test_compare_gpu_plumbing_on_the_interpreter():
             gpu.compare_gpu(torch.from_numpy(a), torch.from_numpy(b), labels, backend="triton")
     with pytest.raises(ValueError, match="backend"):
         gpu.compare_gpu(torch.from_numpy(a), torch.from_numpy(b), backend="opencl")
+
+
+def test_pinned_stager_bookkeeping_on_the_interpreter(monkeypatch):
+    """`compare --device cuda`'s PinnedStager run on the CPU: torch.cuda's streams, events and
+    pinned memory replaced by synchronous stand-ins, the kernel by the interpreter. The
+    overlap itself needs a GPU (tests/test_gpu.py); this pins the bookkeeping: two pinned
+    slots reused over many sub-chunks and chunks, results and labels in token order, llama.cpp
+    rows on both sides in parity mode."""
+    import contextlib
+
+    from fidelity_kld import Logits, gpu
+    from fidelity_kld.io import ArraySource
+    from fidelity_kld.stream import compare_sources
+
+    if "Interpreted" not in type(gpu.triton_kernels()._logit_stats_kernel).__name__:
+        pytest.skip("fidelity_kld.kernels was loaded for a GPU earlier in this process")
+
+    class Stream:
+        cuda_stream = 0
+
+        def wait_stream(self, other):
+            pass
+
+        def wait_event(self, event):
+            pass
+
+        def synchronize(self):
+            pass
+
+    class Event:
+        def record(self, stream=None):
+            pass
+
+        def synchronize(self):
+            pass
+
+    real_empty = torch.empty
+    allocations = []
+
+    def empty(*args, pin_memory=False, **kw):
+        if pin_memory:
+            allocations.append(args)
+        return real_empty(*args, **kw)
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "Stream", lambda device=None: Stream())
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: Stream())
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
+    monkeypatch.setattr(torch.Tensor, "record_stream", lambda self, s: None)
+    monkeypatch.setattr(torch, "empty", empty)
+
+    rng = np.random.default_rng(21)
+    n, v = 37, 301
+    ref_raw, ref64 = llama_rows(random_logprobs(rng, n, v), 2.0**-10, -60.0)
+    q_raw, q64 = llama_rows(np.minimum(ref64 + 0.3 * rng.standard_normal((n, v)), 0.0), 2.0**-10, -60.0)
+    labels = rng.integers(0, v, n)
+    row_bytes = 2 * ref_raw.shape[1]
+    stager = gpu.PinnedStager(sub_chunk_bytes=5 * 2 * row_bytes, backend="triton", device="cpu")
+    ref = ArraySource(Logits(ref_raw, "llama_u16", v), path="ref")
+    q = ArraySource(Logits(q_raw, "llama_u16", v), path="q")
+    # 12 rows of both sides a chunk (4 chunks, the last short), 5 rows a sub-chunk
+    with np.errstate(all="ignore"):  # the interpreter's numpy sees the -inf blocks' 0 * inf
+        (got,) = compare_sources(ref, [q], labels=labels, chunk_bytes=12 * 2 * row_bytes,
+                                 llama_parity=True, compare_fn=stager.compare)
+    check(got.as_dict(), ref64, q64, labels, llama_parity=True, q_logprobs=True)
+    np.testing.assert_array_equal(got.labels, labels)
+    assert len(allocations) == 4  # two slots per side, reused for every sub-chunk
