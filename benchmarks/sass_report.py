@@ -107,39 +107,53 @@ def main_loop(ins: list[tuple[int, str]]) -> dict:
             "barriers": sum("BAR.SYNC" in t for t in path), "shuffles": sum("SHFL" in t for t in path)}
 
 
-def triton_rows(configs: list[str], dtype: str, workdir: Path) -> list[dict]:
+def load_triton_kernels():
+    """kernels/logit_stats.py as a module (by path: no install needed)."""
+    spec = importlib.util.spec_from_file_location("fk_triton_logit_stats", ROOT / "kernels" / "logit_stats.py")
+    ks = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ks)
+    return ks
+
+
+def compile_sm90(kernel, dt_a: str, dt_b: str, consts: dict, num_warps: int):
+    """A Triton kernel of kernels/logit_stats.py compiled for an H100 (sm_90), no GPU needed:
+    dt_a / dt_b are Triton pointer types ('*bf16', '*i16' for llama rows...); pointers and
+    strides are declared 16-byte divisible, as a contiguous torch tensor's are."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    spec = importlib.util.spec_from_file_location("fk_triton_logit_stats", ROOT / "kernels" / "logit_stats.py")
-    ks = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(ks)
-    kernel = ks._logit_stats_kernel
+    sig = {}
+    for name in kernel.arg_names:
+        if name in consts:
+            sig[name] = "constexpr"
+        elif name in ("a_ptr", "b_ptr"):
+            sig[name] = dt_a if name == "a_ptr" else dt_b
+        elif name == "labels_ptr":
+            sig[name] = "*i64"
+        elif name in ("top1_ref_ptr", "top1_q_ptr"):
+            sig[name] = "*i32"
+        elif name.endswith("_ptr"):
+            sig[name] = "*fp64"
+        else:
+            sig[name] = "i64" if "stride" in name else "i32"
+    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(kernel.arg_names)
+             if sig[n] != "constexpr" and n != "cols_per_split"}
+    compiled = triton.compile(ASTSource(kernel, sig, consts, attrs), target=GPUTarget("cuda", 90, 32),
+                              options={"num_warps": num_warps})
+    assert compiled.asm.get("cubin"), "no cubin"
+    return compiled
+
+
+def triton_rows(configs: list[str], dtype: str, workdir: Path) -> list[dict]:
+    ks = load_triton_kernels()
     rows = []
     for cfg in configs:
         block_v, warps, stages = (int(x) for x in cfg.split("x"))
         consts = dict(A_LLAMA=False, B_LLAMA=False, PARITY=False, HAS_LABELS=False, SPLIT=False,
                       BLOCK_V=block_v, FUSED=True, NUM_STAGES=stages)
-        sig = {}
-        for name in kernel.arg_names:
-            if name in consts:
-                sig[name] = "constexpr"
-            elif name in ("a_ptr", "b_ptr"):
-                sig[name] = TRITON_TYPES[dtype]
-            elif name == "labels_ptr":
-                sig[name] = "*i64"
-            elif name in ("top1_ref_ptr", "top1_q_ptr"):
-                sig[name] = "*i32"
-            elif name.endswith("_ptr"):
-                sig[name] = "*fp64"
-            else:
-                sig[name] = "i64" if "stride" in name else "i32"
-        # Pointers and strides divisible by 16 bytes, as a contiguous torch tensor's are.
-        attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(kernel.arg_names)
-                 if sig[n] != "constexpr" and n != "cols_per_split"}
-        compiled = triton.compile(ASTSource(kernel, sig, consts, attrs), target=GPUTarget("cuda", 90, 32),
-                                  options={"num_warps": warps, "num_stages": 1})
+        compiled = compile_sm90(ks._logit_stats_kernel, TRITON_TYPES[dtype], TRITON_TYPES[dtype],
+                                consts, warps)
         cubin = workdir / f"triton_{cfg}.cubin"
         cubin.write_bytes(compiled.asm["cubin"])
         (fn,) = functions(cubin).values()

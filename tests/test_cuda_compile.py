@@ -64,39 +64,20 @@ def test_cuda_sources_compile(tmp_path):
 
 
 TRITON_COMPILE = r"""
-import importlib.util, sys
+import sys
+sys.path.insert(0, sys.argv[1])
 try:
     import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
+    from sass_report import compile_sm90, load_triton_kernels
 except ImportError as exc:
     print("triton compile API unavailable:", exc); sys.exit(3)
-spec = importlib.util.spec_from_file_location("fk_triton_logit_stats", sys.argv[1])
-ks = importlib.util.module_from_spec(spec); spec.loader.exec_module(ks)
-
-def signature(kernel, dt_a, dt_b, consts):
-    sig = {}
-    for name in kernel.arg_names:
-        if name in consts: sig[name] = "constexpr"
-        elif name == "a_ptr": sig[name] = dt_a
-        elif name == "b_ptr": sig[name] = dt_b
-        elif name == "labels_ptr": sig[name] = "*i64"
-        elif name in ("top1_ref_ptr", "top1_q_ptr"): sig[name] = "*i32"
-        elif name.endswith("_ptr"): sig[name] = "*fp64"
-        else: sig[name] = "i64" if "stride" in name else "i32"
-    return sig
+ks = load_triton_kernels()
 
 def build(kernel, dt_a, dt_b, consts, num_warps):
-    sig = signature(kernel, dt_a, dt_b, consts)
-    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(kernel.arg_names)
-             if sig[n] != "constexpr" and n != "cols_per_split"}
     try:
-        src = ASTSource(kernel, sig, consts, attrs)
+        return compile_sm90(kernel, dt_a, dt_b, consts, num_warps)
     except TypeError as exc:
         print("triton compile API changed:", exc); sys.exit(3)
-    k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
-    assert k.asm.get("cubin"), "no cubin"
-    return k
 
 # (ref, q, llama ref, llama q, parity, labels, split, block, warps, stages): the launcher's
 # defaults for 16-bit and float32 logits, llama rows, the split variant and a tiny block.
@@ -121,7 +102,7 @@ def test_triton_kernel_compiles_for_sm90(tmp_path):
     script.write_text(TRITON_COMPILE)
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_CACHE_DIR"] = str(tmp_path / "cache")
-    proc = subprocess.run([sys.executable, str(script), str(ROOT / "kernels" / "logit_stats.py")],
+    proc = subprocess.run([sys.executable, str(script), str(ROOT / "benchmarks")],
                           capture_output=True, text=True, env=env, timeout=600)
     if proc.returncode == 3:
         pytest.skip(proc.stdout.strip())
