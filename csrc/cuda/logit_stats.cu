@@ -128,40 +128,31 @@ __device__ State block_merge(State s, Shared& sh) {
     sh.index[1][warp] = ib;
   }
   const bool bad = __syncthreads_or(s.bad);  // also the barrier for the stores above
-  State out;
-  split_shift(ka, out.ka, out.la);
-  split_shift(kb, out.kb, out.lb);
-  double r[7];
+  // The block's state in the split workspace's encoding (write_part), then decoded.
+  double words[kPart] = {ka, kb};
 #pragma unroll
   for (int k = 0; k < 7; ++k) {
-    r[k] = sh.sums[k][0];
+    double sum = sh.sums[k][0];
 #pragma unroll
-    for (int w = 1; w < kWarps; ++w) r[k] += sh.sums[k][w];
+    for (int w = 1; w < kWarps; ++w) sum += sh.sums[k][w];
+    words[2 + k] = sum;
   }
-  out.sa = r[0];
-  out.sb = r[1];
-  out.trq = r[2];
-  out.tqr = r[3];
-  out.h = r[4];
-  out.wt = r[5];
-  out.ws = r[6];
-  out.best_a = sh.best[0][0];
-  out.ia = sh.index[0][0];
-  out.best_b = sh.best[1][0];
-  out.ib = sh.index[1][0];
+  float best[2] = {sh.best[0][0], sh.best[1][0]};
+  int index[2] = {sh.index[0][0], sh.index[1][0]};
 #pragma unroll
-  for (int w = 1; w < kWarps; ++w) {
-    if (better(sh.best[0][w], sh.index[0][w], out.best_a, out.ia)) {
-      out.best_a = sh.best[0][w];
-      out.ia = sh.index[0][w];
+  for (int side = 0; side < 2; ++side) {
+#pragma unroll
+    for (int w = 1; w < kWarps; ++w) {
+      if (better(sh.best[side][w], sh.index[side][w], best[side], index[side])) {
+        best[side] = sh.best[side][w];
+        index[side] = sh.index[side][w];
+      }
     }
-    if (better(sh.best[1][w], sh.index[1][w], out.best_b, out.ib)) {
-      out.best_b = sh.best[1][w];
-      out.ib = sh.index[1][w];
-    }
+    words[9 + side] = best[side];
+    words[11 + side] = index[side];
   }
-  out.bad = bad;
-  return out;
+  words[13] = bad ? 1.0 : 0.0;
+  return read_part(words);
 }
 
 // ----------------------------------------------------------------------------------------------
