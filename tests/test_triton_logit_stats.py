@@ -307,6 +307,23 @@ def test_launch_options_do_not_change_results(num_stages, num_warps):
     check(got, a.astype(np.float64), b.astype(np.float64))
 
 
+@pytest.mark.parametrize("splits", [1, 3])
+def test_fused_reductions(splits):
+    """The GPU's default: one multi-operand tl.reduce per block (the interpreter otherwise runs
+    one tl.sum / tl.max each), here with masked entries, ties and labels."""
+    rng = np.random.default_rng(17)
+    a, b = make_pair(rng, 4, 700)
+    a[1, 100:400] = -np.inf
+    b[2, 50:60] = -np.inf
+    a[3, [10, 650]] = 40.0  # a tie across blocks
+    labels = rng.integers(0, 700, 4)
+    with np.errstate(all="ignore"):
+        got = run(torch.from_numpy(a), torch.from_numpy(b), torch.from_numpy(labels), block_v=128,
+                  splits=splits, fused_reduce=True)
+    check(got, a.astype(np.float64), b.astype(np.float64), labels)
+    assert got["top1_ref"][3] == 10
+
+
 def test_input_errors():
     a = torch.zeros((3, 10))
     with pytest.raises(ValueError, match="llama_parity"):
