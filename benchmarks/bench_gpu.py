@@ -202,9 +202,15 @@ def main(argv=None):
                             (2048, 4, 2, False)]
                 for bv, nw, st, fused in variants:
                     label = f"triton b{bv} w{nw} s{st}{'' if fused else ' unfused'}"
-                    t = gpu_time(lambda: triton_run(block_v=bv, num_warps=nw, num_stages=st,
-                                                    fused_reduce=fused), args.budget / 2)
-                    record(label, dtype, n, v, t, nbytes, roof)
+
+                    def variant(bv=bv, nw=nw, st=st, fused=fused):
+                        return triton_run(block_v=bv, num_warps=nw, num_stages=st, fused_reduce=fused)
+
+                    for k in out.values():
+                        k.fill_(0)
+                    variant()
+                    ok = check_rows(label, out, a, b)
+                    record(label, dtype, n, v, gpu_time(variant, args.budget / 2), nbytes, roof, ok)
             if args.baselines == "all" or (args.baselines == "headline" and headline):
                 record("torch eager", dtype, n, v, gpu_time(lambda: torch_stats(a, b), args.budget,
                                                                min_batches=2), nbytes, roof)
