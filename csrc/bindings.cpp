@@ -6,6 +6,8 @@
 
 #include <optional>
 #include <string>
+#include <utility>
+#include <vector>
 
 #include "fidelity_kld/logit_stats.h"
 #ifdef FK_HAVE_CUDA
@@ -86,6 +88,74 @@ fk::SimdLevel parse_simd(const std::string& s) {
   return want;
 }
 
+// One model's output arrays, in the order of the keyword arguments.
+struct Outputs {
+  std::optional<py::array> kld, kld_reverse, lse_ref, lse_q, entropy_ref, top1_ref, top1_q,
+      nll_ref, nll_q, p_ref_y, p_q_y, kld_llama;
+
+  static Outputs from_dict(const py::dict& d) {
+    Outputs o;
+    const std::pair<const char*, std::optional<py::array>*> fields[] = {
+        {"kld", &o.kld}, {"kld_reverse", &o.kld_reverse}, {"lse_ref", &o.lse_ref},
+        {"lse_q", &o.lse_q}, {"entropy_ref", &o.entropy_ref}, {"top1_ref", &o.top1_ref},
+        {"top1_q", &o.top1_q}, {"nll_ref", &o.nll_ref}, {"nll_q", &o.nll_q},
+        {"p_ref_y", &o.p_ref_y}, {"p_q_y", &o.p_q_y}, {"kld_llama", &o.kld_llama}};
+    size_t used = 0;
+    for (const auto& [name, field] : fields) {
+      if (!d.contains(name)) continue;
+      ++used;
+      if (!d[name].is_none()) *field = d[name].cast<py::array>();
+    }
+    FK_CHECK(used == d.size(), "unknown output name in " << std::string(py::str(d.attr("keys")())));
+    return o;
+  }
+
+  void apply(fk::LogitStatsParams& p, int64_t n) const {
+    p.kld = check_out<double>(kld, n, "kld");
+    p.kld_reverse = check_out<double>(kld_reverse, n, "kld_reverse");
+    p.lse_ref = check_out<double>(lse_ref, n, "lse_ref");
+    p.lse_q = check_out<double>(lse_q, n, "lse_q");
+    p.entropy_ref = check_out<double>(entropy_ref, n, "entropy_ref");
+    p.top1_ref = check_out<int32_t>(top1_ref, n, "top1_ref");
+    p.top1_q = check_out<int32_t>(top1_q, n, "top1_q");
+    p.nll_ref = check_out<double>(nll_ref, n, "nll_ref");
+    p.nll_q = check_out<double>(nll_q, n, "nll_q");
+    p.p_ref_y = check_out<double>(p_ref_y, n, "p_ref_y");
+    p.p_q_y = check_out<double>(p_q_y, n, "p_q_y");
+    p.kld_llama = check_out<double>(kld_llama, n, "kld_llama");
+  }
+};
+
+// The reference side and the shared settings of a call.
+fk::LogitStatsParams ref_params(const py::array& ref, const std::string& ref_dtype, int64_t vocab,
+                                const std::optional<py::array_t<int64_t, py::array::c_style>>& labels,
+                                bool llama_parity, int threads) {
+  fk::LogitStatsParams p;
+  p.ref_dtype = parse_dtype(ref_dtype);
+  const Matrix a = check_matrix(ref, p.ref_dtype, vocab, "ref");
+  p.ref = a.data;
+  p.ref_row_stride = a.row_stride;
+  p.n_rows = a.rows;
+  p.vocab = vocab;
+  if (labels) {
+    FK_CHECK(labels->ndim() == 1 && labels->shape(0) == a.rows,
+             "labels must be 1-D of length " << a.rows);
+    p.labels = labels->data();
+  }
+  p.llama_parity = llama_parity;
+  p.threads = threads;
+  return p;
+}
+
+void set_q(fk::LogitStatsParams& p, const py::array& q, const std::string& q_dtype,
+           const char* what) {
+  p.q_dtype = parse_dtype(q_dtype);
+  const Matrix b = check_matrix(q, p.q_dtype, p.vocab, what);
+  FK_CHECK(b.rows == p.n_rows, "ref has " << p.n_rows << " tokens but " << what << " has " << b.rows);
+  p.q = b.data;
+  p.q_row_stride = b.row_stride;
+}
+
 void register_logit_stats(py::module_& m) {
   using OutD = std::optional<py::array>;
   using OutI = std::optional<py::array>;
@@ -97,38 +167,10 @@ void register_logit_stats(py::module_& m) {
          bool llama_parity, int threads, const std::string& simd, OutD kld, OutD kld_reverse,
          OutD lse_ref, OutD lse_q, OutD entropy_ref, OutI top1_ref, OutI top1_q, OutD nll_ref,
          OutD nll_q, OutD p_ref_y, OutD p_q_y, OutD kld_llama) {
-        fk::LogitStatsParams p;
-        p.ref_dtype = parse_dtype(ref_dtype);
-        p.q_dtype = parse_dtype(q_dtype);
-        const Matrix a = check_matrix(ref, p.ref_dtype, vocab, "ref");
-        const Matrix b = check_matrix(q, p.q_dtype, vocab, "q");
-        FK_CHECK(a.rows == b.rows, "ref has " << a.rows << " tokens but q has " << b.rows);
-        p.ref = a.data;
-        p.q = b.data;
-        p.ref_row_stride = a.row_stride;
-        p.q_row_stride = b.row_stride;
-        p.n_rows = a.rows;
-        p.vocab = vocab;
-        const int64_t n = a.rows;
-        if (labels) {
-          FK_CHECK(labels->ndim() == 1 && labels->shape(0) == n,
-                   "labels must be 1-D of length " << n);
-          p.labels = labels->data();
-        }
-        p.llama_parity = llama_parity;
-        p.threads = threads;
-        p.kld = check_out<double>(kld, n, "kld");
-        p.kld_reverse = check_out<double>(kld_reverse, n, "kld_reverse");
-        p.lse_ref = check_out<double>(lse_ref, n, "lse_ref");
-        p.lse_q = check_out<double>(lse_q, n, "lse_q");
-        p.entropy_ref = check_out<double>(entropy_ref, n, "entropy_ref");
-        p.top1_ref = check_out<int32_t>(top1_ref, n, "top1_ref");
-        p.top1_q = check_out<int32_t>(top1_q, n, "top1_q");
-        p.nll_ref = check_out<double>(nll_ref, n, "nll_ref");
-        p.nll_q = check_out<double>(nll_q, n, "nll_q");
-        p.p_ref_y = check_out<double>(p_ref_y, n, "p_ref_y");
-        p.p_q_y = check_out<double>(p_q_y, n, "p_q_y");
-        p.kld_llama = check_out<double>(kld_llama, n, "kld_llama");
+        fk::LogitStatsParams p = ref_params(ref, ref_dtype, vocab, labels, llama_parity, threads);
+        set_q(p, q, q_dtype, "q");
+        Outputs{kld, kld_reverse, lse_ref, lse_q, entropy_ref, top1_ref, top1_q, nll_ref, nll_q,
+                p_ref_y, p_q_y, kld_llama}.apply(p, p.n_rows);
         const fk::SimdLevel level = parse_simd(simd);
         // Safe without the GIL: the core reads and writes only the buffers above, which the
         // py::array arguments keep alive until this lambda returns, and touches no Python object.
@@ -143,6 +185,31 @@ void register_logit_stats(py::module_& m) {
       py::arg("p_ref_y") = py::none(), py::arg("p_q_y") = py::none(),
       py::arg("kld_llama") = py::none(),
       "Fill per-token statistics of ref vs q into the given float64/int32 output arrays.");
+  m.def(
+      "logit_stats_multi",
+      [](const py::array& ref, const std::string& ref_dtype, const std::vector<py::array>& qs,
+         const std::string& q_dtype, int64_t vocab,
+         const std::optional<py::array_t<int64_t, py::array::c_style>>& labels,
+         bool llama_parity, int threads, const std::string& simd, const std::vector<py::dict>& outs) {
+        FK_CHECK(!qs.empty() && qs.size() == outs.size(),
+                 "need one output dict per model (" << qs.size() << " models, " << outs.size()
+                                                    << " dicts)");
+        const fk::LogitStatsParams base = ref_params(ref, ref_dtype, vocab, labels, llama_parity, threads);
+        std::vector<fk::LogitStatsParams> ps(qs.size(), base);
+        for (size_t j = 0; j < qs.size(); ++j) {
+          const std::string what = "q[" + std::to_string(j) + "]";
+          set_q(ps[j], qs[j], q_dtype, what.c_str());
+          Outputs::from_dict(outs[j]).apply(ps[j], base.n_rows);
+        }
+        const fk::SimdLevel level = parse_simd(simd);
+        py::gil_scoped_release release;  // as above: only the arrays in qs and outs are touched
+        fk::logit_stats_multi(ps.data(), static_cast<int>(ps.size()), level);
+      },
+      py::arg("ref"), py::arg("ref_dtype"), py::arg("qs"), py::arg("q_dtype"), py::arg("vocab"),
+      py::kw_only(), py::arg("labels") = py::none(), py::arg("llama_parity") = false,
+      py::arg("threads") = 0, py::arg("simd") = "auto", py::arg("outs"),
+      "Per-token statistics of several models (same dtype) against one reference, each into "
+      "its own dict of output arrays; each model's results are bitwise those of logit_stats.");
 }
 
 #ifdef FK_HAVE_CUDA

@@ -269,3 +269,71 @@ def test_simd_level_above_cpu_is_refused():
         pytest.skip("this CPU runs the highest level")
     with pytest.raises(ValueError, match="not available"):
         fk.compare(np.zeros((1, 4), np.float32), np.zeros((1, 4), np.float32), simd="avx512")
+
+
+def _multi_cases(rng, n, v):
+    """A reference and seven models of mixed kinds: plain, masked entries, a NaN row, huge
+    magnitudes, an identical copy, and two of other dtypes."""
+    a, _ = make_pair(rng, n, v)
+    a[2, : v // 3] = -np.inf  # the reference masked on one row: every model takes the masked path
+    models = []
+    for j in range(5):
+        b = (a + rng.standard_normal((n, v)).astype(np.float32) * 0.1 * (j + 1)).astype(np.float32)
+        b[2] = np.where(np.isinf(a[2]), -np.inf, b[2])
+        models.append(b)
+    models[1][4, 7] = np.nan  # an invalid row for one model only
+    models[2][5, 100:200] = -np.inf  # q masked where p has mass: KLD +inf on that row
+    models[3][6] *= 1e7  # a huge row for one model
+    models[4] = a.copy()  # identical to the reference
+    return a, models
+
+
+@pytest.mark.parametrize("simd", AVAILABLE)
+@pytest.mark.parametrize("m", [1, 2, 3, 5, 7])
+def test_compare_many_is_compare_bitwise(simd, m):
+    """Each model's results from compare_many are bitwise those of compare alone, for every
+    group size (groups of 4, 2, 1), masked and invalid rows, and models of other dtypes."""
+    rng = np.random.default_rng([m, LEVELS.index(simd)])
+    n, v = 9, 1271
+    a, models = _multi_cases(rng, n, v)
+    qs = models + [encode(models[0], "float16")[0], encode(models[1], "bfloat16")[0]]
+    qs = qs[:m]
+    labels = rng.integers(0, v, n)
+    many = fk.compare_many(a, qs, labels, simd=simd)
+    assert len(many) == m
+    for q, got in zip(qs, many):
+        want = fk.compare(a, q, labels, simd=simd)
+        for key, w in want.as_dict().items():
+            np.testing.assert_array_equal(got.as_dict()[key], w, err_msg=key)
+    # and, independently, the first model against the float64 oracle
+    check_against_reference(many[0], a.astype(np.float64), models[0].astype(np.float64), labels)
+
+
+@pytest.mark.parametrize("simd", AVAILABLE)
+def test_compare_many_llama_parity(simd):
+    rng = np.random.default_rng(23)
+    n, v = 6, 2001
+    raw, ref64 = llama_rows(random_logprobs(rng, n, v), 2.0**-10, -60.0)
+    ref = fk.Logits(raw, "llama_u16", v)
+    qs = []
+    for j in range(5):
+        q_raw, _ = llama_rows(np.minimum(ref64 + 0.2 * (j + 1) * rng.standard_normal((n, v)), 0.0),
+                              2.0**-10, -60.0)
+        qs.append(fk.Logits(q_raw, "llama_u16", v))
+    labels = rng.integers(0, v, n)
+    many = fk.compare_many(ref, qs, labels, llama_parity=True, simd=simd)
+    for q, got in zip(qs, many):
+        want = fk.compare(ref, q, labels, llama_parity=True, simd=simd)
+        for key, w in want.as_dict().items():
+            np.testing.assert_array_equal(got.as_dict()[key], w, err_msg=key)
+
+
+def test_compare_many_errors():
+    a = np.zeros((3, 10), np.float32)
+    with pytest.raises(ValueError, match="vocabulary mismatch"):
+        fk.compare_many(a, [a, np.zeros((3, 11), np.float32)])
+    with pytest.raises(ValueError, match="token count mismatch"):
+        fk.compare_many(a, [np.zeros((2, 10), np.float32)])
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        fk.compare_many(a, [a, a], [0, 1, 10])
+    assert fk.compare_many(a, []) == []

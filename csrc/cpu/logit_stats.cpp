@@ -85,31 +85,32 @@ const char* simd_level_name(SimdLevel level) {
 
 void logit_stats(const LogitStatsParams& p) { logit_stats(p, active_simd_level()); }
 
-void logit_stats(const LogitStatsParams& p, SimdLevel level) {
-  validate(p);
-  if (p.n_rows == 0) return;
-  const RowsFn fn = rows_fn(level);
-  int threads = p.threads > 0 ? p.threads : static_cast<int>(std::thread::hardware_concurrency());
+namespace {
+
+// Rows [0, n_rows) over threads: fn(begin, end) on blocks of rows. A thread is worth starting
+// for about 256 KB of input (row_bytes: the input bytes of one row, every side); results do
+// not depend on the split.
+template <class Fn>
+void parallel_rows(int64_t n_rows, int64_t row_bytes, int requested, const Fn& fn) {
+  int threads = requested > 0 ? requested : static_cast<int>(std::thread::hardware_concurrency());
   threads = std::max(threads, 1);
-  // A thread is worth starting for about 256 KB of input; results do not depend on the split.
-  const int64_t row_bytes = p.vocab * (dtype_size(p.ref_dtype) + dtype_size(p.q_dtype));
-  const int64_t useful = std::max<int64_t>(1, p.n_rows * row_bytes / (256 * 1024));
-  threads = static_cast<int>(std::min<int64_t>({threads, p.n_rows, useful}));
+  const int64_t useful = std::max<int64_t>(1, n_rows * row_bytes / (256 * 1024));
+  threads = static_cast<int>(std::min<int64_t>({threads, n_rows, useful}));
   if (threads == 1) {
-    fn(p, 0, p.n_rows);
+    fn(int64_t{0}, n_rows);
     return;
   }
   // Rows are handed out in small blocks from a shared counter, so a thread that the OS
   // preempts (a reader thread shares these cores) delays only its current block, not a
   // fixed share of the call. Each row's result does not depend on which thread computes it.
   const int64_t block = std::max<int64_t>(1, std::min<int64_t>(
-      p.n_rows / (4 * threads), std::max<int64_t>(1, (2 << 20) / std::max<int64_t>(row_bytes, 1))));
+      n_rows / (4 * threads), std::max<int64_t>(1, (2 << 20) / std::max<int64_t>(row_bytes, 1))));
   std::atomic<int64_t> next{0};
   const auto worker = [&] {
     for (;;) {
       const int64_t begin = next.fetch_add(block, std::memory_order_relaxed);
-      if (begin >= p.n_rows) return;
-      fn(p, begin, std::min(begin + block, p.n_rows));
+      if (begin >= n_rows) return;
+      fn(begin, std::min(begin + block, n_rows));
     }
   };
   std::vector<std::thread> pool;
@@ -117,6 +118,51 @@ void logit_stats(const LogitStatsParams& p, SimdLevel level) {
   for (int t = 1; t < threads; ++t) pool.emplace_back(worker);
   worker();
   for (auto& th : pool) th.join();
+}
+
+using MultiRowsFn = void (*)(const LogitStatsParams*, int, int64_t, int64_t);
+
+MultiRowsFn multi_rows_fn(SimdLevel level) {
+  switch (level) {
+#ifdef FK_HAVE_AVX512
+    case SimdLevel::AVX512: return detail::logit_stats_rows_multi_avx512;
+#endif
+#ifdef FK_HAVE_AVX2
+    case SimdLevel::AVX2: return detail::logit_stats_rows_multi_avx2;
+#endif
+    default: return detail::logit_stats_rows_multi_scalar;
+  }
+}
+
+}  // namespace
+
+void logit_stats(const LogitStatsParams& p, SimdLevel level) {
+  validate(p);
+  if (p.n_rows == 0) return;
+  const RowsFn fn = rows_fn(level);
+  const int64_t row_bytes = p.vocab * (dtype_size(p.ref_dtype) + dtype_size(p.q_dtype));
+  parallel_rows(p.n_rows, row_bytes, p.threads,
+                [&](int64_t begin, int64_t end) { fn(p, begin, end); });
+}
+
+void logit_stats_multi(const LogitStatsParams* ps, int m, SimdLevel level) {
+  FK_CHECK(m >= 1, "logit_stats_multi needs at least one model, got " << m);
+  const LogitStatsParams& p0 = ps[0];
+  for (int j = 0; j < m; ++j) {
+    const LogitStatsParams& p = ps[j];
+    FK_CHECK(p.ref == p0.ref && p.ref_dtype == p0.ref_dtype &&
+                 p.ref_row_stride == p0.ref_row_stride && p.n_rows == p0.n_rows &&
+                 p.vocab == p0.vocab && p.labels == p0.labels &&
+                 p.llama_parity == p0.llama_parity && p.q_dtype == p0.q_dtype,
+             "model " << j << " does not share the reference, labels, mode or q dtype of model 0");
+  }
+  validate(p0);
+  for (int j = 1; j < m; ++j) check_params(ps[j]);  // the labels were checked with model 0
+  if (p0.n_rows == 0) return;
+  const MultiRowsFn fn = multi_rows_fn(level);
+  const int64_t row_bytes = p0.vocab * (dtype_size(p0.ref_dtype) + m * dtype_size(p0.q_dtype));
+  parallel_rows(p0.n_rows, row_bytes, p0.threads,
+                [&](int64_t begin, int64_t end) { fn(ps, m, begin, end); });
 }
 
 }  // namespace fk

@@ -7,4 +7,8 @@ void logit_stats_rows_avx2(const LogitStatsParams& p, int64_t begin, int64_t end
   run_rows<Avx2Ops>(p, begin, end);
 }
 
+void logit_stats_rows_multi_avx2(const LogitStatsParams* ps, int m, int64_t begin, int64_t end) {
+  run_rows_multi<Avx2Ops>(ps, m, begin, end);
+}
+
 }  // namespace fk::detail

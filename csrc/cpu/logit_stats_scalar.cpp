@@ -7,4 +7,8 @@ void logit_stats_rows_scalar(const LogitStatsParams& p, int64_t begin, int64_t e
   run_rows<ScalarOps>(p, begin, end);
 }
 
+void logit_stats_rows_multi_scalar(const LogitStatsParams* ps, int m, int64_t begin, int64_t end) {
+  run_rows_multi<ScalarOps>(ps, m, begin, end);
+}
+
 }  // namespace fk::detail

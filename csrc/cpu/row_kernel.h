@@ -97,26 +97,56 @@ struct RowKernel {
     }
   }
 
+  // One side's max and min (pass 1 for the reference when several models share it); the
+  // same values pass1 gives, which reduces both sides in one loop.
+  template <DType D>
+  static MaxMin maxmin(const RowInput& a, int64_t vocab) {
+    const float inf = std::numeric_limits<float>::infinity();
+    V mx = S::set1(-inf), mn = S::set1(inf);
+    const int64_t vec_end = vocab - vocab % S::W;
+    int64_t i = 0;
+    for (; i < vec_end; i += S::W) {
+      const V x = S::template load<D>(a.values, i, a.dec);
+      mx = S::max(x, mx);
+      mn = S::min(x, mn);
+    }
+    MaxMin m{S::hmax(mx), S::hmin(mn)};
+    for (; i < vocab; ++i) {
+      const float x = load_scalar<D>(a.values, i, a.dec);
+      if (x > m.max) m.max = x;
+      if (x < m.min) m.min = x;
+    }
+    return m;
+  }
+
+  // Pass 2 for G models against one reference row: the reference's terms (t_ref, e_ref,
+  // S_ref, H, W_s) once, each model's (t_q, e_q, d, S_q, T_rq, T_qr, W_t) in its own lanes,
+  // in the same order whatever G is, so a model's sums are bitwise those of G = 1.
   // kMasked: t = (x - max)*log2e (two roundings, no shift residual); otherwise
   // t = fma(x, log2e, -shift), which is off by the residual c of the shift.
-  template <bool kMasked, bool kLlama>
-  static Sums pass2(const RowInput& a, const RowInput& b, int64_t vocab, float shift_a,
-                    float shift_b, float max_a, float max_b, const uint8_t* next_a,
-                    const uint8_t* next_b) {
-    const V log2e = S::set1(kLog2eF), neg_sa = S::set1(-shift_a), neg_sb = S::set1(-shift_b);
-    const V max_av = S::set1(max_a), max_bv = S::set1(max_b), zero = S::set1(0);
-    V s_ref = S::set1(0), s_q = S::set1(0), t_rq = S::set1(0), t_qr = S::set1(0),
-      h = S::set1(0), w_t = S::set1(0), w_s = S::set1(0);
-    typename S::DAcc d_s_ref, d_s_q, d_t_rq, d_t_qr, d_h, d_w_t, d_w_s;
+  template <bool kMasked, bool kLlama, int G>
+  static void pass2(const RowInput& a, const RowInput* b, int64_t vocab, float shift_a,
+                    const float* shift_b, float max_a, const float* max_b, const uint8_t* next_a,
+                    const uint8_t* const* next_b, Sums* out) {
+    const V log2e = S::set1(kLog2eF), neg_sa = S::set1(-shift_a), max_av = S::set1(max_a),
+            zero = S::set1(0);
+    V neg_sb[G], max_bv[G];
+    V s_ref = zero, h = zero, w_s = zero, s_q[G], t_rq[G], t_qr[G], w_t[G];
+    typename S::DAcc d_s_ref, d_h, d_w_s, d_s_q[G], d_t_rq[G], d_t_qr[G], d_w_t[G];
+    for (int j = 0; j < G; ++j) {
+      neg_sb[j] = S::set1(-shift_b[j]);
+      max_bv[j] = S::set1(max_b[j]);
+      s_q[j] = t_rq[j] = t_qr[j] = w_t[j] = zero;
+    }
     const auto flush_all = [&] {
       S::flush(d_s_ref, s_ref);
-      S::flush(d_s_q, s_q);
-      S::flush(d_t_rq, t_rq);
-      S::flush(d_t_qr, t_qr);
       S::flush(d_h, h);
-      if constexpr (kLlama) {
-        S::flush(d_w_t, w_t);
-        S::flush(d_w_s, w_s);
+      if constexpr (kLlama) S::flush(d_w_s, w_s);
+      for (int j = 0; j < G; ++j) {
+        S::flush(d_s_q[j], s_q[j]);
+        S::flush(d_t_rq[j], t_rq[j]);
+        S::flush(d_t_qr[j], t_qr[j]);
+        if constexpr (kLlama) S::flush(d_w_t[j], w_t[j]);
       }
     };
     const int64_t vec_end = vocab - vocab % S::W;
@@ -125,38 +155,34 @@ struct RowKernel {
     for (; i < vec_end; i += S::W) {
       if (next_a) {
         S::prefetch(next_a + i * dtype_size(DA));
-        S::prefetch(next_b + i * dtype_size(DB));
+        for (int j = 0; j < G; ++j) S::prefetch(next_b[j] + i * dtype_size(DB));
       }
       const V x = S::template load<DA>(a.values, i, a.dec);
-      const V y = S::template load<DB>(b.values, i, b.dec);
       const V ta = kMasked ? S::fmadd(S::sub(x, max_av), log2e, zero) : S::fmadd(x, log2e, neg_sa);
-      const V tb = kMasked ? S::fmadd(S::sub(y, max_bv), log2e, zero) : S::fmadd(y, log2e, neg_sb);
-      const V d = S::sub(ta, tb);
-      if constexpr (kMasked) {
-        const V ta_c = S::clamp_below(ta, kMaskedFloor);
-        const V ea = S::exp2(ta_c);
-        const V eb = S::exp2(S::clamp_below(tb, kMaskedFloor));
-        s_ref = S::add(s_ref, ea);
-        s_q = S::add(s_q, eb);
-        const V ea_d = S::mul_nonzero(ea, d);
-        t_rq = S::add(t_rq, ea_d);
-        t_qr = S::add(t_qr, S::mul_nonzero(eb, d));
-        h = S::fmadd(ea, ta_c, h);
-        if constexpr (kLlama) {
-          w_t = S::add(w_t, S::select_gt(x, kLlamaWindow, ea_d));
-          w_s = S::add(w_s, S::select_gt(x, kLlamaWindow, ea));
-        }
-      } else {
-        const V ea = S::exp2(ta);
-        const V eb = S::exp2(tb);
-        s_ref = S::add(s_ref, ea);
-        s_q = S::add(s_q, eb);
-        t_rq = S::fmadd(ea, d, t_rq);
-        t_qr = S::fmadd(eb, d, t_qr);
-        h = S::fmadd(ea, ta, h);
-        if constexpr (kLlama) {
-          w_t = S::add(w_t, S::select_gt(x, kLlamaWindow, S::fmadd(ea, d, S::set1(0))));
-          w_s = S::add(w_s, S::select_gt(x, kLlamaWindow, ea));
+      const V ta_c = kMasked ? S::clamp_below(ta, kMaskedFloor) : ta;
+      const V ea = S::exp2(ta_c);
+      s_ref = S::add(s_ref, ea);
+      h = S::fmadd(ea, ta_c, h);
+      if constexpr (kLlama) w_s = S::add(w_s, S::select_gt(x, kLlamaWindow, ea));
+      for (int j = 0; j < G; ++j) {
+        const V y = S::template load<DB>(b[j].values, i, b[j].dec);
+        const V tb = kMasked ? S::fmadd(S::sub(y, max_bv[j]), log2e, zero)
+                             : S::fmadd(y, log2e, neg_sb[j]);
+        const V d = S::sub(ta, tb);
+        if constexpr (kMasked) {
+          const V eb = S::exp2(S::clamp_below(tb, kMaskedFloor));
+          s_q[j] = S::add(s_q[j], eb);
+          const V ea_d = S::mul_nonzero(ea, d);
+          t_rq[j] = S::add(t_rq[j], ea_d);
+          t_qr[j] = S::add(t_qr[j], S::mul_nonzero(eb, d));
+          if constexpr (kLlama) w_t[j] = S::add(w_t[j], S::select_gt(x, kLlamaWindow, ea_d));
+        } else {
+          const V eb = S::exp2(tb);
+          s_q[j] = S::add(s_q[j], eb);
+          t_rq[j] = S::fmadd(ea, d, t_rq[j]);
+          t_qr[j] = S::fmadd(eb, d, t_qr[j]);
+          if constexpr (kLlama)
+            w_t[j] = S::add(w_t[j], S::select_gt(x, kLlamaWindow, S::fmadd(ea, d, zero)));
         }
       }
       if (++count == kFlushEvery) {
@@ -165,40 +191,44 @@ struct RowKernel {
       }
     }
     flush_all();
-    Sums out;
-    out.s_ref = S::hsum(d_s_ref);
-    out.s_q = S::hsum(d_s_q);
-    out.t_rq = S::hsum(d_t_rq);
-    out.t_qr = S::hsum(d_t_qr);
-    out.h = S::hsum(d_h);
-    if constexpr (kLlama) {
-      out.w_t = S::hsum(d_w_t);
-      out.w_s = S::hsum(d_w_s);
+    for (int j = 0; j < G; ++j) {
+      out[j] = Sums{};
+      out[j].s_ref = S::hsum(d_s_ref);
+      out[j].h = S::hsum(d_h);
+      out[j].s_q = S::hsum(d_s_q[j]);
+      out[j].t_rq = S::hsum(d_t_rq[j]);
+      out[j].t_qr = S::hsum(d_t_qr[j]);
+      if constexpr (kLlama) {
+        out[j].w_s = S::hsum(d_w_s);
+        out[j].w_t = S::hsum(d_w_t[j]);
+      }
     }
     // Tail: scalar, straight into float64, same formulas.
     for (; i < vocab; ++i) {
       const float x = load_scalar<DA>(a.values, i, a.dec);
-      const float y = load_scalar<DB>(b.values, i, b.dec);
       const float ta = kMasked ? (x - max_a) * kLog2eF : std::fma(x, kLog2eF, -shift_a);
-      const float tb = kMasked ? (y - max_b) * kLog2eF : std::fma(y, kLog2eF, -shift_b);
-      const float d = ta - tb;
       const float ta_c = ta < kMaskedFloor ? kMaskedFloor : ta;
-      const float tb_c = tb < kMaskedFloor ? kMaskedFloor : tb;
       // float exp2, so weights below 2^-149 are exactly 0 as in the vector loop.
       const double ea = std::exp2(ta_c);
-      const double eb = std::exp2(tb_c);
-      out.s_ref += ea;
-      out.s_q += eb;
-      const double ea_d = ea != 0.0 ? ea * d : 0.0;
-      out.t_rq += ea_d;
-      out.t_qr += eb != 0.0 ? eb * d : 0.0;
-      out.h += ea * ta_c;
-      if (kLlama && x > kLlamaWindow) {
-        out.w_t += ea_d;
-        out.w_s += ea;
+      for (int j = 0; j < G; ++j) {
+        const float y = load_scalar<DB>(b[j].values, i, b[j].dec);
+        const float tb = kMasked ? (y - max_b[j]) * kLog2eF : std::fma(y, kLog2eF, -shift_b[j]);
+        const float d = ta - tb;
+        const float tb_c = tb < kMaskedFloor ? kMaskedFloor : tb;
+        const double eb = std::exp2(tb_c);
+        Sums& o = out[j];
+        o.s_ref += ea;
+        o.s_q += eb;
+        const double ea_d = ea != 0.0 ? ea * d : 0.0;
+        o.t_rq += ea_d;
+        o.t_qr += eb != 0.0 ? eb * d : 0.0;
+        o.h += ea * ta_c;
+        if (kLlama && x > kLlamaWindow) {
+          o.w_t += ea_d;
+          o.w_s += ea;
+        }
       }
     }
-    return out;
   }
 
   static void write_invalid(const LogitStatsParams& p, int64_t r) {
@@ -209,12 +239,49 @@ struct RowKernel {
     if (p.kld_llama) p.kld_llama[r] = nan;
   }
 
+  // Fast path: every t finite and far from overflow. Otherwise the masked variant zeroes
+  // 0 * inf terms (p_i = 0 where the other side is -inf). It also takes rows whose max is
+  // so large that the shift's residual c (up to half an ulp of max*log2e) is not small:
+  // 2^c overflows from |max| ~ 1e10 and would make a finite row NaN.
+  static bool needs_mask(const MaxMin& ma, const MaxMin& mb) {
+    constexpr float kMaxRange = 1e30f;
+    constexpr float kMaxShifted = 1048576.0f;  // 2^20: |c| <= 2^-4
+    return !(std::isfinite(ma.min) && std::isfinite(mb.min) && ma.max - ma.min < kMaxRange &&
+             mb.max - mb.min < kMaxRange && std::fabs(ma.max) < kMaxShifted &&
+             std::fabs(mb.max) < kMaxShifted);
+  }
+
+  // pass2 for G models with finite maxima; masked only with G = 1.
+  template <int G>
+  static void run_pass2(bool llama, bool masked, const RowInput& a, const RowInput* b,
+                        int64_t vocab, const MaxMin& ma, const MaxMin* mb, const uint8_t* next_a,
+                        const uint8_t* const* next_b, Sums* out) {
+    float shift_b[G], max_b[G];
+    for (int j = 0; j < G; ++j) {
+      shift_b[j] = mb[j].max * kLog2eF;
+      max_b[j] = mb[j].max;
+    }
+    const float shift_a = ma.max * kLog2eF;
+    if constexpr (G == 1) {
+      if (masked) {
+        if (llama)
+          pass2<true, true, 1>(a, b, vocab, shift_a, shift_b, ma.max, max_b, next_a, next_b, out);
+        else
+          pass2<true, false, 1>(a, b, vocab, shift_a, shift_b, ma.max, max_b, next_a, next_b, out);
+        return;
+      }
+    }
+    if (llama)
+      pass2<false, true, G>(a, b, vocab, shift_a, shift_b, ma.max, max_b, next_a, next_b, out);
+    else
+      pass2<false, false, G>(a, b, vocab, shift_a, shift_b, ma.max, max_b, next_a, next_b, out);
+  }
+
   static void row(const LogitStatsParams& p, int64_t r, int64_t r_end) {
     const auto* base_a = static_cast<const uint8_t*>(p.ref);
     const auto* base_b = static_cast<const uint8_t*>(p.q);
     const RowInput a = row_input<S, DA>(base_a, p.ref_row_stride, r);
     const RowInput b = row_input<S, DB>(base_b, p.q_row_stride, r);
-    const int64_t vocab = p.vocab;
     const bool has_next = r + 1 < r_end;
     const uint8_t* next_a =
         has_next ? base_a + (r + 1) * p.ref_row_stride + dtype_row_header(DA) : nullptr;
@@ -222,37 +289,97 @@ struct RowKernel {
         has_next ? base_b + (r + 1) * p.q_row_stride + dtype_row_header(DB) : nullptr;
 
     MaxMin ma, mb;
-    pass1(a, b, vocab, ma, mb);
+    pass1(a, b, p.vocab, ma, mb);
     if (!std::isfinite(ma.max) || !std::isfinite(mb.max)) {  // +inf, all -inf, or all NaN
       write_invalid(p, r);
       return;
     }
-    // Fast path: every t finite and far from overflow. Otherwise the masked variant zeroes
-    // 0 * inf terms (p_i = 0 where the other side is -inf). It also takes rows whose max is
-    // so large that the shift's residual c (up to half an ulp of max*log2e) is not small:
-    // 2^c overflows from |max| ~ 1e10 and would make a finite row NaN.
-    constexpr float kMaxRange = 1e30f;
-    constexpr float kMaxShifted = 1048576.0f;  // 2^20: |c| <= 2^-4
-    const bool masked = !(std::isfinite(ma.min) && std::isfinite(mb.min) &&
-                          ma.max - ma.min < kMaxRange && mb.max - mb.min < kMaxRange &&
-                          std::fabs(ma.max) < kMaxShifted && std::fabs(mb.max) < kMaxShifted);
+    const bool masked = needs_mask(ma, mb);
+    Sums s;
+    run_pass2<1>(p.llama_parity, masked, a, &b, p.vocab, ma, &mb, next_a, &next_b, &s);
+    finish(p, r, a, b, ma, mb, masked, s);
+  }
+
+  // Several models against one reference (the same ref, labels and mode in every params):
+  // the reference's pass 1 and its pass-2 terms are computed once for up to kGroup models at
+  // a time. Each model's outputs are bitwise those of row(): the same max and min, the same
+  // pass-2 operations in the same order, the same finish. Models whose row needs the masked
+  // path (and every model, when the reference's does) go through it one at a time.
+  static constexpr int kGroup = 4;
+
+  static void row_multi(const LogitStatsParams* ps, int m, int64_t r, int64_t r_end) {
+    const LogitStatsParams& p0 = ps[0];
+    const auto* base_a = static_cast<const uint8_t*>(p0.ref);
+    const RowInput a = row_input<S, DA>(base_a, p0.ref_row_stride, r);
+    const bool has_next = r + 1 < r_end;
+    const uint8_t* next_a =
+        has_next ? base_a + (r + 1) * p0.ref_row_stride + dtype_row_header(DA) : nullptr;
+    const MaxMin ma = maxmin<DA>(a, p0.vocab);
+    int idx[kGroup];
+    RowInput b[kGroup];
+    MaxMin mb[kGroup];
+    const uint8_t* next_b[kGroup];
+    int g = 0;
+    const auto flush_group = [&](int count) {
+      Sums s[kGroup];
+      int done = 0;
+      while (done < count) {  // groups of 4, then 2, then 1
+        const int k = count - done >= 4 ? 4 : (count - done >= 2 ? 2 : 1);
+        const bool llama = p0.llama_parity;
+        if (k == 4)
+          run_pass2<4>(llama, false, a, b + done, p0.vocab, ma, mb + done, next_a, next_b + done, s + done);
+        else if (k == 2)
+          run_pass2<2>(llama, false, a, b + done, p0.vocab, ma, mb + done, next_a, next_b + done, s + done);
+        else
+          run_pass2<1>(llama, false, a, b + done, p0.vocab, ma, mb + done, next_a, next_b + done, s + done);
+        done += k;
+      }
+      for (int j = 0; j < count; ++j) finish(ps[idx[j]], r, a, b[j], ma, mb[j], false, s[j]);
+    };
+    for (int j = 0; j < m; ++j) {
+      const LogitStatsParams& p = ps[j];
+      const auto* base_b = static_cast<const uint8_t*>(p.q);
+      const RowInput bj = row_input<S, DB>(base_b, p.q_row_stride, r);
+      const uint8_t* nb = has_next ? base_b + (r + 1) * p.q_row_stride + dtype_row_header(DB) : nullptr;
+      const MaxMin mbj = maxmin<DB>(bj, p.vocab);
+      if (!std::isfinite(ma.max) || !std::isfinite(mbj.max)) {
+        write_invalid(p, r);
+        continue;
+      }
+      if (needs_mask(ma, mbj)) {
+        Sums s;
+        run_pass2<1>(p.llama_parity, true, a, &bj, p.vocab, ma, &mbj, next_a, &nb, &s);
+        finish(p, r, a, bj, ma, mbj, true, s);
+        continue;
+      }
+      idx[g] = j;
+      b[g] = bj;
+      mb[g] = mbj;
+      next_b[g] = nb;
+      if (++g == kGroup) {
+        flush_group(g);
+        g = 0;
+      }
+    }
+    if (g) flush_group(g);
+  }
+
+  static void rows_multi(const LogitStatsParams* ps, int m, int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) row_multi(ps, m, r, end);
+  }
+
+  // One model's outputs for row r from its sums (float64).
+  static void finish(const LogitStatsParams& p, int64_t r, const RowInput& a, const RowInput& b,
+                     const MaxMin& ma, const MaxMin& mb, bool masked, const Sums& s) {
+    const int64_t vocab = p.vocab;
     const float shift_a = ma.max * kLog2eF;
     const float shift_b = mb.max * kLog2eF;
     // Exact rounding residual of the shift: t_i = (x_i - max)*log2e + c (0 when masked).
     const float c_a = masked ? 0.0f : std::fma(ma.max, kLog2eF, -shift_a);
     const float c_b = masked ? 0.0f : std::fma(mb.max, kLog2eF, -shift_b);
-
-    Sums s;
     const bool llama = p.llama_parity;
     // llama parity with a llama.cpp file on the q side too: its rows are log-probs already.
     const bool kQLogProbs = llama && DB == DType::LLAMA_U16;
-    if (masked) {
-      s = llama ? pass2<true, true>(a, b, vocab, shift_a, shift_b, ma.max, mb.max, next_a, next_b)
-                : pass2<true, false>(a, b, vocab, shift_a, shift_b, ma.max, mb.max, next_a, next_b);
-    } else {
-      s = llama ? pass2<false, true>(a, b, vocab, shift_a, shift_b, ma.max, mb.max, next_a, next_b)
-                : pass2<false, false>(a, b, vocab, shift_a, shift_b, ma.max, mb.max, next_a, next_b);
-    }
     if (std::isnan(s.s_ref) || std::isnan(s.s_q) || std::isnan(s.t_rq) || std::isnan(s.t_qr) ||
         std::isnan(s.h)) {  // a NaN somewhere in the row
       write_invalid(p, r);
@@ -302,6 +429,16 @@ void run_rows(const LogitStatsParams& p, int64_t begin, int64_t end) {
   dispatch_dtype(p.ref_dtype, [&](auto ta) {
     dispatch_dtype(p.q_dtype, [&](auto tb) {
       RowKernel<S, decltype(ta)::value, decltype(tb)::value>::rows(p, begin, end);
+    });
+  });
+}
+
+// ps[0..m) share the reference, its dtype and the q dtype (logit_stats_multi checks).
+template <class S>
+void run_rows_multi(const LogitStatsParams* ps, int m, int64_t begin, int64_t end) {
+  dispatch_dtype(ps[0].ref_dtype, [&](auto ta) {
+    dispatch_dtype(ps[0].q_dtype, [&](auto tb) {
+      RowKernel<S, decltype(ta)::value, decltype(tb)::value>::rows_multi(ps, m, begin, end);
     });
   });
 }

@@ -295,6 +295,25 @@ void run_case(DType da, DType db, int64_t rows, int64_t vocab, int64_t pad, bool
     p.threads = threads;
     out.attach(p, labels, llama);
     fk::logit_stats(p, level);
+    // The same model as five through logit_stats_multi (a group of 4, then 1): each bitwise
+    // the single call's outputs.
+    std::vector<Outputs> multi(5, Outputs(rows));
+    std::vector<fk::LogitStatsParams> ps(5, p);
+    for (int j = 0; j < 5; ++j) multi[j].attach(ps[j], labels, llama);
+    fk::logit_stats_multi(ps.data(), 5, level);
+    for (const Outputs& o : multi) {
+      const auto same = [&](const auto& x, const auto& y) {
+        return std::memcmp(x.data(), y.data(), x.size() * sizeof(x[0])) == 0;
+      };
+      check(same(o.kld, out.kld) && same(o.kld_reverse, out.kld_reverse) &&
+                same(o.lse_ref, out.lse_ref) && same(o.lse_q, out.lse_q) &&
+                same(o.entropy_ref, out.entropy_ref) && same(o.top1_ref, out.top1_ref) &&
+                same(o.top1_q, out.top1_q) && (!labels || (same(o.nll_q, out.nll_q) &&
+                                                           same(o.p_q_y, out.p_q_y))) &&
+                (!llama || same(o.kld_llama, out.kld_llama)),
+            std::string("logit_stats_multi differs from logit_stats at ") +
+                fk::simd_level_name(level) + " [" + name + "]");
+    }
     results.push_back(std::move(out));
   }
   const std::string sl = " [" + name + "]";
@@ -372,6 +391,16 @@ void parameter_checks() {
   p = base;
   p.n_rows = 0;  // nothing to do, nothing touched
   fk::logit_stats(p);
+  std::vector<float> x2(x);
+  fk::LogitStatsParams two[2] = {base, base};
+  two[1].ref = x2.data();
+  expect_throw([&] { fk::logit_stats_multi(two, 2, fk::SimdLevel::SCALAR); },
+               "models that do not share the reference");
+  two[1] = base;
+  two[1].kld = nullptr;
+  expect_throw([&] { fk::logit_stats_multi(two, 2, fk::SimdLevel::SCALAR); },
+               "a null output of the second model");
+  expect_throw([&] { fk::logit_stats_multi(two, 0, fk::SimdLevel::SCALAR); }, "no models");
 }
 
 }  // namespace

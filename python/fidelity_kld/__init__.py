@@ -2,13 +2,14 @@
 
     import fidelity_kld as fk
     stats = fk.compare(ref_logits, quant_logits, labels)   # per-token arrays (TokenStats)
+    many = fk.compare_many(ref_logits, [q4, q5, q8])        # the reference's work done once
     summary = fk.summarize(stats)                           # llama.cpp-style statistics
 """
 
 from importlib.metadata import PackageNotFoundError, version
 
 from ._core import has_cuda, simd_level
-from .ops import Logits, TokenStats, compare
+from .ops import Logits, TokenStats, compare, compare_many
 from .stats.summary import Accumulator, Summary, summarize
 
 try:
@@ -22,6 +23,7 @@ __all__ = [
     "Summary",
     "TokenStats",
     "compare",
+    "compare_many",
     "has_cuda",
     "simd_level",
     "summarize",

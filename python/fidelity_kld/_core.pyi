@@ -38,6 +38,23 @@ def logit_stats(
     """Fill per-token statistics of ref vs q ([tokens, vocab] rows; dtype names float32,
     float16, bfloat16 (uint16 storage), llama_u16 (raw llama.cpp rows)) into the outputs."""
 
+def logit_stats_multi(
+    ref: np.ndarray,
+    ref_dtype: str,
+    qs: list[np.ndarray],
+    q_dtype: str,
+    vocab: int,
+    *,
+    labels: NDArray[np.int64] | None = None,
+    llama_parity: bool = False,
+    threads: int = 0,
+    simd: str = "auto",
+    outs: list[dict[str, np.ndarray | None]],
+) -> None:
+    """logit_stats for several models (all of q_dtype) against one reference, each into its own
+    dict of output arrays (the keyword names of logit_stats); each model's results are bitwise
+    those of logit_stats."""
+
 def logit_stats_cuda(
     ref: int,
     ref_dtype: str,

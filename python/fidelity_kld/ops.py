@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, fields
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -195,30 +195,9 @@ def compare(
                            q_dtype=q_dtype, backend=backend)
     a = _contiguous_rows(as_logits(ref, ref_dtype, name="ref"))
     b = _contiguous_rows(as_logits(q, q_dtype, name="q"))
-    if a.vocab != b.vocab:
-        raise ValueError(f"vocabulary mismatch: ref has {a.vocab} entries, q has {b.vocab}")
-    if a.n_tokens != b.n_tokens:
-        raise ValueError(f"token count mismatch: ref has {a.n_tokens} tokens, q has {b.n_tokens}")
-    if a.vocab < 1:
-        raise ValueError("empty vocabulary: ref and q have 0 logits per token")
-    n = a.n_tokens
-    y = None
-    if labels is not None:
-        lab = np.asarray(labels).reshape(-1)
-        if lab.size and lab.dtype.kind not in "iu":  # a cast would truncate 3.7 to 3 silently
-            raise ValueError(f"labels must be integer token ids, got {lab.dtype}")
-        y = np.ascontiguousarray(lab, dtype=np.int64)
-        if y.shape[0] != n:
-            raise ValueError(f"labels has {y.shape[0]} entries for {n} tokens")
-    out: dict[str, np.ndarray | None] = {
-        name: np.empty(n, dtype=np.float64)
-        for name in ("kld", "kld_reverse", "lse_ref", "lse_q", "entropy_ref")
-    }
-    out["top1_ref"] = np.empty(n, dtype=np.int32)
-    out["top1_q"] = np.empty(n, dtype=np.int32)
-    for name in ("nll_ref", "nll_q", "p_ref_y", "p_q_y"):
-        out[name] = np.empty(n, dtype=np.float64) if y is not None else None
-    out["kld_llama"] = np.empty(n, dtype=np.float64) if llama_parity else None
+    _check_pair(a, b)
+    y = _labels(labels, a.n_tokens)
+    out = _new_outputs(a.n_tokens, y is not None, llama_parity)
     _core.logit_stats(
         a.data, a.dtype, b.data, b.dtype, a.vocab,
         labels=y, llama_parity=llama_parity,
@@ -226,3 +205,72 @@ def compare(
         **out,
     )
     return TokenStats(labels=y, **out)
+
+
+def compare_many(
+    ref: Any,
+    qs: Sequence[Any],
+    labels: Any = None,
+    *,
+    threads: int | None = None,
+    ref_dtype: str | None = None,
+    q_dtype: str | None = None,
+    llama_parity: bool = False,
+    simd: str = "auto",
+) -> list[TokenStats]:
+    """``[compare(ref, q, labels, ...) for q in qs]`` on the CPU, with the reference's half of
+    the work done once: models of the same dtype go through the core together, up to four at a
+    time, reading each reference row once and computing its softmax terms once. Each model's
+    TokenStats is bitwise what compare gives it alone.
+    """
+    a = _contiguous_rows(as_logits(ref, ref_dtype, name="ref"))
+    bs = [_contiguous_rows(as_logits(q, q_dtype, name=f"q[{j}]")) for j, q in enumerate(qs)]
+    for b in bs:
+        _check_pair(a, b)
+    y = _labels(labels, a.n_tokens)
+    outs = [_new_outputs(a.n_tokens, y is not None, llama_parity) for _ in bs]
+    by_dtype: dict[str, list[int]] = {}
+    for j, b in enumerate(bs):
+        by_dtype.setdefault(b.dtype, []).append(j)
+    for dtype, idx in by_dtype.items():
+        _core.logit_stats_multi(
+            a.data, a.dtype, [bs[j].data for j in idx], dtype, a.vocab,
+            labels=y, llama_parity=llama_parity,
+            threads=default_threads() if threads is None else int(threads), simd=simd,
+            outs=[outs[j] for j in idx],
+        )
+    return [TokenStats(labels=y, **out) for out in outs]
+
+
+def _check_pair(a: Logits, b: Logits) -> None:
+    if a.vocab != b.vocab:
+        raise ValueError(f"vocabulary mismatch: ref has {a.vocab} entries, q has {b.vocab}")
+    if a.n_tokens != b.n_tokens:
+        raise ValueError(f"token count mismatch: ref has {a.n_tokens} tokens, q has {b.n_tokens}")
+    if a.vocab < 1:
+        raise ValueError("empty vocabulary: ref and q have 0 logits per token")
+
+
+def _labels(labels: Any, n: int) -> np.ndarray | None:
+    if labels is None:
+        return None
+    lab = np.asarray(labels).reshape(-1)
+    if lab.size and lab.dtype.kind not in "iu":  # a cast would truncate 3.7 to 3 silently
+        raise ValueError(f"labels must be integer token ids, got {lab.dtype}")
+    y = np.ascontiguousarray(lab, dtype=np.int64)
+    if y.shape[0] != n:
+        raise ValueError(f"labels has {y.shape[0]} entries for {n} tokens")
+    return y
+
+
+def _new_outputs(n: int, has_labels: bool, llama_parity: bool) -> dict[str, np.ndarray | None]:
+    out: dict[str, np.ndarray | None] = {
+        name: np.empty(n, dtype=np.float64)
+        for name in ("kld", "kld_reverse", "lse_ref", "lse_q", "entropy_ref")
+    }
+    out["top1_ref"] = np.empty(n, dtype=np.int32)
+    out["top1_q"] = np.empty(n, dtype=np.int32)
+    for name in ("nll_ref", "nll_q", "p_ref_y", "p_q_y"):
+        out[name] = np.empty(n, dtype=np.float64) if has_labels else None
+    out["kld_llama"] = np.empty(n, dtype=np.float64) if llama_parity else None
+    return out

@@ -93,11 +93,21 @@ const char* simd_level_name(SimdLevel level);
 void logit_stats(const LogitStatsParams& params);
 void logit_stats(const LogitStatsParams& params, SimdLevel level);
 
+// Several models against one reference: models[j] holds model j's q and outputs; the
+// reference (pointer, dtype, row stride), n_rows, vocab, labels, llama_parity and q_dtype must
+// be the same in all of them. Each model's outputs are bitwise those logit_stats() gives it
+// alone; the reference's half of the work (its pass 1, t, 2^t and their sums) is done once per
+// group of up to four models, and its rows are read once.
+void logit_stats_multi(const LogitStatsParams* models, int m, SimdLevel level);
+
 // Per-ISA row loops, one translation unit each: rows [begin, end).
 namespace detail {
 void logit_stats_rows_scalar(const LogitStatsParams& p, int64_t begin, int64_t end);
 void logit_stats_rows_avx2(const LogitStatsParams& p, int64_t begin, int64_t end);
 void logit_stats_rows_avx512(const LogitStatsParams& p, int64_t begin, int64_t end);
+void logit_stats_rows_multi_scalar(const LogitStatsParams* ps, int m, int64_t begin, int64_t end);
+void logit_stats_rows_multi_avx2(const LogitStatsParams* ps, int m, int64_t begin, int64_t end);
+void logit_stats_rows_multi_avx512(const LogitStatsParams* ps, int m, int64_t begin, int64_t end);
 }  // namespace detail
 
 }  // namespace fk
