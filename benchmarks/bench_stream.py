@@ -1,11 +1,15 @@
 """End-to-end streaming: `fidelity-kld compare` on .npy dumps in the page cache, against
 the in-memory kernel rate measured in the same run, with the CLI's peak RSS.
 
-    python benchmarks/bench_stream.py --dir /tmp/fk_stream --gb 4 [--vocab 152064] [--json out.json]
+    python benchmarks/bench_stream.py --dir /tmp/fk_stream --gb 4 [--vocab 152064] [--models 4]
+        [--json out.json]
 
 Writes two fp16 dumps of --gb GB each (once; reused if present), reads them once so they sit
 in the page cache, then times `fidelity-kld compare REF Q -q -o summary.json` under
-/usr/bin/time -v (peak RSS) and the in-memory kernel on 2 GB of the same data.
+/usr/bin/time -v (peak RSS) and the in-memory kernel on 2 GB of the same data. With --models K
+(K > 1) it writes K quantized dumps and times compare_sources on all of them in process: the
+CLI's path (compare_many: the reference's work done once per group of models) against one
+compare call per model.
 """
 
 from __future__ import annotations
@@ -61,6 +65,7 @@ def main(argv=None):
     ap.add_argument("--gb", type=float, default=4.0, help="size of each dump")
     ap.add_argument("--vocab", type=int, default=152064)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--models", type=int, default=1, help="also time K models against one reference")
     ap.add_argument("--json")
     args = ap.parse_args(argv)
     os.makedirs(args.dir, exist_ok=True)
@@ -132,9 +137,44 @@ def main(argv=None):
           f"wall {wall:.2f} s for {total / 1e9:.1f} GB less a fixed {startup:.2f} s measured on 64 tokens; "
           f"{total / wall / 1e9:.2f} GB/s including it)")
     print(f"CLI peak RSS             : {max(rss) / 1024:.0f} MB")
+    if args.models > 1:
+        res.update(multi_model(args, ref_path, n, v))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(res, f, indent=2)
+
+
+def multi_model(args, ref_path: str, n: int, v: int) -> dict:
+    """compare_sources on one reference and K models in the page cache: the default path
+    (compare_many) against one compare call per model."""
+    from fidelity_kld.io import open_source
+    from fidelity_kld.stream import compare_sources
+
+    q_paths = [os.path.join(args.dir, f"q{j}_{n}x{v}.npy") for j in range(args.models)]
+    for j, path in enumerate(q_paths):
+        write_dump(path, n, v, 10 + j, base=ref_path)
+    total = os.path.getsize(ref_path) + sum(os.path.getsize(p) for p in q_paths)
+
+    for p in (ref_path, *q_paths):  # 1 + K dumps that fit in RAM stay in the page cache
+        warm(p)
+
+    def run(**kw):
+        srcs = [open_source(p) for p in (ref_path, *q_paths)]
+        try:
+            compare_sources(srcs[0], srcs[1:], **kw)
+        finally:
+            for src in srcs:
+                src.close()
+
+    def one_call_per_model(*a, **kw):
+        return fk.compare(*a, **kw)  # not fk.compare itself, which compare_sources groups
+
+    many = total / bench.measure(run, repeats=args.repeats).median_s / 1e9
+    separate = total / bench.measure(lambda: run(compare_fn=one_call_per_model),
+                                     repeats=args.repeats).median_s / 1e9
+    print(f"1 reference + {args.models} models : {many:6.2f} GB/s of input with compare_many, "
+          f"{separate:6.2f} GB/s with one call per model ({many / separate:.2f}x)")
+    return {"models": args.models, "multi_gb_s": many, "multi_separate_gb_s": separate}
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from .io.base import DumpError, LogitSource
-from .ops import Logits, TokenStats, compare
+from .ops import Logits, TokenStats, compare, compare_many
 
 DEFAULT_CHUNK_BYTES = 128 << 20
 _MADV_POPULATE_READ = 22  # Linux >= 5.14; not yet named in Python's mmap module
@@ -126,9 +126,14 @@ def compare_sources(
             pending = pool.submit(fetch, stop, previous) if stop < n else None
             ref_chunk, q_chunks = chunk[0], chunk[1:]
             y = None if labels is None else labels[start:stop]
-            for i, q_chunk in enumerate(q_chunks):
-                parts[i].append(compare_fn(ref_chunk, q_chunk, y, threads=threads,
-                                           llama_parity=llama_parity))
+            if compare_fn is compare and len(q_chunks) > 1:  # the reference's work done once
+                results = compare_many(ref_chunk, q_chunks, y, threads=threads,
+                                       llama_parity=llama_parity)
+            else:
+                results = [compare_fn(ref_chunk, q_chunk, y, threads=threads,
+                                      llama_parity=llama_parity) for q_chunk in q_chunks]
+            for i, st in enumerate(results):
+                parts[i].append(st)
             bytes_read += sum(lg.data.nbytes for lg in chunk)
             if pending is None:
                 for lg in (*previous, *chunk):
