@@ -221,8 +221,12 @@ def compare_many(
     """``[compare(ref, q, labels, ...) for q in qs]`` on the CPU, with the reference's half of
     the work done once: models of the same dtype go through the core together, up to four at a
     time, reading each reference row once and computing its softmax terms once. Each model's
-    TokenStats is bitwise what compare gives it alone.
+    TokenStats is bitwise what compare gives it alone. CUDA tensors go to compare's GPU path,
+    one model at a time.
     """
+    if _on_cuda(ref) or any(_on_cuda(q) for q in qs):
+        return [compare(ref, q, labels, threads=threads, ref_dtype=ref_dtype, q_dtype=q_dtype,
+                        llama_parity=llama_parity, simd=simd) for q in qs]
     a = _contiguous_rows(as_logits(ref, ref_dtype, name="ref"))
     bs = [_contiguous_rows(as_logits(q, q_dtype, name=f"q[{j}]")) for j, q in enumerate(qs)]
     for b in bs:
