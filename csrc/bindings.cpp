@@ -127,9 +127,10 @@ struct Outputs {
 };
 
 // The reference side and the shared settings of a call.
+using Labels = std::optional<py::array_t<int64_t, py::array::c_style>>;
+
 fk::LogitStatsParams ref_params(const py::array& ref, const std::string& ref_dtype, int64_t vocab,
-                                const std::optional<py::array_t<int64_t, py::array::c_style>>& labels,
-                                bool llama_parity, int threads) {
+                                const Labels& labels, bool llama_parity, int threads) {
   fk::LogitStatsParams p;
   p.ref_dtype = parse_dtype(ref_dtype);
   const Matrix a = check_matrix(ref, p.ref_dtype, vocab, "ref");
@@ -151,7 +152,8 @@ void set_q(fk::LogitStatsParams& p, const py::array& q, const std::string& q_dty
            const char* what) {
   p.q_dtype = parse_dtype(q_dtype);
   const Matrix b = check_matrix(q, p.q_dtype, p.vocab, what);
-  FK_CHECK(b.rows == p.n_rows, "ref has " << p.n_rows << " tokens but " << what << " has " << b.rows);
+  FK_CHECK(b.rows == p.n_rows,
+           "ref has " << p.n_rows << " tokens but " << what << " has " << b.rows);
   p.q = b.data;
   p.q_row_stride = b.row_stride;
 }
@@ -188,13 +190,13 @@ void register_logit_stats(py::module_& m) {
   m.def(
       "logit_stats_multi",
       [](const py::array& ref, const std::string& ref_dtype, const std::vector<py::array>& qs,
-         const std::string& q_dtype, int64_t vocab,
-         const std::optional<py::array_t<int64_t, py::array::c_style>>& labels,
-         bool llama_parity, int threads, const std::string& simd, const std::vector<py::dict>& outs) {
+         const std::string& q_dtype, int64_t vocab, const Labels& labels, bool llama_parity,
+         int threads, const std::string& simd, const std::vector<py::dict>& outs) {
         FK_CHECK(!qs.empty() && qs.size() == outs.size(),
                  "need one output dict per model (" << qs.size() << " models, " << outs.size()
                                                     << " dicts)");
-        const fk::LogitStatsParams base = ref_params(ref, ref_dtype, vocab, labels, llama_parity, threads);
+        const fk::LogitStatsParams base =
+            ref_params(ref, ref_dtype, vocab, labels, llama_parity, threads);
         std::vector<fk::LogitStatsParams> ps(qs.size(), base);
         for (size_t j = 0; j < qs.size(); ++j) {
           const std::string what = "q[" + std::to_string(j) + "]";

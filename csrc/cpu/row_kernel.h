@@ -322,17 +322,17 @@ struct RowKernel {
     int g = 0;
     const auto flush_group = [&](int count) {
       Sums s[kGroup];
-      int done = 0;
-      while (done < count) {  // groups of 4, then 2, then 1
-        const int k = count - done >= 4 ? 4 : (count - done >= 2 ? 2 : 1);
-        const bool llama = p0.llama_parity;
+      const bool llama = p0.llama_parity;
+      const int64_t vocab = p0.vocab;
+      for (int i = 0; i < count;) {  // groups of 4, then 2, then 1
+        const int k = count - i >= 4 ? 4 : (count - i >= 2 ? 2 : 1);
         if (k == 4)
-          run_pass2<4>(llama, false, a, b + done, p0.vocab, ma, mb + done, next_a, next_b + done, s + done);
+          run_pass2<4>(llama, false, a, b + i, vocab, ma, mb + i, next_a, next_b + i, s + i);
         else if (k == 2)
-          run_pass2<2>(llama, false, a, b + done, p0.vocab, ma, mb + done, next_a, next_b + done, s + done);
+          run_pass2<2>(llama, false, a, b + i, vocab, ma, mb + i, next_a, next_b + i, s + i);
         else
-          run_pass2<1>(llama, false, a, b + done, p0.vocab, ma, mb + done, next_a, next_b + done, s + done);
-        done += k;
+          run_pass2<1>(llama, false, a, b + i, vocab, ma, mb + i, next_a, next_b + i, s + i);
+        i += k;
       }
       for (int j = 0; j < count; ++j) finish(ps[idx[j]], r, a, b[j], ma, mb[j], false, s[j]);
     };
@@ -340,7 +340,8 @@ struct RowKernel {
       const LogitStatsParams& p = ps[j];
       const auto* base_b = static_cast<const uint8_t*>(p.q);
       const RowInput bj = row_input<S, DB>(base_b, p.q_row_stride, r);
-      const uint8_t* nb = has_next ? base_b + (r + 1) * p.q_row_stride + dtype_row_header(DB) : nullptr;
+      const uint8_t* nb =
+          has_next ? base_b + (r + 1) * p.q_row_stride + dtype_row_header(DB) : nullptr;
       const MaxMin mbj = maxmin<DB>(bj, p.vocab);
       if (!std::isfinite(ma.max) || !std::isfinite(mbj.max)) {
         write_invalid(p, r);
