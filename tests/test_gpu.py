@@ -272,16 +272,20 @@ def test_pinned_stager_streams_files_like_the_cpu(tmp_path):
 
     rng = np.random.default_rng(12)
     a, b = make_pair(rng, 300, 4099)
-    np.save(tmp_path / "a.npy", a.astype(np.float16))
-    np.save(tmp_path / "b.npy", b.astype(np.float16))
+    c = (a + 0.05 * rng.standard_normal(a.shape)).astype(np.float32)
+    for name, x in (("a", a), ("b", b), ("c", c)):
+        np.save(tmp_path / f"{name}.npy", x.astype(np.float16))
     labels = rng.integers(0, 4099, 300)
     stager = PinnedStager(sub_chunk_bytes=1 << 20)  # several sub-chunks per chunk
-    with open_source(str(tmp_path / "a.npy")) as r, open_source(str(tmp_path / "b.npy")) as q:
-        (got,) = compare_sources(r, [q], labels=labels, chunk_bytes=4 << 20, compare_fn=stager.compare)
-    want = fk.compare(a.astype(np.float16), b.astype(np.float16), labels)
-    np.testing.assert_allclose(got.kld, want.kld, rtol=2e-4, atol=2e-6)
-    np.testing.assert_array_equal(got.top1_ref, want.top1_ref)
-    np.testing.assert_allclose(got.nll_q, want.nll_q, rtol=1e-5, atol=1e-6)
+    paths = [str(tmp_path / f"{name}.npy") for name in "abc"]
+    with open_source(paths[0]) as r, open_source(paths[1]) as q1, open_source(paths[2]) as q2:
+        got = compare_sources(r, [q1, q2], labels=labels, chunk_bytes=4 << 20,
+                              compare_fn=stager.compare, compare_many_fn=stager.compare_many)
+    for st, x in zip(got, (b, c)):
+        want = fk.compare(a.astype(np.float16), x.astype(np.float16), labels)
+        np.testing.assert_allclose(st.kld, want.kld, rtol=2e-4, atol=2e-6)
+        np.testing.assert_array_equal(st.top1_ref, want.top1_ref)
+        np.testing.assert_allclose(st.nll_q, want.nll_q, rtol=1e-5, atol=1e-6)
 
 
 def test_cli_device_cuda_matches_llama_cpp(tmp_path):

@@ -416,16 +416,23 @@ def test_pinned_stager_bookkeeping_on_the_interpreter(monkeypatch):
     rng = np.random.default_rng(21)
     n, v = 37, 301
     ref_raw, ref64 = llama_rows(random_logprobs(rng, n, v), 2.0**-10, -60.0)
-    q_raw, q64 = llama_rows(np.minimum(ref64 + 0.3 * rng.standard_normal((n, v)), 0.0), 2.0**-10, -60.0)
+    qs = [llama_rows(np.minimum(ref64 + s * rng.standard_normal((n, v)), 0.0), 2.0**-10, -60.0)
+          for s in (0.3, 0.1)]
     labels = rng.integers(0, v, n)
     row_bytes = 2 * ref_raw.shape[1]
-    stager = gpu.PinnedStager(sub_chunk_bytes=5 * 2 * row_bytes, backend="triton", device="cpu")
     ref = ArraySource(Logits(ref_raw, "llama_u16", v), path="ref")
-    q = ArraySource(Logits(q_raw, "llama_u16", v), path="q")
-    # 12 rows of both sides a chunk (4 chunks, the last short), 5 rows a sub-chunk
-    with np.errstate(all="ignore"):  # the interpreter's numpy sees the -inf blocks' 0 * inf
-        (got,) = compare_sources(ref, [q], labels=labels, chunk_bytes=12 * 2 * row_bytes,
-                                 llama_parity=True, compare_fn=stager.compare)
-    check(got.as_dict(), ref64, q64, labels, llama_parity=True, q_logprobs=True)
-    np.testing.assert_array_equal(got.labels, labels)
-    assert len(allocations) == 4  # two slots per side, reused for every sub-chunk
+    sources = [ArraySource(Logits(raw, "llama_u16", v), path=f"q{j}") for j, (raw, _) in enumerate(qs)]
+    for models in (1, 2):  # one model (compare), then two (compare_many: the reference staged once)
+        allocations.clear()
+        stager = gpu.PinnedStager(sub_chunk_bytes=5 * (1 + models) * row_bytes, backend="triton",
+                                  device="cpu")
+        # 12 rows of every side a chunk (4 chunks, the last short), 5 rows a sub-chunk
+        with np.errstate(all="ignore"):  # the interpreter's numpy sees the -inf blocks' 0 * inf
+            got = compare_sources(ref, sources[:models], labels=labels,
+                                  chunk_bytes=12 * (1 + models) * row_bytes, llama_parity=True,
+                                  compare_fn=stager.compare, compare_many_fn=stager.compare_many)
+        assert len(got) == models
+        for st, (_, q64) in zip(got, qs):
+            check(st.as_dict(), ref64, q64, labels, llama_parity=True, q_logprobs=True)
+            np.testing.assert_array_equal(st.labels, labels)
+        assert len(allocations) == 2 * (1 + models)  # two slots per side, reused throughout

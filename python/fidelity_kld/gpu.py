@@ -297,7 +297,8 @@ class PinnedStager:
     reused for the whole run (pageable copies run at about 6.5 GB/s on an H100 host,
     pinned ones near 54 GB/s).
 
-    `compare` has ops.compare's call shape, so stream.compare_sources can use it directly.
+    `compare` has ops.compare's call shape and `compare_many` ops.compare_many's, so
+    stream.compare_sources can use them directly (the reference is staged once for all models).
     """
 
     def __init__(self, *, sub_chunk_bytes: int = 64 << 20, backend: str = "auto", device=None):
@@ -334,18 +335,25 @@ class PinnedStager:
         return dev.view(torch_dtype).view(shape)
 
     def compare(self, ref, q, labels=None, *, threads=None, llama_parity=False) -> TokenStats:
+        return self.compare_many(ref, [q], labels, threads=threads, llama_parity=llama_parity)[0]
+
+    def compare_many(self, ref, qs, labels=None, *, threads=None,
+                     llama_parity=False) -> list[TokenStats]:
+        """compare for several models: each sub-chunk of the reference is staged once, then
+        compared with every model's (stream.compare_sources calls this for several models)."""
         torch = self.torch
-        ref, q = (x if isinstance(x, Logits) else Logits(np.asarray(x), str(np.asarray(x).dtype),
-                                                         np.asarray(x).shape[1]) for x in (ref, q))
+        ref, *qs = (x if isinstance(x, Logits) else Logits(np.asarray(x), str(np.asarray(x).dtype),
+                                                           np.asarray(x).shape[1]) for x in (ref, *qs))
         n = ref.n_tokens
-        if n == 0:  # nothing to stage: the CPU core's empty result, with its checks
+        if n == 0 or not qs:  # nothing to stage: the CPU core's empty results, with its checks
             from .ops import compare
 
-            return compare(ref, q, labels, llama_parity=llama_parity)
-        row_bytes = ref.data[:1].nbytes + q.data[:1].nbytes
+            return [compare(ref, q, labels, llama_parity=llama_parity) for q in qs]
+        sides = (ref, *qs)
+        row_bytes = sum(x.data[:1].nbytes for x in sides)
         sub = max(1, self.sub_chunk_bytes // max(row_bytes, 1))
         compute = torch.cuda.current_stream(self.device)
-        parts = []
+        parts: list[list[dict]] = [[] for _ in qs]
         staged = None
         starts = list(range(0, n, sub))
         for i, start in enumerate(starts + [None]):
@@ -356,22 +364,25 @@ class PinnedStager:
                 stop = min(start + sub, n)
                 with torch.cuda.stream(self.copy_stream):
                     self.copy_stream.wait_stream(compute)  # device memory allocated on compute
-                    nxt = (self._stage(ref, start, stop, slot, 0), self._stage(q, start, stop, slot, 1),
+                    nxt = ([self._stage(x, start, stop, slot, side) for side, x in enumerate(sides)],
                            start, stop)
                     event = torch.cuda.Event()
                     event.record(self.copy_stream)
                     self._copied[slot] = event
             if staged is not None:
-                a, b, s0, s1, ready = staged
+                tensors, s0, s1, ready = staged
                 compute.wait_event(ready)
-                a.record_stream(compute)
-                b.record_stream(compute)
+                for t in tensors:
+                    t.record_stream(compute)
                 y = None if labels is None else labels[s0:s1]
-                parts.append(compare_gpu_tensors(
-                    a, b, y, backend=self.backend, llama_parity=llama_parity,
-                    ref_dtype=ref.dtype, q_dtype=q.dtype, vocab=ref.vocab, device=self.device))
+                for j, q in enumerate(qs):
+                    parts[j].append(compare_gpu_tensors(
+                        tensors[0], tensors[1 + j], y, backend=self.backend,
+                        llama_parity=llama_parity, ref_dtype=ref.dtype, q_dtype=q.dtype,
+                        vocab=ref.vocab, device=self.device))
             staged = None if start is None else (*nxt, event)
         compute.synchronize()
-        host = {name: torch.cat([p[name] for p in parts]).cpu().numpy() for name in parts[0]}
         y = None if labels is None else np.ascontiguousarray(labels, dtype=np.int64)
-        return TokenStats(labels=y, **host)
+        return [TokenStats(labels=y, **{name: torch.cat([p[name] for p in model]).cpu().numpy()
+                                        for name in model[0]})
+                for model in parts]

@@ -89,13 +89,18 @@ def compare_sources(
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
     progress: Callable[[Progress], None] | None = None,
     compare_fn: Callable[..., TokenStats] = compare,
+    compare_many_fn: Callable[..., list[TokenStats]] | None = None,
 ) -> list[TokenStats]:
     """Per-token statistics of every quantized source against the reference.
 
     labels: token ids per row; default: the reference's, else the first model's.
     llama_parity: apply llama.cpp's definitions (default: when the reference is a llama.cpp
-    file). Returns one TokenStats per model, in order.
+    file). compare_fn compares one model's chunk; compare_many_fn, when given, all models' at
+    once (the default compare_fn comes with ops.compare_many). Returns one TokenStats per
+    model, in order.
     """
+    if compare_many_fn is None and compare_fn is compare:
+        compare_many_fn = compare_many
     if llama_parity is None:
         llama_parity = ref.dtype == "llama_u16"
     if labels is None:
@@ -126,9 +131,9 @@ def compare_sources(
             pending = pool.submit(fetch, stop, previous) if stop < n else None
             ref_chunk, q_chunks = chunk[0], chunk[1:]
             y = None if labels is None else labels[start:stop]
-            if compare_fn is compare and len(q_chunks) > 1:  # the reference's work done once
-                results = compare_many(ref_chunk, q_chunks, y, threads=threads,
-                                       llama_parity=llama_parity)
+            if compare_many_fn is not None and len(q_chunks) > 1:  # the reference read once
+                results = compare_many_fn(ref_chunk, q_chunks, y, threads=threads,
+                                          llama_parity=llama_parity)
             else:
                 results = [compare_fn(ref_chunk, q_chunk, y, threads=threads,
                                       llama_parity=llama_parity) for q_chunk in q_chunks]

@@ -231,12 +231,12 @@ def _run(ref, quants, labels_path, prompt_ids_path, fmt, output, per_token, per_
         parity = {"auto": None, "llama": True, "exact": False}[definitions]
         if parity and ref_src.dtype != "llama_u16":
             raise InputError(f"{ref}: --definitions llama needs a llama.cpp reference file")
-        compare_fn = _compare_fn(device)
+        compare_fn, compare_many_fn = _compare_fns(device)
         show = not quiet and sys.stderr.isatty()
         try:
             results = compare_sources(ref_src, q_srcs, labels=labels, threads=threads,
                                       llama_parity=parity, progress=_ProgressLine(show),
-                                      compare_fn=compare_fn)
+                                      compare_fn=compare_fn, compare_many_fn=compare_many_fn)
         except ValueError as e:
             raise InputError(str(e)) from None
         names = _model_names(quants)
@@ -282,19 +282,20 @@ def _model_names(paths) -> list[str]:
     return stems if len(set(stems)) == len(stems) else names if len(set(names)) == len(names) else [str(p) for p in paths]
 
 
-def _compare_fn(device: str):
-    """The per-chunk compare: the CPU core, or for --device cuda the GPU with host chunks
-    staged through pinned buffers (fidelity_kld.gpu.PinnedStager)."""
-    from ..ops import compare
+def _compare_fns(device: str):
+    """(compare one model's chunk, compare all models' chunks): the CPU core, or for
+    --device cuda the GPU with host chunks staged through pinned buffers
+    (fidelity_kld.gpu.PinnedStager; the reference staged once for all models)."""
+    from ..ops import compare, compare_many
 
     if device != "cuda":  # 'auto': file chunks are on the host, so the CPU core
-        return compare
+        return compare, compare_many
     try:
         from ..gpu import PinnedStager
         stager = PinnedStager()
     except (ImportError, RuntimeError) as e:
         raise InputError(f"--device cuda: GPU support is not available ({e})") from None
-    return stager.compare
+    return stager.compare, stager.compare_many
 
 
 def _write_per_token(tmp, names, results, prompt_ids):
