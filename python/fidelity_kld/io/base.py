@@ -83,3 +83,19 @@ class LogitSource:
 
     def __exit__(self, *exc):
         self.close()
+
+
+class MappedSource(LogitSource):
+    """A source whose rows are one memory-mapped [n_tokens, row] array, set by the subclass's
+    __init__ as self._data: read() returns views of it, close() drops the map."""
+
+    _data: np.ndarray | None = None
+
+    def read(self, start: int, stop: int) -> Logits:
+        start, stop = self._check_range(start, stop)
+        if self._data is None:
+            raise DumpError(f"{self.path}: source is closed")
+        return Logits(self._data[start:stop], self.dtype, self.vocab)
+
+    def close(self) -> None:
+        self._data = None

@@ -19,6 +19,7 @@ from .arrow import ArrowWriter, ParquetWriter
 from .base import DumpError, LogitSource
 from .llama import decode_rows
 from .npy import NpyWriter
+from .open import EXTENSIONS
 from .safetensors import SafetensorsWriter
 
 WRITERS = {
@@ -27,14 +28,8 @@ WRITERS = {
     "arrow": ArrowWriter,
     "parquet": ParquetWriter,
 }
-OUTPUT_EXTENSIONS = {
-    ".npy": "npy",
-    ".safetensors": "safetensors",
-    ".arrow": "arrow",
-    ".feather": "arrow",
-    ".ipc": "arrow",
-    ".parquet": "parquet",
-}
+# The readers' extensions, for the formats there is a writer for (not llama.cpp's .kld).
+OUTPUT_EXTENSIONS = {ext: fmt for ext, fmt in EXTENSIONS.items() if fmt in WRITERS}
 CHUNK_BYTES = 64 << 20
 
 

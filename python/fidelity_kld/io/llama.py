@@ -15,9 +15,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..ops import Logits
 from ._util import file_size, read_prefix
-from .base import DumpError, LogitSource
+from .base import DumpError, MappedSource
 
 MAGIC = b"_logits_"
 HEADER_BYTES = 20
@@ -44,7 +43,7 @@ def layout(n_ctx: int, n_vocab: int, n_chunk: int) -> dict:
     }
 
 
-class LlamaSource(LogitSource):
+class LlamaSource(MappedSource):
     """A llama.cpp --kl-divergence-base file, memory-mapped.
 
     read() returns Logits(data=[rows, nv] uint16 view of the map, dtype='llama_u16',
@@ -106,20 +105,13 @@ class LlamaSource(LogitSource):
             header={"n_ctx": n_ctx, "n_vocab": n_vocab, "n_chunk": n_chunk, **lay},
         )
         self.tokens = tokens
-        self._rows = np.memmap(path, dtype="<u2", mode="r", offset=lay["rows_offset"], shape=(n_rows, lay["row_words"]))
+        self._data = np.memmap(path, dtype="<u2", mode="r", offset=lay["rows_offset"],
+                               shape=(n_rows, lay["row_words"]))
 
     @property
     def bytes_per_token(self) -> int:
         return int(self.header["row_bytes"])
 
-    def read(self, start: int, stop: int) -> Logits:
-        start, stop = self._check_range(start, stop)
-        if self._rows is None:
-            raise DumpError(f"{self.path}: source is closed")
-        return Logits(self._rows[start:stop], "llama_u16", self.vocab)
-
-    def close(self) -> None:
-        self._rows = None
 
 
 def decode_rows(rows: np.ndarray, n_vocab: int) -> np.ndarray:

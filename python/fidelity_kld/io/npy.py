@@ -20,9 +20,8 @@ import tokenize
 
 import numpy as np
 
-from ..ops import Logits
 from ._util import STORAGE, AtomicFiles, check_ids, file_size, logical_dtype
-from .base import DumpError, LogitSource
+from .base import DumpError, MappedSource
 
 MAGIC = b"\x93NUMPY"
 SIBLING_SUFFIXES = (".labels.npy", ".prompt_ids.npy", ".npy.json")
@@ -77,7 +76,7 @@ def read_header(path: str, size: int) -> tuple[tuple, np.dtype, bool, int, tuple
     return shape, dtype, fortran, offset, version
 
 
-class NpySource(LogitSource):
+class NpySource(MappedSource):
     """A memory-mapped .npy matrix; read() returns views of the map."""
 
     def __init__(self, path: str, *, dtype: str | None = None):
@@ -125,14 +124,6 @@ class NpySource(LogitSource):
     def files(self) -> list[str]:
         return [self.path, *self._companions]
 
-    def read(self, start: int, stop: int) -> Logits:
-        start, stop = self._check_range(start, stop)
-        if self._data is None:
-            raise DumpError(f"{self.path}: source is closed")
-        return Logits(self._data[start:stop], self.dtype, self.vocab)
-
-    def close(self) -> None:
-        self._data = None
 
 
 def _read_sidecar(path: str) -> dict:

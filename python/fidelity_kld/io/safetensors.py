@@ -13,9 +13,8 @@ import math
 
 import numpy as np
 
-from ..ops import Logits
 from ._util import STORAGE, AtomicFiles, check_ids, file_size, logical_dtype, read_prefix
-from .base import DumpError, LogitSource
+from .base import DumpError, MappedSource
 
 MAX_HEADER = 100 * 1024 * 1024  # the reference implementation's limit too
 
@@ -79,7 +78,7 @@ def read_header(path: str) -> tuple[dict, dict, int, int]:
     return tensors, meta, data_start, size
 
 
-class SafetensorsSource(LogitSource):
+class SafetensorsSource(MappedSource):
     """The `logits` tensor of a safetensors file, memory-mapped."""
 
     def __init__(self, path: str, *, dtype: str | None = None):
@@ -126,14 +125,6 @@ class SafetensorsSource(LogitSource):
         ids = np.fromfile(path, dtype=dt, count=count, offset=data_start + t["data_offsets"][0])
         return check_ids(path, ids, n, name)
 
-    def read(self, start: int, stop: int) -> Logits:
-        start, stop = self._check_range(start, stop)
-        if self._data is None:
-            raise DumpError(f"{self.path}: source is closed")
-        return Logits(self._data[start:stop], self.dtype, self.vocab)
-
-    def close(self) -> None:
-        self._data = None
 
 
 class SafetensorsWriter:
