@@ -578,8 +578,6 @@ def _logit_stats_merge_kernel(
 # launcher
 # ---------------------------------------------------------------------------------------------
 
-FLOAT_OUTPUTS = ("kld", "kld_reverse", "lse_ref", "lse_q", "entropy_ref")
-LABEL_OUTPUTS = ("nll_ref", "nll_q", "p_ref_y", "p_q_y")
 
 
 def _interpreting() -> bool:
@@ -684,23 +682,13 @@ def logit_stats(
     if b_llama and q.dtype == torch.uint16:
         q = q.view(torch.int16)
 
-    out = dict(out or {})
-    for name in FLOAT_OUTPUTS:
-        out.setdefault(name, torch.empty(n, dtype=torch.float64, device=device))
-    for name in ("top1_ref", "top1_q"):
-        out.setdefault(name, torch.empty(n, dtype=torch.int32, device=device))
     if labels is not None:
         labels = labels.reshape(-1).to(device=device, dtype=torch.int64).contiguous()
         if labels.shape[0] != n:
             raise ValueError(f"labels has {labels.shape[0]} entries for {n} tokens")
-        for name in LABEL_OUTPUTS:
-            out.setdefault(name, torch.empty(n, dtype=torch.float64, device=device))
-    if llama_parity:
-        out.setdefault("kld_llama", torch.empty(n, dtype=torch.float64, device=device))
-    for name, t in out.items():
-        want = torch.int32 if name.startswith("top1") else torch.float64
-        if t.dtype != want or t.shape != (n,) or t.device != device or not t.is_contiguous():
-            raise ValueError(f"out[{name!r}] must be a contiguous {want} tensor of shape ({n},) on {device}")
+    from fidelity_kld.gpu import allocate_outputs  # the wheel ships this module inside fidelity_kld
+
+    out = allocate_outputs(n, device, labels is not None, llama_parity, out)
     if n == 0:
         return out
 

@@ -103,3 +103,31 @@ def huge_logit_rows(v=3000):
         b = np.asarray(rows_b).astype(np.float32)
     assert np.isfinite(a[:, v // 2:]).all() and np.isfinite(b[:, v // 2:]).all()
     return a, b
+
+
+def masked_and_invalid_rows(v: int, seed: int = 9):
+    """float32 (ref, q) rows, 12 of them, covering the -inf and invalid-row rules, with spans
+    scaled to v (v >= 1000): 0: masked on the reference only (finite KLD, +inf reverse);
+    1: q has no mass where p does (+inf KLD); 2: the same mask on both; 3: NaN, 4: +inf and
+    5: no finite entry (invalid); 6: constant (uniform); 7: huge magnitudes; 8: the first 60%
+    masked on both; 9: q empty for its first 40%; 10: everything past 30% masked on both;
+    11: the max in the last 1% (a large rescale of all before it)."""
+    rng = np.random.default_rng(seed)
+    a = (rng.standard_normal((12, v)) * 3).astype(np.float32)
+    b = (a + 0.2 * rng.standard_normal((12, v))).astype(np.float32)
+    a[0, v // 10: 3 * v // 10] = -np.inf
+    b[1, v // 2: 7 * v // 10] = -np.inf
+    a[2, ::2] = -np.inf
+    b[2, ::2] = -np.inf
+    a[3, 5] = np.nan
+    b[4, 7] = np.inf
+    a[5, :] = -np.inf
+    a[6, :] = 1.0
+    a[7] = a[7] * 1e3 + 1e4
+    a[8, : 3 * v // 5] = -np.inf
+    b[8, : 3 * v // 5] = -np.inf
+    b[9, : 2 * v // 5] = -np.inf
+    a[10, 3 * v // 10:] = -np.inf
+    b[10, 3 * v // 10:] = -np.inf
+    a[11, v - v // 100:] = 50.0
+    return a, b

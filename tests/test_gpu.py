@@ -20,7 +20,8 @@ pytestmark = [
 from fidelity_kld import _core, reference  # noqa: E402
 
 from _reference_checks import (  # noqa: E402
-    GPU_TOL, check_stats, huge_logit_rows, llama_rows, make_pair, random_logprobs)
+    GPU_TOL, check_stats, huge_logit_rows, llama_rows, make_pair, masked_and_invalid_rows,
+    random_logprobs)
 
 # GPU accuracy bar (issue 8): kld within 2e-6 absolute + 2e-4 relative.
 KLD_ATOL, KLD_RTOL = GPU_TOL["kld_atol"], GPU_TOL["kld_rtol"]
@@ -162,23 +163,9 @@ def test_ties_go_to_lowest_index(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_masked_vocab_and_invalid_rows(backend):
-    rng = np.random.default_rng(9)
-    n, v = 10, 20000
-    a = (rng.standard_normal((n, v)) * 3).astype(np.float32)
-    b = (a + 0.2 * rng.standard_normal((n, v))).astype(np.float32)
-    a[0, 100:3000] = -np.inf
-    b[1, 500:7000] = -np.inf
-    a[2, ::2] = -np.inf
-    b[2, ::2] = -np.inf
-    a[3, 5] = np.nan
-    b[4, 7] = np.inf
-    a[5, :] = -np.inf
-    a[6, :] = 1.0
-    a[7] = a[7] * 1e3 + 1e4
-    a[8, :15000] = -np.inf
-    b[8, :15000] = -np.inf
-    a[9, 19990:] = 60.0
-    labels = rng.integers(0, v, n)
+    v = 20000
+    a, b = masked_and_invalid_rows(v)
+    labels = np.random.default_rng(9).integers(0, v, a.shape[0])
     got = run(torch.from_numpy(a).cuda(), torch.from_numpy(b).cuda(), torch.from_numpy(labels).cuda(),
               backend=backend)
     check(got, a.astype(np.float64), b.astype(np.float64), labels)

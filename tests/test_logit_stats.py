@@ -11,7 +11,7 @@ import fidelity_kld as fk
 from fidelity_kld import _core, reference
 
 from _reference_checks import (CPU_TOL, check_stats, huge_logit_rows, llama_rows, make_pair,
-                               random_logprobs)
+                               masked_and_invalid_rows, random_logprobs)
 
 LEVELS = ["scalar", "avx2", "avx512"]
 AVAILABLE = LEVELS[: LEVELS.index(_core.active_simd_level()) + 1]
@@ -126,20 +126,9 @@ def test_ties_go_to_lowest_index(simd):
 
 @pytest.mark.parametrize("simd", AVAILABLE)
 def test_masked_vocab_and_invalid_rows(simd):
-    rng = np.random.default_rng(9)
-    n, v = 8, 1000
-    a = (rng.standard_normal((n, v)) * 3).astype(np.float32)
-    b = (a + 0.2 * rng.standard_normal((n, v))).astype(np.float32)
-    a[0, 100:300] = -np.inf  # masked on the reference only: finite KLD, infinite reverse
-    b[1, 500:700] = -np.inf  # q has no mass where p does: KLD = +inf
-    a[2, ::2] = -np.inf
-    b[2, ::2] = -np.inf  # same mask on both: finite both ways
-    a[3, 5] = np.nan  # invalid
-    b[4, 7] = np.inf  # invalid
-    a[5, :] = -np.inf  # no finite entry: invalid
-    a[6, :] = 1.0  # constant row: uniform
-    a[7] = a[7] * 1e3 + 1e4  # huge magnitudes
-    got = fk.compare(a, b, rng.integers(0, v, n), simd=simd)
+    v = 1000
+    a, b = masked_and_invalid_rows(v)
+    got = fk.compare(a, b, np.random.default_rng(9).integers(0, v, a.shape[0]), simd=simd)
     check_against_reference(got, a.astype(np.float64), b.astype(np.float64), got.labels)
     assert np.isfinite(got.kld[0]) and np.isinf(got.kld_reverse[0])
     assert np.isposinf(got.kld[1]) and np.isfinite(got.kld_reverse[1])

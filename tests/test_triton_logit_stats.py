@@ -17,7 +17,8 @@ import pytest
 from fidelity_kld import reference
 
 from _reference_checks import (  # noqa: E402
-    GPU_TOL, check_stats, huge_logit_rows, llama_rows, make_pair, random_logprobs)
+    GPU_TOL, check_stats, huge_logit_rows, llama_rows, make_pair, masked_and_invalid_rows,
+    random_logprobs)
 
 torch = pytest.importorskip("torch")
 if importlib.util.find_spec("triton") is None:
@@ -188,26 +189,9 @@ def test_ties_go_to_lowest_index(block_v, splits):
 def test_masked_vocab_and_invalid_rows(block_v, splits):
     """-inf filling whole blocks, at the start of a row and on either side; NaN, +inf and
     all -inf rows are invalid; constant and huge-magnitude rows stay exact."""
-    rng = np.random.default_rng(9)
-    n, v = 12, 1000
-    a = (rng.standard_normal((n, v)) * 3).astype(np.float32)
-    b = (a + 0.2 * rng.standard_normal((n, v))).astype(np.float32)
-    a[0, 100:300] = -np.inf  # masked on the reference only: finite KLD, infinite reverse
-    b[1, 500:700] = -np.inf  # q has no mass where p does: KLD = +inf
-    a[2, ::2] = -np.inf
-    b[2, ::2] = -np.inf  # same mask on both: finite both ways
-    a[3, 5] = np.nan  # invalid
-    b[4, 7] = np.inf  # invalid
-    a[5, :] = -np.inf  # no finite entry: invalid
-    a[6, :] = 1.0  # constant row: uniform
-    a[7] = a[7] * 1e3 + 1e4  # huge magnitudes
-    a[8, :600] = -np.inf  # the first blocks hold nothing on the reference side
-    b[8, :600] = -np.inf
-    b[9, :400] = -np.inf  # q empty at first, p not: KLD = +inf
-    a[10, 300:] = -np.inf  # all mass in the first blocks, nothing after
-    b[10, 300:] = -np.inf
-    a[11, 990:] = 50.0  # the max arrives in the last block: large rescale of everything before
-    labels = rng.integers(0, v, n)
+    v = 1000
+    a, b = masked_and_invalid_rows(v)
+    labels = np.random.default_rng(9).integers(0, v, a.shape[0])
     labels[0] = 150  # a label on a masked reference entry: nll_ref = +inf, p_ref_y = 0
     got = run(torch.from_numpy(a), torch.from_numpy(b), torch.from_numpy(labels),
               block_v=block_v, splits=splits)

@@ -146,6 +146,28 @@ def _pick_device(ref, q, device):
     return torch.device("cuda", torch.cuda.current_device())
 
 
+def allocate_outputs(n: int, device, has_labels: bool, llama_parity: bool,
+                     out: dict | None = None) -> dict:
+    """The output tensors of n tokens on device, by name (float64, int32 for top1), taking any
+    the caller supplies in ``out`` after checking them (both GPU backends use this)."""
+    torch = _torch()
+    res = dict(out or {})
+    for name in _FLOAT_OUTPUTS:
+        res.setdefault(name, torch.empty(n, dtype=torch.float64, device=device))
+    for name in ("top1_ref", "top1_q"):
+        res.setdefault(name, torch.empty(n, dtype=torch.int32, device=device))
+    if has_labels:
+        for name in _LABEL_OUTPUTS:
+            res.setdefault(name, torch.empty(n, dtype=torch.float64, device=device))
+    if llama_parity:
+        res.setdefault("kld_llama", torch.empty(n, dtype=torch.float64, device=device))
+    for name, t in res.items():
+        want = torch.int32 if name.startswith("top1") else torch.float64
+        if t.dtype != want or tuple(t.shape) != (n,) or t.device != device or not t.is_contiguous():
+            raise ValueError(f"out[{name!r}] must be a contiguous {want} tensor of shape ({n},) on {device}")
+    return res
+
+
 def compare_gpu_tensors(
     ref: Any,
     q: Any,
@@ -222,20 +244,7 @@ def compare_gpu_tensors(
             a, b, y, vocab=v, ref_dtype=a_dtype, q_dtype=b_dtype, llama_parity=llama_parity,
             out=out, splits=vocab_splits or None)
 
-    res = dict(out or {})
-    for name in _FLOAT_OUTPUTS:
-        res.setdefault(name, torch.empty(n, dtype=torch.float64, device=dev))
-    for name in ("top1_ref", "top1_q"):
-        res.setdefault(name, torch.empty(n, dtype=torch.int32, device=dev))
-    if y is not None:
-        for name in _LABEL_OUTPUTS:
-            res.setdefault(name, torch.empty(n, dtype=torch.float64, device=dev))
-    if llama_parity:
-        res.setdefault("kld_llama", torch.empty(n, dtype=torch.float64, device=dev))
-    for name, t in res.items():
-        want = torch.int32 if name.startswith("top1") else torch.float64
-        if t.dtype != want or tuple(t.shape) != (n,) or t.device != dev or not t.is_contiguous():
-            raise ValueError(f"out[{name!r}] must be a contiguous {want} tensor of shape ({n},) on {dev}")
+    res = allocate_outputs(n, dev, y is not None, llama_parity, out)
     if n == 0:
         return res
     ptr = {name: t.data_ptr() for name, t in res.items()}
