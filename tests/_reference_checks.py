@@ -131,3 +131,14 @@ def masked_and_invalid_rows(v: int, seed: int = 9):
     b[10, 3 * v // 10:] = -np.inf
     a[11, v - v // 100:] = 50.0
     return a, b
+
+
+def write_npy(path, n, v, seed):
+    """A large float16 .npy written block by block (a rolled random block: cheap to make), with
+    write() as dump producers do."""
+    block = np.random.default_rng(seed).normal(0, 2, size=(64, v)).astype(np.float16)
+    with open(path, "wb") as f:
+        np.lib.format.write_array_header_1_0(
+            f, {"descr": "<f2", "fortran_order": False, "shape": (n, v)})
+        for start in range(0, n, 64):
+            f.write(np.roll(block, start, axis=1)[: min(64, n - start)].tobytes())

@@ -19,23 +19,14 @@ import subprocess
 import sys
 import time
 
-import numpy as np
 import pytest
+
+from _reference_checks import write_npy
 
 N_TOKENS, VOCAB = 2400, 32000  # float16: 153.6 MB per dump
 N_QUANT = 24
 PROMPT_BOUND_S = 5.0  # generous for a loaded CI machine; measured ~0.03-0.1 s here
 PROGRESS = re.compile(rb"(\d+)/(\d+) tokens")
-
-
-def write_npy(path, n, v, seed):
-    """A large float16 .npy written block by block (a rolled random block: cheap to make)."""
-    block = np.random.default_rng(seed).normal(0, 2, size=(64, v)).astype(np.float16)
-    with open(path, "wb") as f:
-        np.lib.format.write_array_header_1_0(
-            f, {"descr": "<f2", "fortran_order": False, "shape": (n, v)})
-        for start in range(0, n, 64):
-            f.write(np.roll(block, start, axis=1)[: min(64, n - start)].tobytes())
 
 
 @pytest.fixture(scope="module")

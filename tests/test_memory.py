@@ -15,20 +15,12 @@ import shutil
 import subprocess
 import sys
 
-import numpy as np
 import pytest
+
+from _reference_checks import write_npy
 
 VOCAB = 32000  # float16: 64,000 bytes a row
 MB = 1 << 20
-
-
-def write_npy(path, n, v, seed):
-    block = np.random.default_rng(seed).normal(0, 2, size=(64, v)).astype(np.float16)
-    with open(path, "wb") as f:
-        np.lib.format.write_array_header_1_0(
-            f, {"descr": "<f2", "fortran_order": False, "shape": (n, v)})
-        for start in range(0, n, 64):
-            f.write(np.roll(block, start, axis=1)[: min(64, n - start)].tobytes())
 
 
 # The console script's entry point, run in a process that reports its own peak at exit.
