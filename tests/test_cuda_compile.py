@@ -419,3 +419,5 @@ def test_sass_report_finds_the_main_loops(tmp_path):
         assert r["ex2"] == 2 * r["pairs_per_trip"] and r["pairs_per_trip"] % 8 == 0, r
         assert 0 < r["common"] < r["instructions"], r
     assert rows[0]["pairs_per_trip"] == 16  # 2048 entries over 4 warps: from the launch
+    if NVCC:  # bf16 both sides: 8 entries a step, 4 steps loaded ahead (unroll_steps), 64 exp2
+        assert rows[1]["pairs_per_trip"] == 32
