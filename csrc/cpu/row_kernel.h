@@ -315,6 +315,10 @@ struct RowKernel {
     const uint8_t* next_a =
         has_next ? base_a + (r + 1) * p0.ref_row_stride + dtype_row_header(DA) : nullptr;
     const MaxMin ma = maxmin<DA>(a, p0.vocab);
+    if (!std::isfinite(ma.max)) {  // the reference row is invalid: so is every model's
+      for (int j = 0; j < m; ++j) write_invalid(ps[j], r);
+      return;
+    }
     int idx[kGroup];
     RowInput b[kGroup];
     MaxMin mb[kGroup];
@@ -343,7 +347,7 @@ struct RowKernel {
       const uint8_t* nb =
           has_next ? base_b + (r + 1) * p.q_row_stride + dtype_row_header(DB) : nullptr;
       const MaxMin mbj = maxmin<DB>(bj, p.vocab);
-      if (!std::isfinite(ma.max) || !std::isfinite(mbj.max)) {
+      if (!std::isfinite(mbj.max)) {
         write_invalid(p, r);
         continue;
       }
