@@ -7,6 +7,7 @@ import math
 from ..stats.cohort import CohortReport
 from ..stats.correlation import Correlation, format_p
 from ..stats.decompose import COMPOSITE
+from ..stats.zone import NULL_ALPHA as NULL_ALPHA_REPORT
 from .document import Bullets, Heading, Image, Para, Table
 
 FIGURE_CAPTIONS = {
@@ -26,13 +27,26 @@ def _num(v: float, fmt: str = ".3f") -> str:
     return format(v, fmt)
 
 
-def _sig(v: float) -> str:
-    """A fidelity value at 3 significant digits."""
+def column_format(values) -> str:
+    """One format for a column of fidelity values, so its numbers share a precision: fixed
+    decimals giving the smallest nonzero magnitude 3 significant digits when the column spans
+    under three decades (at most 6 decimals), scientific with 3 significant digits otherwise."""
+    mags = [abs(v) for v in values if v is not None and math.isfinite(v) and v != 0]
+    if not mags:
+        return ".3f"
+    lo, hi = min(mags), max(mags)
+    decimals = max(0, 2 - math.floor(math.log10(lo)))
+    if hi / lo >= 1000 or decimals > 6:
+        return ".2e"
+    return f".{decimals}f"
+
+
+def _fixed(v: float, fmt: str) -> str:
     if v is None or math.isnan(v):
         return "-"
     if math.isinf(v):
         return "inf" if v > 0 else "-inf"
-    return f"{v:.3g}"
+    return format(v, fmt)
 
 
 def _pct(v: float, signed: bool = True) -> str:
@@ -97,6 +111,7 @@ def headline(r: CohortReport) -> list[str]:
         out.append(f"If the full-cohort relation held inside the zone, restriction of range and "
                    f"benchmark noise would give rho = {v.null.median:+.2f} [{v.null.low:+.2f}, "
                    f"{v.null.high:+.2f}]; the observed rho is {v.null.verdict} (p = {format_p(v.null.p)}).")
+        out.append(null_power_sentence(v.null))
     h = v.holdout
     if h.status == "ok":
         out.append(f"With the zone chosen on half the prompts and rho measured on the other half "
@@ -114,13 +129,89 @@ def headline(r: CohortReport) -> list[str]:
         span = (lambda v: f"{v[0]:.2f}" if len(v) == 1 else f"{v[0]:.2f} to {v[-1]:.2f}")
         out.append(f"Per prompt, failed prompts have {span(gm)} times the KLD of passed ones "
                    f"(geometric means); AUROC {span(au)} over {_models(len(fails))}.")
+        own = [f for f in fails if not math.isnan(f.flip_auroc)]
+        if own:
+            fa = sorted(f.flip_auroc for f in own)
+            fg = sorted(f.flip_gm_ratio for f in own if not math.isnan(f.flip_gm_ratio))
+            ratio = f"broken prompts have {span(fg)} times the KLD of kept ones; " if fg else ""
+            out.append(f"Over the prompts the reference passes (the quantization's own failures), "
+                       f"{ratio}AUROC {span(fa)}.")
     ro = r.routing
     if ro is not None and ro.status == "ok":
         out.append(f"Routing each disagreement prompt to the lowest-KLD model scores "
                    f"{ro.accuracy * 100:.1f}%{_ci(ro.accuracy_low * 100, ro.accuracy_high * 100, '.1f')} "
                    f"against {ro.chance * 100:.1f}% by chance and {ro.oracle * 100:.1f}% for the oracle "
                    f"({ro.n_disagree} prompts, {len(ro.models)} models).")
+        single = routing_single_pick(ro)
+        if single:
+            out.append(single)
     return out
+
+
+def routing_single_pick(ro) -> str:
+    """A sentence when routing picked the same model on every disagreement prompt: then the
+    routed score is that model's, and its gain over chance measures the model, not routing."""
+    if len(ro.picked) != 1:
+        return ""
+    (only,) = ro.picked
+    return (f"Lowest KLD picked {only} on every disagreement prompt: 'routed' is {only}'s own score "
+            f"({ro.accuracy * 100:.1f}%, the best single model scores {ro.best_single * 100:.1f}%), so the "
+            f"{ro.gain * 100:+.1f} points over chance are {only}'s, not routing's.")
+
+
+def null_power_sentence(n) -> str:
+    """What the range-restriction null could detect: its power against a zone with no
+    relation, and its simulated zones, so a reader knows when "within" means little."""
+    sizes = _range(n.zone_size_median, n.zone_size_low, n.zone_size_high, ".0f")
+    text = (f"Against a zone of the same size with no relation at all, this null rejects in "
+            f"{n.power * 100:.0f}% of cases (its power); its simulated zones held {sizes} models and "
+            f"{n.kept_fraction * 100:.0f}% of its draws had a defined rho.")
+    if n.note:
+        text += f" Note: {n.note}."
+    return text
+
+
+POWER_ENOUGH = 0.8
+
+
+def verdict(r: CohortReport) -> list[str]:
+    """The practitioner's answer, conditional on the data: does the primary variant rank
+    near-lossless candidates here, can the data tell, and what to do next."""
+    v = r.variant(r.primary)
+    name, nz = v.name, len(r.zone_models)
+    zone_list = f" ({', '.join(r.zone_models)})" if 0 < nz <= 8 else ""
+    if not v.full.ok or v.full.p >= 0.05:
+        return [f"{name} does not track the benchmark even over the whole cohort here: do not use it to "
+                "choose among these models; benchmark them directly."]
+    if not v.zone.ok:
+        return [f"{name} tracks the benchmark over the whole cohort, but the zone holds {_models(v.zone.n)} "
+                f"with a usable correlation ({v.zone.status}): use {name} to discard models outside the zone "
+                f"and benchmark the {_models(nz)} inside it{zone_list} directly."]
+    same_sign = (v.zone.rho > 0) == (v.full.rho > 0)
+    if v.zone.p < 0.05 and same_sign:
+        return [f"Yes: {name} ranks the near-lossless candidates here (zone rho {v.zone.rho:+.2f}, "
+                f"p = {format_p(v.zone.p)}, {_models(v.zone.n)}). Trust it to order the zone's candidates and "
+                "confirm only the final pick on the benchmark."]
+    n = v.null
+    if n.status != "ok":
+        return [f"{name} tracks the benchmark over the whole cohort; inside the zone its rho is "
+                f"{v.zone.rho:+.2f} (p = {format_p(v.zone.p)}) and the range-restriction null is {n.status}"
+                f"{': ' + n.note if n.note else ''}, so the data cannot say whether it still ranks "
+                f"there: benchmark the zone's {_models(nz)}{zone_list} directly."]
+    if n.p < NULL_ALPHA_REPORT:
+        return [f"No: inside the zone {name} does not rank the near-lossless candidates (rho {v.zone.rho:+.2f}, "
+                f"weaker than restriction of range predicts, null p = {format_p(n.p)}). Use {name} only to "
+                f"discard models outside the zone; benchmark the {_models(nz)} inside it{zone_list} directly."]
+    if n.power < POWER_ENOUGH:
+        return [f"The data cannot tell: the zone rho ({v.zone.rho:+.2f}) is within what restriction of range "
+                f"predicts, but this null would catch a zone with no relation only {n.power * 100:.0f}% of the "
+                f"time. Neither trust nor dismiss {name} inside the zone: benchmark its {_models(nz)}{zone_list} "
+                "directly, with more prompts if they must be told apart."]
+    return [f"Probably: the zone rho ({v.zone.rho:+.2f}) is within what restriction of range and benchmark noise "
+            f"predict, and the null would have caught a zone with no relation {n.power * 100:.0f}% of the time. "
+            f"{name} is consistent with ranking the zone as well as this benchmark can measure; the zone's models "
+            "differ by less than the benchmark resolves, so choose among them on size or speed, or benchmark "
+            "with more prompts to separate them."]
 
 
 def blocks(r: CohortReport, figures: dict[str, str] | None = None, *, detail: bool = True) -> list:
@@ -146,7 +237,9 @@ def blocks(r: CohortReport, figures: dict[str, str] | None = None, *, detail: bo
     out.append(Para("Spearman rho [95% bootstrap CI over models], p; Kendall tau. Full cohort and "
                     f"the {th} silent zone. Null: the zone rho expected if the full-cohort relation "
                     "held inside the zone (median [95%]), and the share of null draws as weak as "
-                    "observed (p)."))
+                    "observed (p); power: the share of zones of the same size with no relation at all "
+                    "that the null would reject; the simulated zones' sizes and the share of draws "
+                    "with a defined rho."))
     out.append(_variants_table(r))
     out.append(_null_table(r))
     if detail and len(r.tasks) > 1:
@@ -173,7 +266,7 @@ def blocks(r: CohortReport, figures: dict[str, str] | None = None, *, detail: bo
                     "(for fractional scores, the negative and positive parts of the change). "
                     "Volume = all flips / prompts; direction = net change / prompts. A metric that "
                     "measures how much a model moved, not which way, tracks volume and not direction."))
-    out.append(_voldir_table(r))
+    out.append(_voldir_table(r, detail))
     if detail:
         out.append(_flips_table(r))
     if "volume_direction" in figures:
@@ -185,8 +278,9 @@ def blocks(r: CohortReport, figures: dict[str, str] | None = None, *, detail: bo
         out.append(Para(f"Per-prompt mean KLD on failed vs passed prompts (score < "
                         f"{r.options.fail_below:g} fails), tasks: {', '.join(f0.tasks)}. GM ratio: "
                         "geometric-mean KLD of failed over passed prompts [95% bootstrap CI]; AUROC of "
-                        "KLD as a failure score (Mann-Whitney, one-sided p); flip AUROC: among prompts "
-                        "the reference passed, KLD as a score for the ones the model broke."))
+                        "KLD as a failure score (Mann-Whitney, one-sided p). The same over the prompts "
+                        "the reference passed only (the quantization's own failures): GM ratio of the "
+                        "prompts the model broke over the ones it kept, and AUROC."))
         out.append(_failure_table(r))
     if r.routing is not None:
         out.append(Heading(2, "Routing by per-prompt KLD"))
@@ -201,6 +295,8 @@ def blocks(r: CohortReport, figures: dict[str, str] | None = None, *, detail: bo
              f"{o.holdout_reps} hold-out splits" + ("; prompt sets intersected" if o.intersect else "")]
     items += list(r.notes)
     out.append(Bullets(tuple(items)))
+    out.append(Heading(2, "Verdict"))
+    out += [Para(t) for t in verdict(r)]
     return out
 
 
@@ -217,6 +313,7 @@ def _scores_table(r: CohortReport) -> Table:
     header = ["model"] + (["bpw"] if has_bpw else []) + (["size GB"] if has_size else [])
     header += list(r.tasks) + ["composite", "change", "zone", r.primary]
     rows = []
+    fid_fmt = column_format([m.fidelity.get(r.primary, math.nan) for m in (r.reference, *r.models)])
     for m, is_ref in ((r.reference, True), *((m, False) for m in r.models)):
         row = [m.name + (" (reference)" if is_ref else "")]
         if has_bpw:
@@ -225,7 +322,7 @@ def _scores_table(r: CohortReport) -> Table:
             row.append(_num(m.size_gb, ".2f") if not is_ref else "")
         row += [_num(m.task_scores[t]) for t in r.tasks]
         row += [_num(m.composite), "" if is_ref else _pct(m.relative_change),
-                "" if is_ref else ("yes" if m.in_zone else ""), _sig(m.fidelity.get(r.primary, math.nan))]
+                "" if is_ref else ("yes" if m.in_zone else ""), _fixed(m.fidelity.get(r.primary, math.nan), fid_fmt)]
         rows.append(tuple(row))
     return Table(tuple(header), tuple(rows))
 
@@ -244,10 +341,14 @@ def _null_table(r: CohortReport) -> Table:
     for v in r.variants:
         n = v.null
         if n.status == "ok":
-            rows.append((v.name, _range(n.median, n.low, n.high), format_p(n.p), n.verdict))
+            rows.append((v.name, _range(n.median, n.low, n.high), format_p(n.p), f"{n.power * 100:.0f}%",
+                         _range(n.zone_size_median, n.zone_size_low, n.zone_size_high, ".0f"),
+                         f"{n.kept_fraction * 100:.0f}%", n.verdict + ("; no anchor at the reference"
+                                                                       if n.note else "")))
         else:
-            rows.append((v.name, "-", "-", f"{n.status}: {n.note}" if n.note else n.status))
-    return Table(("variant", "null zone rho", "null p", "observed zone rho is"), tuple(rows), "lrrl")
+            rows.append((v.name, "-", "-", "-", "-", "-", f"{n.status}: {n.note}" if n.note else n.status))
+    return Table(("variant", "null zone rho", "null p", "power", "simulated zone n", "draws kept",
+                  "observed zone rho is"), tuple(rows), "lrrrrrl")
 
 
 def _task_table(r: CohortReport) -> Table:
@@ -307,12 +408,19 @@ def _holdout_table(r: CohortReport) -> Table:
                   "full rho [95% of splits]"), tuple(rows))
 
 
-def _voldir_table(r: CohortReport) -> Table:
+def _voldir_table(r: CohortReport, detail: bool = True) -> Table:
+    """Volume and direction rhos: the composite (or pooled) figure, then each task's, for
+    every variant (detail) or the primary one only (the terminal summary)."""
+    scope0 = "all prompts (pooled)" if r.options.pool_flips else "composite"
     rows = []
     for v in r.variants:
-        vol, d = v.volume[0], v.direction[0]
-        rows.append((v.name, _rho_p(vol.full), _rho_p(vol.zone), _rho_p(d.full), _rho_p(d.zone)))
-    return Table(("variant", "volume: full", "volume: zone", "direction: full", "direction: zone"),
+        rows.append((v.name, scope0, _rho_p(v.volume[0].full), _rho_p(v.volume[0].zone),
+                     _rho_p(v.direction[0].full), _rho_p(v.direction[0].zone)))
+        if len(r.tasks) > 1 and (detail or v.name == r.primary):
+            for vol, d in zip(v.volume[1:], v.direction[1:]):
+                rows.append(("", vol.target.split("/", 1)[1], _rho_p(vol.full), _rho_p(vol.zone),
+                             _rho_p(d.full), _rho_p(d.zone)))
+    return Table(("variant", "scope", "volume: full", "volume: zone", "direction: full", "direction: zone"),
                  tuple(rows))
 
 
@@ -339,15 +447,16 @@ def _flips_table(r: CohortReport) -> Table:
 def _failure_table(r: CohortReport) -> Table:
     rows = []
     for f in r.failure:
+        own = (f"{_num(f.flip_gm_ratio, '.2f')} / {_num(f.flip_auroc, '.2f')} "
+               f"({f.flip_n_broken}/{f.flip_n})")
         if f.status != "ok":
-            rows.append((f.model, f"{f.n_failed}/{f.n_passed}", f.status, "-", "-", "-"))
+            rows.append((f.model, f"{f.n_failed}/{f.n_passed}", f.status, "-", "-", own))
             continue
         gm = f"{f.gm_ratio:.2f} [{f.gm_ratio_low:.2f}, {f.gm_ratio_high:.2f}]" if not math.isnan(
             f.gm_ratio_low) else f"{f.gm_ratio:.2f}"
-        rows.append((f.model, f"{f.n_failed}/{f.n_passed}", gm, _num(f.auroc, ".2f"), format_p(f.auroc_p),
-                     f"{_num(f.flip_auroc, '.2f')} ({f.flip_n_broken}/{f.flip_n})"))
-    return Table(("model", "failed/passed", "GM ratio [CI]", "AUROC", "p", "flip AUROC (broken/ref passed)"),
-                 tuple(rows))
+        rows.append((f.model, f"{f.n_failed}/{f.n_passed}", gm, _num(f.auroc, ".2f"), format_p(f.auroc_p), own))
+    return Table(("model", "failed/passed", "all prompts: GM ratio [CI]", "AUROC", "p",
+                  "reference passed: GM ratio / AUROC (broken/passed)"), tuple(rows))
 
 
 def _routing_blocks(r: CohortReport) -> list:
@@ -365,6 +474,13 @@ def _routing_blocks(r: CohortReport) -> list:
         ("best single model (" + ro.best_single_model + ")", f"{ro.best_single * 100:.1f}%"),
         ("oracle", f"{ro.oracle * 100:.1f}%"),
     )))
+    single = routing_single_pick(ro)
+    if single:
+        out.append(Para(single))
+    elif ro.picked:
+        out.append(Para("Picked by lowest KLD: " + ", ".join(f"{m} {c}" for m, c in
+                                                               sorted(ro.picked.items(), key=lambda kv: -kv[1]))
+                        + " prompts."))
     if ro.n_pairs:
         out.append(Para(f"Every pair routed on its own disagreements ({ro.n_pairs} pairs): accuracy median "
                         f"{ro.pair_accuracy_median * 100:.1f}% (range {ro.pair_accuracy_min * 100:.1f} to "

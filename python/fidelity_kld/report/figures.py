@@ -70,9 +70,6 @@ def _scatter(r: CohortReport, plt):
     ok = np.isfinite(x)
     ax.scatter(x[ok & ~zone], y[ok & ~zone], color=OUT_COLOR, s=28, zorder=3, label="outside the zone")
     ax.scatter(x[ok & zone], y[ok & zone], color=ZONE_COLOR, s=32, zorder=3, label="in the zone")
-    for xi, yi, m in zip(x, y, r.models):
-        if np.isfinite(xi):
-            ax.annotate(m.name, (xi, yi), fontsize=6.5, xytext=(3, 2), textcoords="offset points", color="#333")
     if _log_ok(x):
         ax.set_xscale("log")
     ax.set_xlabel(f"{r.primary} ({v.description})")
@@ -82,8 +79,61 @@ def _scatter(r: CohortReport, plt):
         text.append(f"range-restriction null for the zone: {v.null.median:+.2f} "
                     f"[{v.null.low:+.2f}, {v.null.high:+.2f}], p = {v.null.p:.2g}")
     ax.set_title(f"{r.name}: {r.primary} vs benchmark\n" + "\n".join(text), fontsize=9, loc="left")
+    unlabelled = place_labels(fig, ax, x[ok], y[ok], [m.name for m, good in zip(r.models, ok) if good])
     _legend_below(ax)
+    if unlabelled:
+        _unlabelled_note(fig, ax, unlabelled)
     return fig
+
+
+def _unlabelled_note(fig, ax, names):
+    """The models whose labels found no free spot, listed under the legend."""
+    text = "not labelled (no room): " + ", ".join(names)
+    import textwrap
+
+    ax.annotate("\n".join(textwrap.wrap(text, 120)), xy=(0.0, -0.30), xycoords="axes fraction",
+                fontsize=6.5, va="top", color="#444")
+
+
+# label offsets (points) tried in order around a point: right, left, above, below, diagonals,
+# then the same further out
+_OFFSETS = [(dx * k, dy * k) for k in (1, 2, 3) for dx, dy in
+            ((4, -3), (-4, -3), (0, 5), (0, -11), (4, 4), (-4, 4), (4, -10), (-4, -10))]
+
+
+def place_labels(fig, ax, xs, ys, names, fontsize=6.5) -> list[str]:
+    """Label each point where its text overlaps no other label, no other point and stays in
+    the axes, trying offsets around it in turn; returns the names that found no such spot
+    (the caller lists them). Points are placed left to right in display coordinates, so a
+    dense cluster labels what it can and says which it could not."""
+    from matplotlib.transforms import Bbox
+
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    pts = ax.transData.transform(np.column_stack([xs, ys]))
+    axbox = ax.get_window_extent(renderer)
+    r = 3.5 * fig.dpi / 72  # a marker's radius in pixels
+    marks = [Bbox.from_extents(px - r, py - r, px + r, py + r) for px, py in pts]
+    placed, missing = [], []
+    for i in np.argsort(pts[:, 0], kind="stable"):
+        done = False
+        for dx, dy in _OFFSETS:
+            ha = "left" if dx > 0 else "right" if dx < 0 else "center"
+            t = ax.annotate(names[i], (xs[i], ys[i]), xytext=(dx, dy), textcoords="offset points",
+                            fontsize=fontsize, color="#333", ha=ha, va="bottom")
+            bb = t.get_window_extent(renderer).expanded(1.05, 1.1)
+            clash = (not axbox.contains(bb.x0, bb.y0) or not axbox.contains(bb.x1, bb.y1)
+                     or any(bb.overlaps(o) for o in placed)
+                     or any(bb.overlaps(m) for j, m in enumerate(marks) if j != i))
+            if clash:
+                t.remove()
+                continue
+            placed.append(bb)
+            done = True
+            break
+        if not done:
+            missing.append(names[i])
+    return missing
 
 
 def _rho_text(c) -> str:
@@ -151,7 +201,7 @@ def _null_holdout(r: CohortReport, plt):
         ax.axvline(v.full.rho, color="#333", lw=1, ls="--", label=f"full cohort rho = {v.full.rho:+.2f}")
     ax.set_xlabel(f"Spearman rho in the zone ({r.primary} vs composite)")
     ax.set_ylabel("density")
-    ax.set_title("Is the zone's collapse more than restriction of range?")
+    ax.set_title("Does the zone rho differ from what restriction of range predicts?")
     _legend_below(ax)
     return fig
 
@@ -197,9 +247,6 @@ def _pareto(r: CohortReport, plt):
     fig, ax = plt.subplots(figsize=(7, 4.5))
     ax.scatter(size[ok & ~zone], x[ok & ~zone], color=OUT_COLOR, s=26, label="outside the zone")
     ax.scatter(size[ok & zone], x[ok & zone], color=ZONE_COLOR, s=30, label="in the zone")
-    for s, k, m, good in zip(size, x, r.models, ok):
-        if good:
-            ax.annotate(m.name, (s, k), fontsize=6.5, xytext=(3, 2), textcoords="offset points")
     # the front: no other model is both smaller and closer to the reference
     idx = np.where(ok)[0]
     order = idx[np.lexsort((x[idx], size[idx]))]
@@ -211,8 +258,11 @@ def _pareto(r: CohortReport, plt):
     ax.step(size[front], x[front], where="post", color=REF_COLOR, lw=1.2, label="Pareto front")
     if _log_ok(x):
         ax.set_yscale("log")
-    ax.set_xlabel("size (GB)")
-    ax.set_ylabel(name)
+    ax.set_xlabel("model size (GB)")
+    ax.set_ylabel(f"{name} ({r.variant(name).description})")
     ax.set_title(f"Size against {name}")
+    unlabelled = place_labels(fig, ax, size[ok], x[ok], [m.name for m, good in zip(r.models, ok) if good])
     _legend_below(ax, ncol=3)
+    if unlabelled:
+        _unlabelled_note(fig, ax, unlabelled)
     return fig

@@ -52,7 +52,9 @@ class AnalysisOptions:
     repetitions. primary: the variant the summary leads with (default kld_mean).
     fail_below: a per-prompt score under this is a failure. routing: the models to route
     among (default: the silent zone's models with per-prompt KLD, or all of them when the
-    zone has fewer than 2)."""
+    zone has fewer than 2). pool_flips: the composite volume and direction count every
+    prompt of every task once instead of weighting the tasks' rates (the composite score
+    and the zone keep the weights)."""
 
     zone_threshold: float = DEFAULT_THRESHOLD
     thresholds: tuple[float, ...] = DEFAULT_THRESHOLDS
@@ -63,6 +65,7 @@ class AnalysisOptions:
     fail_below: float = 0.5
     routing: tuple[str, ...] | None = None
     intersect: bool = False
+    pool_flips: bool = False
 
     def __post_init__(self):
         if not (0 < self.zone_threshold < 1):
@@ -177,7 +180,7 @@ def analyze(manifest, **options) -> CohortReport:
     manifest: a manifest path (TOML, JSON or CSV), a parsed manifest dict (paths relative
     to the working directory) or a Cohort. options: the AnalysisOptions fields
     (zone_threshold, thresholds, seed, n_bootstrap, holdout_reps, primary, fail_below,
-    routing, intersect); None means the manifest's value or the default.
+    routing, intersect, pool_flips); None means the manifest's value or the default.
     """
     from .manifest import load_manifest, manifest_from_dict
 
@@ -227,7 +230,7 @@ def analyze_cohort(cohort: Cohort, options: AnalysisOptions | None = None) -> Co
 
     targets = {COMPOSITE: composite[1:]}
     targets.update({t: task_scores[1:, j] for j, t in enumerate(cohort.tasks)})
-    flip = flip_arrays(cohort)
+    flip = flip_arrays(cohort, opts.pool_flips)
     deviations = prompt_bootstrap_deviations(cohort, opts.n_bootstrap, keyed_rng(seed, "null", "prompts"))
     hold, hold_draws = holdout(cohort, values, opts.zone_threshold, opts.holdout_reps,
                                keyed_rng(seed, "holdout"))
@@ -307,7 +310,7 @@ def analyze_cohort(cohort: Cohort, options: AnalysisOptions | None = None) -> Co
         name=cohort.name, reference=reference, models=model_results, tasks=cohort.tasks,
         weights=dict(zip(cohort.tasks, (float(w) for w in cohort.norm_weights()))), options=opts,
         primary=primary, zone_models=tuple(m for m, z in zip(cohort.models, zone) if z),
-        variants=tuple(results), sensitivity=tuple(sweep), flips=flips(cohort), failure=fail, routing=routing,
+        variants=tuple(results), sensitivity=tuple(sweep), flips=flips(cohort, opts.pool_flips), failure=fail, routing=routing,
         notes=tuple(notes), holdout_draws=tuple(float(v) for v in hold_draws.get(primary, ())),
         null_draws=tuple(float(v) for v in null_primary))
 

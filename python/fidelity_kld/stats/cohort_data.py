@@ -6,6 +6,7 @@ Built by stats.manifest from files, or directly (tests, notebooks) from arrays.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from fractions import Fraction
 
 import numpy as np
 
@@ -108,5 +109,36 @@ class Cohort:
         return np.stack([self.scores[t].mean(axis=1) for t in self.tasks], axis=1)
 
     def composite(self) -> np.ndarray:
-        """(1 + N,) weighted mean of task scores; element 0 is the reference."""
-        return self.task_scores() @ self.norm_weights()
+        """(1 + N,) weighted mean of task scores; element 0 is the reference. Computed in
+        exact rational arithmetic and rounded once, so models whose weighted scores are
+        equal tie exactly whatever the weights (see weighted_rates)."""
+        return weighted_rates([exact_row_sums(self.scores[t]) for t in self.tasks],
+                              [self.scores[t].shape[1] for t in self.tasks],
+                              [self.weights[t] for t in self.tasks])
+
+
+def exact_row_sums(values: np.ndarray) -> list[Fraction]:
+    """The exact sum of each row of a float array, as Fractions. Every float is a binary
+    fraction, so summing the distinct values times their counts in rational arithmetic has
+    no rounding at all; rows of 0/1 scores take a fast integer path."""
+    values = np.asarray(values, float)
+    if np.all(values == np.round(values)) and np.abs(values).max(initial=0) < 2 ** 52 / max(values.shape[-1], 1):
+        return [Fraction(int(v)) for v in values.sum(axis=-1)]  # integer sums are exact in float64
+    out = []
+    for row in values:
+        uniq, counts = np.unique(row, return_counts=True)
+        out.append(sum((Fraction(float(v)) * int(c) for v, c in zip(uniq, counts)), Fraction(0)))
+    return out
+
+
+def weighted_rates(totals: list[list[Fraction]], n_prompts: list[int], weights: list[float]) -> np.ndarray:
+    """sum_t w_t * totals[t][i] / n_prompts[t] / sum_t w_t per model i, in exact rationals
+    rounded once to float. A weighted sum of per-task rates in floats rounds each term, so
+    two models losing (5, 4) and (4, 5) prompts of tasks of 560 and 800 prompts weighted by
+    size come out 1 ulp apart (-0.0066176470588235285 and -0.00661764705882353), and a rank
+    correlation then breaks a tie that is not there."""
+    w = [Fraction(float(x)) for x in weights]
+    total_w = sum(w, Fraction(0))
+    n_rows = len(totals[0])
+    return np.array([float(sum((wt * tot[i] / p for wt, tot, p in zip(w, totals, n_prompts)), Fraction(0))
+                           / total_w) for i in range(n_rows)])

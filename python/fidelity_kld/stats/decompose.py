@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .cohort_data import Cohort
+from .cohort_data import Cohort, exact_row_sums, weighted_rates
 
 COMPOSITE = "composite"
 
@@ -39,36 +39,70 @@ class Flips:
     direction: float
 
 
-def flip_arrays(cohort: Cohort) -> dict[str, dict[str, np.ndarray]]:
+def flip_arrays(cohort: Cohort, pool: bool = False) -> dict[str, dict[str, np.ndarray]]:
     """{task or "composite": {"correct_to_wrong", "wrong_to_correct", "volume",
-    "direction", "n_prompts"}}, each an (N,) array."""
+    "direction", "n_prompts"}}, each an (N,) array.
+
+    The composite combines the tasks' rates with the composite's weights, or, with pool,
+    counts every prompt of every task once (volume = all flips / all prompts); pooling
+    changes only this decomposition, never the composite score or the zone. Either way the
+    rates are formed in exact rational arithmetic (weighted_rates), so models with equal
+    weighted flips tie exactly."""
     out = {}
-    w = cohort.norm_weights()
     n = cohort.n_models
-    comp = {k: np.zeros(n) for k in ("c2w", "w2c", "volume", "direction")}
-    for wt, t in zip(w, cohort.tasks):
+    c2w_exact, w2c_exact, sizes = [], [], []
+    for t in cohort.tasks:
         s = cohort.scores[t]
         d = s[1:] - s[:1]
-        c2w = np.clip(-d, 0, None).sum(axis=1)
-        w2c = np.clip(d, 0, None).sum(axis=1)
         p = s.shape[1]
-        # direction from the net count, not from two rates: models with equal net change must
-        # tie exactly, or the rank correlations would break the tie on rounding
-        task = dict(correct_to_wrong=c2w, wrong_to_correct=w2c, volume=(c2w + w2c) / p,
-                    direction=(w2c - c2w) / p, n_prompts=np.full(n, p))
-        out[t] = task
-        comp["c2w"] += wt * c2w / p
-        comp["w2c"] += wt * w2c / p
-        comp["volume"] += wt * task["volume"]
-        comp["direction"] += wt * task["direction"]
-    p_all = sum(cohort.scores[t].shape[1] for t in cohort.tasks)
-    out[COMPOSITE] = dict(correct_to_wrong=comp["c2w"] * p_all, wrong_to_correct=comp["w2c"] * p_all,
-                          volume=comp["volume"], direction=comp["direction"], n_prompts=np.full(n, p_all))
+        c2w_t = exact_row_sums(np.clip(-d, 0, None)) if _exact_diff(s) else _pair_sums(s, negative=True)
+        w2c_t = exact_row_sums(np.clip(d, 0, None)) if _exact_diff(s) else _pair_sums(s, negative=False)
+        c2w_exact.append(c2w_t)
+        w2c_exact.append(w2c_t)
+        sizes.append(p)
+        c2w = np.array([float(v) for v in c2w_t])
+        w2c = np.array([float(v) for v in w2c_t])
+        # direction from the exact net count, not from two rounded rates: models with equal
+        # net change must tie exactly, or the rank correlations would break the tie on rounding
+        out[t] = dict(correct_to_wrong=c2w, wrong_to_correct=w2c,
+                      volume=np.array([float((a + b) / p) for a, b in zip(c2w_t, w2c_t)]),
+                      direction=np.array([float((b - a) / p) for a, b in zip(c2w_t, w2c_t)]),
+                      n_prompts=np.full(n, p))
+    p_all = sum(sizes)
+    weights = [1.0 * p for p in sizes] if pool else [cohort.weights[t] for t in cohort.tasks]
+    both = [[a + b for a, b in zip(c, w)] for c, w in zip(c2w_exact, w2c_exact)]
+    net = [[b - a for a, b in zip(c, w)] for c, w in zip(c2w_exact, w2c_exact)]
+    out[COMPOSITE] = dict(correct_to_wrong=weighted_rates(c2w_exact, sizes, weights) * p_all,
+                          wrong_to_correct=weighted_rates(w2c_exact, sizes, weights) * p_all,
+                          volume=weighted_rates(both, sizes, weights),
+                          direction=weighted_rates(net, sizes, weights), n_prompts=np.full(n, p_all))
     return out
 
 
-def flips(cohort: Cohort) -> tuple[Flips, ...]:
-    arrays = flip_arrays(cohort)
+def _exact_diff(s: np.ndarray) -> bool:
+    """Whether score differences are exact in floats (integer scores: pass/fail)."""
+    return bool(np.all(s == np.round(s)))
+
+
+def _pair_sums(s: np.ndarray, negative: bool) -> list:
+    """Exact sums of the negative (or positive) parts of score_q - score_ref per model, for
+    fractional scores, in rationals over the distinct (reference, model) score pairs."""
+    from fractions import Fraction
+
+    out = []
+    for row in s[1:]:
+        pairs, counts = np.unique(np.stack([s[0], row]), axis=1, return_counts=True)
+        total = Fraction(0)
+        for (r, q), c in zip(pairs.T, counts):
+            diff = Fraction(float(q)) - Fraction(float(r))
+            if (diff < 0) == negative and diff != 0:
+                total += abs(diff) * int(c)
+        out.append(total)
+    return out
+
+
+def flips(cohort: Cohort, pool: bool = False) -> tuple[Flips, ...]:
+    arrays = flip_arrays(cohort, pool)
     rows = []
     for i, m in enumerate(cohort.models):
         for scope in (COMPOSITE, *cohort.tasks):

@@ -45,6 +45,8 @@ class FailurePrediction:
     flip_n: int = 0
     flip_n_broken: int = 0
     flip_auroc: float = math.nan
+    flip_auroc_p: float = math.nan
+    flip_gm_ratio: float = math.nan
     note: str = ""
 
 
@@ -82,7 +84,13 @@ def failure_prediction(cohort: Cohort, *, fail_below: float = 0.5, n_bootstrap: 
         ref_passed = ref >= fail_below
         broken = failed[ref_passed]
         kw.update(flip_n=int(ref_passed.sum()), flip_n_broken=int(broken.sum()))
-        kw["flip_auroc"] = _auroc(kld[ref_passed][broken], kld[ref_passed][~broken])[0]
+        # the quantization's own failures: among the prompts the reference passes, does KLD
+        # single out the ones the model broke?
+        kb, kk = kld[ref_passed][broken], kld[ref_passed][~broken]
+        kw["flip_auroc"], kw["flip_auroc_p"] = _auroc(kb, kk)
+        if kb.size >= MIN_GROUP and kk.size >= MIN_GROUP:
+            lb, lk = logk[ref_passed][broken], logk[ref_passed][~broken]
+            kw["flip_gm_ratio"] = float(np.exp(_mean_log_diff(lb, lk)))
         if n_f < MIN_GROUP or n_p < MIN_GROUP:
             out.append(FailurePrediction(m, tasks, "insufficient",
                                          note=f"{n_f} failed and {n_p} passed prompts; need {MIN_GROUP} of each",

@@ -11,6 +11,7 @@ TOML (JSON is the same structure); paths are relative to the manifest:
     zone_threshold = 0.02              # analysis defaults; command-line flags override
     primary = "kld_mean"
     routing = ["Q4_K_M", "IQ4_XS"]
+    pool_flips = false                 # true: composite flips count each prompt once
 
     [reference]
     name = "BF16"
@@ -59,7 +60,7 @@ except ImportError:  # Python 3.10
 
 TOP_KEYS = {"name", "reference", "models", "fidelity", "outcomes", "weights", "filters", "metrics",
             "zone_threshold", "thresholds", "primary", "routing", "fail_below", "seed", "bootstrap",
-            "holdout_reps", "evalplus"}
+            "holdout_reps", "evalplus", "pool_flips"}
 MODEL_KEYS = {"name", "fidelity", "fidelity_name", "per_prompt", "outcomes", "outcome_name",
               "variants", "size_gb", "bpw"}
 OUTCOME_KEYS = {"path", "format", "task", "filter", "metric", "evalplus", "model"}
@@ -67,7 +68,7 @@ CSV_COLUMNS = {"name", "role", "fidelity", "fidelity_name", "per_prompt", "outco
                "filter", "metric", "size_gb", "bpw"}
 OPTION_KEYS = {"zone_threshold": "zone_threshold", "thresholds": "thresholds", "primary": "primary",
                "routing": "routing", "fail_below": "fail_below", "seed": "seed",
-               "bootstrap": "n_bootstrap", "holdout_reps": "holdout_reps"}
+               "bootstrap": "n_bootstrap", "holdout_reps": "holdout_reps", "pool_flips": "pool_flips"}
 
 
 class ManifestError(ValueError):
@@ -217,14 +218,27 @@ def manifest_from_dict(data: dict, *, base_dir=".", source: str = "manifest",
     for i, e in enumerate(quant):
         for name, v in (e.get("variants") or {}).items():
             if name in variant_defs.BUILTIN_NAMES:
-                raise ManifestError(f"{source}: {e['name']}: variant {name!r} is built in; name yours differently")
+                raise ManifestError(
+                    f"{source}: {e['name']}: variant {name!r} is built in (read from the fidelity summary); "
+                    f"name yours differently, e.g. {'my_' + name!r}, lead with it with --primary "
+                    f"{'my_' + name} (or primary = \"my_{name}\"), and give the reference's own value "
+                    f"([reference] variants = {{my_{name} = 0.0}}) so the range-restriction null has an anchor")
             extras.setdefault(name, [math.nan] * len(quant))[i] = _number(v, source, f"{e['name']}: variants.{name}")
     ordered = {n: var_values[n] for n in variant_defs.BUILTIN_NAMES if n in var_values}
     ordered.update(extras)
     ref_values = {name: _number(v, source, f"reference: variants.{name}")
                   for name, v in (ref.get("variants") or {}).items()}
     for name in extras:
-        ref_values.setdefault(name, math.nan)  # unknown unless the reference entry gives it
+        if name in ref_values:
+            continue
+        # unknown unless the reference entry gives it or the name declares it (a KLD: 0)
+        ref_values[name] = variant_defs.identity_value(name)
+        if math.isfinite(ref_values[name]):
+            notes.append(f"variant {name}: reference value {ref_values[name]:g} assumed from its name "
+                         f"(set [reference] variants = {{{name} = ...}} to change it)")
+        else:
+            notes.append(f"variant {name}: no reference value (set [reference] variants = {{{name} = ...}}); "
+                         "its range-restriction null has no anchor at the reference")
 
     cohort = Cohort(
         reference=names[0], models=tuple(names[1:]), tasks=tasks, prompt_ids=prompt_ids,
@@ -408,9 +422,15 @@ class _Loader:
                 raise ManifestError(f"{p}: a single summary cannot serve every model; give each its own")
             summary = data
         else:
-            raise ManifestError(f"{p}: neither a compare summary ({{\"models\": [...]}}) nor a Summary")
+            found_keys = ", ".join(sorted(map(str, data))[:10]) if isinstance(data, dict) else type(data).__name__
+            raise ManifestError(f"{p}: not a fidelity summary: expected a compare summary with key 'models' "
+                                f"(a list of {{\"name\", \"summary\"}}) or one Summary with key 'kld'; "
+                                f"found {found_keys or 'no keys'} (see docs/cohort.md)")
         if not isinstance(summary, dict) or "kld" not in summary:
-            raise ManifestError(f"{p}: model {want!r} has no summary with a 'kld' table")
+            have = ", ".join(sorted(map(str, summary))[:10]) if isinstance(summary, dict) else "no summary"
+            raise ManifestError(f"{p}: model {want!r}: expected a 'summary' with key 'kld' "
+                                f"({{\"kld\": {{\"mean\": ...}}, ...}}); found {have or 'no keys'} "
+                                "(see docs/cohort.md)")
         try:
             return variant_defs.from_summary(summary)
         except (TypeError, ValueError) as e:
@@ -474,35 +494,89 @@ class _Loader:
         return by_task, float(np.mean(values)) if values.size else math.nan
 
 
-def _read_per_prompt(p: Path, model: str | None = None):
-    """(prompt ids as keys, kld_mean, task column or None) from compare's per-prompt Parquet.
-    A file covering several models (a `model` column, as `compare --per-prompt` writes for
-    more than one quant) is filtered to `model`."""
-    import pyarrow.parquet as pq
+PER_PROMPT_HINT = ("a per-prompt table has columns prompt_id and kld_mean (task and model "
+                   "optional): compare --per-prompt's Parquet, or CSV/TSV with that header, or JSONL "
+                   "with those keys; see docs/cohort.md")
 
+
+def _read_per_prompt(p: Path, model: str | None = None):
+    """(prompt ids as keys, kld_mean, task column or None) from a per-prompt table: compare's
+    per-prompt Parquet, or a CSV/TSV/JSONL (optionally .gz) with the same columns. A file
+    covering several models (a `model` column, as `compare --per-prompt` writes for more
+    than one quant) is filtered to `model`."""
     if not p.is_file():
         raise ManifestError(f"{p}: no such per-prompt file")
+    name = p.name.lower().removesuffix(".gz")
+    if name.endswith((".csv", ".tsv", ".jsonl")):
+        columns = _per_prompt_text(p, name)
+    else:
+        columns = _per_prompt_parquet(p)
+    if "model" in columns:
+        names = [str(m) for m in columns["model"]]
+        if len(set(names)) > 1:  # a single-model file may name its model differently
+            if model not in set(names):
+                raise ManifestError(f"{p}: no rows for model {model!r} (the file holds "
+                                    f"{', '.join(sorted(set(names))[:5])})")
+            keep = [n == model for n in names]
+            columns = {k: [v for v, ok in zip(vals, keep) if ok] for k, vals in columns.items()}
+    ids = [prompt_key(v, str(p)) for v in columns["prompt_id"]]
+    kld = np.array([_per_prompt_number(v, p) for v in columns["kld_mean"]], float)
+    if np.any(kld < -1e-6):
+        raise ManifestError(f"{p}: negative kld_mean")
+    kld = np.maximum(kld, 0.0)  # rounding can leave -1e-12 where two prompts' logits agree
+    tasks = [str(t) for t in columns["task"]] if "task" in columns else None
+    return ids, kld, tasks
+
+
+def _per_prompt_number(v, p: Path) -> float:
+    if v is None or (isinstance(v, str) and not v.strip()):
+        return math.nan
+    try:
+        return variant_defs.summary_number(v)
+    except (TypeError, ValueError):
+        raise ManifestError(f"{p}: kld_mean {v!r} is not a number") from None
+
+
+def _per_prompt_parquet(p: Path) -> dict[str, list]:
+    import pyarrow.parquet as pq
+
     try:
         schema = pq.read_schema(p)
         cols = [c for c in ("prompt_id", "kld_mean", "task", "model") if c in schema.names]
         if "prompt_id" not in cols or "kld_mean" not in cols:
-            raise ManifestError(f"{p}: per-prompt Parquet needs prompt_id and kld_mean columns")
+            raise ManifestError(f"{p}: no {'prompt_id' if 'prompt_id' not in cols else 'kld_mean'} column "
+                                f"(found: {', '.join(schema.names[:8])}); {PER_PROMPT_HINT}")
         table = pq.read_table(p, columns=cols)
-        if "model" in cols:
-            names = [str(m) for m in table.column("model").to_pylist()]
-            if len(set(names)) > 1:  # a single-model file may name its model differently
-                if model not in set(names):
-                    raise ManifestError(f"{p}: no rows for model {model!r} (the file holds "
-                                        f"{', '.join(sorted(set(names))[:5])})")
-                table = table.filter(np.array([n == model for n in names]))
     except ManifestError:
         raise
     except Exception as e:  # pyarrow raises its own error types for damaged files
-        raise ManifestError(f"{p}: cannot read Parquet ({e})") from None
-    ids = [prompt_key(v, str(p)) for v in table.column("prompt_id").to_pylist()]
-    kld = np.array([math.nan if v is None else v for v in table.column("kld_mean").to_pylist()], float)
-    if np.any(kld < -1e-6):
-        raise ManifestError(f"{p}: negative kld_mean")
-    kld = np.maximum(kld, 0.0)  # rounding can leave -1e-12 where two prompts' logits agree
-    tasks = [str(t) for t in table.column("task").to_pylist()] if "task" in cols else None
-    return ids, kld, tasks
+        raise ManifestError(f"{p}: cannot read Parquet ({e}); {PER_PROMPT_HINT}") from None
+    return {c: table.column(c).to_pylist() for c in cols}
+
+
+def _per_prompt_text(p: Path, name: str) -> dict[str, list]:
+    from .outcomes import _jsonl, _open_text
+
+    try:
+        if name.endswith(".jsonl"):
+            rows = []
+            for lineno, rec in _jsonl(p):
+                if not isinstance(rec, dict):
+                    raise ManifestError(f"{p}: line {lineno}: expected an object; {PER_PROMPT_HINT}")
+                rows.append(rec)
+        else:
+            with _open_text(p) as fh:
+                rows = list(csv.DictReader(fh, delimiter="\t" if name.endswith(".tsv") else ","))
+    except OutcomeError as e:
+        raise ManifestError(f"{e}; {PER_PROMPT_HINT}") from None
+    except (UnicodeDecodeError, OSError, csv.Error) as e:
+        raise ManifestError(f"{p}: cannot read ({e}); {PER_PROMPT_HINT}") from None
+    if not rows:
+        raise ManifestError(f"{p}: empty per-prompt table; {PER_PROMPT_HINT}")
+    found = list(rows[0])
+    for col in ("prompt_id", "kld_mean"):
+        if col not in found:
+            raise ManifestError(f"{p}: no {col} column (found: {', '.join(found[:8]) or 'none'}); "
+                                f"{PER_PROMPT_HINT}")
+    cols = [c for c in ("prompt_id", "kld_mean", "task", "model") if c in found]
+    return {c: [r.get(c) for r in rows] for c in cols}

@@ -7,7 +7,8 @@ are not all equal:
 - accuracy: mean score of the routed model (ties in KLD go to the first model listed);
 - chance: the expected score of a uniformly random pick (the mean of the models' scores);
 - oracle: the best score any of them got (1 on pass/fail disagreements);
-- gain over chance, per prompt (routed - chance), with a bootstrap CI over prompts.
+- gain over chance, per prompt (routed - chance), with a bootstrap CI over prompts;
+- how often each model was picked: routing that always picks one model is that model.
 
 Every pair of models is also routed on its own disagreements; the pairwise accuracies are
 summarised against their chance level.
@@ -51,6 +52,9 @@ class Routing:
     gain_high: float = math.nan
     best_single: float = math.nan
     best_single_model: str = ""
+    # which models the lowest KLD picked on the disagreement prompts: when it is always the
+    # same one, "routed" is just that model and its gain over chance says nothing of routing
+    picked: dict[str, int] = field(default_factory=dict)
     n_pairs: int = 0
     pair_accuracy_median: float = math.nan
     pair_accuracy_min: float = math.nan
@@ -109,7 +113,10 @@ def route(cohort: Cohort, models: tuple[str, ...] | None = None, *, n_bootstrap:
         return Routing(models, "insufficient", n_prompts, 0, pairs=pairs, **kw,
                        note="the models never disagree on prompts with per-prompt KLD")
     k, s = kld[:, disagree], score[:, disagree]
-    routed = s[np.argmin(k, axis=0), np.arange(n_dis)]
+    pick = np.argmin(k, axis=0)
+    routed = s[pick, np.arange(n_dis)]
+    counts = np.bincount(pick, minlength=len(models))
+    picked = {models[j]: int(c) for j, c in enumerate(counts) if c}
     chance_p = s.mean(axis=0)
     per_model = s.mean(axis=1)
     best = int(np.argmax(per_model))
@@ -118,7 +125,7 @@ def route(cohort: Cohort, models: tuple[str, ...] | None = None, *, n_bootstrap:
     return Routing(models, "ok", n_prompts, n_dis, float(routed.mean()), acc_lo, acc_hi,
                    float(chance_p.mean()), float(s.max(axis=0).mean()),
                    float((routed - chance_p).mean()), gain_lo, gain_hi,
-                   float(per_model[best]), models[best], pairs=pairs, **kw)
+                   float(per_model[best]), models[best], picked, pairs=pairs, **kw)
 
 
 def _pairs(models, kld, score) -> tuple[PairRouting, ...]:

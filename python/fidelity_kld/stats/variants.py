@@ -71,6 +71,26 @@ BUILTIN_VARIANTS = (
 BUILTIN_NAMES = tuple(v.name for v in BUILTIN_VARIANTS)
 
 
+# A manifest's own column whose name says what it measures gets that measure's value for
+# the reference against itself unless the manifest gives one: without it the
+# range-restriction null has no anchor at the reference. Checked in order.
+_IDENTITY_BY_NAME = (
+    ("ppl_ratio", 1.0),         # PPL(q) / PPL(ref) of the reference against itself
+    ("kld", 0.0), ("kl_div", 0.0), ("divergence", 0.0), ("ln_ppl", 0.0), ("ppl_diff", 0.0),
+    ("top1_disagree", 0.0), ("delta_p", 0.0),
+)
+
+
+def identity_value(name: str) -> float:
+    """The reference-against-itself value a column's name declares (0 for a KLD or other
+    divergence, 1 for a PPL ratio), or NaN when the name says nothing."""
+    low = name.lower()
+    for key, value in _IDENTITY_BY_NAME:
+        if key in low:
+            return value
+    return math.nan
+
+
 def describe(name: str) -> str:
     for v in BUILTIN_VARIANTS:
         if v.name == name:

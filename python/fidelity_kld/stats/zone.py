@@ -18,12 +18,14 @@ import numpy as np
 from scipy.optimize import isotonic_regression
 
 from .cohort_data import Cohort
-from .correlation import MIN_MODELS, Correlation, masked_rank_corr
+from .correlation import MIN_MODELS, Correlation, masked_rank_corr, rank_corr
 
 # Comparisons with the threshold forgive rounding in the composite (0.686 / 0.7 - 1 is
 # -0.020000000000000018, and 2% must include it).
 _EPS = 1e-12
 NULL_ALPHA = 0.05
+NO_ANCHOR_NOTE = ("no reference value for this variant: the fit has no anchor at the reference, "
+                  "so the null is flat near it and cannot reject")
 
 
 def relative_change(composite: np.ndarray) -> np.ndarray:
@@ -161,6 +163,12 @@ class RangeNull:
     fit_points: int = 0
     verdict: str = ""
     note: str = ""
+    power: float = math.nan
+    critical: float = math.nan
+    zone_size_median: float = math.nan
+    zone_size_low: float = math.nan
+    zone_size_high: float = math.nan
+    kept_fraction: float = math.nan
 
 
 def prompt_bootstrap_deviations(cohort: Cohort, draws: int, rng: np.random.Generator) -> np.ndarray:
@@ -214,11 +222,22 @@ def monotone_fits(x: np.ndarray, ys: np.ndarray, increasing: bool):
     return curves
 
 
+@dataclass(frozen=True)
+class NullDraws:
+    """The null's simulated zones: rho per draw (draws without a defined rho dropped), the
+    size of every draw's simulated zone, and how many points the fit used."""
+
+    rho: np.ndarray
+    zone_sizes: np.ndarray
+    fit_points: int
+
+
 def null_rho_draws(x: np.ndarray, composite: np.ndarray, zone: np.ndarray, threshold: float,
                    increasing: bool, deviations: np.ndarray,
-                   reference_value: float) -> tuple[np.ndarray | None, int]:
-    """The null's zone-rho draws (draws whose simulated zone has no defined rho dropped) and
-    how many points the fit used; (None, n) when there are too few points to fit."""
+                   reference_value: float) -> NullDraws | None:
+    """The null's zone-rho draws and simulated zone sizes; None when there are too few
+    points to fit (fit_points then unknown to the caller: it is the outside models plus
+    the reference, if anchored)."""
     finite = np.isfinite(x)
     outside = finite & ~zone
     fx, fy = x[outside], composite[1:][outside]
@@ -226,24 +245,44 @@ def null_rho_draws(x: np.ndarray, composite: np.ndarray, zone: np.ndarray, thres
         fx, fy = np.append(fx, reference_value), np.append(fy, composite[0])
     fit = monotone_fit(fx, fy, increasing)
     if fit is None:
-        return None, int(fx.size)
+        return None
     has_x = ~np.isnan(x)
     xs = np.where(has_x, x, 0.0)
     # The fit carries the outside models' own benchmark noise, so each draw refits it: on the
     # fitted values plus another draw's deviations (a parametric bootstrap of the fit), then
-    # adds its own deviations to that curve.
+    # adds its own deviations to that curve. The observed scores that made the fit were
+    # measured against the observed reference on the same prompts, so the refit's noise is
+    # taken relative to that other draw's reference (other[:, j] - other[:, 0]) and the
+    # reference point gets none: a refit moved by the reference's own unpaired noise would
+    # shift every near-lossless model together against the simulated reference, empty or
+    # overfill the simulated zone and widen the null until it cannot reject.
     other = np.roll(deviations, 1, axis=0)
+    other = other - other[:, :1]
     fit_dev = other[:, 1:][:, outside]
     if np.isfinite(reference_value):
-        fit_dev = np.column_stack([fit_dev, other[:, 0]])
+        fit_dev = np.column_stack([fit_dev, other[:, 0]])  # zeros: the anchor is the reference
     curve = np.where(has_x, monotone_fits(fx, fit(fx) + fit_dev, increasing)(xs), np.nan)
     sim = curve + deviations[:, 1:]
     # the zone is re-selected in every draw, as it was on the real scores: selecting on
     # the benchmark truncates the zone's spread of scores, and the null must include that
     sim_zone = zone_mask(relative_change(np.column_stack([composite[0] + deviations[:, 0], sim])),
                          threshold) & has_x
-    rho, _ = masked_rank_corr(np.broadcast_to(x, sim.shape), sim, sim_zone)
-    return rho[np.isfinite(rho)], int(fx.size)
+    rho, n = masked_rank_corr(np.broadcast_to(x, sim.shape), sim, sim_zone)
+    return NullDraws(rho[np.isfinite(rho)], n, int(fx.size))
+
+
+def scrambled_zone_power(n_zone: int, critical: float, increasing: bool, rng: np.random.Generator,
+                         draws: int = 4000) -> float:
+    """The share of zones of n_zone models with no relation at all (fidelity in an order
+    unrelated to the scores: Spearman rho of a random permutation) that the null would call
+    weaker than restriction of range predicts, i.e. whose rho is as weak as `critical` or
+    weaker. Low power means the data cannot tell a collapsed zone from a tracking one."""
+    if n_zone < MIN_MODELS:
+        return math.nan
+    perms = np.argsort(rng.random((draws, n_zone)), axis=1).astype(float)
+    rho = rank_corr(np.broadcast_to(np.arange(n_zone, dtype=float), perms.shape), perms)
+    sign = 1.0 if increasing else -1.0
+    return float(np.mean(sign * rho <= sign * critical + 1e-12))
 
 
 def range_restriction_null(x: np.ndarray, composite: np.ndarray, zone: np.ndarray, threshold: float,
@@ -252,18 +291,24 @@ def range_restriction_null(x: np.ndarray, composite: np.ndarray, zone: np.ndarra
     """x: (N,) variant; composite: (1 + N,); zone: (N,) bool, the zone at `threshold`;
     deviations: (draws, 1 + N). Returns the summary and the draws."""
     none = np.empty(0)
+    anchor = "" if np.isfinite(reference_value) else NO_ANCHOR_NOTE
     if not observed.ok:
         return RangeNull(observed.status, note=observed.note), none
     if not full.ok or full.rho == 0:
         return RangeNull("unavailable", note="no full-cohort relation to carry into the zone"), none
     increasing = full.rho > 0
-    rho, n_fit = null_rho_draws(x, composite, zone, threshold, increasing, deviations, reference_value)
-    if rho is None:
+    got = null_rho_draws(x, composite, zone, threshold, increasing, deviations, reference_value)
+    if got is None:
+        n_fit = int(np.sum(np.isfinite(x) & ~zone) + np.isfinite(reference_value))
         return RangeNull("unavailable", fit_points=n_fit,
                          note="fewer than 2 distinct points outside the zone to fit the relation"), none
+    rho, sizes = got.rho, got.zone_sizes
+    size_kw = dict(zone_size_median=float(np.median(sizes)), zone_size_low=float(np.percentile(sizes, 2.5)),
+                   zone_size_high=float(np.percentile(sizes, 97.5)),
+                   kept_fraction=float(rho.size / max(sizes.size, 1)))
     if rho.size == 0:
-        return RangeNull("unavailable", fit_points=n_fit,
-                         note="no simulated zone had 4 or more models with a defined rho"), none
+        return RangeNull("unavailable", fit_points=got.fit_points,
+                         note="no simulated zone had 4 or more models with a defined rho", **size_kw), none
     sign = 1.0 if increasing else -1.0
     weaker = int(np.sum(sign * rho <= sign * observed.rho + 1e-12))
     p = (1 + weaker) / (1 + rho.size)
@@ -271,5 +316,10 @@ def range_restriction_null(x: np.ndarray, composite: np.ndarray, zone: np.ndarra
         verdict = "weaker than restriction of range and benchmark noise predict"
     else:
         verdict = "within what restriction of range and benchmark noise predict"
+    # the weakest rho the null still calls "within": a zone rho past it is rejected
+    critical = float(np.quantile(sign * rho, NULL_ALPHA) * sign)
+    power = scrambled_zone_power(observed.n, critical, increasing,
+                                 np.random.default_rng([observed.n, rho.size]))
     return RangeNull("ok", int(rho.size), float(np.median(rho)), float(np.percentile(rho, 2.5)),
-                     float(np.percentile(rho, 97.5)), float(p), float(observed.rho), n_fit, verdict), rho
+                     float(np.percentile(rho, 97.5)), float(p), float(observed.rho), got.fit_points, verdict,
+                     anchor, power=power, critical=critical, **size_kw), rho
