@@ -20,6 +20,7 @@ import numpy as np
 
 from fidelity_kld.stats.cohort_data import Cohort
 from fidelity_kld.stats.correlation import Correlation, correlate
+from fidelity_kld.stats import zone as zone_module
 from fidelity_kld.stats.zone import (prompt_bootstrap_deviations, range_restriction_null,
                                      relative_change, zone_mask)
 
@@ -79,7 +80,11 @@ def null_for(cohort: Cohort, draws: int, rng):
     full = correlate(x, comp[1:], n_bootstrap=0)
     obs = correlate(np.where(zone, x, np.nan), comp[1:], n_bootstrap=0)
     dev = prompt_bootstrap_deviations(cohort, draws, rng)
-    null, _ = range_restriction_null(x, comp, zone, THRESHOLD, full, obs, dev, 0.0)
+    if hasattr(zone_module, "effective_prompts"):
+        null, _ = range_restriction_null(x, comp, zone, THRESHOLD, full, obs, dev, 0.0,
+                                         zone_module.effective_prompts(cohort))
+    else:  # the code before the flip-count floor
+        null, _ = range_restriction_null(x, comp, zone, THRESHOLD, full, obs, dev, 0.0)
     return null, int(zone.sum()), obs
 
 

@@ -62,14 +62,18 @@ def example_manifest() -> Path:
               help="Comma-separated models to route among (default: the zone's models with per-prompt KLD).")
 @click.option("--fail-below", type=float, default=None,
               help="A per-prompt score below this is a failure (default 0.5).")
+@click.option("--pool-flips", is_flag=True,
+              help="Composite volume and direction over all prompts of all tasks, each counted once, "
+                   "instead of weighting the tasks' rates (the composite score and zone keep the weights).")
 def command(manifest, example, zone_threshold, thresholds, fmt, output, report_dir, intersect, seed,
-            n_bootstrap, holdout_reps, primary, routing, fail_below):
+            n_bootstrap, holdout_reps, primary, routing, fail_below, pool_flips):
     """Correlate fidelity variants with benchmark scores across a cohort of quantized models:
     full cohort and pre-specified silent zone, threshold sweep, hold-out, range-restriction
     null, volume vs direction, per-prompt failure prediction and routing.
 
     MANIFEST is a TOML, JSON or CSV file naming the reference, the quantized models, their
-    fidelity summaries (from `fidelity-kld compare --output`) and benchmark outcomes.
+    fidelity summaries (from `fidelity-kld compare --output`) and benchmark outcomes; the
+    layouts are in docs/cohort.md.
     """
     from ..report import render, write_report
     from ..stats.cohort import analyze
@@ -82,7 +86,8 @@ def command(manifest, example, zone_threshold, thresholds, fmt, output, report_d
     try:
         report = analyze(path, zone_threshold=zone_threshold, thresholds=thresholds, seed=seed,
                          n_bootstrap=n_bootstrap, holdout_reps=holdout_reps, primary=primary,
-                         routing=routing, fail_below=fail_below, intersect=intersect or None)
+                         routing=routing, fail_below=fail_below, intersect=intersect or None,
+                         pool_flips=pool_flips or None)
     except (ManifestError, OutcomeError) as e:
         raise InputError(str(e)) from None
     except ValueError as e:

@@ -148,15 +148,25 @@ def headline(r: CohortReport) -> list[str]:
     return out
 
 
+DOMINANT_PICK = 0.9
+
+
 def routing_single_pick(ro) -> str:
-    """A sentence when routing picked the same model on every disagreement prompt: then the
-    routed score is that model's, and its gain over chance measures the model, not routing."""
-    if len(ro.picked) != 1:
+    """A sentence when routing picked one model on every disagreement prompt (or on nearly
+    every one, 90% or more): then the routed score is that model's own, and its gain over
+    chance measures the model, not routing."""
+    if not ro.picked:
         return ""
-    (only,) = ro.picked
-    return (f"Lowest KLD picked {only} on every disagreement prompt: 'routed' is {only}'s own score "
-            f"({ro.accuracy * 100:.1f}%, the best single model scores {ro.best_single * 100:.1f}%), so the "
-            f"{ro.gain * 100:+.1f} points over chance are {only}'s, not routing's.")
+    top, n_top = max(ro.picked.items(), key=lambda kv: kv[1])
+    if n_top < DOMINANT_PICK * ro.n_disagree:
+        return ""
+    where = ("on every disagreement prompt" if n_top == ro.n_disagree
+             else f"on {n_top} of the {ro.n_disagree} disagreement prompts")
+    same = "is" if n_top == ro.n_disagree else "is nearly"
+    return (f"Lowest KLD picked {top} {where}: 'routed' {same} {top}'s own score "
+            f"({ro.accuracy * 100:.1f}%; the best single model, {ro.best_single_model}, scores "
+            f"{ro.best_single * 100:.1f}%), so the {ro.gain * 100:+.1f} points over chance are {top}'s, "
+            "not routing's.")
 
 
 def null_power_sentence(n) -> str:
@@ -314,12 +324,13 @@ def _scores_table(r: CohortReport) -> Table:
     header += list(r.tasks) + ["composite", "change", "zone", r.primary]
     rows = []
     fid_fmt = column_format([m.fidelity.get(r.primary, math.nan) for m in (r.reference, *r.models)])
+    size_fmt = column_format([m.size_gb for m in r.models])
     for m, is_ref in ((r.reference, True), *((m, False) for m in r.models)):
         row = [m.name + (" (reference)" if is_ref else "")]
         if has_bpw:
             row.append(_num(m.bpw, ".2f") if not is_ref else "")
         if has_size:
-            row.append(_num(m.size_gb, ".2f") if not is_ref else "")
+            row.append(_fixed(m.size_gb, size_fmt) if not is_ref else "")
         row += [_num(m.task_scores[t]) for t in r.tasks]
         row += [_num(m.composite), "" if is_ref else _pct(m.relative_change),
                 "" if is_ref else ("yes" if m.in_zone else ""), _fixed(m.fidelity.get(r.primary, math.nan), fid_fmt)]
@@ -477,10 +488,9 @@ def _routing_blocks(r: CohortReport) -> list:
     single = routing_single_pick(ro)
     if single:
         out.append(Para(single))
-    elif ro.picked:
-        out.append(Para("Picked by lowest KLD: " + ", ".join(f"{m} {c}" for m, c in
-                                                               sorted(ro.picked.items(), key=lambda kv: -kv[1]))
-                        + " prompts."))
+    if ro.picked:
+        out.append(Para("Prompts routed to each model: " + ", ".join(
+            f"{m} {c}" for m, c in sorted(ro.picked.items(), key=lambda kv: -kv[1])) + "."))
     if ro.n_pairs:
         out.append(Para(f"Every pair routed on its own disagreements ({ro.n_pairs} pairs): accuracy median "
                         f"{ro.pair_accuracy_median * 100:.1f}% (range {ro.pair_accuracy_min * 100:.1f} to "

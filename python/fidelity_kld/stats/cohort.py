@@ -30,7 +30,7 @@ from .decompose import COMPOSITE, Flips, flip_arrays, flips
 from .failure import FailurePrediction, failure_prediction
 from .routing import Routing, route
 from .summary import json_ready
-from .zone import (Holdout, RangeNull, holdout, prompt_bootstrap_deviations,
+from .zone import (Holdout, RangeNull, effective_prompts, holdout, prompt_bootstrap_deviations,
                    range_restriction_null, relative_change, zone_mask)
 
 __all__ = ["AnalysisOptions", "Cohort", "CohortReport", "ModelResult", "SweepPoint", "TargetCorrelation",
@@ -232,6 +232,7 @@ def analyze_cohort(cohort: Cohort, options: AnalysisOptions | None = None) -> Co
     targets.update({t: task_scores[1:, j] for j, t in enumerate(cohort.tasks)})
     flip = flip_arrays(cohort, opts.pool_flips)
     deviations = prompt_bootstrap_deviations(cohort, opts.n_bootstrap, keyed_rng(seed, "null", "prompts"))
+    p_eff = effective_prompts(cohort)
     hold, hold_draws = holdout(cohort, values, opts.zone_threshold, opts.holdout_reps,
                                keyed_rng(seed, "holdout"))
 
@@ -255,7 +256,7 @@ def analyze_cohort(cohort: Cohort, options: AnalysisOptions | None = None) -> Co
         if deviations.size:
             null, draws = range_restriction_null(x, composite, zone, opts.zone_threshold, comp.full,
                                                  comp.zone, deviations,
-                                                 cohort.variant_reference.get(name, math.nan))
+                                                 cohort.variant_reference.get(name, math.nan), p_eff)
         else:
             null, draws = RangeNull("skipped", note="no bootstrap draws requested"), np.empty(0)
         if name == primary:
@@ -276,7 +277,8 @@ def analyze_cohort(cohort: Cohort, options: AnalysisOptions | None = None) -> Co
         full_primary = next(r.full for r in results if r.name == primary)
         if deviations.size:
             null, _ = range_restriction_null(values[primary], composite, z, th, full_primary, cors[primary],
-                                             deviations, cohort.variant_reference.get(primary, math.nan))
+                                             deviations, cohort.variant_reference.get(primary, math.nan),
+                                             p_eff)
         else:
             null = RangeNull("skipped", note="no bootstrap draws requested")
         sweep.append(SweepPoint(th, int(z.sum()), tuple(m for m, inz in zip(cohort.models, z) if inz), cors, null))

@@ -171,6 +171,13 @@ class RangeNull:
     kept_fraction: float = math.nan
 
 
+def effective_prompts(cohort: Cohort) -> float:
+    """1 / sum_t (w_t^2 / P_t) with normalised weights: the number of prompts whose plain
+    mean is as noisy as the weighted composite."""
+    w = cohort.norm_weights()
+    return float(1.0 / sum(wt * wt / cohort.scores[t].shape[1] for wt, t in zip(w, cohort.tasks)))
+
+
 def prompt_bootstrap_deviations(cohort: Cohort, draws: int, rng: np.random.Generator) -> np.ndarray:
     """(draws, 1 + N) composite deviation of every model under bootstrap resamples of each
     task's prompts; one resample is shared by all models, so their correlated noise (they
@@ -232,9 +239,34 @@ class NullDraws:
     fit_points: int
 
 
+def _flip_floor_noise(expected_change: np.ndarray, deviations: np.ndarray,
+                      effective_prompts: float | None) -> np.ndarray:
+    """Extra noise for models whose observed flips are fewer than the curve says they lose.
+
+    Paired with the reference, a model's bootstrap deviation comes from the prompts it
+    flipped: one that flipped none never moves, while a model with the curve's expected
+    change c flips about |c| * P prompts and moves by about sqrt(|c| / P). Without a floor a
+    run of near-lossless models that happened to flip nothing lines up by fidelity in every
+    draw, and the null calls a noise-level zone weaker than it is (p < 0.05 in 7-11% of
+    simulated cohorts where the relation held). Raising every such model's variance to the
+    curve's |c| / P overshoots the other way (0-2%: the larger of the observed and expected
+    flip counts is biased up), so the floor takes their mean: the observed flips and the
+    curve's flips are two estimates of the same count under the null. The noise is normal,
+    drawn from a generator fixed by the deviations' shape, so the null stays reproducible.
+    Sizes measured with this floor are in docs/cohort.md."""
+    if not effective_prompts:
+        return 0.0
+    paired = deviations[:, 1:] - deviations[:, :1]
+    have = paired.var(axis=0)
+    want = np.abs(np.nan_to_num(expected_change)) / effective_prompts
+    extra = np.sqrt(np.maximum(want - have, 0.0) / 2)
+    rng = np.random.default_rng(list(deviations.shape))
+    return rng.standard_normal(deviations[:, 1:].shape) * extra
+
+
 def null_rho_draws(x: np.ndarray, composite: np.ndarray, zone: np.ndarray, threshold: float,
                    increasing: bool, deviations: np.ndarray,
-                   reference_value: float) -> NullDraws | None:
+                   reference_value: float, effective_prompts: float | None = None) -> NullDraws | None:
     """The null's zone-rho draws and simulated zone sizes; None when there are too few
     points to fit (fit_points then unknown to the caller: it is the outside models plus
     the reference, if anchored)."""
@@ -262,7 +294,8 @@ def null_rho_draws(x: np.ndarray, composite: np.ndarray, zone: np.ndarray, thres
     if np.isfinite(reference_value):
         fit_dev = np.column_stack([fit_dev, other[:, 0]])  # zeros: the anchor is the reference
     curve = np.where(has_x, monotone_fits(fx, fit(fx) + fit_dev, increasing)(xs), np.nan)
-    sim = curve + deviations[:, 1:]
+    sim = curve + deviations[:, 1:] + _flip_floor_noise(fit(xs) - composite[0], deviations,
+                                                        effective_prompts)
     # the zone is re-selected in every draw, as it was on the real scores: selecting on
     # the benchmark truncates the zone's spread of scores, and the null must include that
     sim_zone = zone_mask(relative_change(np.column_stack([composite[0] + deviations[:, 0], sim])),
@@ -285,30 +318,40 @@ def scrambled_zone_power(n_zone: int, critical: float, increasing: bool, rng: np
     return float(np.mean(sign * rho <= sign * critical + 1e-12))
 
 
+def _join(*parts: str) -> str:
+    return "; ".join(p for p in parts if p)
+
+
 def range_restriction_null(x: np.ndarray, composite: np.ndarray, zone: np.ndarray, threshold: float,
                            full: Correlation, observed: Correlation, deviations: np.ndarray,
-                           reference_value: float) -> tuple[RangeNull, np.ndarray]:
+                           reference_value: float,
+                           effective_prompts: float | None = None) -> tuple[RangeNull, np.ndarray]:
     """x: (N,) variant; composite: (1 + N,); zone: (N,) bool, the zone at `threshold`;
-    deviations: (draws, 1 + N). Returns the summary and the draws."""
+    deviations: (draws, 1 + N); effective_prompts: the composite's effective number of
+    prompts (effective_prompts(cohort)), for the flip-count floor of _flip_floor_noise.
+    Returns the summary and the draws."""
     none = np.empty(0)
     anchor = "" if np.isfinite(reference_value) else NO_ANCHOR_NOTE
     if not observed.ok:
-        return RangeNull(observed.status, note=observed.note), none
+        return RangeNull(observed.status, note=_join(observed.note, anchor)), none
     if not full.ok or full.rho == 0:
-        return RangeNull("unavailable", note="no full-cohort relation to carry into the zone"), none
+        return RangeNull("unavailable", note=_join("no full-cohort relation to carry into the zone", anchor)), none
     increasing = full.rho > 0
-    got = null_rho_draws(x, composite, zone, threshold, increasing, deviations, reference_value)
+    got = null_rho_draws(x, composite, zone, threshold, increasing, deviations, reference_value,
+                         effective_prompts)
     if got is None:
         n_fit = int(np.sum(np.isfinite(x) & ~zone) + np.isfinite(reference_value))
         return RangeNull("unavailable", fit_points=n_fit,
-                         note="fewer than 2 distinct points outside the zone to fit the relation"), none
+                         note=_join("fewer than 2 distinct points outside the zone to fit the relation",
+                                    anchor)), none
     rho, sizes = got.rho, got.zone_sizes
     size_kw = dict(zone_size_median=float(np.median(sizes)), zone_size_low=float(np.percentile(sizes, 2.5)),
                    zone_size_high=float(np.percentile(sizes, 97.5)),
                    kept_fraction=float(rho.size / max(sizes.size, 1)))
     if rho.size == 0:
         return RangeNull("unavailable", fit_points=got.fit_points,
-                         note="no simulated zone had 4 or more models with a defined rho", **size_kw), none
+                         note=_join("no simulated zone had 4 or more models with a defined rho", anchor),
+                         **size_kw), none
     sign = 1.0 if increasing else -1.0
     weaker = int(np.sum(sign * rho <= sign * observed.rho + 1e-12))
     p = (1 + weaker) / (1 + rho.size)
