@@ -311,7 +311,12 @@ def test_figures_ask_rather_than_assume_and_labels_do_not_overlap(tmp_path):
     fig.canvas.draw()
     renderer = fig.canvas.get_renderer()
     names = {m.name for m in r.models}
-    boxes = [t.get_window_extent(renderer) for t in fig.axes[0].texts if t.get_text() in names]
+    from matplotlib.text import Text
+
+    labels = [t for t in fig.axes[0].texts if t.get_text() in names]
+    for t in labels:
+        t.update_positions(renderer)
+    boxes = [Text.get_window_extent(t, renderer) for t in labels]
     assert len(boxes) >= len(names) // 2
     for i, a in enumerate(boxes):
         for b in boxes[i + 1:]:

@@ -254,10 +254,12 @@ def test_routing_against_chance_and_oracle():
 def test_the_null_is_calibrated_where_the_full_cohort_relation_holds():
     """Loss proportional to KLD everywhere, benchmark noise on top: the zone's weaker rho is
     what restriction of range predicts, so the null should seldom call it weaker. Over these
-    40 cohorts it does in none at p < 0.1 and in 5 (12.5%) at p < 0.2. Without refitting the
-    curve per draw it did in 3 (7.5%) at p < 0.05, 5 at p < 0.1 and 12 (30%) at p < 0.2;
-    with a smooth spline fit, whose end slope overshoots between the reference and the first
-    model outside the zone, in 7 (17.5%) at p < 0.05."""
+    40 cohorts the paired null (refit relative to its draw's reference, flip-count floor)
+    does in none at p < 0.1 and in 3 (7.5%) at p < 0.2; paired without the floor, in 10
+    (25%) at p < 0.2; unpaired (before), in none at p < 0.1 and 5 at p < 0.2. Without
+    refitting the curve per draw it did in 3 (7.5%) at p < 0.05, 5 at p < 0.1 and 12 (30%)
+    at p < 0.2; with a smooth spline fit, whose end slope overshoots between the reference
+    and the first model outside the zone, in 7 (17.5%) at p < 0.05."""
     pvals = []
     for seed in range(40):
         rng = np.random.default_rng(100 + seed)

@@ -106,6 +106,7 @@ def place_labels(fig, ax, xs, ys, names, fontsize=6.5) -> list[str]:
     the axes, trying offsets around it in turn; returns the names that found no such spot
     (the caller lists them). Points are placed left to right in display coordinates, so a
     dense cluster labels what it can and says which it could not."""
+    from matplotlib.text import Text
     from matplotlib.transforms import Bbox
 
     fig.canvas.draw()
@@ -119,9 +120,15 @@ def place_labels(fig, ax, xs, ys, names, fontsize=6.5) -> list[str]:
         done = False
         for dx, dy in _OFFSETS:
             ha = "left" if dx > 0 else "right" if dx < 0 else "center"
+            # a label moved away from its point gets a thin leader line back to it
+            far = max(abs(dx), abs(dy)) > 5
             t = ax.annotate(names[i], (xs[i], ys[i]), xytext=(dx, dy), textcoords="offset points",
-                            fontsize=fontsize, color="#333", ha=ha, va="bottom")
-            bb = t.get_window_extent(renderer).expanded(1.05, 1.1)
+                            fontsize=fontsize, color="#333", ha=ha, va="bottom",
+                            arrowprops=dict(arrowstyle="-", lw=0.4, color="#999", shrinkA=0, shrinkB=3)
+                            if far else None)
+            # the text's own box (an Annotation's extent would include its leader line)
+            t.update_positions(renderer)
+            bb = Text.get_window_extent(t, renderer).expanded(1.05, 1.1)
             clash = (not axbox.contains(bb.x0, bb.y0) or not axbox.contains(bb.x1, bb.y1)
                      or any(bb.overlaps(o) for o in placed)
                      or any(bb.overlaps(m) for j, m in enumerate(marks) if j != i))
