@@ -375,3 +375,21 @@ def test_the_fixture_cohort_loads_and_reads_correctly():
     assert r.failure and r.routing is not None  # per-prompt CSV tables were read
     text = to_text(blocks(r))
     assert "Verdict" in text
+
+
+def test_cli_pool_flips(capsys):
+    from fidelity_kld.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["cohort", str(DATA / "manifest.toml"), "--zone-threshold", "0.07", "--pool-flips",
+              "--bootstrap", "100", "--holdout-reps", "0", "--format", "json"])
+        raise SystemExit(0)  # main returns normally in standalone mode off
+    assert (e.value.code or 0) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert d["options"]["pool_flips"] is True
+    comp = [f for f in d["flips"] if f["task"] == COMPOSITE]
+    by_task = {(f["model"], f["task"]): f for f in d["flips"]}
+    for f in comp:
+        net = sum(by_task[(f["model"], t)]["wrong_to_correct"] - by_task[(f["model"], t)]["correct_to_wrong"]
+                  for t in d["tasks"])
+        assert f["direction"] == pytest.approx(net / f["n_prompts"], abs=1e-15)

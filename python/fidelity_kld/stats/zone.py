@@ -142,15 +142,21 @@ class RangeNull:
     zone again from those simulated scores (selection on the benchmark is part of what
     narrows the zone) and ranks within it. The fit is itself made from noisy scores, so each
     draw first refits it on the fitted values plus another resample's deviations (a
-    parametric bootstrap of the fit). Draws whose zone has fewer than 4 models are dropped.
+    parametric bootstrap of the fit), with that resample's deviations taken relative to its
+    own reference so the fit keeps its pairing with the reference; models that flipped
+    fewer prompts than the curve says they lose get the missing flip-count noise
+    (_flip_floor_noise). Draws whose zone has fewer than 4 models are dropped (kept_fraction
+    says how many were kept; zone_size_* give the simulated zones' sizes).
 
     p is the fraction of draws whose rho is as weak as the observed zone rho or weaker (in
-    the full-cohort direction), with the usual +1 correction; p < 0.05 says the collapse is
-    more than restriction of range and benchmark noise predict. In simulated cohorts where
-    the relation held (three designs, 150-200 cohorts each), p fell below 0.05 in 0-5% of
-    them; without refitting the fit it did in 12-13%. The price is power: a zone scrambled
-    against KLD was called weaker in 77% of cohorts of 1,500 prompts (86% without refits)
-    and 93% of 4,000 (100%).
+    the full-cohort direction), with the usual +1 correction; p < 0.05 says the zone rho is
+    weaker than restriction of range and benchmark noise predict. power is the share of
+    zones of the observed size with no relation at all (a random order) whose rho would be
+    rejected (past `critical`, the null's 5% point): low power means "within" says little.
+    In simulated cohorts (scripts/simulate_range_null.py, three designs, 100 cohorts each)
+    p fell below 0.05 in 2-5% of those where the relation held, and in 91-97% of those whose
+    zone was scrambled against KLD (the unpaired null before: 0-3% and 74-95%); see
+    docs/cohort.md.
     """
 
     status: str
