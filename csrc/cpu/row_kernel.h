@@ -19,6 +19,7 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <type_traits>
 
 #include "fidelity_kld/logit_stats.h"
 #include "simd_ops.h"
@@ -33,6 +34,15 @@ constexpr int kFlushEvery = 16;
 // Below this many nats under the max, an entry's weight is 0 in float32 anyway.
 constexpr float kMaskedFloor = -200.0f;
 constexpr float kLlamaWindow = -16.0f;  // llama.cpp sums KLD over decoded log-probs > -16
+// A row whose max - min is at most this many nats has every t = x*log2e - shift in
+// [-116, 1): 2^t needs no clamp (S::exp2_in_range), with bitwise the same result.
+constexpr float kNarrowRange = 80.0f;
+
+// Prefetches [p, p + bytes) into L2, one hint per 64-byte line.
+template <class S>
+inline void prefetch_lines(const uint8_t* p, int64_t bytes) {
+  for (int64_t off = 0; off < bytes; off += 64) S::prefetch(p + off);
+}
 
 struct RowInput {
   const uint8_t* values;
@@ -124,7 +134,8 @@ struct RowKernel {
   // in the same order whatever G is, so a model's sums are bitwise those of G = 1.
   // kMasked: t = (x - max)*log2e (two roundings, no shift residual); otherwise
   // t = fma(x, log2e, -shift), which is off by the residual c of the shift.
-  template <bool kMasked, bool kLlama, int G>
+  // kNarrow (not with kMasked): every t is in S::exp2_in_range's range (narrow).
+  template <bool kMasked, bool kLlama, bool kNarrow, int G>
   static void pass2(const RowInput& a, const RowInput* b, int64_t vocab, float shift_a,
                     const float* shift_b, float max_a, const float* max_b, const uint8_t* next_a,
                     const uint8_t* const* next_b, Sums* out) {
@@ -149,18 +160,12 @@ struct RowKernel {
         if constexpr (kLlama) S::flush(d_w_t[j], w_t[j]);
       }
     };
-    const int64_t vec_end = vocab - vocab % S::W;
-    int count = 0;
-    int64_t i = 0;
-    for (; i < vec_end; i += S::W) {
-      if (next_a) {
-        S::prefetch(next_a + i * dtype_size(DA));
-        for (int j = 0; j < G; ++j) S::prefetch(next_b[j] + i * dtype_size(DB));
-      }
+    // One vector of entries [i, i + W) into the float32 lane sums.
+    const auto step = [&](int64_t i) {
       const V x = S::template load<DA>(a.values, i, a.dec);
       const V ta = kMasked ? S::fmadd(S::sub(x, max_av), log2e, zero) : S::fmadd(x, log2e, neg_sa);
       const V ta_c = kMasked ? S::clamp_below(ta, kMaskedFloor) : ta;
-      const V ea = S::exp2(ta_c);
+      const V ea = kNarrow ? S::exp2_in_range(ta_c) : S::exp2(ta_c);
       s_ref = S::add(s_ref, ea);
       h = S::fmadd(ea, ta_c, h);
       if constexpr (kLlama) w_s = S::add(w_s, S::select_gt(x, kLlamaWindow, ea));
@@ -177,7 +182,7 @@ struct RowKernel {
           t_qr[j] = S::add(t_qr[j], S::mul_nonzero(eb, d));
           if constexpr (kLlama) w_t[j] = S::add(w_t[j], S::select_gt(x, kLlamaWindow, ea_d));
         } else {
-          const V eb = S::exp2(tb);
+          const V eb = kNarrow ? S::exp2_in_range(tb) : S::exp2(tb);
           s_q[j] = S::add(s_q[j], eb);
           t_rq[j] = S::fmadd(ea, d, t_rq[j]);
           t_qr[j] = S::fmadd(eb, d, t_qr[j]);
@@ -185,11 +190,23 @@ struct RowKernel {
             w_t[j] = S::add(w_t[j], S::select_gt(x, kLlamaWindow, S::fmadd(ea, d, zero)));
         }
       }
-      if (++count == kFlushEvery) {
-        flush_all();
-        count = 0;
+    };
+    // Blocks of kFlushEvery vectors: the loop body is the arithmetic alone (no counter, no
+    // branch to the flush, no per-vector prefetch); the next row's lines for the block are
+    // prefetched once per cache line, before the block.
+    constexpr int64_t kBlock = int64_t{kFlushEvery} * S::W;
+    const int64_t vec_end = vocab - vocab % S::W;
+    const int64_t block_end = vocab - vocab % kBlock;
+    int64_t i = 0;
+    for (; i < block_end; i += kBlock) {
+      if (next_a) {
+        prefetch_lines<S>(next_a + i * dtype_size(DA), kBlock * dtype_size(DA));
+        for (int j = 0; j < G; ++j) prefetch_lines<S>(next_b[j] + i * dtype_size(DB), kBlock * dtype_size(DB));
       }
+      for (int64_t k = 0; k < kBlock; k += S::W) step(i + k);
+      flush_all();
     }
+    for (; i < vec_end; i += S::W) step(i);
     flush_all();
     for (int j = 0; j < G; ++j) {
       out[j] = Sums{};
@@ -251,30 +268,47 @@ struct RowKernel {
              std::fabs(mb.max) < kMaxShifted);
   }
 
+  static bool narrow(const MaxMin& m) { return m.max - m.min <= kNarrowRange; }
+
   // pass2 for G models with finite maxima; masked only with G = 1.
   template <int G>
   static void run_pass2(bool llama, bool masked, const RowInput& a, const RowInput* b,
                         int64_t vocab, const MaxMin& ma, const MaxMin* mb, const uint8_t* next_a,
                         const uint8_t* const* next_b, Sums* out) {
     float shift_b[G], max_b[G];
+    bool in_range = S::kExp2Clamps && !masked && narrow(ma);
     for (int j = 0; j < G; ++j) {
       shift_b[j] = mb[j].max * kLog2eF;
       max_b[j] = mb[j].max;
+      in_range = in_range && narrow(mb[j]);
     }
     const float shift_a = ma.max * kLog2eF;
     if constexpr (G == 1) {
       if (masked) {
         if (llama)
-          pass2<true, true, 1>(a, b, vocab, shift_a, shift_b, ma.max, max_b, next_a, next_b, out);
+          pass2<true, true, false, 1>(a, b, vocab, shift_a, shift_b, ma.max, max_b, next_a,
+                                      next_b, out);
         else
-          pass2<true, false, 1>(a, b, vocab, shift_a, shift_b, ma.max, max_b, next_a, next_b, out);
+          pass2<true, false, false, 1>(a, b, vocab, shift_a, shift_b, ma.max, max_b, next_a,
+                                       next_b, out);
         return;
       }
     }
-    if (llama)
-      pass2<false, true, G>(a, b, vocab, shift_a, shift_b, ma.max, max_b, next_a, next_b, out);
-    else
-      pass2<false, false, G>(a, b, vocab, shift_a, shift_b, ma.max, max_b, next_a, next_b, out);
+    const auto run = [&](auto llama_tag, auto narrow_tag) {
+      pass2<false, decltype(llama_tag)::value, decltype(narrow_tag)::value, G>(
+          a, b, vocab, shift_a, shift_b, ma.max, max_b, next_a, next_b, out);
+    };
+    using Yes = std::true_type;
+    using No = std::false_type;
+    if (in_range) {
+      if constexpr (S::kExp2Clamps) {
+        if (llama) run(Yes{}, Yes{});
+        else run(No{}, Yes{});
+        return;
+      }
+    }
+    if (llama) run(Yes{}, No{});
+    else run(No{}, No{});
   }
 
   static void row(const LogitStatsParams& p, int64_t r, int64_t r_end) {

@@ -26,6 +26,11 @@ constexpr float kExp2C3 = 0.05550713092088699f;
 constexpr float kExp2C4 = 0.009675540961325169f;
 constexpr float kExp2C5 = 0.001327647129073739f;
 
+// 1.5 * 2^23 + 127: for t in [-127, 1), t + kExp2Magic rounds t to the nearest integer n (the
+// float's spacing there is 1) and holds n + 127 in its low mantissa bits; shifted left by 23
+// they are the exponent field of 2^n (the magic's own bits shift out of the 32-bit lane).
+constexpr float kExp2Magic = 12583039.0f;
+
 // ------------------------------------------------------------------------------------------
 struct ScalarOps {
   using V = float;
@@ -43,6 +48,8 @@ struct ScalarOps {
   static V clamp_below(V t, float lo) { return t < lo ? lo : t; }
   // 2^t, 0 below 2^-126 like the vector paths (and the GPU kernels): no subnormal terms.
   static V exp2(V t) { return t < -126.0f ? 0.0f : std::exp2(t); }
+  static constexpr bool kExp2Clamps = false;  // exp2_in_range would save nothing
+  static V exp2_in_range(V t) { return exp2(t); }
   // e != 0 (or NaN) ? e * d : 0
   static V mul_nonzero(V e, V d) { return e != 0.0f ? e * d : 0.0f; }
   // x > c ? v : 0
@@ -84,9 +91,16 @@ struct Avx2Ops {
   static V clamp_below(V t, float lo) { return _mm256_max_ps(_mm256_set1_ps(lo), t); }  // NaN t kept
 
   // 2^t for t <= ~0: exact 0 below 2^-126, NaN for NaN.
-  static V exp2(V t) {
-    t = _mm256_max_ps(_mm256_set1_ps(-127.0f), t);
-    const V n = _mm256_round_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  static V exp2(V t) { return exp2_in_range(_mm256_max_ps(_mm256_set1_ps(-127.0f), t)); }
+  // exp2 without the clamp, bitwise the same for t in [-127, 1) (or NaN): the row kernel uses
+  // it when every t of the row is known to be in range (kExp2Clamps: it saves an instruction).
+  // The round to an integer is the magic-number add (kExp2Magic); the same sum's low bits,
+  // shifted, are 2^n's exponent field: no round, no convert, no integer add, and bitwise the
+  // results of round + convert (both round to nearest even).
+  static constexpr bool kExp2Clamps = true;
+  static V exp2_in_range(V t) {
+    const V k = _mm256_add_ps(t, _mm256_set1_ps(kExp2Magic));
+    const V n = _mm256_sub_ps(k, _mm256_set1_ps(kExp2Magic));
     const V f = _mm256_sub_ps(t, n);
     V p = _mm256_set1_ps(kExp2C5);
     p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(kExp2C4));
@@ -95,9 +109,8 @@ struct Avx2Ops {
     p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(kExp2C1));
     p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(kExp2C0));
     // n = -127 encodes as exponent bits 0: the product is exactly 0.
-    const __m256i bits = _mm256_slli_epi32(
-        _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-    return _mm256_mul_ps(p, _mm256_castsi256_ps(bits));
+    const __m256i scale = _mm256_slli_epi32(_mm256_castps_si256(k), 23);
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(scale));
   }
   static V mul_nonzero(V e, V d) {
     const V nz = _mm256_cmp_ps(e, _mm256_setzero_ps(), _CMP_NEQ_UQ);
@@ -183,6 +196,8 @@ struct Avx512Ops {
     p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(kExp2C0));
     return _mm512_scalef_ps(p, n);
   }
+  static constexpr bool kExp2Clamps = false;
+  static V exp2_in_range(V t) { return exp2(t); }
   static V mul_nonzero(V e, V d) {
     const __mmask16 nz = _mm512_cmp_ps_mask(e, _mm512_setzero_ps(), _CMP_NEQ_UQ);
     return _mm512_maskz_mul_ps(nz, e, d);
