@@ -1,15 +1,15 @@
 """Stream one reference dump against several quantized dumps in bounded memory.
 
-Data path: LogitSource.read (a view of a memory map where the format allows) -> the compiled
-core, chunk by chunk; each reference chunk is read once and compared with every model. A
-background thread maps in the next chunk (MADV_POPULATE_READ, or touching one byte per page)
-while the core works on the current one, and pages already used are dropped from the process
-(MADV_DONTNEED; they stay in the page cache) so resident memory does not grow with file size.
+Data path: LogitSource.read_into (pread into one of two reused buffers per source, for the
+file formats) -> the compiled core, chunk by chunk; each reference chunk is read once and
+compared with every model. A background thread reads the next chunk while the core works on
+the current one. Files are read, not mapped: resident memory is the buffers whatever the
+file size (the pages read stay in the page cache, not in the process), and a file cut short
+mid-run is a DumpError naming it rather than a SIGBUS.
 """
 
 from __future__ import annotations
 
-import mmap
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -21,52 +21,22 @@ from .io.base import DumpError, LogitSource
 from .ops import Logits, TokenStats, compare, compare_many
 
 DEFAULT_CHUNK_BYTES = 128 << 20
-_MADV_POPULATE_READ = 22  # Linux >= 5.14; not yet named in Python's mmap module
-_PAGE = mmap.PAGESIZE
 
 
-def _backing_mmap(arr: np.ndarray) -> mmap.mmap | None:
-    base = arr
-    while base is not None and not isinstance(base, mmap.mmap):
-        base = getattr(base, "base", None)
-    return base
+class _Buffers:
+    """Two byte buffers per source, used in turn: the chunk the core compares sits in one
+    while the reading thread fills the other, so memory is two chunks whatever the input
+    size (readers that cannot fill a buffer, Parquet's say, return their own arrays)."""
 
+    def __init__(self, sources: Sequence[LogitSource], rows: int):
+        self._sets = [[np.empty(rows * src.bytes_per_token, np.uint8) for src in sources]
+                      for _ in range(2)]
+        self._next = 0
 
-def _madvise(arr: np.ndarray, advice: int) -> bool:
-    """madvise the pages under a contiguous view of a memory map; False if not applicable."""
-    mm = _backing_mmap(arr)
-    if mm is None or arr.size == 0 or not arr.flags.c_contiguous:
-        return False
-    try:
-        start = np.frombuffer(mm, dtype=np.uint8).ctypes.data
-    except (TypeError, ValueError, BufferError):
-        return False
-    offset = arr.ctypes.data - start
-    begin = offset - offset % _PAGE
-    end = offset + arr.nbytes
-    if advice == mmap.MADV_DONTNEED:  # only whole pages inside the view
-        begin = offset + (-offset) % _PAGE
-        end -= end % _PAGE
-    if end <= begin:
-        return True
-    try:
-        mm.madvise(advice, begin, end - begin)
-        return True
-    except (OSError, ValueError):
-        return False
-
-
-def _populate(lg: Logits) -> Logits:
-    data = lg.data
-    if not _madvise(data, _MADV_POPULATE_READ) and _backing_mmap(data) is not None:
-        flat = data.reshape(-1).view(np.uint8) if data.flags.c_contiguous else None
-        if flat is not None:
-            int(flat[::_PAGE].max(initial=0))  # touch one byte per page
-    return lg
-
-
-def _release(lg: Logits) -> None:
-    _madvise(lg.data, mmap.MADV_DONTNEED)
+    def take(self) -> list[np.ndarray]:
+        bufs = self._sets[self._next]
+        self._next ^= 1
+        return bufs
 
 
 @dataclass
@@ -115,20 +85,20 @@ def compare_sources(
     t0 = time.perf_counter()
     bytes_read = 0
 
-    def fetch(start: int, done: list[Logits]) -> list[Logits]:
-        for lg in done:  # dropping used pages costs about as much as mapping new ones
-            _release(lg)
+    sources = (ref, *quants)
+    buffers = _Buffers(sources, min(rows, n))
+
+    def fetch(start: int) -> list[Logits]:
         stop = min(start + rows, n)
-        return [_populate(src.read(start, stop)) for src in (ref, *quants)]
+        return [src.read_into(start, stop, buf) for src, buf in zip(sources, buffers.take())]
 
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="fidelity-kld-read") as pool:
-        pending = pool.submit(fetch, 0, [])
-        previous: list[Logits] = []  # the chunk compared last: its pages can go now
+        pending = pool.submit(fetch, 0)
         for start in range(0, n, rows):
             chunk = pending.result()
             stop = min(start + rows, n)
-            # Not `chunk`: the core has yet to read it, and would fault its pages back in.
-            pending = pool.submit(fetch, stop, previous) if stop < n else None
+            # the other buffer set: the core has yet to read this one
+            pending = pool.submit(fetch, stop) if stop < n else None
             ref_chunk, q_chunks = chunk[0], chunk[1:]
             y = None if labels is None else labels[start:stop]
             if compare_many_fn is not None and len(q_chunks) > 1:  # the reference read once
@@ -140,10 +110,6 @@ def compare_sources(
             for i, st in enumerate(results):
                 parts[i].append(st)
             bytes_read += sum(lg.data.nbytes for lg in chunk)
-            if pending is None:
-                for lg in (*previous, *chunk):
-                    _release(lg)
-            previous = chunk
             del chunk, ref_chunk, q_chunks
             if progress is not None:
                 progress(Progress(stop, n, bytes_read, time.perf_counter() - t0))

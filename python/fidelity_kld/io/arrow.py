@@ -6,8 +6,10 @@ prompt ids in ``prompt_id`` / ``prompt_ids`` (integers, no nulls). bfloat16 logi
 as uint16 bit patterns with the schema metadata {"fidelity_kld.dtype": "bfloat16"} (or
 declared with ``open_source(path, dtype='bfloat16')``).
 
-Arrow IPC files are memory-mapped and read() returns zero-copy views when the rows asked for
-lie in one record batch (uncompressed). Parquet is decoded batch by batch from the row group
+Arrow IPC files are memory-mapped to validate them and locate each record batch's rows; the
+rows are then read with pread (into stream.py's reused buffers), not through the map, so
+memory stays bounded and a file cut short mid-run is an error naming it (compressed batches
+are decoded instead). Parquet is decoded batch by batch from the row group
 holding the first row asked for; sequential reads continue one iterator, so memory stays at
 about one read's worth whatever the file size. Like every reader here, a source is meant to
 be read from one thread at a time (a prefetch thread is fine; concurrent reads are not).
@@ -21,7 +23,7 @@ import numpy as np
 
 from ..ops import Logits
 from ._util import STORAGE, AtomicFiles, check_ids, file_size, logical_dtype
-from .base import DumpError, LogitSource
+from .base import DumpError, FileRows, LogitSource, row_buffer
 
 LABEL_COLUMNS = ("label", "labels", "token_id", "token_ids")
 PROMPT_COLUMNS = ("prompt_id", "prompt_ids")
@@ -105,7 +107,8 @@ def _block(path: str, arr, vocab: int, dtype: str, row0: int) -> np.ndarray:
 def _ids(path: str, column, n: int, name: str) -> np.ndarray:
     if column.null_count:
         raise DumpError(f"{path}: column {name!r} has {column.null_count} nulls")
-    return check_ids(path, column.to_numpy(), n, name)
+    # a copy: a view would keep reading the memory map (and fault if the file is cut short)
+    return check_ids(path, np.array(column.to_numpy(), copy=True), n, name)
 
 
 @contextlib.contextmanager
@@ -128,14 +131,16 @@ class ArrowSource(LogitSource):
 
     def _open(self, path: str, dtype: str | None) -> None:
         pa = _pa()
-        file_size(path)
+        size = file_size(path)
         try:
             self._mm = pa.memory_map(path, "r")
+            self._mm.seek(0)
+            base = self._mm.read_buffer(1).address  # the map's first byte (zero-copy)
             self._reader = pa.ipc.open_file(self._mm)
         except (pa.ArrowException, OSError) as e:
             raise DumpError(f"{path}: unreadable Arrow IPC file ({_first_line(e)})") from None
         info = _inspect_schema(path, self._reader.schema, dtype)
-        counts, labels, prompts = [], [], []
+        counts, labels, prompts, spans = [], [], [], []
         vocab = info["vocab"]
         row0 = 0
         for i in range(self._reader.num_record_batches):
@@ -149,8 +154,12 @@ class ArrowSource(LogitSource):
             col = batch.column("logits")
             if vocab is None and len(col):
                 vocab = len(col[0].values) if col[0].is_valid else 0
+            span = None
             if len(col):
-                _block(path, col, vocab, info["dtype"], row0)  # validates nulls and lengths
+                block = _block(path, col, vocab, info["dtype"], row0)  # validates nulls and lengths
+                span = _file_position(block, base, size)
+                del block
+            spans.append(span)
             counts.append(batch.num_rows)
             if info["label"]:
                 labels.append(batch.column(info["label"]))
@@ -170,6 +179,10 @@ class ArrowSource(LogitSource):
                     "schema_metadata": _meta(self._reader.schema)},
         )
         self._starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        # file position of each batch's logits rows, None where a batch's buffers are not in
+        # the file as stored (compressed): those are decoded, the others read with pread
+        self._spans = spans
+        self._file = FileRows(path)
         self._cache: tuple[int, np.ndarray] | None = None
 
     def _batch_block(self, i: int) -> np.ndarray:
@@ -179,31 +192,46 @@ class ArrowSource(LogitSource):
         return self._cache[1]
 
     def read(self, start: int, stop: int) -> Logits:
+        return self.read_into(start, stop, None)
+
+    def read_into(self, start: int, stop: int, out: np.ndarray | None) -> Logits:
         start, stop = self._check_range(start, stop)
         if self._reader is None:
             raise DumpError(f"{self.path}: source is closed")
-        if start == stop:
-            return Logits(np.empty((0, self.vocab), STORAGE[self.dtype]), self.dtype, self.vocab)
-        first = int(np.searchsorted(self._starts, start, side="right") - 1)
-        parts, row = [], start
-        i = first
+        storage = STORAGE[self.dtype]
+        block = row_buffer(out, stop - start, (self.vocab,), storage)
+        i = int(np.searchsorted(self._starts, start, side="right") - 1)
+        row = start
         while row < stop:
             b0, b1 = int(self._starts[i]), int(self._starts[i + 1])
-            if b1 > b0:
-                block = self._batch_block(i)
-                parts.append(block[row - b0 : min(stop, b1) - b0])
-                row = min(stop, b1)
+            take = min(stop, b1)
+            if take > row:
+                target = block[row - start : take - start]
+                if self._spans[i] is not None:
+                    self._file.read_at(self._spans[i] + (row - b0) * self.vocab * storage.itemsize, target)
+                else:
+                    target[...] = self._batch_block(i)[row - b0 : take - b0]
+            row = take
             i += 1
-        data = parts[0] if len(parts) == 1 else np.concatenate(parts)
-        return Logits(data, self.dtype, self.vocab)
+        return Logits(block, self.dtype, self.vocab)
 
     def close(self) -> None:
         # Arrays already handed out keep their buffers (and the mapping) alive.
         self._reader = None
         self._cache = None
+        if getattr(self, "_file", None) is not None:
+            self._file.close()
         if getattr(self, "_mm", None) is not None:
             self._mm.close()
             self._mm = None
+
+
+def _file_position(block: np.ndarray, base: int, size: int) -> int | None:
+    """The file offset of a zero-copy view of a memory-mapped file (None for a copy)."""
+    addr = block.ctypes.data
+    if block.flags.c_contiguous and base <= addr and addr + block.nbytes <= base + size:
+        return addr - base
+    return None
 
 
 class ParquetSource(LogitSource):
@@ -219,7 +247,9 @@ class ParquetSource(LogitSource):
 
         file_size(path)
         try:
-            self._pf = pq.ParquetFile(path, buffer_size=1 << 22)
+            # pre_buffer=False: with it, each seek (iter_batches) fetches and caches every
+            # row group from there to the end of the file, the whole file in memory
+            self._pf = pq.ParquetFile(path, buffer_size=1 << 22, pre_buffer=False)
         except (pa.ArrowException, OSError) as e:
             raise DumpError(f"{path}: unreadable Parquet file ({_first_line(e)})") from None
         schema = self._pf.schema_arrow

@@ -7,6 +7,8 @@ core directly (zero-copy views of a memory map where the format allows).
 
 from __future__ import annotations
 
+import contextlib
+import os
 from dataclasses import dataclass, field
 from typing import Iterator
 
@@ -70,6 +72,12 @@ class LogitSource:
                 f"n_tokens={self.n_tokens}, vocab={self.vocab}, dtype={self.dtype!r}, "
                 f"labels={self.labels is not None}, prompt_ids={self.prompt_ids is not None})")
 
+    def read_into(self, start: int, stop: int, out: np.ndarray | None) -> Logits:
+        """Rows [start, stop), stored into the byte buffer `out` where the reader can
+        (stream.py passes buffers it reuses, so memory stays bounded); readers that
+        cannot return read()'s result, which the caller must then not expect in out."""
+        return self.read(start, stop)
+
     def chunks(self, rows_per_chunk: int) -> Iterator[tuple[int, Logits]]:
         for start in range(0, self.n_tokens, rows_per_chunk):
             stop = min(start + rows_per_chunk, self.n_tokens)
@@ -85,17 +93,101 @@ class LogitSource:
         self.close()
 
 
+class FileRows:
+    """A file read with pread into a caller's buffer: the process never maps it, so the
+    pages read do not stay resident, and a file cut short while it is read is a DumpError
+    naming it, not a SIGBUS. Rows of `row_bytes` start at byte `offset` (readers whose rows
+    lie in several runs pass their own byte positions to read_at)."""
+
+    def __init__(self, path: str, offset: int = 0, row_bytes: int = 0):
+        self.path, self.offset, self.row_bytes = path, int(offset), int(row_bytes)
+        self._fd: int | None = None
+        self._size: int | None = None
+
+    def _open(self) -> int:
+        if self._fd is None:
+            try:
+                self._fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+            except OSError as e:
+                raise DumpError(f"{self.path}: cannot read ({e.strerror})") from None
+            self._size = os.fstat(self._fd).st_size
+            with contextlib.suppress(AttributeError, OSError):  # read-ahead for a stream
+                os.posix_fadvise(self._fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+        return self._fd
+
+    def read_rows(self, start: int, stop: int, out: np.ndarray) -> None:
+        """Rows [start, stop) into the contiguous array `out` ((stop - start) rows)."""
+        self.read_at(self.offset + start * self.row_bytes, out)
+
+    def read_at(self, begin: int, out: np.ndarray) -> None:
+        """out.nbytes bytes from byte `begin` into the contiguous array `out`."""
+        fd = self._open()
+        view = memoryview(out.reshape(-1).view(np.uint8))
+        need = view.nbytes
+        size = os.fstat(fd).st_size
+        if size != self._size:
+            self._changed(f"it is now {size} bytes, was {self._size}")
+        done = 0
+        while done < need:  # one preadv moves at most ~2 GB on Linux
+            try:
+                got = os.preadv(fd, [view[done:]], begin + done)
+            except OSError as e:
+                raise DumpError(f"{self.path}: read failed at byte {begin + done} ({e.strerror})") from None
+            if got == 0:
+                self._changed(f"it ends at byte {begin + done}; {begin + need} bytes were expected")
+            done += got
+
+    def _changed(self, what: str) -> None:
+        raise DumpError(f"{self.path}: the file changed while it was read ({what})")
+
+    def close(self) -> None:
+        if self._fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(self._fd)
+            self._fd = None
+
+
+def row_buffer(out: np.ndarray | None, n_rows: int, row_shape: tuple, dtype) -> np.ndarray:
+    """[n_rows, *row_shape] of dtype on the front of the byte buffer `out` (a fresh array
+    when out is None)."""
+    dtype = np.dtype(dtype)
+    if out is None:
+        return np.empty((n_rows, *row_shape), dtype)
+    nbytes = n_rows * int(np.prod(row_shape, dtype=np.int64)) * dtype.itemsize
+    if out.nbytes < nbytes:
+        raise ValueError(f"buffer of {out.nbytes} bytes too small for {nbytes}")
+    return out.reshape(-1).view(np.uint8)[:nbytes].view(dtype).reshape(n_rows, *row_shape)
+
+
 class MappedSource(LogitSource):
-    """A source whose rows are one memory-mapped [n_tokens, row] array, set by the subclass's
-    __init__ as self._data: read() returns views of it, close() drops the map."""
+    """A source whose rows are one [n_tokens, row] array at a fixed offset of its file,
+    described by the subclass's __init__ as self._data (an np.memmap, used for its layout:
+    file, offset, dtype, shape). read() copies rows out with pread (FileRows), never through
+    the map."""
 
     _data: np.ndarray | None = None
+    _rows: FileRows | None = None
 
-    def read(self, start: int, stop: int) -> Logits:
-        start, stop = self._check_range(start, stop)
+    def _file_rows(self) -> FileRows:
         if self._data is None:
             raise DumpError(f"{self.path}: source is closed")
-        return Logits(self._data[start:stop], self.dtype, self.vocab)
+        if self._rows is None:
+            d = self._data
+            self._rows = FileRows(self.path, d.offset, d.strides[0])
+        return self._rows
+
+    def read(self, start: int, stop: int) -> Logits:
+        return self.read_into(start, stop, None)
+
+    def read_into(self, start: int, stop: int, out: np.ndarray | None) -> Logits:
+        start, stop = self._check_range(start, stop)
+        rows = self._file_rows()
+        block = row_buffer(out, stop - start, self._data.shape[1:], self._data.dtype)
+        rows.read_rows(start, stop, block)
+        return Logits(block, self.dtype, self.vocab)
 
     def close(self) -> None:
         self._data = None
+        if self._rows is not None:
+            self._rows.close()
+            self._rows = None
