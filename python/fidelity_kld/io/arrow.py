@@ -30,7 +30,10 @@ PROMPT_COLUMNS = ("prompt_id", "prompt_ids")
 DTYPE_KEY = b"fidelity_kld.dtype"
 ARROW_MAGIC = b"ARROW1"
 PARQUET_MAGIC = b"PAR1"
-TARGET_BATCH_BYTES = 64 << 20
+# Parquet is decoded in batches of about this size (copied into the caller's buffer): the
+# reader holds a batch and the pages under it, not the row group (which a writer may have
+# made a GB or more)
+TARGET_BATCH_BYTES = 2 << 20
 
 
 def _first_line(e: BaseException) -> str:
@@ -292,7 +295,7 @@ class ParquetSource(LogitSource):
     def _seek(self, start: int, rows: int) -> None:
         g = int(np.searchsorted(self._starts, start, side="right") - 1)
         batch = max(1, min(rows, TARGET_BATCH_BYTES // max(1, self.bytes_per_token)))
-        self._iter = self._pf.iter_batches(batch_size=batch, columns=["logits"],
+        self._iter = self._pf.iter_batches(batch_size=batch, columns=["logits"], use_threads=False,
                                            row_groups=list(range(g, len(self._starts) - 1)))
         self._pos = int(self._starts[g])
         self._buf = None
@@ -315,24 +318,30 @@ class ParquetSource(LogitSource):
         return _block(self.path, batch.column(0), self.vocab, self.dtype, self._pos)
 
     def read(self, start: int, stop: int) -> Logits:
+        return self.read_into(start, stop, None)
+
+    def read_into(self, start: int, stop: int, out: np.ndarray | None) -> Logits:
         start, stop = self._check_range(start, stop)
         if self._pf is None:
             raise DumpError(f"{self.path}: source is closed")
+        block = row_buffer(out, stop - start, (self.vocab,), STORAGE[self.dtype])
         if start == stop:
-            return Logits(np.empty((0, self.vocab), STORAGE[self.dtype]), self.dtype, self.vocab)
+            return Logits(block, self.dtype, self.vocab)
         if self._iter is None or start != self._pos:
             self._seek(start, stop - start)
-        parts, need = [], stop - start
-        while need:
+        row = 0
+        while row < block.shape[0]:
             if self._buf is None or self._buf.shape[0] == 0:
                 self._buf = self._next_block()
-            take = min(need, self._buf.shape[0])
-            parts.append(self._buf[:take])
+            take = min(block.shape[0] - row, self._buf.shape[0])
+            block[row : row + take] = self._buf[:take]
             self._buf = self._buf[take:]
             self._pos += take
-            need -= take
-        data = parts[0] if len(parts) == 1 else np.concatenate(parts)
-        return Logits(data, self.dtype, self.vocab)
+            row += take
+        if self._pos == self.n_tokens:  # read to the end (a finished shard): free the reader
+            self._iter = self._buf = None
+            self._pos = -1
+        return Logits(block, self.dtype, self.vocab)
 
     def close(self) -> None:
         self._iter = None
