@@ -242,3 +242,31 @@ def test_input_cut_short_mid_run_is_an_error_naming_it(dumps, tmp_path):
     assert f"{victim}: the file changed while it was read" in err, err[-500:]
     assert "Traceback" not in err and out_text == b""
     assert listing(out) == []
+
+
+# A view the stream has mapped in, its file cut short before the core reads it: the page
+# faults with SIGBUS, which the core's guard turns into a message and exit 1.
+READ_AFTER_CUT = """
+import sys, numpy as np
+from fidelity_kld.io import open_source
+src = open_source(sys.argv[1])
+view = src.read_into(0, src.n_tokens, None).data
+with open(sys.argv[1], "r+b") as f:
+    f.truncate(4096)
+print(float(np.asarray(view, dtype=np.float32).sum()))
+"""
+
+
+@pytest.mark.parametrize("ext", [".npy", ".arrow"])
+def test_mapped_page_of_a_file_cut_short_is_exit_1_naming_it(tmp_path, ext):
+    import numpy as np
+
+    from fidelity_kld.io import ArraySource, convert
+
+    path = tmp_path / f"d{ext}"
+    convert(ArraySource(np.ones((64, 4096), np.float32)), path)
+    r = subprocess.run([sys.executable, "-c", READ_AFTER_CUT, str(path)], capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 1, (r.returncode, r.stderr[-500:])
+    assert r.stderr.strip() == f"Error: {path}: the file changed while it was read (it was cut short)"
+    assert r.stdout == ""

@@ -1,11 +1,12 @@
 """Stream one reference dump against several quantized dumps in bounded memory.
 
-Data path: LogitSource.read_into (pread into one of two reused buffers per source, for the
-file formats) -> the compiled core, chunk by chunk; each reference chunk is read once and
-compared with every model. A background thread reads the next chunk while the core works on
-the current one. Files are read, not mapped: resident memory is the buffers whatever the
-file size (the pages read stay in the page cache, not in the process), and a file cut short
-mid-run is a DumpError naming it rather than a SIGBUS.
+Data path: LogitSource.read_into (a view of a memory map where the format allows, else rows
+decoded or assembled into one of two reused buffers per source) -> the compiled core, chunk
+by chunk; each reference chunk is read once and compared with every model. A background
+thread maps in the next chunk (io.base.populate) while the core works on the current one,
+and pages already used are dropped from the process (io.base.release: MADV_DONTNEED; they
+stay in the page cache), so resident memory does not grow with file size. A file cut short
+mid-run is an error naming it: from populate, or from the core's SIGBUS guard (exit 1).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from .io.base import DumpError, LogitSource
+from .io.base import DumpError, LogitSource, release
 from .ops import Logits, TokenStats, compare, compare_many
 
 DEFAULT_CHUNK_BYTES = 128 << 20
@@ -26,7 +27,8 @@ DEFAULT_CHUNK_BYTES = 128 << 20
 class _Buffers:
     """Two byte buffers per source, used in turn: the chunk the core compares sits in one
     while the reading thread fills the other, so memory is two chunks whatever the input
-    size (readers that cannot fill a buffer, Parquet's say, return their own arrays)."""
+    size. Only readers that decode (Parquet) or assemble a chunk (one spanning shards or
+    record batches) write them; pages never written cost nothing."""
 
     def __init__(self, sources: Sequence[LogitSource], rows: int):
         self._sets = [[np.empty(rows * src.bytes_per_token, np.uint8) for src in sources]
@@ -88,17 +90,20 @@ def compare_sources(
     sources = (ref, *quants)
     buffers = _Buffers(sources, min(rows, n))
 
-    def fetch(start: int) -> list[Logits]:
+    def fetch(start: int, done: list[Logits]) -> list[Logits]:
+        for lg in done:  # dropping used pages costs about as much as mapping new ones
+            release(lg.data)
         stop = min(start + rows, n)
         return [src.read_into(start, stop, buf) for src, buf in zip(sources, buffers.take())]
 
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="fidelity-kld-read") as pool:
-        pending = pool.submit(fetch, 0)
+        pending = pool.submit(fetch, 0, [])
+        previous: list[Logits] = []  # the chunk compared last: its pages can go now
         for start in range(0, n, rows):
             chunk = pending.result()
             stop = min(start + rows, n)
-            # the other buffer set: the core has yet to read this one
-            pending = pool.submit(fetch, stop) if stop < n else None
+            # Not `chunk`: the core has yet to read it (and its buffers: the other set is used)
+            pending = pool.submit(fetch, stop, previous) if stop < n else None
             ref_chunk, q_chunks = chunk[0], chunk[1:]
             y = None if labels is None else labels[start:stop]
             if compare_many_fn is not None and len(q_chunks) > 1:  # the reference read once
@@ -110,6 +115,10 @@ def compare_sources(
             for i, st in enumerate(results):
                 parts[i].append(st)
             bytes_read += sum(lg.data.nbytes for lg in chunk)
+            if pending is None:
+                for lg in (*previous, *chunk):
+                    release(lg.data)
+            previous = chunk
             del chunk, ref_chunk, q_chunks
             if progress is not None:
                 progress(Progress(stop, n, bytes_read, time.perf_counter() - t0))

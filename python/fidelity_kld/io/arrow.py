@@ -7,9 +7,9 @@ as uint16 bit patterns with the schema metadata {"fidelity_kld.dtype": "bfloat16
 declared with ``open_source(path, dtype='bfloat16')``).
 
 Arrow IPC files are memory-mapped to validate them and locate each record batch's rows; the
-rows are then read with pread (into stream.py's reused buffers), not through the map, so
-memory stays bounded and a file cut short mid-run is an error naming it (compressed batches
-are decoded instead). Parquet is decoded batch by batch from the row group
+stream then reads views of a whole-file map of our own (pages populated ahead, released
+after use, guarded against the file being cut short, as for .npy), and read() copies with
+pread. Compressed batches are decoded instead. Parquet is decoded batch by batch from the row group
 holding the first row asked for; sequential reads continue one iterator, so memory stays at
 about one read's worth whatever the file size. Like every reader here, a source is meant to
 be read from one thread at a time (a prefetch thread is fine; concurrent reads are not).
@@ -23,7 +23,7 @@ import numpy as np
 
 from ..ops import Logits
 from ._util import STORAGE, AtomicFiles, check_ids, file_size, logical_dtype
-from .base import DumpError, FileRows, LogitSource, row_buffer
+from .base import DumpError, FileRows, LogitSource, guard_map, populate, release, row_buffer, unguard_map
 
 LABEL_COLUMNS = ("label", "labels", "token_id", "token_ids")
 PROMPT_COLUMNS = ("prompt_id", "prompt_ids")
@@ -186,6 +186,8 @@ class ArrowSource(LogitSource):
         # the file as stored (compressed): those are decoded, the others read with pread
         self._spans = spans
         self._file = FileRows(path)
+        self._map: np.ndarray | None = None  # the whole file, mapped at the first read_into
+        self._guard: int | None = None
         self._cache: tuple[int, np.ndarray] | None = None
 
     def _batch_block(self, i: int) -> np.ndarray:
@@ -195,25 +197,55 @@ class ArrowSource(LogitSource):
         return self._cache[1]
 
     def read(self, start: int, stop: int) -> Logits:
-        return self.read_into(start, stop, None)
+        """Rows [start, stop) as a copy (pread where the batch is stored uncompressed)."""
+        return self._assemble(start, stop, None, mapped=False)
 
     def read_into(self, start: int, stop: int, out: np.ndarray | None) -> Logits:
+        """A view of the map when the rows lie in one uncompressed batch, else assembled in
+        `out` (stream.py's path; see MappedSource.read_into)."""
         start, stop = self._check_range(start, stop)
+        i = self._batch_of(start)
+        if self._spans[i] is not None and stop <= self._starts[i + 1]:
+            return Logits(self._view(i, start, stop), self.dtype, self.vocab)
+        return self._assemble(start, stop, out, mapped=True)
+
+    def _batch_of(self, row: int) -> int:
         if self._reader is None:
             raise DumpError(f"{self.path}: source is closed")
+        return int(np.searchsorted(self._starts, row, side="right") - 1)
+
+    def _view(self, i: int, start: int, stop: int) -> np.ndarray:
+        """Rows [start, stop) of batch i as a populated, guarded view of the whole-file map."""
+        self._file.check_size()
+        if self._map is None:
+            self._map = np.memmap(self.path, dtype=np.uint8, mode="r")
+            self._guard = guard_map(self.path, self._map._mmap)
+        row_bytes = self.vocab * STORAGE[self.dtype].itemsize
+        begin = self._spans[i] + (start - int(self._starts[i])) * row_bytes
+        view = self._map[begin : begin + (stop - start) * row_bytes].view(STORAGE[self.dtype])
+        view = view.reshape(stop - start, self.vocab)
+        populate(self.path, view)
+        return view
+
+    def _assemble(self, start: int, stop: int, out, mapped: bool) -> Logits:
+        start, stop = self._check_range(start, stop)
+        i = self._batch_of(start)
         storage = STORAGE[self.dtype]
         block = row_buffer(out, stop - start, (self.vocab,), storage)
-        i = int(np.searchsorted(self._starts, start, side="right") - 1)
         row = start
         while row < stop:
             b0, b1 = int(self._starts[i]), int(self._starts[i + 1])
             take = min(stop, b1)
             if take > row:
                 target = block[row - start : take - start]
-                if self._spans[i] is not None:
-                    self._file.read_at(self._spans[i] + (row - b0) * self.vocab * storage.itemsize, target)
-                else:
+                if self._spans[i] is None:
                     target[...] = self._batch_block(i)[row - b0 : take - b0]
+                elif mapped:
+                    part = self._view(i, row, take)
+                    target[...] = part
+                    release(part)
+                else:
+                    self._file.read_at(self._spans[i] + (row - b0) * self.vocab * storage.itemsize, target)
             row = take
             i += 1
         return Logits(block, self.dtype, self.vocab)
@@ -222,6 +254,9 @@ class ArrowSource(LogitSource):
         # Arrays already handed out keep their buffers (and the mapping) alive.
         self._reader = None
         self._cache = None
+        unguard_map(getattr(self, "_guard", None))
+        self._guard = None
+        self._map = None
         if getattr(self, "_file", None) is not None:
             self._file.close()
         if getattr(self, "_mm", None) is not None:

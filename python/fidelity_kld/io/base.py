@@ -8,6 +8,8 @@ core directly (zero-copy views of a memory map where the format allows).
 from __future__ import annotations
 
 import contextlib
+import errno
+import mmap
 import os
 from dataclasses import dataclass, field
 from typing import Iterator
@@ -121,12 +123,9 @@ class FileRows:
 
     def read_at(self, begin: int, out: np.ndarray) -> None:
         """out.nbytes bytes from byte `begin` into the contiguous array `out`."""
-        fd = self._open()
+        fd = self.check_size()
         view = memoryview(out.reshape(-1).view(np.uint8))
         need = view.nbytes
-        size = os.fstat(fd).st_size
-        if size != self._size:
-            self._changed(f"it is now {size} bytes, was {self._size}")
         done = 0
         while done < need:  # one preadv moves at most ~2 GB on Linux
             try:
@@ -136,6 +135,14 @@ class FileRows:
             if got == 0:
                 self._changed(f"it ends at byte {begin + done}; {begin + need} bytes were expected")
             done += got
+
+    def check_size(self) -> int:
+        """DumpError if the file's size changed since it was first read; its descriptor."""
+        fd = self._open()
+        size = os.fstat(fd).st_size
+        if size != self._size:
+            self._changed(f"it is now {size} bytes, was {self._size}")
+        return fd
 
     def _changed(self, what: str) -> None:
         raise DumpError(f"{self.path}: the file changed while it was read ({what})")
@@ -159,14 +166,87 @@ def row_buffer(out: np.ndarray | None, n_rows: int, row_shape: tuple, dtype) -> 
     return out.reshape(-1).view(np.uint8)[:nbytes].view(dtype).reshape(n_rows, *row_shape)
 
 
+_MADV_POPULATE_READ = 22  # Linux >= 5.14; not yet named in Python's mmap module
+_PAGE = mmap.PAGESIZE
+
+
+def backing_mmap(arr: np.ndarray) -> mmap.mmap | None:
+    base = arr
+    while base is not None and not isinstance(base, mmap.mmap):
+        base = getattr(base, "base", None)
+    return base
+
+
+def _map_address(mm: mmap.mmap) -> int:
+    return np.frombuffer(mm, dtype=np.uint8).ctypes.data
+
+
+def _page_range(arr: np.ndarray, inner: bool) -> tuple[mmap.mmap, int, int] | None:
+    """(map, offset, length) of the pages under a contiguous view of a map: every page it
+    touches, or (inner) only the whole pages inside it."""
+    mm = backing_mmap(arr)
+    if mm is None or arr.size == 0 or not arr.flags.c_contiguous:
+        return None
+    offset = arr.ctypes.data - _map_address(mm)
+    begin, end = offset - offset % _PAGE, offset + arr.nbytes
+    if inner:
+        begin, end = offset + (-offset) % _PAGE, end - end % _PAGE
+    return (mm, begin, end - begin) if end > begin else None
+
+
+def release(arr: np.ndarray) -> None:
+    """Drop a used view's pages from the process (MADV_DONTNEED; they stay in the page
+    cache), so resident memory does not grow with the file. A no-op for other arrays."""
+    r = _page_range(arr, inner=True)
+    if r is not None:
+        with contextlib.suppress(OSError, ValueError):
+            r[0].madvise(mmap.MADV_DONTNEED, r[1], r[2])
+
+
+def populate(path: str, arr: np.ndarray) -> None:
+    """Map a view's pages in now (MADV_POPULATE_READ), off the thread that computes. A page
+    past the file's end (the file was cut short) is a DumpError here instead of a SIGBUS
+    later; where the kernel lacks the advice, one byte per page is touched."""
+    r = _page_range(arr, inner=False)
+    if r is None:
+        return
+    try:
+        r[0].madvise(_MADV_POPULATE_READ, r[1], r[2])
+    except OSError as e:
+        if e.errno in (errno.EFAULT, errno.EIO, errno.ENOMEM):
+            raise DumpError(f"{path}: the file changed while it was read (cut short: a page "
+                            "of it is gone)") from None
+        flat = arr.reshape(-1).view(np.uint8)
+        int(flat[::_PAGE].max(initial=0))  # a fault here is the guard's (guard_map)
+
+
+def guard_map(path: str, mm: mmap.mmap) -> int:
+    """Have the compiled core's SIGBUS handler turn a fault in this map (its file cut short
+    after its pages were mapped in) into a one-line error naming the file and exit 1; the
+    slot for unguard_map."""
+    from .. import _core
+
+    return _core.sigbus_guard(_map_address(mm), len(mm), f"Error: {path}: the file changed while "
+                              "it was read (it was cut short)\n")
+
+
+def unguard_map(slot: int | None) -> None:
+    if slot is not None and slot >= 0:
+        from .. import _core
+
+        _core.sigbus_unguard(slot)
+
+
 class MappedSource(LogitSource):
-    """A source whose rows are one [n_tokens, row] array at a fixed offset of its file,
-    described by the subclass's __init__ as self._data (an np.memmap, used for its layout:
-    file, offset, dtype, shape). read() copies rows out with pread (FileRows), never through
-    the map."""
+    """A source whose rows are one [n_tokens, row] array at a fixed offset of its file, set
+    by the subclass's __init__ as self._data (an np.memmap). read_into (the stream's path)
+    returns views of the map, its pages mapped in ahead (populate) and guarded against the
+    file being cut short (guard_map); read() returns copies read with pread (FileRows), which
+    outlive the source and cannot fault."""
 
     _data: np.ndarray | None = None
     _rows: FileRows | None = None
+    _guard: int | None = None
 
     def _file_rows(self) -> FileRows:
         if self._data is None:
@@ -177,16 +257,24 @@ class MappedSource(LogitSource):
         return self._rows
 
     def read(self, start: int, stop: int) -> Logits:
-        return self.read_into(start, stop, None)
-
-    def read_into(self, start: int, stop: int, out: np.ndarray | None) -> Logits:
         start, stop = self._check_range(start, stop)
         rows = self._file_rows()
-        block = row_buffer(out, stop - start, self._data.shape[1:], self._data.dtype)
+        block = np.empty((stop - start, *self._data.shape[1:]), self._data.dtype)
         rows.read_rows(start, stop, block)
         return Logits(block, self.dtype, self.vocab)
 
+    def read_into(self, start: int, stop: int, out: np.ndarray | None) -> Logits:
+        start, stop = self._check_range(start, stop)
+        self._file_rows().check_size()
+        if self._guard is None:
+            self._guard = guard_map(self.path, self._data._mmap)
+        view = self._data[start:stop]
+        populate(self.path, view)
+        return Logits(view, self.dtype, self.vocab)
+
     def close(self) -> None:
+        unguard_map(self._guard)
+        self._guard = None
         self._data = None
         if self._rows is not None:
             self._rows.close()

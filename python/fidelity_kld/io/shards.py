@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..ops import Logits
-from .base import DumpError, LogitSource, row_buffer
+from .base import DumpError, LogitSource, release, row_buffer
 
 
 class ShardedSource(LogitSource):
@@ -96,8 +96,9 @@ class ShardedSource(LogitSource):
         if got.shape[1:] != block.shape[1:] or got.dtype != block.dtype:
             raise DumpError(f"{shard.path}: rows are {got.dtype} x {got.shape[1:]}, "
                             f"other shards' {block.dtype} x {block.shape[1:]}")
-        if not np.shares_memory(got, target):  # a reader that cannot fill a buffer
+        if not np.shares_memory(got, target):  # a view of a map, or a reader's own array
             target[...] = got
+            release(got)  # the copy is what the core reads: the shard's pages can go
         return block
 
     def close(self) -> None:
