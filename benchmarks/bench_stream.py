@@ -1,5 +1,7 @@
 """End-to-end streaming: `fidelity-kld compare` on .npy dumps in the page cache, against
-the in-memory kernel rate measured in the same run, with the CLI's peak RSS.
+the in-memory kernel rate measured in the same run, with the CLI's peak RSS; in process, the
+readers' path against the one before the truncation guards (MappedViews) and against
+copying every chunk with pread (PreadCopies).
 
     python benchmarks/bench_stream.py --dir /tmp/fk_stream --gb 4 [--vocab 152064] [--models 4]
         [--json out.json]
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import mmap
 import os
 import re
 import subprocess
@@ -51,6 +54,67 @@ def write_dump(path: str, n: int, v: int, seed: int, base: str | None = None) ->
                 x += ref[i:j]
             f.write(x.astype(np.float16).tobytes())
     os.replace(path + ".tmp", path)
+
+
+class MappedViews:
+    """The readers' path before the SIGBUS guard and size checks, for comparison: views of a
+    memory map, the next chunk's pages mapped in ahead (MADV_POPULATE_READ, as the prefetch
+    thread did) and the pages of the chunk before last dropped (MADV_DONTNEED)."""
+
+    def __init__(self, path: str):
+        from fidelity_kld.io import open_source
+
+        with open_source(path) as src:
+            self.n_tokens, self.vocab, self.dtype = src.n_tokens, src.vocab, src.dtype
+            self.bytes_per_token, self.labels, self.prompt_ids = src.bytes_per_token, None, None
+            self.path = path
+        self._data = np.load(path, mmap_mode="r")
+        self._mm = self._data._mmap
+        self._offset = self._data.offset
+        self._views: list[tuple[int, int]] = []
+
+    def _advise(self, advice: int, start: int, stop: int, inner: bool) -> None:
+        row = self.bytes_per_token
+        a, b = self._offset + start * row, self._offset + stop * row
+        page = mmap.PAGESIZE
+        a = a + (-a) % page if inner else a - a % page
+        b = b - b % page if inner else b
+        if b > a:
+            self._mm.madvise(advice, a, b - a)
+
+    def read_into(self, start: int, stop: int, out):
+        if len(self._views) == 2:
+            self._advise(mmap.MADV_DONTNEED, *self._views.pop(0), inner=True)
+        self._advise(22, start, stop, inner=False)  # MADV_POPULATE_READ (Linux >= 5.14)
+        self._views.append((start, stop))
+        return fk.Logits(self._data[start:stop], self.dtype, self.vocab)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self._data = self._mm = None
+
+
+class PreadCopies(MappedViews):
+    """The alternative not taken: every chunk copied out of the page cache with pread into
+    the stream's reused buffer (no map, so no SIGBUS and no page tables, but one copy)."""
+
+    def __init__(self, path: str):
+        super().__init__(path)
+        from fidelity_kld.io.base import FileRows
+
+        self._rows = FileRows(path, self._offset, self.bytes_per_token)
+        self._row_dtype = self._data.dtype
+
+    def read_into(self, start: int, stop: int, out):
+        block = out[: (stop - start) * self.bytes_per_token].view(self._row_dtype).reshape(stop - start, -1)
+        self._rows.read_rows(start, stop, block)
+        return fk.Logits(block, self.dtype, self.vocab)
+
+    def __exit__(self, *exc):
+        self._rows.close()
+        super().__exit__(*exc)
 
 
 def warm(path: str) -> None:
@@ -120,19 +184,31 @@ def main(argv=None):
         with open_source(ref_path) as r, open_source(q_path) as q:
             compare_sources(r, [q])
 
+    def in_process_with(kind):
+        def run():
+            with kind(ref_path) as r, kind(q_path) as q:
+                compare_sources(r, [q])
+        return run
+
     warm(ref_path)
     warm(q_path)
     stream_gbs = total / bench.measure(in_process, repeats=args.repeats).median_s / 1e9
+    mapped_gbs = total / bench.measure(in_process_with(MappedViews), repeats=args.repeats).median_s / 1e9
+    pread_gbs = total / bench.measure(in_process_with(PreadCopies), repeats=args.repeats).median_s / 1e9
     wall = float(np.median(times))
     e2e = total / (wall - startup) / 1e9
     res = {
         "machine": info, "dump_bytes_each": total // 2, "tokens": n, "vocab": v, "dtype": "float16",
-        "in_memory_gb_s": mem_gbs, "stream_in_process_gb_s": stream_gbs, "cli_wall_s": wall,
+        "in_memory_gb_s": mem_gbs, "stream_in_process_gb_s": stream_gbs,
+        "stream_previous_path_gb_s": mapped_gbs, "stream_pread_gb_s": pread_gbs, "cli_wall_s": wall,
         "cli_fixed_cost_s": startup, "cli_gb_s": e2e, "cli_wall_gb_s": total / wall / 1e9,
         "ratio": e2e / mem_gbs, "peak_rss_mb": max(rss) / 1024,
     }
     print(f"in-memory kernel         : {mem_gbs:6.2f} GB/s")
     print(f"compare_sources, in proc : {stream_gbs:6.2f} GB/s  ({100 * stream_gbs / mem_gbs:.0f}% of in-memory)")
+    print(f"  previous path (views)  : {mapped_gbs:6.2f} GB/s  ({100 * mapped_gbs / mem_gbs:.0f}% of in-memory; "
+          f"today's is {100 * stream_gbs / mapped_gbs:.0f}% of it)")
+    print(f"  pread copies instead   : {pread_gbs:6.2f} GB/s  ({100 * pread_gbs / mem_gbs:.0f}% of in-memory)")
     print(f"CLI, page cache          : {e2e:6.2f} GB/s  ({100 * e2e / mem_gbs:.0f}% of in-memory; "
           f"wall {wall:.2f} s for {total / 1e9:.1f} GB less a fixed {startup:.2f} s measured on 64 tokens; "
           f"{total / wall / 1e9:.2f} GB/s including it)")

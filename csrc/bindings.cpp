@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "fidelity_kld/logit_stats.h"
+#include "fidelity_kld/sigbus_guard.h"
 #ifdef FK_HAVE_CUDA
 #include <cstdint>
 
@@ -277,6 +278,10 @@ PYBIND11_MODULE(_core, m) {
   m.attr("simd_level") = fk::simd_level_name(fk::active_simd_level());
   m.def("active_simd_level", [] { return std::string(fk::simd_level_name(fk::active_simd_level())); },
         "SIMD path logit_stats uses now (reads FIDELITY_KLD_SIMD on every call).");
+  m.def("sigbus_guard", &fk::sigbus_guard, py::arg("address"), py::arg("length"), py::arg("message"),
+        "Exit 1 with `message` on stderr if a read in [address, address + length) faults with "
+        "SIGBUS (a memory-mapped file cut short). Returns a slot for sigbus_unguard (-1: none free).");
+  m.def("sigbus_unguard", &fk::sigbus_unguard, py::arg("slot"));
 #ifdef FK_HAVE_CUDA
   m.attr("has_cuda") = true;
   register_logit_stats_cuda(m);

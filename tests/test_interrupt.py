@@ -1,6 +1,9 @@
-"""SIGINT and SIGTERM during a long `fidelity-kld compare` (a real subprocess): the process
-exits promptly, non-zero, prints nothing on stdout, and leaves neither an output file nor a
-temporary file; an output that existed before the run is left as it was.
+"""SIGINT, SIGTERM and SIGHUP during a long `fidelity-kld compare` or `convert` (a real
+subprocess): the process exits promptly with 128 + the signal's number, prints nothing on
+stdout, and leaves neither an output file nor a temporary file; an output that existed
+before the run is left as it was. A run killed with SIGKILL leaves its temporary, which the
+next run writing into that directory removes. An input cut short mid-run is an error naming
+it (exit 1), not a SIGBUS.
 
 The run is made long without much data: one ~150 MB reference against the same ~150 MB
 quantized dump named 24 times (every reference chunk is compared with each). stderr is a
@@ -63,8 +66,12 @@ class Child:
                 self.err += os.read(self.master, 65536)
 
     def signal_and_wait(self, signum):
-        t0 = time.monotonic()
         self.proc.send_signal(signum)
+        return self.wait()
+
+    def wait(self):
+        """(exit code, stdout, seconds it took to exit) once the child ends."""
+        t0 = time.monotonic()
         out = self.proc.stdout.read()  # EOF when the child exits
         rc = self.proc.wait(timeout=60)
         elapsed = time.monotonic() - t0
@@ -89,7 +96,15 @@ def listing(d):
     return sorted(os.listdir(d))
 
 
-@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+SIGNALS = [signal.SIGINT, signal.SIGTERM, signal.SIGHUP]
+SIGNAL_IDS = [s.name for s in SIGNALS]
+
+
+def exit_code(signum) -> int:
+    return 128 + int(signum)
+
+
+@pytest.mark.parametrize("signum", SIGNALS, ids=SIGNAL_IDS)
 def test_signal_mid_computation(dumps, tmp_path, signum):
     out = tmp_path / "out"
     out.mkdir()
@@ -102,7 +117,7 @@ def test_signal_mid_computation(dumps, tmp_path, signum):
     done, total = (int(x) for x in PROGRESS.findall(child.err)[-1])
     rc, stdout, elapsed = child.signal_and_wait(signum)
     print(f"{signal.Signals(signum).name} at {done}/{total} tokens: exited in {elapsed:.3f} s")
-    assert rc == (130 if signum == signal.SIGINT else 143), child.err[-300:]
+    assert rc == exit_code(signum), child.err[-300:]
     assert elapsed < PROMPT_BOUND_S
     assert stdout == b""
     assert b"Traceback" not in child.err and child.err.rstrip().endswith(b"Aborted."), child.err[-300:]
@@ -127,7 +142,7 @@ main()
 """
 
 
-@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+@pytest.mark.parametrize("signum", SIGNALS, ids=SIGNAL_IDS)
 def test_signal_while_writing_outputs(dumps, tmp_path, signum):
     out = tmp_path / "out"
     out.mkdir()
@@ -142,7 +157,7 @@ def test_signal_while_writing_outputs(dumps, tmp_path, signum):
     assert len(temporaries) == 2 and (out / "s.json").read_text() == "previous run\n", listing(out)
     rc, stdout, elapsed = child.signal_and_wait(signum)
     print(f"{signal.Signals(signum).name} while writing: exited in {elapsed:.3f} s")
-    assert rc == (130 if signum == signal.SIGINT else 143) and elapsed < PROMPT_BOUND_S and stdout == b""
+    assert rc == exit_code(signum) and elapsed < PROMPT_BOUND_S and stdout == b""
     assert listing(out) == ["s.json"] and (out / "s.json").read_text() == "previous run\n"
 
 
@@ -157,3 +172,101 @@ def test_uninterrupted_control_run_writes_everything(dumps, tmp_path):
                        capture_output=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert listing(out) == ["s.json", "t.parquet"]
+
+
+# convert with the writer slowed down after its first block, so that the signal arrives
+# while the output exists only as a (growing) temporary file.
+SLOW_CONVERT = """
+import sys, time
+from fidelity_kld.io import npy
+_write = npy.NpyWriter.write
+def write(self, block):
+    _write(self, block)
+    sys.stderr.write("WROTE ONE BLOCK\\n"); sys.stderr.flush()
+    time.sleep(60)
+npy.NpyWriter.write = write
+from fidelity_kld.cli import main
+sys.argv[0] = "fidelity-kld"
+main()
+"""
+
+
+def start_slow_convert(dumps, out_dir):
+    argv = [sys.executable, "-c", SLOW_CONVERT, "convert", str(dumps / "small_ref.npy"),
+            str(out_dir / "c.npy")]
+    child = Child(argv, cwd=out_dir)
+    child.read_until(lambda err: b"WROTE ONE BLOCK" in err)
+    temporaries = [n for n in listing(out_dir) if n.endswith(".tmp")]
+    assert len(temporaries) == 1 and os.path.getsize(out_dir / temporaries[0]) > 0, listing(out_dir)
+    return child, temporaries[0]
+
+
+@pytest.mark.parametrize("signum", SIGNALS, ids=SIGNAL_IDS)
+def test_signal_during_convert_removes_its_temporary(dumps, tmp_path, signum):
+    child, _ = start_slow_convert(dumps, tmp_path)
+    rc, stdout, elapsed = child.signal_and_wait(signum)
+    assert rc == exit_code(signum) and elapsed < PROMPT_BOUND_S, child.err[-300:]
+    assert b"Traceback" not in child.err
+    assert listing(tmp_path) == []
+
+
+def test_temporary_of_a_killed_run_is_removed_by_the_next(dumps, tmp_path):
+    child, leftover = start_slow_convert(dumps, tmp_path)
+    rc, _, _ = child.signal_and_wait(signal.SIGKILL)
+    assert rc == -signal.SIGKILL and listing(tmp_path) == [leftover]
+    # the name says which process wrote it; one of a live process must stay
+    live = f".other.npy.fidelity-kld-{os.getpid()}-abcd1234.tmp"
+    (tmp_path / live).write_bytes(b"in progress")
+    r = subprocess.run([sys.executable, "-m", "fidelity_kld", "convert", str(dumps / "small_q.npy"),
+                        str(tmp_path / "d.npy")], capture_output=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert listing(tmp_path) == sorted([live, "d.npy"])
+
+
+def test_input_cut_short_mid_run_is_an_error_naming_it(dumps, tmp_path):
+    """Truncated by another process while compare reads it: exit 1, the file named, no
+    output (today's readers would take a SIGBUS from a memory map: exit 135, no message)."""
+    victim = tmp_path / "q_copy.npy"
+    write_npy(victim, N_TOKENS, VOCAB, 1)
+    out = tmp_path / "out"
+    out.mkdir()
+    argv = [sys.executable, "-m", "fidelity_kld", "compare", str(dumps / "ref.npy"),
+            *[str(dumps / "q.npy")] * (N_QUANT - 1), str(victim), "-o", str(out / "s.json")]
+    child = Child(argv, cwd=tmp_path)
+    child.read_until(mid_run)
+    with open(victim, "r+b") as f:
+        f.truncate(victim.stat().st_size // 4)
+    rc, out_text, _ = child.wait()
+    err = child.err.decode(errors="replace")
+    assert rc == 1, err[-500:]
+    assert f"{victim}: the file changed while it was read" in err, err[-500:]
+    assert "Traceback" not in err and out_text == b""
+    assert listing(out) == []
+
+
+# A view the stream has mapped in, its file cut short before the core reads it: the page
+# faults with SIGBUS, which the core's guard turns into a message and exit 1.
+READ_AFTER_CUT = """
+import sys, numpy as np
+from fidelity_kld.io import open_source
+src = open_source(sys.argv[1])
+view = src.read_into(0, src.n_tokens, None).data
+with open(sys.argv[1], "r+b") as f:
+    f.truncate(4096)
+print(float(np.asarray(view, dtype=np.float32).sum()))
+"""
+
+
+@pytest.mark.parametrize("ext", [".npy", ".arrow"])
+def test_mapped_page_of_a_file_cut_short_is_exit_1_naming_it(tmp_path, ext):
+    import numpy as np
+
+    from fidelity_kld.io import ArraySource, convert
+
+    path = tmp_path / f"d{ext}"
+    convert(ArraySource(np.ones((64, 4096), np.float32)), path)
+    r = subprocess.run([sys.executable, "-c", READ_AFTER_CUT, str(path)], capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 1, (r.returncode, r.stderr[-500:])
+    assert r.stderr.strip() == f"Error: {path}: the file changed while it was read (it was cut short)"
+    assert r.stdout == ""

@@ -96,14 +96,36 @@ def test_roundtrip(tmp_path, fmt, dtype, with_ids):
 
 
 @pytest.mark.parametrize("fmt", ["npy", "safetensors", "arrow"])
-def test_reads_are_views_of_the_map(tmp_path, fmt):
+def test_stream_reads_are_views_of_the_map_and_reads_are_copies(tmp_path, fmt):
+    """read_into (the stream's path) hands out views of a memory map (zero-copy); read()
+    returns copies, which do not depend on the file afterwards."""
     out = tmp_path / f"d{EXT[fmt]}"
-    convert(ArraySource(random_logits()), out)
+    x = random_logits()
+    convert(ArraySource(x), out)
     src = open_source(out)
-    a, b = src.read(2, 9).data, src.read(4, 6).data
+    a, b = src.read_into(2, 9, None).data, src.read_into(4, 6, None).data
     assert not a.flags.owndata and np.shares_memory(a, b)
+    np.testing.assert_array_equal(a, x[2:9])
+    c = src.read(3, 5).data
+    assert c.flags.owndata
     src.close()
-    assert float(a[0, 0]) == float(random_logits()[2, 0])  # still readable after close
+    out.write_bytes(b"")  # the file cut to nothing: the copy is intact
+    np.testing.assert_array_equal(c, x[3:5])
+
+
+@pytest.mark.parametrize("fmt", ["npy", "safetensors", "arrow"])
+def test_file_cut_short_after_open_is_an_error_naming_it(tmp_path, fmt):
+    out = tmp_path / f"d{EXT[fmt]}"
+    convert(ArraySource(random_logits(n=64, v=1024)), out)
+    src = open_source(out)
+    src.read(0, 4)
+    src.read_into(0, 4, None)
+    with open(out, "r+b") as f:
+        f.truncate(out.stat().st_size // 2)
+    for read in (src.read, lambda a, b: src.read_into(a, b, None)):
+        with pytest.raises(DumpError, match="changed while it was read") as e:
+            read(40, 60)
+        assert str(e.value).startswith(str(out))
 
 
 @pytest.mark.parametrize("fmt", FORMATS)

@@ -103,3 +103,41 @@ def test_hidden_temporary_files_ignored(tmp_path):
     x, _ = make_shards(tmp_path, "npy")
     (tmp_path / ".a.npy.123.tmp").write_bytes(b"partial")
     assert open_source(tmp_path).n_tokens == 18
+
+
+def _numbered_shards(directory, names, vocab=11):
+    for i, name in enumerate(names):
+        convert(ArraySource(np.full((2, vocab), i, np.float32)), directory / name)
+
+
+@pytest.mark.parametrize("stray", ["shard-00001-of-00003.npy.tmp", "README.txt", "notes"])
+def test_file_that_is_not_a_shard_is_refused(tmp_path, stray):
+    _numbered_shards(tmp_path, [f"shard-{i:05d}-of-00003.npy" for i in (1, 2, 3)])
+    (tmp_path / stray).write_bytes((tmp_path / "shard-00001-of-00003.npy").read_bytes()[:100])
+    msg = _shard_error(tmp_path, f"{stray} is not a logit dump like the other shards")
+    assert msg.startswith(str(tmp_path))
+    if stray.startswith("shard-"):
+        with pytest.raises(DumpError, match="is not a logit dump"):
+            open_source(str(tmp_path / "shard-*"))  # a glob that catches it likewise
+
+
+@pytest.mark.parametrize("names, match", [
+    (["shard-00001-of-00002.npy", "shard-1-of-2.npy", "shard-00002-of-00002.npy"],
+     "shard 1 appears twice (shard-00001-of-00002.npy and shard-1-of-2.npy)"),
+    (["shard-00001-of-00002.npy", "shard-00001-of-00002.safetensors", "shard-00002-of-00002.npy"],
+     "shard 1 appears twice"),
+    (["part1.npy", "part01.npy", "part2.npy"], "shard number 1 appears twice"),
+    (["shard-00001-of-00002.npy", "shard-00002-of-00003.npy", "shard-00003-of-00003.npy"],
+     "shard names disagree on the shard count (2, 3)"),
+    (["shard-00001-of-00002.npy", "shard-00002-of-00002.npy", "shard-00003-of-00002.npy"],
+     "shard 3 is outside 1..2"),
+])
+def test_repeated_or_inconsistent_shard_numbers_are_refused(tmp_path, names, match):
+    _numbered_shards(tmp_path, names)
+    _shard_error(tmp_path, match)
+
+
+def test_consistent_numbered_shards_still_open(tmp_path):
+    _numbered_shards(tmp_path, [f"shard-{i:05d}-of-00003.npy" for i in (1, 2, 3)])
+    src = open_source(tmp_path)
+    np.testing.assert_array_equal(src.read(0, 6).data[:, 0], [0, 0, 1, 1, 2, 2])

@@ -8,6 +8,8 @@ simd_level: str
 has_cuda: bool
 """Whether this build contains the CUDA kernels (logit_stats_cuda)."""
 
+def sigbus_guard(address: int, length: int, message: str) -> int: ...
+def sigbus_unguard(slot: int) -> None: ...
 def active_simd_level() -> str:
     """SIMD path logit_stats uses now (reads FIDELITY_KLD_SIMD on every call)."""
 

@@ -14,6 +14,7 @@ import sys
 import click
 
 from . import __version__
+from ._atomic import Terminated, handle_signals
 
 # command name -> module under fidelity_kld.commands exposing `command`
 COMMANDS = {
@@ -29,10 +30,6 @@ class InputError(click.ClickException):
     """A problem with the user's data: exit 1 with a one-line message."""
 
     exit_code = 1
-
-
-class Terminated(KeyboardInterrupt):
-    """SIGTERM, turned into an exception so outputs are cleaned up as for Ctrl-C (exit 143)."""
 
 
 class LazyGroup(click.Group):
@@ -64,16 +61,17 @@ def cli(ctx, debug):
 def main(argv=None):
     debug = "--debug" in (argv if argv is not None else sys.argv[1:])
     try:
-        return cli.main(args=argv, prog_name="fidelity-kld", standalone_mode=False)
-    except click.exceptions.Abort as e:  # click turns Ctrl-C (and our SIGTERM) into Abort
+        with handle_signals():  # INT, TERM, HUP: Terminated, so every command cleans up
+            return cli.main(args=argv, prog_name="fidelity-kld", standalone_mode=False)
+    except click.exceptions.Abort as e:  # click turns Ctrl-C (and our signals) into Abort
         click.echo("Aborted.", err=True)
-        sys.exit(143 if isinstance(e.__cause__, Terminated) else 130)
+        sys.exit(e.__cause__.exit_code if isinstance(e.__cause__, Terminated) else 130)
     except click.ClickException as e:
         e.show()
         sys.exit(e.exit_code)
-    except Terminated:
+    except Terminated as e:
         click.echo("Terminated.", err=True)
-        sys.exit(143)
+        sys.exit(e.exit_code)
     except KeyboardInterrupt:
         click.echo("Interrupted.", err=True)
         sys.exit(130)

@@ -1,15 +1,16 @@
 """Stream one reference dump against several quantized dumps in bounded memory.
 
-Data path: LogitSource.read (a view of a memory map where the format allows) -> the compiled
-core, chunk by chunk; each reference chunk is read once and compared with every model. A
-background thread maps in the next chunk (MADV_POPULATE_READ, or touching one byte per page)
-while the core works on the current one, and pages already used are dropped from the process
-(MADV_DONTNEED; they stay in the page cache) so resident memory does not grow with file size.
+Data path: LogitSource.read_into (a view of a memory map where the format allows, else rows
+decoded or assembled into one of two reused buffers per source) -> the compiled core, chunk
+by chunk; each reference chunk is read once and compared with every model. A background
+thread maps in the next chunk (io.base.populate) while the core works on the current one,
+and pages already used are dropped from the process (io.base.release: MADV_DONTNEED; they
+stay in the page cache), so resident memory does not grow with file size. A file cut short
+mid-run is an error naming it: from populate, or from the core's SIGBUS guard (exit 1).
 """
 
 from __future__ import annotations
 
-import mmap
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -17,56 +18,27 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from .io.base import DumpError, LogitSource
+from .io.base import DumpError, LogitSource, release
 from .ops import Logits, TokenStats, compare, compare_many
 
 DEFAULT_CHUNK_BYTES = 128 << 20
-_MADV_POPULATE_READ = 22  # Linux >= 5.14; not yet named in Python's mmap module
-_PAGE = mmap.PAGESIZE
 
 
-def _backing_mmap(arr: np.ndarray) -> mmap.mmap | None:
-    base = arr
-    while base is not None and not isinstance(base, mmap.mmap):
-        base = getattr(base, "base", None)
-    return base
+class _Buffers:
+    """Two byte buffers per source, used in turn: the chunk the core compares sits in one
+    while the reading thread fills the other, so memory is two chunks whatever the input
+    size. Only readers that decode (Parquet) or assemble a chunk (one spanning shards or
+    record batches) write them; pages never written cost nothing."""
 
+    def __init__(self, sources: Sequence[LogitSource], rows: int):
+        self._sets = [[np.empty(rows * src.bytes_per_token, np.uint8) for src in sources]
+                      for _ in range(2)]
+        self._next = 0
 
-def _madvise(arr: np.ndarray, advice: int) -> bool:
-    """madvise the pages under a contiguous view of a memory map; False if not applicable."""
-    mm = _backing_mmap(arr)
-    if mm is None or arr.size == 0 or not arr.flags.c_contiguous:
-        return False
-    try:
-        start = np.frombuffer(mm, dtype=np.uint8).ctypes.data
-    except (TypeError, ValueError, BufferError):
-        return False
-    offset = arr.ctypes.data - start
-    begin = offset - offset % _PAGE
-    end = offset + arr.nbytes
-    if advice == mmap.MADV_DONTNEED:  # only whole pages inside the view
-        begin = offset + (-offset) % _PAGE
-        end -= end % _PAGE
-    if end <= begin:
-        return True
-    try:
-        mm.madvise(advice, begin, end - begin)
-        return True
-    except (OSError, ValueError):
-        return False
-
-
-def _populate(lg: Logits) -> Logits:
-    data = lg.data
-    if not _madvise(data, _MADV_POPULATE_READ) and _backing_mmap(data) is not None:
-        flat = data.reshape(-1).view(np.uint8) if data.flags.c_contiguous else None
-        if flat is not None:
-            int(flat[::_PAGE].max(initial=0))  # touch one byte per page
-    return lg
-
-
-def _release(lg: Logits) -> None:
-    _madvise(lg.data, mmap.MADV_DONTNEED)
+    def take(self) -> list[np.ndarray]:
+        bufs = self._sets[self._next]
+        self._next ^= 1
+        return bufs
 
 
 @dataclass
@@ -115,11 +87,14 @@ def compare_sources(
     t0 = time.perf_counter()
     bytes_read = 0
 
+    sources = (ref, *quants)
+    buffers = _Buffers(sources, min(rows, n))
+
     def fetch(start: int, done: list[Logits]) -> list[Logits]:
         for lg in done:  # dropping used pages costs about as much as mapping new ones
-            _release(lg)
+            release(lg.data)
         stop = min(start + rows, n)
-        return [_populate(src.read(start, stop)) for src in (ref, *quants)]
+        return [src.read_into(start, stop, buf) for src, buf in zip(sources, buffers.take())]
 
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="fidelity-kld-read") as pool:
         pending = pool.submit(fetch, 0, [])
@@ -127,7 +102,7 @@ def compare_sources(
         for start in range(0, n, rows):
             chunk = pending.result()
             stop = min(start + rows, n)
-            # Not `chunk`: the core has yet to read it, and would fault its pages back in.
+            # Not `chunk`: the core has yet to read it (and its buffers: the other set is used)
             pending = pool.submit(fetch, stop, previous) if stop < n else None
             ref_chunk, q_chunks = chunk[0], chunk[1:]
             y = None if labels is None else labels[start:stop]
@@ -142,7 +117,7 @@ def compare_sources(
             bytes_read += sum(lg.data.nbytes for lg in chunk)
             if pending is None:
                 for lg in (*previous, *chunk):
-                    _release(lg)
+                    release(lg.data)
             previous = chunk
             del chunk, ref_chunk, q_chunks
             if progress is not None:

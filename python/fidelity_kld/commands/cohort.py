@@ -4,12 +4,12 @@ of quantized models, and inside the silent zone of near-lossless ones?"""
 from __future__ import annotations
 
 import os
-import tempfile
 from importlib import resources
 from pathlib import Path
 
 import click
 
+from .._atomic import make_temp
 from ..cli import InputError
 
 EXAMPLE = ("data", "example_cohort", "manifest.toml")
@@ -108,9 +108,9 @@ def command(manifest, example, zone_threshold, thresholds, fmt, output, report_d
 
 def _write_atomic(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    tmp = make_temp(path)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        with open(tmp, "w", encoding="utf-8") as fh:
             fh.write(text)
         os.replace(tmp, path)
     except BaseException:

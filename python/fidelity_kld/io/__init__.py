@@ -3,7 +3,8 @@
     from fidelity_kld.io import open_source, check_compatible
     with open_source("base.kld") as ref, open_source("q4.parquet") as q:
         check_compatible(ref, q)
-        for start, lg in ref.chunks(4096): ...   # Logits, views of a memory map where possible
+        for start, lg in ref.chunks(4096): ...   # Logits: copies (pread) for files; the
+                                                 # stream (stream.py) reads views via read_into
 
 Formats: llama.cpp --kl-divergence-base (io.llama), .npy (io.npy), safetensors
 (io.safetensors), Arrow IPC and Parquet (io.arrow), directories/globs of shards (io.shards).

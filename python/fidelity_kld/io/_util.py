@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import os
-import tempfile
 
 import numpy as np
 
+from .._atomic import default_mode, make_temp
 from .base import DumpError
 
 # storage numpy dtype of each logical logit dtype (bfloat16 crosses numpy as uint16 bits)
@@ -101,13 +101,12 @@ class AtomicFiles:
         directory = os.path.dirname(final)
         if not os.path.isdir(directory):
             raise DumpError(f"{final}: directory {directory} does not exist")
-        fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(final)}.", suffix=".tmp")
-        os.close(fd)
+        tmp = make_temp(final)
         self._pending.append((tmp, final))
         return tmp
 
     def commit(self) -> None:
-        mode = 0o666 & ~_umask()
+        mode = default_mode()
         for tmp, final in reversed(self._pending):
             os.chmod(tmp, mode)  # mkstemp makes 0600 files; give the usual permissions
             os.replace(tmp, final)
@@ -121,8 +120,3 @@ class AtomicFiles:
                 pass
         self._pending.clear()
 
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask

@@ -6,8 +6,10 @@ prompt ids in ``prompt_id`` / ``prompt_ids`` (integers, no nulls). bfloat16 logi
 as uint16 bit patterns with the schema metadata {"fidelity_kld.dtype": "bfloat16"} (or
 declared with ``open_source(path, dtype='bfloat16')``).
 
-Arrow IPC files are memory-mapped and read() returns zero-copy views when the rows asked for
-lie in one record batch (uncompressed). Parquet is decoded batch by batch from the row group
+Arrow IPC files are memory-mapped to validate them and locate each record batch's rows; the
+stream then reads views of a whole-file map of our own (pages populated ahead, released
+after use, guarded against the file being cut short, as for .npy), and read() copies with
+pread. Compressed batches are decoded instead. Parquet is decoded batch by batch from the row group
 holding the first row asked for; sequential reads continue one iterator, so memory stays at
 about one read's worth whatever the file size. Like every reader here, a source is meant to
 be read from one thread at a time (a prefetch thread is fine; concurrent reads are not).
@@ -21,14 +23,17 @@ import numpy as np
 
 from ..ops import Logits
 from ._util import STORAGE, AtomicFiles, check_ids, file_size, logical_dtype
-from .base import DumpError, LogitSource
+from .base import DumpError, FileRows, LogitSource, guard_map, populate, release, row_buffer, unguard_map
 
 LABEL_COLUMNS = ("label", "labels", "token_id", "token_ids")
 PROMPT_COLUMNS = ("prompt_id", "prompt_ids")
 DTYPE_KEY = b"fidelity_kld.dtype"
 ARROW_MAGIC = b"ARROW1"
 PARQUET_MAGIC = b"PAR1"
-TARGET_BATCH_BYTES = 64 << 20
+# Parquet is decoded in batches of about this size (copied into the caller's buffer): the
+# reader holds a batch and the pages under it, not the row group (which a writer may have
+# made a GB or more)
+TARGET_BATCH_BYTES = 2 << 20
 
 
 def _first_line(e: BaseException) -> str:
@@ -105,7 +110,8 @@ def _block(path: str, arr, vocab: int, dtype: str, row0: int) -> np.ndarray:
 def _ids(path: str, column, n: int, name: str) -> np.ndarray:
     if column.null_count:
         raise DumpError(f"{path}: column {name!r} has {column.null_count} nulls")
-    return check_ids(path, column.to_numpy(), n, name)
+    # a copy: a view would keep reading the memory map (and fault if the file is cut short)
+    return check_ids(path, np.array(column.to_numpy(), copy=True), n, name)
 
 
 @contextlib.contextmanager
@@ -128,14 +134,16 @@ class ArrowSource(LogitSource):
 
     def _open(self, path: str, dtype: str | None) -> None:
         pa = _pa()
-        file_size(path)
+        size = file_size(path)
         try:
             self._mm = pa.memory_map(path, "r")
+            self._mm.seek(0)
+            base = self._mm.read_buffer(1).address  # the map's first byte (zero-copy)
             self._reader = pa.ipc.open_file(self._mm)
         except (pa.ArrowException, OSError) as e:
             raise DumpError(f"{path}: unreadable Arrow IPC file ({_first_line(e)})") from None
         info = _inspect_schema(path, self._reader.schema, dtype)
-        counts, labels, prompts = [], [], []
+        counts, labels, prompts, spans = [], [], [], []
         vocab = info["vocab"]
         row0 = 0
         for i in range(self._reader.num_record_batches):
@@ -149,8 +157,12 @@ class ArrowSource(LogitSource):
             col = batch.column("logits")
             if vocab is None and len(col):
                 vocab = len(col[0].values) if col[0].is_valid else 0
+            span = None
             if len(col):
-                _block(path, col, vocab, info["dtype"], row0)  # validates nulls and lengths
+                block = _block(path, col, vocab, info["dtype"], row0)  # validates nulls and lengths
+                span = _file_position(block, base, size)
+                del block
+            spans.append(span)
             counts.append(batch.num_rows)
             if info["label"]:
                 labels.append(batch.column(info["label"]))
@@ -170,6 +182,12 @@ class ArrowSource(LogitSource):
                     "schema_metadata": _meta(self._reader.schema)},
         )
         self._starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        # file position of each batch's logits rows, None where a batch's buffers are not in
+        # the file as stored (compressed): those are decoded, the others read with pread
+        self._spans = spans
+        self._file = FileRows(path)
+        self._map: np.ndarray | None = None  # the whole file, mapped at the first read_into
+        self._guard: int | None = None
         self._cache: tuple[int, np.ndarray] | None = None
 
     def _batch_block(self, i: int) -> np.ndarray:
@@ -179,31 +197,79 @@ class ArrowSource(LogitSource):
         return self._cache[1]
 
     def read(self, start: int, stop: int) -> Logits:
+        """Rows [start, stop) as a copy (pread where the batch is stored uncompressed)."""
+        return self._assemble(start, stop, None, mapped=False)
+
+    def read_into(self, start: int, stop: int, out: np.ndarray | None) -> Logits:
+        """A view of the map when the rows lie in one uncompressed batch, else assembled in
+        `out` (stream.py's path; see MappedSource.read_into)."""
         start, stop = self._check_range(start, stop)
+        i = self._batch_of(start)
+        if self._spans[i] is not None and stop <= self._starts[i + 1]:
+            return Logits(self._view(i, start, stop), self.dtype, self.vocab)
+        return self._assemble(start, stop, out, mapped=True)
+
+    def _batch_of(self, row: int) -> int:
         if self._reader is None:
             raise DumpError(f"{self.path}: source is closed")
-        if start == stop:
-            return Logits(np.empty((0, self.vocab), STORAGE[self.dtype]), self.dtype, self.vocab)
-        first = int(np.searchsorted(self._starts, start, side="right") - 1)
-        parts, row = [], start
-        i = first
+        return int(np.searchsorted(self._starts, row, side="right") - 1)
+
+    def _view(self, i: int, start: int, stop: int) -> np.ndarray:
+        """Rows [start, stop) of batch i as a populated, guarded view of the whole-file map."""
+        self._file.check_size()
+        if self._map is None:
+            self._map = np.memmap(self.path, dtype=np.uint8, mode="r")
+            self._guard = guard_map(self.path, self._map._mmap)
+        row_bytes = self.vocab * STORAGE[self.dtype].itemsize
+        begin = self._spans[i] + (start - int(self._starts[i])) * row_bytes
+        view = self._map[begin : begin + (stop - start) * row_bytes].view(STORAGE[self.dtype])
+        view = view.reshape(stop - start, self.vocab)
+        populate(self.path, view)
+        return view
+
+    def _assemble(self, start: int, stop: int, out, mapped: bool) -> Logits:
+        start, stop = self._check_range(start, stop)
+        i = self._batch_of(start)
+        storage = STORAGE[self.dtype]
+        block = row_buffer(out, stop - start, (self.vocab,), storage)
+        row = start
         while row < stop:
             b0, b1 = int(self._starts[i]), int(self._starts[i + 1])
-            if b1 > b0:
-                block = self._batch_block(i)
-                parts.append(block[row - b0 : min(stop, b1) - b0])
-                row = min(stop, b1)
+            take = min(stop, b1)
+            if take > row:
+                target = block[row - start : take - start]
+                if self._spans[i] is None:
+                    target[...] = self._batch_block(i)[row - b0 : take - b0]
+                elif mapped:
+                    part = self._view(i, row, take)
+                    target[...] = part
+                    release(part)
+                else:
+                    self._file.read_at(self._spans[i] + (row - b0) * self.vocab * storage.itemsize, target)
+            row = take
             i += 1
-        data = parts[0] if len(parts) == 1 else np.concatenate(parts)
-        return Logits(data, self.dtype, self.vocab)
+        return Logits(block, self.dtype, self.vocab)
 
     def close(self) -> None:
         # Arrays already handed out keep their buffers (and the mapping) alive.
         self._reader = None
         self._cache = None
+        unguard_map(getattr(self, "_guard", None))
+        self._guard = None
+        self._map = None
+        if getattr(self, "_file", None) is not None:
+            self._file.close()
         if getattr(self, "_mm", None) is not None:
             self._mm.close()
             self._mm = None
+
+
+def _file_position(block: np.ndarray, base: int, size: int) -> int | None:
+    """The file offset of a zero-copy view of a memory-mapped file (None for a copy)."""
+    addr = block.ctypes.data
+    if block.flags.c_contiguous and base <= addr and addr + block.nbytes <= base + size:
+        return addr - base
+    return None
 
 
 class ParquetSource(LogitSource):
@@ -219,7 +285,9 @@ class ParquetSource(LogitSource):
 
         file_size(path)
         try:
-            self._pf = pq.ParquetFile(path, buffer_size=1 << 22)
+            # pre_buffer=False: with it, each seek (iter_batches) fetches and caches every
+            # row group from there to the end of the file, the whole file in memory
+            self._pf = pq.ParquetFile(path, buffer_size=1 << 22, pre_buffer=False)
         except (pa.ArrowException, OSError) as e:
             raise DumpError(f"{path}: unreadable Parquet file ({_first_line(e)})") from None
         schema = self._pf.schema_arrow
@@ -262,7 +330,7 @@ class ParquetSource(LogitSource):
     def _seek(self, start: int, rows: int) -> None:
         g = int(np.searchsorted(self._starts, start, side="right") - 1)
         batch = max(1, min(rows, TARGET_BATCH_BYTES // max(1, self.bytes_per_token)))
-        self._iter = self._pf.iter_batches(batch_size=batch, columns=["logits"],
+        self._iter = self._pf.iter_batches(batch_size=batch, columns=["logits"], use_threads=False,
                                            row_groups=list(range(g, len(self._starts) - 1)))
         self._pos = int(self._starts[g])
         self._buf = None
@@ -285,24 +353,30 @@ class ParquetSource(LogitSource):
         return _block(self.path, batch.column(0), self.vocab, self.dtype, self._pos)
 
     def read(self, start: int, stop: int) -> Logits:
+        return self.read_into(start, stop, None)
+
+    def read_into(self, start: int, stop: int, out: np.ndarray | None) -> Logits:
         start, stop = self._check_range(start, stop)
         if self._pf is None:
             raise DumpError(f"{self.path}: source is closed")
+        block = row_buffer(out, stop - start, (self.vocab,), STORAGE[self.dtype])
         if start == stop:
-            return Logits(np.empty((0, self.vocab), STORAGE[self.dtype]), self.dtype, self.vocab)
+            return Logits(block, self.dtype, self.vocab)
         if self._iter is None or start != self._pos:
             self._seek(start, stop - start)
-        parts, need = [], stop - start
-        while need:
+        row = 0
+        while row < block.shape[0]:
             if self._buf is None or self._buf.shape[0] == 0:
                 self._buf = self._next_block()
-            take = min(need, self._buf.shape[0])
-            parts.append(self._buf[:take])
+            take = min(block.shape[0] - row, self._buf.shape[0])
+            block[row : row + take] = self._buf[:take]
             self._buf = self._buf[take:]
             self._pos += take
-            need -= take
-        data = parts[0] if len(parts) == 1 else np.concatenate(parts)
-        return Logits(data, self.dtype, self.vocab)
+            row += take
+        if self._pos == self.n_tokens:  # read to the end (a finished shard): free the reader
+            self._iter = self._buf = None
+            self._pos = -1
+        return Logits(block, self.dtype, self.vocab)
 
     def close(self) -> None:
         self._iter = None

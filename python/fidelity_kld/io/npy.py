@@ -77,7 +77,7 @@ def read_header(path: str, size: int) -> tuple[tuple, np.dtype, bool, int, tuple
 
 
 class NpySource(MappedSource):
-    """A memory-mapped .npy matrix; read() returns views of the map."""
+    """A memory-mapped .npy matrix (reads: see MappedSource)."""
 
     def __init__(self, path: str, *, dtype: str | None = None):
         size = file_size(path)

@@ -67,24 +67,54 @@ def _natural_key(name: str) -> list:
     return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
 
 
+def _check_members(path: str, files: list[str]) -> None:
+    """A DumpError for a file that is not a shard like the others: one without a dump
+    extension among shards that have one (a `.tmp` or `.part` left by a writer, a README)."""
+    known = [os.path.splitext(f)[1].lower() in EXTENSIONS for f in files]
+    if any(known) and not all(known):
+        odd = files[known.index(False)]
+        raise DumpError(f"{path}: {os.path.basename(odd)} is not a logit dump like the other shards "
+                        f"(extension {os.path.splitext(odd)[1] or 'none'!r}); move it out or select "
+                        "the shards with a glob")
+
+
+def _duplicate(path: str, numbers: list[int], names: list[str], what: str) -> None:
+    seen: dict[int, str] = {}
+    for k, name in zip(numbers, names):
+        if k in seen:
+            raise DumpError(f"{path}: {what} {k} appears twice ({seen[k]} and {name})")
+        seen[k] = name
+
+
 def _check_numbering(path: str, files: list[str]) -> None:
-    """A DumpError when numbered shard names show one is missing: NNNNN-of-MMMMM names that
-    do not cover 1..M (or 0..M-1), or names that differ only in a number with a gap."""
+    """A DumpError when numbered shard names show one is missing or doubled: NNNNN-of-MMMMM
+    names that do not cover 1..M (or 0..M-1) once each or disagree on M, or names that differ
+    only in a number with a gap or a repeat."""
     names = [os.path.basename(f) for f in files]
     of = [re.search(r"(\d+)-of-(\d+)", n) for n in names]
-    if all(of) and len({int(m.group(2)) for m in of}) == 1:
-        total = int(of[0].group(2))
+    if all(of):
+        totals = sorted({int(m.group(2)) for m in of})
+        if len(totals) > 1:
+            raise DumpError(f"{path}: shard names disagree on the shard count "
+                            f"({', '.join(str(t) for t in totals)})")
+        total = totals[0]
+        _duplicate(path, [int(m.group(1)) for m in of], names, "shard")
         have = {int(m.group(1)) for m in of}
         want = set(range(total)) if 0 in have else set(range(1, total + 1))
         missing = sorted(want - have)
         if missing:
             raise DumpError(f"{path}: shard {missing[0]} of {total} is missing "
                             f"({len(have & want)} of {total} shards present)")
+        extra = sorted(have - want)
+        if extra:
+            raise DumpError(f"{path}: shard {extra[0]} is outside {min(want)}..{max(want)}, though "
+                            f"the names say {total} shards")
         return
     parts = [re.fullmatch(r"(.*?)(\d+)(\D*)", n) for n in names]
     if len(files) < 2 or not all(parts) or len({(m.group(1), m.group(3)) for m in parts}) != 1:
         return
     numbers = [int(m.group(2)) for m in parts]  # in natural order: ascending
+    _duplicate(path, numbers, names, "shard number")
     for a, b, name_a, name_b in zip(numbers, numbers[1:], names, names[1:]):
         if b > a + 1:
             raise DumpError(f"{path}: shard numbering jumps from {name_a} to {name_b}: "
@@ -93,7 +123,8 @@ def _check_numbering(path: str, files: list[str]) -> None:
 
 def shard_paths(path: str) -> list[str]:
     """The files of a directory or a glob, sorted by name (numbers by value), companions
-    and hidden files (temporary outputs) excluded. Refuses numbered shards with a gap."""
+    and hidden files (temporary outputs) excluded. Refuses numbered shards with a gap or a
+    repeat, and files that are not dumps among files that are."""
     if os.path.isdir(path):
         names = sorted((n for n in os.listdir(path) if not n.startswith(".")), key=_natural_key)
         files = [os.path.join(path, n) for n in names]
@@ -103,6 +134,7 @@ def shard_paths(path: str) -> list[str]:
     files = [f for f in files if not npy.is_sibling(f)]
     if not files:
         raise DumpError(f"{path}: no files {'in directory' if os.path.isdir(path) else 'match'}")
+    _check_members(path, files)
     _check_numbering(path, files)
     return files
 

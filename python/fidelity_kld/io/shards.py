@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..ops import Logits
-from .base import DumpError, LogitSource
+from .base import DumpError, LogitSource, release, row_buffer
 
 
 class ShardedSource(LogitSource):
@@ -13,7 +13,7 @@ class ShardedSource(LogitSource):
     and prompt ids are kept only if every shard has them (a mix is an error). Prompt ids are
     concatenated as stored (give each shard its own ids if prompts must stay distinct), except
     llama.cpp files' chunk numbers, which continue from one shard to the next.
-    read() returns a view when the rows lie in one shard, a copy when they span shards."""
+    A read that spans shards fills one buffer part by part (read_into)."""
 
     def __init__(self, path: str, shards: list[LogitSource]):
         if not shards:
@@ -61,22 +61,45 @@ class ShardedSource(LogitSource):
         return [f for s in self.shards for f in s.files()]
 
     def read(self, start: int, stop: int) -> Logits:
+        return self.read_into(start, stop, None)
+
+    def read_into(self, start: int, stop: int, out: np.ndarray | None) -> Logits:
+        """Rows [start, stop): a chunk inside one shard is that shard's read_into; one that
+        spans shards is assembled part by part in `out` (a fresh array when out is None),
+        never as a concatenation of the parts."""
         start, stop = self._check_range(start, stop)
         if start == stop:
-            return Logits(self.shards[0].read(0, 0).data, self.dtype, self.vocab)
+            return self.shards[0].read_into(0, 0, out)
         i = max(0, int(np.searchsorted(self._starts, start, side="right") - 1))
-        parts, row = [], start
-        while True:
+        if stop <= self._starts[i + 1]:
             s0 = int(self._starts[i])
-            s1 = int(self._starts[i + 1])
+            return self.shards[i].read_into(start - s0, stop - s0, out)
+        block, row = None, start
+        while row < stop:
+            s0, s1 = int(self._starts[i]), int(self._starts[i + 1])
             take = min(stop, s1)
-            parts.append(self.shards[i].read(row - s0, take - s0).data)
+            if take > row:
+                block = self._read_part(i, row - s0, take - s0, out, block, row - start, stop - start)
             row = take
-            if row >= stop:
-                break
             i += 1
-        data = parts[0] if len(parts) == 1 else np.concatenate(parts)
-        return Logits(data, self.dtype, self.vocab)
+        return Logits(block, self.dtype, self.vocab)
+
+    def _read_part(self, i: int, a: int, b: int, out, block, at: int, total: int) -> np.ndarray:
+        """Shard i's rows [a, b) placed at row `at` of the [total, ...] block being built."""
+        shard = self.shards[i]
+        if block is None:  # the first part sets the row layout (llama rows have padding)
+            probe = shard.read_into(a, a, None).data
+            block = row_buffer(out, total, probe.shape[1:], probe.dtype)
+        target = block[at : at + b - a]
+        flat = target.reshape(-1).view(np.uint8)
+        got = shard.read_into(a, b, flat).data
+        if got.shape[1:] != block.shape[1:] or got.dtype != block.dtype:
+            raise DumpError(f"{shard.path}: rows are {got.dtype} x {got.shape[1:]}, "
+                            f"other shards' {block.dtype} x {block.shape[1:]}")
+        if not np.shares_memory(got, target):  # a view of a map, or a reader's own array
+            target[...] = got
+            release(got)  # the copy is what the core reads: the shard's pages can go
+        return block
 
     def close(self) -> None:
         for s in self.shards:

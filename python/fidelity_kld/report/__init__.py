@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
+from .._atomic import make_temp_dir
 from . import cohort_report, document
 
 FORMATS = ("text", "json", "markdown")
@@ -42,7 +42,7 @@ def write_report(report, out_dir, *, figures: bool = True) -> Path:
             raise ValueError(f"{out_dir}: exists and is not a cohort report; choose another directory")
     parent = out_dir.parent
     parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=parent))
+    tmp = Path(make_temp_dir(out_dir))
     try:
         made = {}
         if figures:
@@ -57,7 +57,7 @@ def write_report(report, out_dir, *, figures: bool = True) -> Path:
         (tmp / MARKER).write_text(report.to_json() + "\n", encoding="utf-8")
         os.chmod(tmp, 0o755)
         if out_dir.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old.", dir=parent))
+            old = Path(make_temp_dir(parent / f"{out_dir.name}.old"))
             os.rename(out_dir, old / "report")
             os.rename(tmp, out_dir)
             shutil.rmtree(old, ignore_errors=True)
