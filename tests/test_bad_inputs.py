@@ -520,7 +520,7 @@ def test_wrong_dtype(tmp_path, outdir, capsys, case):
 
 def test_wrong_dtype_through_the_api():
     a, b = pair()
-    with pytest.raises(ValueError, match="unsupported dtype complex64"):
+    with pytest.raises(ValueError, match="unsupported logit dtype complex64"):
         fk.compare(a.astype(np.complex64), b)
     with pytest.raises(ValueError, match="uint16: say dtype='bfloat16'"):
         fk.compare(a.view(np.uint16)[:, :V], b)
