@@ -98,6 +98,18 @@ class TokenStats:
         """p_q(y) - p_ref(y), llama.cpp's Δp (None without labels)."""
         return None if self.p_q_y is None else self.p_q_y - self.p_ref_y
 
+    def invalidated(self, rows: np.ndarray) -> "TokenStats":
+        """A copy with the tokens in `rows` (a bool mask) marked invalid, as the core marks
+        tokens it cannot use: NaN statistics, top-1 -1."""
+        out = {}
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if v is not None and f.name != "labels":
+                v = v.copy()
+                v[rows] = -1 if v.dtype.kind == "i" else np.nan
+            out[f.name] = v
+        return TokenStats(**out)
+
     def as_dict(self) -> dict[str, np.ndarray]:
         return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
 
