@@ -46,16 +46,28 @@ def pair(n=24, v=V, seed=0):
     return a, b
 
 
+def llama_rows(logits: np.ndarray) -> np.ndarray:
+    """llama.cpp's row encoding of float logits (FORMATS.md section 1, in float64 here):
+    [n, words] uint16, scale and min_log_prob first."""
+    n, v = logits.shape
+    top = logits.max(axis=1, keepdims=True)
+    floor = np.maximum(logits.min(axis=1, keepdims=True), top - 16)
+    lse = np.log(np.exp(logits - top).sum(axis=1, keepdims=True))
+    scale = ((top - floor) / 65535).astype(np.float32)
+    rows = np.zeros((n, 2 * ((v + 1) // 2) + 4), "<u2")
+    rows[:, :4] = np.concatenate([scale, (floor - top - lse).astype(np.float32)], axis=1).view("<u2")
+    rows[:, 4 : 4 + v] = np.clip(np.rint(np.clip(logits - floor, 0, None) / scale), 0, 65535)
+    return rows
+
+
 def llama_file(n_ctx=8, n_vocab=7, n_chunk=2, tokens=None, seed=0) -> bytes:
-    """A llama.cpp --kl-divergence-base file per FORMATS.md section 1 (random codes)."""
+    """A llama.cpp --kl-divergence-base file per FORMATS.md section 1 (random logits,
+    encoded as llama.cpp encodes them)."""
     rng = np.random.default_rng(seed)
     if tokens is None:
         tokens = rng.integers(0, n_vocab, size=n_ctx * n_chunk)
     rows_per_chunk = n_ctx - 1 - n_ctx // 2
-    words = 2 * ((n_vocab + 1) // 2) + 4
-    rows = rng.integers(0, 65536, size=(rows_per_chunk * n_chunk, words)).astype("<u2")
-    rows[:, :4] = np.frombuffer(struct.pack("<ff", 16 / 65535, -20.0), dtype="<u2")
-    rows[:, 4 + n_vocab :] = 0
+    rows = llama_rows(rng.normal(size=(rows_per_chunk * n_chunk, n_vocab)) * 3)
     head = b"_logits_" + struct.pack("<iii", n_ctx, n_vocab, n_chunk)
     return head + np.asarray(tokens, dtype="<i4").tobytes() + rows.tobytes()
 
@@ -471,7 +483,7 @@ def test_cli_labels_file_claiming_a_huge_size(tmp_path, outdir, capsys):
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
-    assert_cli_error(result, outdir, lab, "cannot read labels")
+    assert_cli_error(result, outdir, lab, "truncated labels: header says (10000000000,)")
     assert peak < 8 << 20
 
 
@@ -490,7 +502,7 @@ def test_zero_byte_file(tmp_path, outdir, capsys, side, ext):
 
 WRONG_DTYPES = {
     "npy int32": ("q.npy", lambda b: npy_bytes(b.astype(np.int32)), "unsupported logits dtype int32"),
-    "npy float64": ("q.npy", lambda b: npy_bytes(b.astype(np.float64)), "unsupported logits dtype float64"),
+    "npy int64": ("q.npy", lambda b: npy_bytes(b.astype(np.int64)), "unsupported logits dtype int64"),
     "npy complex64": ("q.npy", lambda b: npy_bytes(b.astype(np.complex64)), "unsupported logits dtype complex64"),
     "npy uint16 undeclared": ("q.npy", lambda b: npy_bytes(b.view(np.uint16)[:, :V]), "declare bfloat16"),
     "npy big-endian": ("q.npy", lambda b: npy_bytes(b.astype(">f4")), "big-endian"),
