@@ -152,12 +152,14 @@ def lse_tolerance(n_vocab: int) -> float:
 
 def corrupt_row_mask(rows: np.ndarray, lse: np.ndarray, n_vocab: int) -> np.ndarray:
     """Rows no llama.cpp run writes: scale negative, above MAX_SCALE or not finite,
-    min_log_prob positive or not finite, or a decoded distribution whose log-sum-exp (`lse`, as the core computed it)
-    is further than lse_tolerance from 0. rows: [n, >= 4] uint16; returns [n] bool."""
+    min_log_prob positive or not finite, or a decoded distribution whose log-sum-exp (`lse`,
+    as the core computed it) is further than lse_tolerance from 0. A NaN lse says nothing:
+    the core gives one for every statistic of a token the other side made invalid.
+    rows: [n, >= 4] uint16; returns [n] bool."""
     scale, min_log_prob = _row_header(rows)
     with np.errstate(invalid="ignore"):
         return (~((scale >= 0) & (scale <= MAX_SCALE)) | ~(min_log_prob <= 0)
-                | ~np.isfinite(min_log_prob) | ~(np.abs(lse) <= lse_tolerance(n_vocab)))
+                | ~np.isfinite(min_log_prob) | (np.abs(lse) > lse_tolerance(n_vocab)))
 
 
 def _row_header(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
