@@ -910,6 +910,12 @@ ISSUE12 = {
         "ref: dtype='float16' contradicts the array's dtype float32"),
     "Logits with float32 data declared float16": (
         lambda t: _api(lambda: fk.Logits(pair()[0], "float16", V)), "float16 logits cannot be stored as float32"),
+    "torch int64 tensor": (lambda t: _api(lambda: fk.compare(
+        pytest.importorskip("torch").zeros(2, V, dtype=pytest.importorskip("torch").int64), pair(2)[1])),
+        "ref: unsupported logit dtype torch.int64"),
+    "torch bfloat16 tensor declared float16": (lambda t: _api(lambda: fk.compare(
+        pytest.importorskip("torch").zeros(2, V).bfloat16(), pair(2)[1], ref_dtype="float16")),
+        "ref: dtype='float16' contradicts the tensor's dtype torch.bfloat16"),
     "compare_many with int logits": (
         lambda t: _api(lambda: fk.compare_many(pair()[0], [pair()[1], pair()[1].astype(np.int32)])),
         "q[1]: unsupported logit dtype int32"),

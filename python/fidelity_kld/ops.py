@@ -124,7 +124,7 @@ class TokenStats:
         return TokenStats(**out)
 
 
-def _torch_to_logits(x: Any, dtype: str | None) -> Logits:
+def _torch_to_logits(x: Any, dtype: str | None, name: str) -> Logits:
     import torch  # only reached when a torch tensor was passed
 
     if x.device.type != "cpu":
@@ -133,11 +133,13 @@ def _torch_to_logits(x: Any, dtype: str | None) -> Logits:
         )
     x = x.detach()
     if x.dtype == torch.bfloat16:
+        if dtype not in (None, "bfloat16"):
+            raise ValueError(f"{name}: dtype={dtype!r} contradicts the tensor's dtype torch.bfloat16")
         arr = x.contiguous().view(torch.int16).numpy().view(np.uint16)
         return Logits(arr, "bfloat16", arr.shape[-1])
     if x.dtype not in (torch.float32, torch.float16, torch.float64):
-        raise ValueError(f"unsupported logit dtype {x.dtype} (expected a floating-point tensor)")
-    return as_logits(x.numpy(), dtype)
+        raise ValueError(f"{name}: unsupported logit dtype {x.dtype} (expected a floating-point tensor)")
+    return as_logits(x.numpy(), dtype, name=name)
 
 
 def as_logits(x: Any, dtype: str | None = None, *, name: str = "logits") -> Logits:
@@ -152,7 +154,7 @@ def as_logits(x: Any, dtype: str | None = None, *, name: str = "logits") -> Logi
             raise ValueError(f"{name}: dtype={dtype!r} contradicts the Logits' dtype {x.dtype!r}")
         return x
     if type(x).__module__.startswith("torch"):
-        return _torch_to_logits(x, dtype)
+        return _torch_to_logits(x, dtype, name)
     if not isinstance(x, np.ndarray) and hasattr(x, "__dlpack__"):
         x = np.from_dlpack(x)
     try:
