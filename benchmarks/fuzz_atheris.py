@@ -11,16 +11,26 @@ is the one tests/test_fuzz_readers.py checks in seconds with hypothesis:
     allocations are traced (tracemalloc peak per input) and Arrow's pool peak is watched;
     the claims a header makes (a length, a shape, a count) must be checked before use.
 
-Readers: llama (.kld), npy, npy-labels (a fuzzed x.labels.npy beside a valid x.npy),
-safetensors, arrow (IPC file), parquet. Seeds are small valid files made here.
+Readers: llama (.kld; its rows also go through the corrupt-row screen, io.llama.check_rows),
+npy, npy-labels / npy-prompt-ids (a fuzzed x.labels.npy / x.prompt_ids.npy beside a valid
+x.npy), npy-sidecar (a fuzzed x.npy.json beside a valid uint16 x.npy), ids-file (a fuzzed
+--labels file, .npy or text, through io.ids.read_ids_file), safetensors, arrow (IPC file),
+parquet, shards (a directory of shards: the input is split into files, each with a name
+drawn from a list of shard, companion, temporary and hidden names and its own bytes; seeds
+are valid .npy and llama.cpp shard directories). Seeds are small valid files made here.
 
     pip install atheris
     python benchmarks/fuzz_atheris.py --all --runs 25000          # every reader, in turn
     python benchmarks/fuzz_atheris.py --reader npy -- -runs=50000 -timeout=10
 
 --all runs each reader in its own process and prints a table: runs done, time, and whether
-libFuzzer reported a crash, timeout or out-of-memory. Artifacts (crashing inputs) go to
-benchmarks/out/fuzz/.
+libFuzzer reported a crash, timeout or out-of-memory. --reader mixed fuzzes every reader in
+one process (the first byte of an input picks the reader; one start-up, whose coverage
+instrumentation takes minutes on a loaded machine, instead of one per reader):
+
+    python benchmarks/fuzz_atheris.py --reader mixed -- -runs=110000 -timeout=10 -max_len=4096
+
+Artifacts (crashing inputs) go to benchmarks/out/fuzz/.
 """
 
 from __future__ import annotations
@@ -37,15 +47,62 @@ import time
 import tracemalloc
 from pathlib import Path
 
-READERS = ("llama", "npy", "npy-labels", "safetensors", "arrow", "parquet")
-EXTENSION = {"llama": ".kld", "npy": ".npy", "npy-labels": ".npy", "safetensors": ".safetensors",
-             "arrow": ".arrow", "parquet": ".parquet"}
+READERS = ("llama", "npy", "npy-labels", "npy-prompt-ids", "npy-sidecar", "ids-file",
+           "safetensors", "arrow", "parquet", "shards")
+EXTENSION = {"llama": ".kld", "npy": ".npy", "npy-labels": ".npy", "npy-prompt-ids": ".npy",
+             "npy-sidecar": ".npy", "ids-file": ".txt", "safetensors": ".safetensors",
+             "arrow": ".arrow", "parquet": ".parquet", "shards": ""}
+# companion readers: (fuzzed file's name, the valid dump opened beside it)
+COMPANION = {"npy-labels": "d.labels.npy", "npy-prompt-ids": "d.prompt_ids.npy",
+             "npy-sidecar": "d.npy.json"}
+# names a shard-directory case gives its files: shards, a gap, numbered n-of-m names, a
+# duplicate number, companions, temporary and hidden files, another format
+SHARD_NAMES = ("part_0.npy", "part_1.npy", "part_2.npy", "part_10.npy", "part_1.npy.tmp",
+               "shard-00001-of-00003.npy", "shard-00002-of-00003.npy", "shard-00003-of-00003.npy",
+               "shard-01-of-03.npy", "part_0.labels.npy", "part_1.labels.npy", "part_1.prompt_ids.npy",
+               "part_0.npy.json", ".part_3.npy.tmp", "part_0.kld", "part_1.kld", "notes.txt")
 MAX_EXTRA_ALLOC = 16 << 20  # bytes a case may allocate beyond 4x its own size
 ARROW_POOL_LIMIT = 256 << 20
 OUT = Path(__file__).resolve().parent / "out" / "fuzz"
 
 
 # ----------------------------------------------------------------------------- seeds
+
+
+def llama_bytes(rng, n_ctx: int, n_vocab: int, n_chunk: int) -> bytes:
+    """A llama.cpp file whose rows are real encodings of random logits (FORMATS.md section 1),
+    so that the corrupt-row screen passes the seeds."""
+    import numpy as np
+
+    r = n_ctx - 1 - n_ctx // 2
+    words = 2 * ((n_vocab + 1) // 2) + 4
+    logits = rng.normal(size=(r * n_chunk, n_vocab)) * 3
+    top = logits.max(axis=1, keepdims=True)
+    floor = np.maximum(logits.min(axis=1, keepdims=True), top - 16)
+    lse = np.log(np.exp(logits - top).sum(axis=1, keepdims=True))
+    scale = ((top - floor) / 65535).astype(np.float32)
+    rows = np.zeros((r * n_chunk, words), "<u2")
+    rows[:, :4] = np.concatenate([scale, (floor - top - lse).astype(np.float32)], axis=1).view("<u2")
+    codes = np.rint(np.clip(logits - floor, 0, None) / scale)
+    rows[:, 4 : 4 + n_vocab] = np.clip(codes, 0, 65535)
+    tokens = rng.integers(0, n_vocab, size=n_ctx * n_chunk).astype("<i4")
+    return (b"_logits_" + struct.pack("<iii", n_ctx, n_vocab, n_chunk) + tokens.tobytes()
+            + rows.tobytes())
+
+
+def pack_files(files: list[tuple[int, bytes]]) -> bytes:
+    """A shard-directory case as bytes: per file a name index byte, a u16 length, the bytes."""
+    return b"".join(bytes([i]) + len(b).to_bytes(2, "little") + b for i, b in files)
+
+
+def unpack_files(data: bytes) -> list[tuple[str, bytes]]:
+    out, pos = [], 0
+    while pos + 3 <= len(data) and len(out) < 8:
+        name = SHARD_NAMES[data[pos] % len(SHARD_NAMES)]
+        n = int.from_bytes(data[pos + 1 : pos + 3], "little")
+        out.append((name, data[pos + 3 : pos + 3 + n]))
+        pos += 3 + n
+    return out
 
 
 def seeds(reader: str) -> list[bytes]:
@@ -57,18 +114,30 @@ def seeds(reader: str) -> list[bytes]:
     x = rng.normal(size=(6, 5)).astype(np.float32)
     labels = np.arange(6, dtype=np.int64) % 5
     if reader == "llama":
-        out = []
-        for n_ctx, n_vocab, n_chunk in ((8, 7, 2), (6, 4, 1)):
-            r = n_ctx - 1 - n_ctx // 2
-            words = 2 * ((n_vocab + 1) // 2) + 4
-            rows = rng.integers(0, 65536, size=(r * n_chunk, words)).astype("<u2")
-            rows[:, :4] = np.frombuffer(struct.pack("<ff", 16 / 65535, -20.0), dtype="<u2")
-            tokens = rng.integers(0, n_vocab, size=n_ctx * n_chunk).astype("<i4")
-            out.append(b"_logits_" + struct.pack("<iii", n_ctx, n_vocab, n_chunk)
-                       + tokens.tobytes() + rows.tobytes())
-        return out
-    if reader in ("npy", "npy-labels"):
-        arrays = ([labels, labels.astype(np.int32)] if reader == "npy-labels"
+        return [llama_bytes(rng, *dims) for dims in ((8, 7, 2), (6, 4, 1))]
+    if reader == "npy-sidecar":
+        return [b'{"dtype": "bfloat16"}', b'{"dtype": "float16", "note": [1, {"a": null}]}']
+    if reader == "ids-file":
+        buf = io.BytesIO()
+        np.save(buf, labels)
+        return [b"\n".join(str(v).encode() for v in labels) + b"\n", buf.getvalue()]
+    if reader == "shards":
+        def npy(arr):
+            buf = io.BytesIO()
+            np.save(buf, arr)
+            return buf.getvalue()
+        names = {n: i for i, n in enumerate(SHARD_NAMES)}
+        return [
+            pack_files([(names["part_0.npy"], npy(x[:3])), (names["part_1.npy"], npy(x[3:])),
+                        (names["part_0.labels.npy"], npy(labels[:3])),
+                        (names["part_1.labels.npy"], npy(labels[3:]))]),
+            pack_files([(names[f"shard-0000{i + 1}-of-00003.npy"], npy(x[2 * i : 2 * i + 2]))
+                        for i in range(3)]),
+            pack_files([(names["part_0.kld"], llama_bytes(rng, 6, 4, 1)),
+                        (names["part_1.kld"], llama_bytes(rng, 6, 4, 2))]),
+        ]
+    if reader in ("npy", "npy-labels", "npy-prompt-ids"):
+        arrays = ([labels, labels.astype(np.int32)] if reader != "npy"
                   else [x, x.astype(np.float16)])
         out = []
         for arr in arrays:
@@ -119,23 +188,43 @@ class Harness:
         self.cases = 0
         self.outcomes = {"refused": 0, "read": 0}
         self.max_traced = 0
-        if reader == "npy-labels":
-            self.path = workdir / "d.labels.npy"
+        from fidelity_kld.io.ids import read_ids_file
+        from fidelity_kld.io.llama import check_rows
+
+        self.read_ids_file, self.check_rows = read_ids_file, check_rows
+        self.workdir = workdir
+        if reader in COMPANION:
+            self.path = workdir / COMPANION[reader]
             self.open_path = workdir / "d.npy"
             buf = io.BytesIO()
-            np.save(buf, np.zeros((6, 5), np.float32))
+            np.save(buf, np.zeros((6, 5), np.uint16 if reader == "npy-sidecar" else np.float32))
             self.open_path.write_bytes(buf.getvalue())
+        elif reader == "shards":
+            self.path = self.open_path = workdir / "shards"
         else:
             self.path = self.open_path = workdir / f"case{EXTENSION[reader]}"
         tracemalloc.start()
 
     def named(self, msg: str) -> bool:
         p = str(self.open_path)
+        if self.reader == "shards":  # the directory or one of its files
+            return "\n" not in msg and (msg.startswith(p + ": ") or msg.startswith(p + "/"))
         stem = p[:-4] if p.endswith(".npy") else p
         return "\n" not in msg and (msg.startswith(p + ": ") or msg.startswith(stem + "."))
 
+    def write_case(self, data: bytes) -> None:
+        if self.reader != "shards":
+            self.path.write_bytes(data)
+            return
+        import shutil
+
+        shutil.rmtree(self.path, ignore_errors=True)
+        self.path.mkdir()
+        for name, blob in unpack_files(data):
+            (self.path / name).write_bytes(blob)
+
     def __call__(self, data: bytes) -> None:
-        self.path.write_bytes(data)
+        self.write_case(data)
         tracemalloc.reset_peak()
         base = tracemalloc.get_traced_memory()[0]
         outcome = self.open_and_read()
@@ -153,6 +242,15 @@ class Harness:
                   f"{self.pa.default_memory_pool().max_memory()} bytes", file=sys.stderr, flush=True)
 
     def open_and_read(self) -> str:
+        if self.reader == "ids-file":
+            try:
+                ids = self.read_ids_file(str(self.open_path), "labels")
+            except self.DumpError as e:
+                if not self.named(str(e)):
+                    raise AssertionError(f"error does not name the file in one line: {e!r}") from None
+                return "refused"
+            assert ids.ndim == 1 and ids.dtype == self.np.int64
+            return "read"
         try:
             src = self.open_source(self.open_path)
         except self.DumpError as e:
@@ -165,6 +263,7 @@ class Harness:
                 assert src.labels.shape == (src.n_tokens,)
                 assert 0 <= src.labels.min() and src.labels.max() < src.vocab
             step = max(1, src.n_tokens // 3)
+            parts = []
             for start in range(0, src.n_tokens, step):
                 stop = min(start + step, src.n_tokens)
                 try:
@@ -177,10 +276,47 @@ class Harness:
                 y = None if src.labels is None else src.labels[start:stop]
                 st = self.fk.compare(lg, lg, y, llama_parity=src.dtype == "llama_u16")
                 assert st.n_tokens == stop - start
+                parts.append(st)
+            if src.dtype == "llama_u16":  # the CLI's corrupt-row screen, both modes
+                results = [self.fk.TokenStats.concat(parts)]
+                [screened] = self.check_rows(src, [src], results, "invalid")
+                assert screened.n_tokens == src.n_tokens
+                try:
+                    self.check_rows(src, [src], results, "refuse")
+                except self.DumpError as e:
+                    if not self.named(str(e)):
+                        raise AssertionError(f"error does not name the file: {e!r}") from None
+                    return "refused"
         return "read"
 
 
 # ----------------------------------------------------------------------------- drivers
+
+
+class Mixed:
+    """Every reader's harness in one process: data[0] picks the reader, data[1:] is its case."""
+
+    def __init__(self, workdir: Path, target_runs: int):
+        self.harnesses = []
+        for r in READERS:
+            (workdir / r).mkdir()
+            self.harnesses.append(Harness(r, workdir / r, -1))
+        self.target, self.cases = target_runs, 0
+
+    def __call__(self, data: bytes) -> None:
+        if not data:
+            return
+        self.harnesses[data[0] % len(self.harnesses)](data[1:])
+        self.cases += 1
+        if self.cases % 10000 == 0 or self.cases == self.target:
+            print(f"[mixed] {self.cases} cases: " + ", ".join(
+                f"{h.reader} {h.outcomes['refused']}/{h.outcomes['read']}" for h in self.harnesses)
+                + " (refused/read)", file=sys.stderr, flush=True)
+
+    def open_and_read(self) -> None:
+        for h, r in zip(self.harnesses, READERS):
+            h.write_case(seeds(r)[0])
+            h.open_and_read()
 
 
 def run_one(reader: str, libfuzzer_args: list[str]) -> None:
@@ -188,12 +324,16 @@ def run_one(reader: str, libfuzzer_args: list[str]) -> None:
 
     runs = next((int(a.split("=", 1)[1]) for a in libfuzzer_args if a.startswith("-runs=")), -1)
     corpus = Path(tempfile.mkdtemp(prefix=f"fk_corpus_{reader}_"))
-    for i, seed in enumerate(seeds(reader)):
+    if reader == "mixed":
+        initial = [bytes([i]) + seed for i, r in enumerate(READERS) for seed in seeds(r)]
+    else:
+        initial = seeds(reader)
+    for i, seed in enumerate(initial):
         (corpus / f"seed{i}").write_bytes(seed)
     shm = Path("/dev/shm") if Path("/dev/shm").is_dir() else Path(tempfile.gettempdir())
     workdir = Path(tempfile.mkdtemp(prefix="fk_fuzz_", dir=shm))
     OUT.mkdir(parents=True, exist_ok=True)
-    harness = Harness(reader, workdir, runs)
+    harness = Mixed(workdir, runs) if reader == "mixed" else Harness(reader, workdir, runs)
     harness.open_and_read()  # import every module a case can reach before instrumenting
     # Coverage feedback for every loaded Python function (ours, numpy's .npy header parser,
     # pyarrow's wrappers). instrument_imports() misses the package: the editable install's
@@ -236,7 +376,7 @@ def run_all(runs: int, extra: list[str]) -> int:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--reader", choices=READERS)
+    p.add_argument("--reader", choices=(*READERS, "mixed"))
     p.add_argument("--all", action="store_true", help="every reader in turn, with a summary")
     p.add_argument("--runs", type=int, default=20000, help="cases per reader with --all")
     args, rest = p.parse_known_args()

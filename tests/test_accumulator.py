@@ -89,3 +89,51 @@ def test_torch_batches():
     acc_np.add(a, q, y, mask=mask)
     acc_t.add(torch.from_numpy(a), torch.from_numpy(q), torch.from_numpy(y), mask=torch.from_numpy(mask))
     assert acc_t.summary() == acc_np.summary()
+
+
+def test_labelled_and_unlabelled_batches_do_not_mix():
+    """A batch without labels after one with them would drop PPL for every token."""
+    rng = np.random.default_rng(4)
+    a, q, y = batch(rng)
+    acc = fk.Accumulator()
+    acc.add(a, q, y)
+    with pytest.raises(ValueError, match="this batch lacks labels, the batches before did"):
+        acc.add(a, q)
+    assert acc.n_tokens == 15 and acc.summary().has_labels  # the refused batch left no trace
+    bare = fk.Accumulator()
+    bare.add(a, q)
+    with pytest.raises(ValueError, match="this batch has labels, the batches before did not"):
+        bare.add(a, q, y)
+    with pytest.raises(ValueError, match="the other accumulator's batches lacks labels"):
+        acc.merge(bare)
+
+
+def test_llama_parity_and_exact_accumulators_do_not_merge():
+    rng = np.random.default_rng(5)
+    a, q, y = batch(rng)
+    exact, parity = fk.Accumulator(), fk.Accumulator(llama_parity=True)
+    exact.add(a, q, y)
+    with pytest.raises(ValueError, match="cannot merge a llama-parity accumulator"):
+        exact.merge(parity)
+    with pytest.raises(ValueError, match="cannot merge a llama-parity accumulator"):
+        parity.merge(exact)
+    assert exact.merge(fk.Accumulator()).n_tokens == 15
+
+
+def test_batched_input_with_list_labels():
+    rng = np.random.default_rng(6)
+    a, q, y = batch(rng)
+    acc = fk.Accumulator()
+    st = acc.add(a, q, y.tolist(), mask=(y % 3 > 0).tolist())
+    keep = (y % 3 > 0).reshape(-1)
+    want = reference.logit_stats(a.reshape(15, 97)[keep], q.reshape(15, 97)[keep], y.reshape(15)[keep])
+    np.testing.assert_allclose(st.nll_q, want["nll_q"], rtol=1e-5, atol=1e-6)
+
+
+def test_compare_many_takes_an_iterator():
+    rng = np.random.default_rng(7)
+    a, q, _ = batch(rng)
+    a, q = a.reshape(15, 97), q.reshape(15, 97)
+    got = fk.compare_many(a, iter([q, q[::-1]]))
+    assert len(got) == 2
+    np.testing.assert_array_equal(got[1].kld, fk.compare(a, q[::-1]).kld)

@@ -46,16 +46,28 @@ def pair(n=24, v=V, seed=0):
     return a, b
 
 
+def llama_rows(logits: np.ndarray) -> np.ndarray:
+    """llama.cpp's row encoding of float logits (FORMATS.md section 1, in float64 here):
+    [n, words] uint16, scale and min_log_prob first."""
+    n, v = logits.shape
+    top = logits.max(axis=1, keepdims=True)
+    floor = np.maximum(logits.min(axis=1, keepdims=True), top - 16)
+    lse = np.log(np.exp(logits - top).sum(axis=1, keepdims=True))
+    scale = ((top - floor) / 65535).astype(np.float32)
+    rows = np.zeros((n, 2 * ((v + 1) // 2) + 4), "<u2")
+    rows[:, :4] = np.concatenate([scale, (floor - top - lse).astype(np.float32)], axis=1).view("<u2")
+    rows[:, 4 : 4 + v] = np.clip(np.rint(np.clip(logits - floor, 0, None) / scale), 0, 65535)
+    return rows
+
+
 def llama_file(n_ctx=8, n_vocab=7, n_chunk=2, tokens=None, seed=0) -> bytes:
-    """A llama.cpp --kl-divergence-base file per FORMATS.md section 1 (random codes)."""
+    """A llama.cpp --kl-divergence-base file per FORMATS.md section 1 (random logits,
+    encoded as llama.cpp encodes them)."""
     rng = np.random.default_rng(seed)
     if tokens is None:
         tokens = rng.integers(0, n_vocab, size=n_ctx * n_chunk)
     rows_per_chunk = n_ctx - 1 - n_ctx // 2
-    words = 2 * ((n_vocab + 1) // 2) + 4
-    rows = rng.integers(0, 65536, size=(rows_per_chunk * n_chunk, words)).astype("<u2")
-    rows[:, :4] = np.frombuffer(struct.pack("<ff", 16 / 65535, -20.0), dtype="<u2")
-    rows[:, 4 + n_vocab :] = 0
+    rows = llama_rows(rng.normal(size=(rows_per_chunk * n_chunk, n_vocab)) * 3)
     head = b"_logits_" + struct.pack("<iii", n_ctx, n_vocab, n_chunk)
     return head + np.asarray(tokens, dtype="<i4").tobytes() + rows.tobytes()
 
@@ -471,7 +483,7 @@ def test_cli_labels_file_claiming_a_huge_size(tmp_path, outdir, capsys):
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
-    assert_cli_error(result, outdir, lab, "cannot read labels")
+    assert_cli_error(result, outdir, lab, "truncated labels: header says (10000000000,)")
     assert peak < 8 << 20
 
 
@@ -490,7 +502,7 @@ def test_zero_byte_file(tmp_path, outdir, capsys, side, ext):
 
 WRONG_DTYPES = {
     "npy int32": ("q.npy", lambda b: npy_bytes(b.astype(np.int32)), "unsupported logits dtype int32"),
-    "npy float64": ("q.npy", lambda b: npy_bytes(b.astype(np.float64)), "unsupported logits dtype float64"),
+    "npy int64": ("q.npy", lambda b: npy_bytes(b.astype(np.int64)), "unsupported logits dtype int64"),
     "npy complex64": ("q.npy", lambda b: npy_bytes(b.astype(np.complex64)), "unsupported logits dtype complex64"),
     "npy uint16 undeclared": ("q.npy", lambda b: npy_bytes(b.view(np.uint16)[:, :V]), "declare bfloat16"),
     "npy big-endian": ("q.npy", lambda b: npy_bytes(b.astype(">f4")), "big-endian"),
@@ -520,7 +532,7 @@ def test_wrong_dtype(tmp_path, outdir, capsys, case):
 
 def test_wrong_dtype_through_the_api():
     a, b = pair()
-    with pytest.raises(ValueError, match="unsupported dtype complex64"):
+    with pytest.raises(ValueError, match="unsupported logit dtype complex64"):
         fk.compare(a.astype(np.complex64), b)
     with pytest.raises(ValueError, match="uint16: say dtype='bfloat16'"):
         fk.compare(a.view(np.uint16)[:, :V], b)
@@ -701,3 +713,393 @@ def test_huge_finite_logits_are_valid_tokens(simd, offset):
     np.testing.assert_allclose(st.lse_ref, ma[:, 0] + ref["lse_ref"], rtol=1e-6)
     np.testing.assert_array_equal(st.top1_ref, ref["top1_ref"])
     assert abs(st.entropy_ref[0] - math.log(V)) < 1e-6 and st.top1_q[1] == 4
+
+
+# ---------------------------------------------------------------- issue 12: one table
+#
+# Each case builds its inputs in tmp_path and returns what to run:
+#   ("cli", args, path)  the CLI exits 1 with one line naming `path`, and no file in tmp_path
+#                        changed or appeared (outputs aimed at inputs included);
+#   ("api", fn)          fn() raises ValueError (DumpError included) in one line;
+#   ("dump", path[, named])  open_source(path) raises a one-line DumpError naming the file
+#                        (or the companion `named`).
+# Every case also carries the words its message must contain.
+
+DATA = os.path.join(os.path.dirname(__file__), "data")
+LLAMA_ROWS_AT = 20 + 4 * 256 * 6  # tests/data/*.kld: n_ctx 256, 6 chunks, vocab 8000
+LLAMA_ROW_BYTES = 16008
+
+
+def _npy_pair(tmp_path, labels=False):
+    a, b = pair()
+    ref, q = tmp_path / "ref.npy", tmp_path / "q.npy"
+    np.save(ref, a)
+    np.save(q, b)
+    if labels:
+        np.save(tmp_path / "ref.labels.npy", np.arange(24) % V)
+    return ref, q
+
+
+def _corrupt_llama(tmp_path, name, damage, source="Q4_K_M.kld"):
+    """A copy of a fixture with `damage(raw, row_offset)` applied."""
+    raw = bytearray(open(os.path.join(DATA, source), "rb").read())
+    damage(raw, lambda r: LLAMA_ROWS_AT + r * LLAMA_ROW_BYTES)
+    path = tmp_path / name
+    path.write_bytes(bytes(raw))
+    return path
+
+
+def _zero_rows(first, count):
+    def damage(raw, at):
+        raw[at(first) : at(first + count)] = bytes(count * LLAMA_ROW_BYTES)
+    return damage
+
+
+def _set_float(row, word, value):
+    def damage(raw, at):
+        raw[at(row) + 4 * word : at(row) + 4 * word + 4] = struct.pack("<f", value)
+    return damage
+
+
+def _llama_cli(tmp_path, damage, *, side="q"):
+    base = tmp_path / "base.kld"
+    if side == "q":
+        base.write_bytes(open(os.path.join(DATA, "base.kld"), "rb").read())
+        q = _corrupt_llama(tmp_path, "q.kld", damage)
+        return ("cli", ["compare", base, q, "-q"], q)
+    bad = _corrupt_llama(tmp_path, "base.kld", damage, source="base.kld")
+    q = tmp_path / "q.kld"
+    q.write_bytes(open(os.path.join(DATA, "Q4_K_M.kld"), "rb").read())
+    return ("cli", ["compare", bad, q, "-q"], bad)
+
+
+def _llama_shard_dir(tmp_path):
+    for side, source in (("ref", "base.kld"), ("q", "Q4_K_M.kld")):
+        (tmp_path / side).mkdir()
+        (tmp_path / side / "part_0.kld").write_bytes(open(os.path.join(DATA, source), "rb").read())
+    _corrupt_llama(tmp_path / "q", "part_1.kld", _zero_rows(3, 1))
+    (tmp_path / "ref" / "part_1.kld").write_bytes(open(os.path.join(DATA, "base.kld"), "rb").read())
+    return ("cli", ["compare", tmp_path / "ref", tmp_path / "q", "-q"], tmp_path / "q" / "part_1.kld")
+
+
+def _npy_header_only(path, shape, descr="<i8"):
+    buf = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buf, {"descr": descr, "fortran_order": False, "shape": shape})
+    path.write_bytes(buf.getvalue() + b"\0" * 64)
+    return path
+
+
+def _companion(tmp_path, name, shape):
+    ref, q = _npy_pair(tmp_path)
+    _npy_header_only(tmp_path / name, shape)
+    return ("dump", q if name.startswith("q.") else ref, tmp_path / name)
+
+
+def _labels_cli(tmp_path, write, *extra):
+    ref, q = _npy_pair(tmp_path, labels="carry" in extra)
+    lab = write(tmp_path)
+    return ("cli", ["compare", ref, q, "-q", "--labels", lab, *[e for e in extra if e != "carry"]], lab)
+
+
+def _raw_safetensors(tmp_path, header: str, body: bytes):
+    p = tmp_path / "q.safetensors"
+    blob = header.encode()
+    p.write_bytes(len(blob).to_bytes(8, "little") + blob + body)
+    return ("dump", p)
+
+
+def _api(fn):
+    return ("api", fn)
+
+
+def _accumulate(**kw):
+    a, b = pair()
+    return lambda: fk.Accumulator().add(a.reshape(4, 6, V), b.reshape(4, 6, V), **kw)
+
+
+def _on_the_cpu_only(fn):
+    if torch_cuda_available():
+        pytest.skip("a CUDA GPU is present")
+    return fn
+
+
+def torch_cuda_available() -> bool:
+    try:
+        import torch
+    except ImportError:
+        return False
+    return torch.cuda.is_available()
+
+
+def _deep(n=100_000):
+    return "[" * n + "]" * n
+
+
+ISSUE12 = {
+    # 3: outputs never overwrite an input, a companion, a shard or each other
+    "--output is the reference": (lambda t: ("cli", ["compare", *_npy_pair(t), "-q", "-o", t / "ref.npy"],
+                                             t / "ref.npy"), "--output would overwrite the input"),
+    "--per-token is a labels companion": (
+        lambda t: ("cli", ["compare", *_npy_pair(t, labels=True), "-q", "--per-token", t / "ref.labels.npy"],
+                   t / "ref.labels.npy"), "--per-token would overwrite the input"),
+    "--output is a hard link to the reference": (
+        lambda t: (os.link(_npy_pair(t)[0], t / "link.json"),
+                   ("cli", ["compare", t / "ref.npy", t / "q.npy", "-q", "-o", t / "link.json"],
+                    t / "link.json"))[1], "would overwrite the input"),
+    "--output and --per-token are one new file": (
+        lambda t: ("cli", ["compare", *_npy_pair(t), "-q", "-o", t / "x", "--per-token", t / "./x"],
+                   t / "x"), "written by both --output and --per-token"),
+    "--per-prompt is the --labels file": (
+        lambda t: (np.save(t / "lab.npy", np.arange(24) % V),
+                   ("cli", ["compare", *_npy_pair(t), "-q", "--labels", t / "lab.npy",
+                            "--per-prompt", t / "lab.npy"], t / "lab.npy"))[1],
+        "--per-prompt would overwrite the input"),
+    "--output is a shard of a directory": (
+        lambda t: (_write_shards(t / "q", pair()[1], ["part_0.npy", "part_1.npy"]),
+                   np.save(t / "ref.npy", pair()[0]),
+                   ("cli", ["compare", t / "ref.npy", t / "q", "-q", "-o", t / "q" / "part_1.npy"],
+                    t / "q" / "part_1.npy"))[-1], "--output would overwrite the input"),
+    "convert OUT is a companion of IN": (
+        lambda t: (np.save(t / "x.prompt_ids.npy", np.zeros(24, np.int64)),
+                   ("cli", ["convert", _npy_pair(t)[0].rename(t / "x.npy") or t / "x.npy",
+                            t / "x.prompt_ids.npy"], t / "x.prompt_ids.npy"))[1],
+        "OUT would overwrite the input"),
+    "cohort --output is the manifest": (
+        lambda t: ((t / "m.toml").write_text("not read"),
+                   ("cli", ["cohort", t / "m.toml", "-o", t / "m.toml"], t / "m.toml"))[1],
+        "--output would overwrite the input"),
+    "cohort --report replaces the manifest's directory": (
+        lambda t: ((t / "rep").mkdir(), (t / "rep" / "m.toml").write_text("not read"),
+                   ("cli", ["cohort", t / "rep" / "m.toml", "--report", t / "rep"], t / "rep"))[2],
+        "--report replaces this directory"),
+    # 4: corrupt llama.cpp rows are refused, naming the file and the first bad row
+    "llama rows zeroed (q)": (lambda t: _llama_cli(t, _zero_rows(100, 50)),
+                              "row 100 is corrupt (its log-probabilities sum to exp(8.987)"),
+    "llama row zeroed (reference)": (lambda t: _llama_cli(t, _zero_rows(40, 1), side="ref"),
+                                     "row 40 is corrupt"),
+    "llama scale 1e30": (lambda t: _llama_cli(t, _set_float(7, 0, 1e30)),
+                         "row 7 is corrupt (scale 1e+30, outside [0, 32/65535]"),
+    "llama negative scale": (lambda t: _llama_cli(t, _set_float(5, 0, -1e-4)), "row 5 is corrupt (scale -0.0001"),
+    "llama NaN scale": (lambda t: _llama_cli(t, _set_float(9, 0, float("nan"))), "row 9 is corrupt (scale nan"),
+    "llama min_log_prob > 0": (lambda t: _llama_cli(t, _set_float(3, 1, 0.5)),
+                               "row 3 is corrupt (min_log_prob 0.5 > 0"),
+    "llama corrupt row in a shard directory": (_llama_shard_dir, "row 3 is corrupt"),
+    # 7: companion .npy headers with impossible sizes, refused before np.load
+    "labels companion with a negative dimension": (lambda t: _companion(t, "q.labels.npy", (-1,)),
+                                                   "negative dimension in shape (-1,)"),
+    "labels companion with a 2^63 dimension": (lambda t: _companion(t, "q.labels.npy", (2**63,)),
+                                               "claims 2^63 bytes or more"),
+    "prompt ids companion with a negative dimension": (
+        lambda t: _companion(t, "ref.prompt_ids.npy", (-5,)), "negative dimension"),
+    "--labels with a negative dimension": (
+        lambda t: _labels_cli(t, lambda d: _npy_header_only(d / "lab.npy", (-24,))), "negative dimension"),
+    "--labels with a 2^64 dimension": (
+        lambda t: _labels_cli(t, lambda d: _npy_header_only(d / "lab.npy", (2**64,))), "2^63 bytes or more"),
+    # 11: one dtype policy
+    "int64 logits": (lambda t: _api(lambda: fk.compare(pair()[0].astype(np.int64), pair()[1])),
+                     "ref: unsupported logit dtype int64"),
+    "uint64 logits": (lambda t: _api(lambda: fk.compare(pair()[0], pair()[1].astype(np.uint64))),
+                      "q: unsupported logit dtype uint64"),
+    "bool logits": (lambda t: _api(lambda: fk.compare(pair()[0] > 0, pair()[1])), "unsupported logit dtype bool"),
+    "timedelta logits": (lambda t: _api(lambda: fk.compare(pair()[0].astype("m8[s]"), pair()[1])),
+                         "unsupported logit dtype timedelta64[s]"),
+    "object logits": (lambda t: _api(lambda: fk.compare(pair()[0].astype(object), pair()[1])),
+                      "unsupported logit dtype object"),
+    "ref_dtype contradicting the array": (
+        lambda t: _api(lambda: fk.compare(*pair(), ref_dtype="float16")),
+        "ref: dtype='float16' contradicts the array's dtype float32"),
+    "Logits with float32 data declared float16": (
+        lambda t: _api(lambda: fk.Logits(pair()[0], "float16", V)), "float16 logits cannot be stored as float32"),
+    "torch int64 tensor": (lambda t: _api(lambda: fk.compare(
+        pytest.importorskip("torch").zeros(2, V, dtype=pytest.importorskip("torch").int64), pair(2)[1])),
+        "ref: unsupported logit dtype torch.int64"),
+    "torch bfloat16 tensor declared float16": (lambda t: _api(lambda: fk.compare(
+        pytest.importorskip("torch").zeros(2, V).bfloat16(), pair(2)[1], ref_dtype="float16")),
+        "ref: dtype='float16' contradicts the tensor's dtype torch.bfloat16"),
+    "compare_many with int logits": (
+        lambda t: _api(lambda: fk.compare_many(pair()[0], [pair()[1], pair()[1].astype(np.int32)])),
+        "q[1]: unsupported logit dtype int32"),
+    # 12: clean errors, not tracebacks
+    "--threads 3000000000": (lambda t: ("cli", ["compare", *_npy_pair(t), "-q", "--threads", 3000000000],
+                                        "threads"), "threads must be between 0 (all cores) and"),
+    "deeply nested safetensors header": (
+        lambda t: _raw_safetensors(t, '{"__metadata__": ' + _deep() + "}", b""), "nested too deeply"),
+    "deeply nested dtype sidecar": (
+        lambda t: ((t / "q.npy.json").write_text('{"dtype": ' + _deep() + "}"), ("dump", _npy_pair(t)[1]))[1],
+        "q.npy.json: dtype sidecar is nested too deeply"),
+    "Logits on a 1-D array": (lambda t: _api(lambda: fk.Logits(np.zeros(V, np.float32), "float32", V)),
+                              "Logits data must be 2-D [tokens, vocab], got shape (37,)"),
+    "Logits on a nested list": (lambda t: _api(lambda: fk.Logits([[0.0] * V], "float32", V)),
+                                "Logits data must be an array"),
+    "compare on a ragged nested list": (lambda t: _api(lambda: fk.compare([[0.0, 1.0], [2.0]], [[0.0, 1.0]])),
+                                        "ref must be a [tokens, vocab] array"),
+    "Accumulator.add 3-D batch, list labels of the wrong length": (
+        lambda t: _api(_accumulate(labels=list(range(23)))), "labels has 23 entries for a [4, 6] batch"),
+    "Accumulator.add labels and mask of different lengths": (
+        lambda t: _api(lambda: fk.Accumulator().add(*pair(), np.zeros(20, np.int64),
+                                                    mask=np.arange(24) % 5 > 0)),
+        "labels has 20 entries, mask 24"),
+    "device='cuda' without a GPU": (lambda t: _api(_on_the_cpu_only(lambda: fk.compare(*pair(), device="cuda"))),
+                                    "device='cuda': no CUDA GPU is available"),
+    "empty --labels text file": (
+        lambda t: _labels_cli(t, lambda d: (d / "lab.txt").write_text("# no labels here\n\n") and d / "lab.txt"),
+        "no labels in the file"),
+    # 13: refuse, do not guess
+    "2-D --labels array": (lambda t: _labels_cli(t, lambda d: (np.save(d / "lab.npy", (np.arange(24) % V).reshape(4, 6)),
+                                                               d / "lab.npy")[1]),
+                           "labels must be 1-D, got shape (4, 6)"),
+    "two-column --labels text": (
+        lambda t: _labels_cli(t, lambda d: (d / "lab.txt").write_text("".join(f"{i % V} 0\n" for i in range(24)))
+                              and d / "lab.txt"), "one integer per line, found 2 columns"),
+    "--labels disagreeing with the dumps' labels": (
+        lambda t: _labels_cli(t, lambda d: (np.save(d / "lab.npy", (np.arange(24) + 1) % V), d / "lab.npy")[1],
+                              "carry"), "labels differ from those in"),
+    "safetensors duplicate key": (
+        lambda t: _raw_safetensors(
+            t, '{"logits": %s, "logits": %s}' % (
+                json.dumps({"dtype": "F32", "shape": [1, V], "data_offsets": [0, 4 * V]}),
+                json.dumps({"dtype": "F32", "shape": [24, V], "data_offsets": [0, 24 * V * 4]})),
+            pair()[1].tobytes()), "duplicate key 'logits'"),
+    "safetensors overlapping tensors": (
+        lambda t: _raw_safetensors(
+            t, json.dumps({"logits": {"dtype": "F32", "shape": [24, V], "data_offsets": [0, 24 * V * 4]},
+                           "labels": {"dtype": "I64", "shape": [24], "data_offsets": [8, 8 + 24 * 8]}}),
+            pair()[1].tobytes()), "tensors 'logits' and 'labels' overlap"),
+}
+
+
+def _snapshot(root):
+    return {os.path.relpath(os.path.join(d, f), root): open(os.path.join(d, f), "rb").read()
+            for d, _, names in os.walk(root) for f in names}
+
+
+@pytest.mark.parametrize("case", list(ISSUE12))
+def test_refused_cleanly(tmp_path, capsys, case):
+    build, needle = ISSUE12[case]
+    work = tmp_path / "in"
+    work.mkdir()
+    what = build(work)
+    if what[0] == "cli":
+        _, args, path = what
+        before = _snapshot(work)
+        code, out, err = run_cli(capsys, *args)
+        assert code == 1, (code, out, err)
+        lines = err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("Error: ") and str(path) in lines[0], err
+        assert needle in lines[0], (needle, lines[0])
+        assert _snapshot(work) == before, "an input changed or an output appeared"
+    elif what[0] == "api":
+        with pytest.raises(ValueError) as e:
+            what[1]()
+        assert "\n" not in str(e.value) and needle in str(e.value), str(e.value)
+    else:
+        assert_dump_error(lambda: open_source(what[1]), what[-1], needle)
+
+
+# ---------------------------------------------------------------- issue 12: what is accepted
+
+
+def test_fixture_rows_are_within_the_corrupt_row_tolerance():
+    """Real llama.cpp rows decode to log-sum-exps near 0: the tolerance leaves room (and a
+    zeroed row, ln 8000 = 9.0, is far outside)."""
+    from fidelity_kld.io.llama import lse_tolerance
+
+    for name in ("base.kld", "Q4_K_M.kld"):
+        with open_source(os.path.join(DATA, name)) as src:
+            st = fk.compare(src.read(0, src.n_tokens), src.read(0, src.n_tokens), llama_parity=True)
+            worst = float(np.abs(st.lse_ref).max())
+            assert 1e-4 < worst < lse_tolerance(src.vocab) / 2, (name, worst)
+            assert math.log(src.vocab) > 1000 * lse_tolerance(src.vocab)
+
+
+def test_bad_rows_invalid_counts_them_and_keeps_the_rest_exact(tmp_path, capsys):
+    base = os.path.join(DATA, "base.kld")
+    q = _corrupt_llama(tmp_path, "q.kld", _zero_rows(100, 50))
+    code, out, err = run_cli(capsys, "compare", base, q, "-q", "--format", "json", "--bad-rows", "invalid")
+    assert code == 0, err
+    s = json.loads(out)["models"][0]["summary"]
+    assert (s["n_tokens"], s["n_invalid"]) == (762, 50)
+    with open_source(base) as r, open_source(os.path.join(DATA, "Q4_K_M.kld")) as good:
+        clean = fk.compare(r.read(0, 762), good.read(0, 762), r.labels, llama_parity=True)
+    keep = np.ones(762, bool)
+    keep[100:150] = False
+    want = fk.summarize(clean)
+    got_mean = float(np.mean(clean.kld_llama[keep]))
+    assert s["kld"]["mean"] == pytest.approx(got_mean, rel=1e-12)
+    assert want.n_invalid == 0 and s["kld"]["mean"] != pytest.approx(want.kld.mean, rel=1e-6)
+
+
+def test_override_labels_uses_the_given_ones(tmp_path, capsys):
+    ref, q = _npy_pair(tmp_path, labels=True)
+    given = (np.arange(24) + 1) % V
+    np.save(tmp_path / "lab.npy", given)
+    code, out, err = run_cli(capsys, "compare", ref, q, "-q", "--format", "json", "--labels",
+                             tmp_path / "lab.npy", "--override-labels")
+    assert code == 0, err
+    a, b = pair()
+    want = fk.summarize(fk.compare(a, b, given))
+    assert json.loads(out)["models"][0]["summary"]["ppl_ref"] == pytest.approx(want.ppl_ref, rel=1e-12)
+    # equal labels need no flag
+    np.save(tmp_path / "lab.npy", np.arange(24) % V)
+    assert run_cli(capsys, "compare", ref, q, "-q", "--labels", tmp_path / "lab.npy")[0] == 0
+
+
+@pytest.mark.parametrize("offset", [0.0, 1e4, 1e8, 1e12])
+def test_float64_logits_are_accurate(offset):
+    """float64 rows are shifted by their maximum in float64 before the float32 core: a common
+    offset costs nothing (a float32 cast turns +1e4 into a 20% KLD error)."""
+    rng = np.random.default_rng(3)
+    a = rng.normal(size=(40, 301)) * 4
+    b = a + rng.normal(scale=0.3, size=a.shape)
+    a[0, 5] = -np.inf
+    b[0, 5] = -np.inf
+    y = np.arange(40) % 301
+    a, b = a + offset, b + offset
+    st = fk.compare(a, b, y)
+    ref = reference_stats(a - offset, b - offset, y)  # exact subtractions (Sterbenz), same rows
+    assert st.valid.all()
+    for name in ("kld", "kld_reverse", "entropy_ref", "nll_ref", "nll_q"):
+        np.testing.assert_allclose(getattr(st, name), ref[name], rtol=1e-4, atol=1e-6, err_msg=name)
+    np.testing.assert_allclose(st.lse_ref, ref["lse_ref"] + offset, rtol=1e-12, atol=1e-5)
+    np.testing.assert_array_equal(st.top1_ref, ref["top1_ref"])
+    [many] = fk.compare_many(a, [b], y)
+    np.testing.assert_array_equal(many.kld, st.kld)
+
+
+def test_float64_beyond_float32_range_is_a_valid_token():
+    a = np.zeros((2, 5))
+    a[:, 3] = 1e300  # a float32 cast makes this +inf: an invalid token
+    st = fk.compare(a, np.zeros((2, 5)))
+    assert st.valid.all() and (st.top1_ref == 3).all() and np.abs(st.entropy_ref).max() < 1e-12
+    np.testing.assert_allclose(st.kld, math.log(5), rtol=1e-6)
+    np.testing.assert_allclose(st.lse_ref, 1e300, rtol=1e-12)
+
+
+def test_float64_npy_through_the_cli_equals_the_api(tmp_path, capsys):
+    a, b = pair()
+    a64, b64 = a.astype(np.float64) + 1e4, b.astype(np.float64) + 1e4
+    np.save(tmp_path / "ref.npy", a64)
+    np.save(tmp_path / "q.npy", b64)
+    code, out, err = run_cli(capsys, "compare", tmp_path / "ref.npy", tmp_path / "q.npy", "-q",
+                             "--format", "json")
+    assert code == 0, err
+    got = json.loads(out)["models"][0]["summary"]["kld"]["mean"]
+    assert got == fk.summarize(fk.compare(a64, b64)).kld.mean
+    assert got == pytest.approx(float(np.mean(reference_stats(a64 - 1e4, b64 - 1e4)["kld"])), rel=1e-4)
+
+
+def test_label_impossible_on_both_sides_is_counted():
+    a, b = pair()
+    y = np.arange(24) % V
+    a[4, y[4]] = b[4, y[4]] = -np.inf
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no numpy RuntimeWarning leaks
+        s = fk.summarize(fk.compare(a, b, y))
+    keep = np.arange(24) != 4
+    rest = fk.summarize(fk.compare(a[keep], b[keep], y[keep]))
+    assert s.n_label_inf == 1 and rest.n_label_inf == 0
+    for name in ("ppl_ratio", "ln_ppl_ratio", "cor_nll", "ppl_ref", "ppl_q"):
+        assert math.isfinite(getattr(s, name)) and getattr(s, name) == getattr(rest, name), name
+    assert s.kld.mean == fk.summarize(fk.compare(a, b)).kld.mean  # KLD keeps the token

@@ -108,7 +108,10 @@ def check_reader(path, data: bytes, open_path=None) -> str:
 
 
 def _named(msg: str, path) -> bool:
-    """One line naming the dump or one of its companions (x.labels.npy, x.npy.json)."""
+    """One line naming the dump or one of its companions (x.labels.npy, x.npy.json), or for
+    a directory of shards, the directory or one of its files."""
+    if path.is_dir():
+        return "\n" not in msg and (msg.startswith(f"{path}: ") or msg.startswith(f"{path}/"))
     stem = str(path)[: -len(path.suffix)] if path.suffix == ".npy" else str(path)
     return "\n" not in msg and (msg.startswith(f"{path}: ") or msg.startswith(stem + "."))
 
@@ -255,3 +258,86 @@ def test_safetensors_headers(tmp_path, blob):
 def test_arrow_list_column_mutations(tmp_path, data):
     """A plain list<float> column carries an offsets buffer the reader must not trust."""
     check_reader(tmp_path / "l.arrow", data.draw(mutations(ARROW_LIST_SEED)))
+
+
+# ------------------------------------------------------------------------- companions, shards
+
+
+def _npy(arr) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, arr)
+    return buf.getvalue()
+
+
+LABELS_SEED = _npy(np.arange(6, dtype=np.int64) % 5)
+
+
+@pytest.mark.parametrize("companion", ["labels", "prompt_ids"])
+@settings(FUZZ, max_examples=60)
+@given(data=st.data())
+def test_mutated_npy_companions(tmp_path, companion, data):
+    (tmp_path / "d.npy").write_bytes(SEEDS["npy"])
+    check_reader(tmp_path / f"d.{companion}.npy", data.draw(mutations(LABELS_SEED)),
+                 open_path=tmp_path / "d.npy")
+
+
+@settings(FUZZ, max_examples=60)
+@given(data=st.data())
+def test_mutated_dtype_sidecars(tmp_path, data):
+    (tmp_path / "d.npy").write_bytes(_npy(np.zeros((6, 5), np.uint16)))
+    check_reader(tmp_path / "d.npy.json", data.draw(mutations(b'{"dtype": "bfloat16"}')),
+                 open_path=tmp_path / "d.npy")
+
+
+@settings(FUZZ, max_examples=60)
+@given(data=st.data())
+def test_mutated_labels_files(tmp_path, data):
+    """--labels files (.npy or text) through io.ids.read_ids_file: ids or a DumpError."""
+    from fidelity_kld.io.ids import read_ids_file
+
+    seed = data.draw(st.sampled_from([LABELS_SEED, b"0\n1\n2\n3\n4\n0\n"]))
+    path = tmp_path / data.draw(st.sampled_from(["lab.npy", "lab.txt"]))
+    path.write_bytes(data.draw(mutations(seed)))
+    try:
+        ids = read_ids_file(str(path), "labels")
+    except DumpError as e:
+        assert _named(str(e), path), str(e)
+    else:
+        assert ids.ndim == 1 and ids.dtype == np.int64
+
+
+SHARD_NAMES = ["part_0.npy", "part_1.npy", "part_2.npy", "part_10.npy", "part_1.npy.tmp",
+               "shard-00001-of-00002.npy", "shard-00002-of-00002.npy", "shard-00002-of-00003.npy",
+               "part_0.labels.npy", "part_1.labels.npy", "part_0.npy.json", ".part_3.npy",
+               "part_0.kld", "notes.txt"]
+
+
+@settings(FUZZ, max_examples=80)
+@given(data=st.data())
+def test_shard_directories(tmp_path, data):
+    """A directory of shards, built here: names drawn from shard, companion, temporary,
+    hidden and foreign names, contents valid or mutated."""
+    import shutil
+
+    root = tmp_path / "shards"
+    shutil.rmtree(root, ignore_errors=True)
+    root.mkdir()
+    x = np.random.default_rng(0).normal(size=(6, 5)).astype(np.float32)
+    files = data.draw(st.lists(st.sampled_from(SHARD_NAMES), min_size=1, max_size=5, unique=True))
+    for name in files:
+        if name.endswith(".labels.npy"):
+            blob = LABELS_SEED[:]
+        elif name.endswith(".json"):
+            blob = b'{"dtype": "float32"}'
+        elif name.endswith(".kld"):
+            blob = SEEDS["kld"]
+        else:
+            blob = _npy(x[: data.draw(st.integers(1, 6))])
+        if data.draw(st.booleans()):
+            blob = data.draw(mutations(blob))
+        (root / name).write_bytes(blob)
+    tracemalloc.start()
+    try:
+        _open_and_read(root)
+    finally:
+        tracemalloc.stop()

@@ -12,16 +12,22 @@ import numpy as np
 
 from . import _core
 
-LOGIT_DTYPES = ("float32", "float16", "bfloat16", "llama_u16")
+LOGIT_DTYPES = ("float32", "float16", "bfloat16", "llama_u16", "float64")
+# numpy storage of each logical dtype (bfloat16 and llama.cpp rows cross numpy as uint16)
+_STORAGE_KIND = {"float32": np.dtype(np.float32), "float16": np.dtype(np.float16),
+                 "bfloat16": np.dtype(np.uint16), "llama_u16": np.dtype(np.uint16),
+                 "float64": np.dtype(np.float64)}
+MAX_THREADS = 2**31 - 1  # the core's int
 
 
 @dataclass(frozen=True)
 class Logits:
     """A logit matrix with its logical dtype, for storage numpy cannot name.
 
-    data: [tokens, vocab] float32/float16, or uint16 holding bfloat16 bit patterns, or for
-    ``llama_u16`` the raw rows of a llama.cpp --kl-divergence-base file ([tokens, words]
-    uint16: scale and min as two float32, then ``vocab`` codes, then padding).
+    data: [tokens, vocab] float32/float16/float64, or uint16 holding bfloat16 bit patterns, or
+    for ``llama_u16`` the raw rows of a llama.cpp --kl-divergence-base file ([tokens, words]
+    uint16: scale and min as two float32, then ``vocab`` codes, then padding). A numpy array,
+    or on the GPU path a tensor; float64 is shifted per row and rounded to float32 by compare.
     """
 
     data: np.ndarray
@@ -31,6 +37,16 @@ class Logits:
     def __post_init__(self):
         if self.dtype not in LOGIT_DTYPES:
             raise ValueError(f"unknown logit dtype {self.dtype!r}; expected one of {LOGIT_DTYPES}")
+        shape = getattr(self.data, "shape", None)
+        if shape is None or not hasattr(self.data, "dtype"):
+            raise ValueError(f"Logits data must be an array ([tokens, vocab]), not {type(self.data).__name__}")
+        if len(shape) != 2:
+            raise ValueError(f"Logits data must be 2-D [tokens, vocab], got shape {tuple(shape)}")
+        width = 4 + self.vocab if self.dtype == "llama_u16" else self.vocab
+        if (shape[1] < width) if self.dtype == "llama_u16" else (shape[1] != width):
+            raise ValueError(f"Logits: {shape[1]} columns for {self.dtype} rows of vocabulary {self.vocab}")
+        if isinstance(self.data, np.ndarray) and self.data.dtype.newbyteorder("=") != _STORAGE_KIND[self.dtype]:
+            raise ValueError(f"Logits: {self.dtype} logits cannot be stored as {self.data.dtype}")
 
     @property
     def n_tokens(self) -> int:
@@ -82,6 +98,18 @@ class TokenStats:
         """p_q(y) - p_ref(y), llama.cpp's Δp (None without labels)."""
         return None if self.p_q_y is None else self.p_q_y - self.p_ref_y
 
+    def invalidated(self, rows: np.ndarray) -> "TokenStats":
+        """A copy with the tokens in `rows` (a bool mask) marked invalid, as the core marks
+        tokens it cannot use: NaN statistics, top-1 -1."""
+        out = {}
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if v is not None and f.name != "labels":
+                v = v.copy()
+                v[rows] = -1 if v.dtype.kind == "i" else np.nan
+            out[f.name] = v
+        return TokenStats(**out)
+
     def as_dict(self) -> dict[str, np.ndarray]:
         return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
 
@@ -96,7 +124,7 @@ class TokenStats:
         return TokenStats(**out)
 
 
-def _torch_to_logits(x: Any, dtype: str | None) -> Logits:
+def _torch_to_logits(x: Any, dtype: str | None, name: str) -> Logits:
     import torch  # only reached when a torch tensor was passed
 
     if x.device.type != "cpu":
@@ -105,40 +133,97 @@ def _torch_to_logits(x: Any, dtype: str | None) -> Logits:
         )
     x = x.detach()
     if x.dtype == torch.bfloat16:
+        if dtype not in (None, "bfloat16"):
+            raise ValueError(f"{name}: dtype={dtype!r} contradicts the tensor's dtype torch.bfloat16")
         arr = x.contiguous().view(torch.int16).numpy().view(np.uint16)
         return Logits(arr, "bfloat16", arr.shape[-1])
-    if x.dtype not in (torch.float32, torch.float16):
-        x = x.float()
-    arr = x.numpy()
-    return Logits(arr, dtype or str(arr.dtype), arr.shape[-1])
+    if x.dtype not in (torch.float32, torch.float16, torch.float64):
+        raise ValueError(f"{name}: unsupported logit dtype {x.dtype} (expected a floating-point tensor)")
+    return as_logits(x.numpy(), dtype, name=name)
 
 
 def as_logits(x: Any, dtype: str | None = None, *, name: str = "logits") -> Logits:
-    """Normalise numpy arrays, torch tensors, DLPack objects and Logits to a Logits."""
+    """Normalise numpy arrays, torch tensors, DLPack objects and Logits to a Logits.
+
+    Accepted: float32, float16, float64 (and longer floats, computed through float64), uint16
+    declared ``dtype='bfloat16'``. Integers, bools, complex, objects and times are refused (a
+    silent cast would turn 1e300 into inf or token ids into logits); a ``dtype`` that
+    contradicts the array is refused."""
     if isinstance(x, Logits):
+        if dtype is not None and dtype != x.dtype:
+            raise ValueError(f"{name}: dtype={dtype!r} contradicts the Logits' dtype {x.dtype!r}")
         return x
     if type(x).__module__.startswith("torch"):
-        return _torch_to_logits(x, dtype)
+        return _torch_to_logits(x, dtype, name)
     if not isinstance(x, np.ndarray) and hasattr(x, "__dlpack__"):
         x = np.from_dlpack(x)
-    arr = np.asarray(x)
+    try:
+        arr = np.asarray(x)
+    except ValueError as e:  # ragged nested lists
+        raise ValueError(f"{name} must be a [tokens, vocab] array: {e}") from None
     if arr.ndim == 1:
         arr = arr[None, :]
     if arr.ndim != 2:
         raise ValueError(f"{name} must be [tokens, vocab], got shape {arr.shape}")
     if dtype == "llama_u16":
         raise ValueError(f"{name}: llama_u16 rows need their vocabulary: pass Logits(data, 'llama_u16', vocab)")
+    if dtype is not None and dtype not in LOGIT_DTYPES:
+        raise ValueError(f"{name}: unknown dtype {dtype!r}; expected one of {LOGIT_DTYPES[:3]}")
     if dtype == "bfloat16":
         if arr.dtype != np.uint16:
             raise ValueError(f"{name}: bfloat16 logits must be given as uint16 bit patterns, got {arr.dtype}")
         return Logits(arr, dtype, arr.shape[1])
     if arr.dtype == np.uint16:
         raise ValueError(f"{name} is uint16: say dtype='bfloat16' if it holds bfloat16 bit patterns")
-    if arr.dtype not in (np.float32, np.float16):
-        if not np.issubdtype(arr.dtype, np.floating) and not np.issubdtype(arr.dtype, np.integer):
-            raise ValueError(f"{name}: unsupported dtype {arr.dtype}")
-        arr = arr.astype(np.float32)
+    if arr.dtype.kind != "f":
+        raise ValueError(f"{name}: unsupported logit dtype {arr.dtype} (expected float32, float16, "
+                         "float64, or uint16 bfloat16 bit patterns)")
+    if arr.dtype.itemsize > 8:
+        arr = arr.astype(np.float64)
+    arr = arr.astype(arr.dtype.newbyteorder("="), copy=False)
+    if dtype is not None and dtype != str(arr.dtype):
+        raise ValueError(f"{name}: dtype={dtype!r} contradicts the array's dtype {arr.dtype}")
     return Logits(arr, str(arr.dtype), arr.shape[1])
+
+
+def _shifted_float32(lg: Logits) -> tuple[Logits, np.ndarray | None]:
+    """float64 logits as float32 for the core, each row shifted by its largest finite logit in
+    float64 first, so that a large common offset (1e4, 1e300) costs no precision: the shifted
+    logits near the top, which carry the probability, round with relative error 2^-24.
+    Returns (float32 Logits, per-row shift to add back to the log-sum-exps) or (lg, None)."""
+    if lg.dtype != "float64":
+        return lg, None
+    x = lg.data
+    with np.errstate(invalid="ignore", over="ignore"):
+        # A row whose maximum is NaN, +inf or -inf (all -inf) is invalid whatever the shift:
+        # it is passed on unshifted and the core marks it so.
+        top = np.max(x, axis=1, initial=-np.inf)
+        shift = np.where(np.isfinite(top), top, 0.0)
+        y = (x - shift[:, None]).astype(np.float32)
+    return Logits(y, "float32", lg.vocab), shift
+
+
+def _threads(threads: int | None) -> int:
+    if threads is None:
+        return default_threads()
+    if isinstance(threads, bool) or not isinstance(threads, (int, np.integer)):
+        raise ValueError(f"threads must be an integer, not {threads!r}")
+    if not 0 <= int(threads) <= MAX_THREADS:
+        raise ValueError(f"threads must be between 0 (all cores) and {MAX_THREADS}, got {int(threads)}")
+    return int(threads)
+
+
+def _require_gpu() -> None:
+    """device='cuda' without a usable GPU: say so in one line, not torch's traceback."""
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):  # Triton's CPU interpreter
+        return
+    try:
+        import torch
+    except ImportError:
+        raise ValueError("device='cuda' needs torch (with CUDA); use device='cpu'") from None
+    if not torch.cuda.is_available():
+        raise ValueError("device='cuda': no CUDA GPU is available (torch.cuda.is_available() is "
+                         "False); use device='cpu'")
 
 
 def _contiguous_rows(lg: Logits) -> Logits:
@@ -159,7 +244,15 @@ def _on_cuda(x: Any) -> bool:
 
 def default_threads() -> int:
     env = os.environ.get("FIDELITY_KLD_THREADS")
-    return int(env) if env else 0
+    if not env:
+        return 0
+    try:
+        value = int(env)
+    except ValueError:
+        value = -1
+    if not 0 <= value <= MAX_THREADS:
+        raise ValueError(f"FIDELITY_KLD_THREADS={env!r}: expected a thread count (0 = all cores)")
+    return value
 
 
 def compare(
@@ -189,21 +282,26 @@ def compare(
     if device not in ("auto", "cpu", "cuda"):
         raise ValueError(f"device must be auto, cpu or cuda, not {device!r}")
     if device == "cuda" or (device == "auto" and (_on_cuda(ref) or _on_cuda(q))):
+        _require_gpu()
         from .gpu import compare_gpu  # torch and triton are imported only on this path
 
         return compare_gpu(ref, q, labels, llama_parity=llama_parity, ref_dtype=ref_dtype,
                            q_dtype=q_dtype, backend=backend)
-    a = _contiguous_rows(as_logits(ref, ref_dtype, name="ref"))
-    b = _contiguous_rows(as_logits(q, q_dtype, name="q"))
+    a = as_logits(ref, ref_dtype, name="ref")
+    b = as_logits(q, q_dtype, name="q")
     _check_pair(a, b)
     y = _labels(labels, a.n_tokens)
+    n_threads = _threads(threads)
+    (a, shift_a), (b, shift_b) = _shifted_float32(a), _shifted_float32(b)
+    a, b = _contiguous_rows(a), _contiguous_rows(b)
     out = _new_outputs(a.n_tokens, y is not None, llama_parity)
     _core.logit_stats(
         a.data, a.dtype, b.data, b.dtype, a.vocab,
-        labels=y, llama_parity=llama_parity,
-        threads=default_threads() if threads is None else int(threads), simd=simd,
+        labels=y, llama_parity=llama_parity, threads=n_threads, simd=simd,
         **out,
     )
+    _unshift(out, "lse_ref", shift_a)
+    _unshift(out, "lse_q", shift_b)
     return TokenStats(labels=y, **out)
 
 
@@ -224,14 +322,20 @@ def compare_many(
     TokenStats is bitwise what compare gives it alone. CUDA tensors go to compare's GPU path,
     one model at a time.
     """
+    qs = list(qs)  # an iterator would be used up by the CUDA check below
     if _on_cuda(ref) or any(_on_cuda(q) for q in qs):
         return [compare(ref, q, labels, threads=threads, ref_dtype=ref_dtype, q_dtype=q_dtype,
                         llama_parity=llama_parity, simd=simd) for q in qs]
-    a = _contiguous_rows(as_logits(ref, ref_dtype, name="ref"))
-    bs = [_contiguous_rows(as_logits(q, q_dtype, name=f"q[{j}]")) for j, q in enumerate(qs)]
+    a = as_logits(ref, ref_dtype, name="ref")
+    bs = [as_logits(q, q_dtype, name=f"q[{j}]") for j, q in enumerate(qs)]
     for b in bs:
         _check_pair(a, b)
     y = _labels(labels, a.n_tokens)
+    n_threads = _threads(threads)
+    a, shift_a = _shifted_float32(a)
+    a = _contiguous_rows(a)
+    shifted = [_shifted_float32(b) for b in bs]
+    bs = [_contiguous_rows(b) for b, _ in shifted]
     outs = [_new_outputs(a.n_tokens, y is not None, llama_parity) for _ in bs]
     by_dtype: dict[str, list[int]] = {}
     for j, b in enumerate(bs):
@@ -239,11 +343,19 @@ def compare_many(
     for dtype, idx in by_dtype.items():
         _core.logit_stats_multi(
             a.data, a.dtype, [bs[j].data for j in idx], dtype, a.vocab,
-            labels=y, llama_parity=llama_parity,
-            threads=default_threads() if threads is None else int(threads), simd=simd,
+            labels=y, llama_parity=llama_parity, threads=n_threads, simd=simd,
             outs=[outs[j] for j in idx],
         )
+    for out, (_, shift_b) in zip(outs, shifted):
+        _unshift(out, "lse_ref", shift_a)
+        _unshift(out, "lse_q", shift_b)
     return [TokenStats(labels=y, **out) for out in outs]
+
+
+def _unshift(out: dict, name: str, shift: np.ndarray | None) -> None:
+    """The log-sum-exp of the original float64 logits: that of the shifted ones plus the shift."""
+    if shift is not None:
+        out[name] += shift
 
 
 def _check_pair(a: Logits, b: Logits) -> None:
@@ -258,7 +370,10 @@ def _check_pair(a: Logits, b: Logits) -> None:
 def _labels(labels: Any, n: int) -> np.ndarray | None:
     if labels is None:
         return None
-    lab = np.asarray(labels).reshape(-1)
+    lab = np.asarray(labels)
+    if lab.ndim > 1:
+        raise ValueError(f"labels must be 1-D [tokens], got shape {lab.shape}")
+    lab = lab.reshape(-1)
     if lab.size and lab.dtype.kind not in "iu":  # a cast would truncate 3.7 to 3 silently
         raise ValueError(f"labels must be integer token ids, got {lab.dtype}")
     y = np.ascontiguousarray(lab, dtype=np.int64)

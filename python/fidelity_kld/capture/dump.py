@@ -20,7 +20,7 @@ import os
 
 import numpy as np
 
-from ..io._util import STORAGE, AtomicFiles
+from ..io._util import RAW_DTYPES, STORAGE, AtomicFiles
 from ..io.base import DumpError
 from ..io.conversion import cast_block
 from ..io.npy import siblings
@@ -68,8 +68,8 @@ class DumpWriter:
 
     def __init__(self, path: str | os.PathLike, *, dtype: str = "float32", format: str | None = None):
         self.path = os.fspath(path)
-        if dtype not in STORAGE:
-            raise ValueError(f"dtype must be one of {', '.join(STORAGE)}, not {dtype!r}")
+        if dtype not in RAW_DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(RAW_DTYPES)}, not {dtype!r}")
         if format is None:
             ext = os.path.splitext(self.path)[1].lower()
             if ext not in FORMATS:

@@ -22,6 +22,12 @@ def command(device, quick, json_path, plot_path, no_torch):
     per-call overhead and the cohort analysis, against numpy/torch baselines and a memory
     roofline measured in the same run."""
     from .. import bench
+    from ..io.paths import check_outputs
+
+    try:
+        check_outputs({"--json": json_path, "--plot": plot_path}, [])
+    except ValueError as e:
+        raise click.UsageError(str(e)) from None
 
     if device == "cuda":  # the GPU suite lives in the source tree (it needs torch/triton)
         import os

@@ -83,6 +83,11 @@ def command(manifest, example, zone_threshold, thresholds, fmt, output, report_d
     if example == bool(manifest):
         raise click.UsageError("give a MANIFEST or --example (one of them)")
     path = example_manifest() if example else Path(manifest)
+    from ..io.paths import check_outputs
+    try:
+        check_outputs({"--output": output}, [path], directories={"--report": report_dir})
+    except ValueError as e:
+        raise InputError(str(e)) from None
     try:
         report = analyze(path, zone_threshold=zone_threshold, thresholds=thresholds, seed=seed,
                          n_bootstrap=n_bootstrap, holdout_reps=holdout_reps, primary=primary,

@@ -127,24 +127,12 @@ class _ProgressLine:
 
 def _read_ids(path: str, what: str) -> np.ndarray:
     from ..io import DumpError
-    from ..io.npy import read_header
+    from ..io.ids import read_ids_file
 
     try:
-        if path.endswith(".npy"):
-            # header checked against the file size, then mapped, not loaded: np.load would
-            # allocate whatever sizes the header claims
-            read_header(path, os.path.getsize(path))
-            arr = np.load(path, mmap_mode="r", allow_pickle=False)
-        else:
-            arr = np.loadtxt(path, dtype=np.int64, ndmin=1)
+        return read_ids_file(path, what)
     except DumpError as e:
-        raise InputError(f"{e} (reading {what})") from None
-    except (OSError, ValueError) as e:
-        raise InputError(f"{path}: cannot read {what}: {e}") from None
-    arr = np.asarray(arr).reshape(-1)
-    if arr.dtype.kind not in "iu":
-        raise InputError(f"{path}: {what} must be integers, got {arr.dtype}")
-    return arr.astype(np.int64)
+        raise InputError(str(e)) from None
 
 
 def _term_handler(signum, frame):
@@ -178,8 +166,14 @@ def _term_handler(signum, frame):
               help="llama: llama.cpp's (default when REF is a llama.cpp file); exact: DESIGN.md's "
                    "full-vocabulary definitions.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress line on stderr.")
+@click.option("--bad-rows", type=click.Choice(["refuse", "invalid"]), default="refuse",
+              show_default=True, help="Corrupt llama.cpp rows: refuse the file, or count them "
+                                      "as invalid tokens.")
+@click.option("--override-labels", is_flag=True,
+              help="Use --labels even where the dumps carry different labels.")
 def command(ref, quants, example, labels_path, prompt_ids_path, fmt, output, per_token,
-            per_prompt, threads, device, dtype_override, definitions, quiet):
+            per_prompt, threads, device, dtype_override, definitions, quiet, bad_rows,
+            override_labels):
     """Compare a reference dump REF with one or more quantized dumps QUANT.
 
     Dumps: llama.cpp --kl-divergence-base files, .npy, safetensors, Arrow IPC, Parquet, or
@@ -195,18 +189,26 @@ def command(ref, quants, example, labels_path, prompt_ids_path, fmt, output, per
     previous = signal.signal(signal.SIGTERM, _term_handler)
     try:
         _run(ref, quants, labels_path, prompt_ids_path, fmt, output, per_token, per_prompt,
-             threads, device, dtype_override, definitions, quiet)
+             threads, device, dtype_override, definitions, quiet, bad_rows, override_labels)
     finally:
         signal.signal(signal.SIGTERM, previous)
 
 
 def _run(ref, quants, labels_path, prompt_ids_path, fmt, output, per_token, per_prompt,
-         threads, device, dtype_override, definitions, quiet):
-    from ..io import check_compatible, open_source
+         threads, device, dtype_override, definitions, quiet, bad_rows, override_labels):
+    from ..io import DumpError, check_compatible, open_source
+    from ..io.ids import check_given_labels
+    from ..io.llama import check_rows
+    from ..io.paths import check_outputs
     from ..stats.per_prompt import per_prompt as per_prompt_table
     from ..stats.summary import summarize
     from ..stream import compare_sources
 
+    try:
+        check_outputs({"--output": output, "--per-token": per_token, "--per-prompt": per_prompt},
+                      [ref, *quants, labels_path, prompt_ids_path])
+    except DumpError as e:
+        raise InputError(str(e)) from None
     with ExitStack() as stack:
         try:
             ref_src = stack.enter_context(open_source(ref, dtype=dtype_override))
@@ -221,6 +223,10 @@ def _run(ref, quants, labels_path, prompt_ids_path, fmt, output, per_token, per_
                 raise InputError(f"{labels_path}: {labels.size} labels for {ref_src.n_tokens} tokens in {ref}")
             if labels.size and (labels.min() < 0 or labels.max() >= ref_src.vocab):
                 raise InputError(f"{labels_path}: label outside the vocabulary [0, {ref_src.vocab})")
+            try:
+                check_given_labels(labels_path, labels, [ref_src, *q_srcs], override_labels)
+            except DumpError as e:
+                raise InputError(str(e)) from None
         prompt_ids = _read_ids(prompt_ids_path, "prompt ids") if prompt_ids_path else ref_src.prompt_ids
         if prompt_ids is None:
             prompt_ids = next((q.prompt_ids for q in q_srcs if q.prompt_ids is not None), None)
@@ -237,6 +243,7 @@ def _run(ref, quants, labels_path, prompt_ids_path, fmt, output, per_token, per_
             results = compare_sources(ref_src, q_srcs, labels=labels, threads=threads,
                                       llama_parity=parity, progress=_ProgressLine(show),
                                       compare_fn=compare_fn, compare_many_fn=compare_many_fn)
+            results = check_rows(ref_src, q_srcs, results, bad_rows)
         except ValueError as e:
             raise InputError(str(e)) from None
         names = _model_names(quants)

@@ -24,8 +24,11 @@ def command(src: str, dst: str, to: str | None, dtype: str | None, input_dtype: 
     A llama.cpp --kl-divergence-base file is decoded to float32 log-probabilities; labels
     and prompt ids are written alongside. OUT appears only when complete."""
     from ..io import DumpError, convert, open_source
+    from ..io.conversion import output_format
+    from ..io.paths import check_outputs, written_files
 
     try:
+        check_outputs({"OUT": written_files(dst, output_format(dst, to) == "npy")}, [src])
         with open_source(src, dtype=input_dtype) as source:
             fmt = convert(source, dst, to=to, dtype=dtype)
             n, v = source.n_tokens, source.vocab

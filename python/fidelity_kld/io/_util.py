@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 
 import numpy as np
@@ -10,8 +11,10 @@ from .._atomic import default_mode, make_temp
 from .base import DumpError
 
 # storage numpy dtype of each logical logit dtype (bfloat16 crosses numpy as uint16 bits)
-STORAGE = {"float32": np.dtype("<f4"), "float16": np.dtype("<f2"), "bfloat16": np.dtype("<u2")}
-RAW_DTYPES = tuple(STORAGE)
+STORAGE = {"float32": np.dtype("<f4"), "float16": np.dtype("<f2"), "bfloat16": np.dtype("<u2"),
+           "float64": np.dtype("<f8")}
+# the dtypes dumps are written in (float64 is read, and computed accurately, not written)
+RAW_DTYPES = ("float32", "float16", "bfloat16")
 
 
 def file_size(path: str) -> int:
@@ -41,8 +44,8 @@ def logical_dtype(path: str, storage: np.dtype, declared: str | None, what: str 
     """The logical dtype of stored logits: float32/float16 as stored, uint16 only when declared
     bfloat16 (numpy and Arrow have no bfloat16)."""
     storage = np.dtype(storage)
-    if storage.kind == "f" and storage.itemsize in (2, 4):
-        name = "float32" if storage.itemsize == 4 else "float16"
+    if storage.kind == "f" and storage.itemsize in (2, 4, 8):
+        name = {2: "float16", 4: "float32", 8: "float64"}[storage.itemsize]
         if declared not in (None, name):
             raise DumpError(f"{path}: {what} are stored as {name}, not {declared}")
         return name
@@ -53,7 +56,8 @@ def logical_dtype(path: str, storage: np.dtype, declared: str | None, what: str 
             f"{path}: {what} are uint16; declare bfloat16 bit patterns (dtype='bfloat16', "
             "a sidecar or schema metadata) or store float32/float16"
         )
-    raise DumpError(f"{path}: unsupported {what} dtype {storage} (expected float32, float16 or bfloat16)")
+    raise DumpError(f"{path}: unsupported {what} dtype {storage} (expected float32, float16, "
+                    "bfloat16 or float64)")
 
 
 def check_ids(path: str, ids: np.ndarray, n_tokens: int, what: str) -> np.ndarray:
@@ -80,6 +84,27 @@ def f32_to_bf16(x: np.ndarray) -> np.ndarray:
     if nan.any():
         rounded[nan] = ((u[nan] >> 16) | 0x0040).astype(np.uint16)  # keep sign, force quiet
     return rounded
+
+
+def load_json(path: str, text: str | bytes, what: str):
+    """json.loads that refuses duplicate keys (the last would silently win) and turns deep
+    nesting (RecursionError) into a DumpError naming the file."""
+    def no_duplicates(pairs):
+        seen = {}
+        for key, value in pairs:
+            if key in seen:
+                raise DumpError(f"{path}: duplicate key {key!r} in the {what}")
+            seen[key] = value
+        return seen
+
+    try:
+        return json.loads(text, object_pairs_hook=no_duplicates)
+    except RecursionError:
+        raise DumpError(f"{path}: {what} is nested too deeply to be one") from None
+    except (UnicodeDecodeError, ValueError) as e:
+        if isinstance(e, DumpError):
+            raise
+        raise DumpError(f"{path}: bad {what} ({e})") from None
 
 
 def to_float32(data: np.ndarray, dtype: str) -> np.ndarray:

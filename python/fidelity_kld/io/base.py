@@ -53,7 +53,7 @@ class LogitSource:
 
     @property
     def bytes_per_token(self) -> int:
-        return self.vocab * (4 if self.dtype == "float32" else 2)
+        return self.vocab * {"float64": 8, "float32": 4}.get(self.dtype, 2)
 
     def read(self, start: int, stop: int) -> Logits:
         """Rows [start, stop) as Logits (a view where possible)."""

@@ -20,6 +20,7 @@ from .base import DumpError, LogitSource
 from .llama import decode_rows
 from .npy import NpyWriter
 from .open import EXTENSIONS
+from .paths import check_outputs, written_files
 from .safetensors import SafetensorsWriter
 
 WRITERS = {
@@ -77,8 +78,7 @@ def convert(src: LogitSource, out: str | os.PathLike, *, to: str | None = None,
     out_dtype = dtype or ("float32" if src.dtype == "llama_u16" else src.dtype)
     if out_dtype not in RAW_DTYPES:
         raise DumpError(f"{out}: cannot write dtype {out_dtype!r} (choose from {', '.join(RAW_DTYPES)})")
-    if os.path.exists(out) and any(os.path.exists(f) and os.path.samefile(f, out) for f in src.files()):
-        raise DumpError(f"{out}: output would overwrite the input")
+    check_outputs({"the output": written_files(out, fmt == "npy")}, src.files())
     if rows_per_chunk is None:
         rows_per_chunk = max(1, CHUNK_BYTES // (src.vocab * STORAGE[out_dtype].itemsize))
     files = AtomicFiles()

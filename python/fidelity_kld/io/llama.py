@@ -13,6 +13,8 @@ Row k of chunk c scores the token tokens[c*n_ctx + n_ctx//2 + 1 + k]: that is it
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from ._util import file_size, read_prefix
@@ -124,3 +126,110 @@ def decode_rows(rows: np.ndarray, n_vocab: int) -> np.ndarray:
     head = np.ascontiguousarray(rows[:, :4]).view("<f4")  # [n, 2]: scale, min_log_prob
     scale, min_log_prob = head[:, 0:1], head[:, 1:2]
     return rows[:, 4 : 4 + n_vocab].astype(np.float32) * scale + min_log_prob
+
+
+# ----------------------------------------------------------------------------- corrupt rows
+#
+# A row llama.cpp wrote has scale = (M - m)/65535 in [0, 16/65535] (0 when every logit is
+# equal), min_log_prob = m - M - L <= 0, and decodes to log-probabilities whose log-sum-exp
+# is 0 up to the code rounding (|error| <= scale/2 = 1.2e-4 nats) plus the mass of the tokens
+# clamped to the window's floor (each decodes to at most e^-16 more than it had): so
+# |lse| <= log(1 + V e^-16) + 1.2e-4. LSE_MARGIN leaves 8x headroom over the rounding term
+# (the fixtures tests/data/base.kld and Q4_K_M.kld, V = 8000, peak at 7.2e-4 against a
+# tolerance of 1.9e-3). A zeroed row decodes to log p = 0 for every token: lse = ln V.
+
+LSE_MARGIN = 1e-3
+# The widest window a row can span: 16 nats, plus float32 rounding of M - (M - 16) for logits
+# up to 2^24; twice 16/65535 is a scale no llama.cpp run writes.
+MAX_SCALE = 32.0 / 65535
+BAD_ROW_MODES = ("refuse", "invalid")
+
+
+def lse_tolerance(n_vocab: int) -> float:
+    """How far from 0 the log-sum-exp of a decoded row written by llama.cpp can be."""
+    return math.log1p(n_vocab * math.exp(-16.0)) + LSE_MARGIN
+
+
+def corrupt_row_mask(rows: np.ndarray, lse: np.ndarray, n_vocab: int) -> np.ndarray:
+    """Rows no llama.cpp run writes: scale negative, above MAX_SCALE or not finite,
+    min_log_prob positive or not finite, or a decoded distribution whose log-sum-exp (`lse`,
+    as the core computed it) is further than lse_tolerance from 0. A NaN lse says nothing:
+    the core gives one for every statistic of a token the other side made invalid.
+    rows: [n, >= 4] uint16; returns [n] bool."""
+    scale, min_log_prob = _row_header(rows)
+    with np.errstate(invalid="ignore"):
+        return (~((scale >= 0) & (scale <= MAX_SCALE)) | ~(min_log_prob <= 0)
+                | ~np.isfinite(min_log_prob) | (np.abs(lse) > lse_tolerance(n_vocab)))
+
+
+def _row_header(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    head = np.ascontiguousarray(rows[:, :4]).view("<f4")
+    return head[:, 0], head[:, 1]
+
+
+def _why(rows: np.ndarray, i: int, lse: float, n_vocab: int) -> str:
+    scale, min_log_prob = (float(v[0]) for v in _row_header(rows[i : i + 1]))
+    if not 0 <= scale <= MAX_SCALE:
+        return f"scale {scale:g}, outside [0, 32/65535]"
+    if not (math.isfinite(min_log_prob) and min_log_prob <= 0):
+        return f"min_log_prob {min_log_prob:g} > 0" if min_log_prob > 0 else f"min_log_prob {min_log_prob:g}"
+    return (f"its log-probabilities sum to exp({lse:.4g}), not 1 (tolerance "
+            f"{lse_tolerance(n_vocab):.2g} nats)")
+
+
+def _llama_files(src) -> list:
+    """The LlamaSource files of a source (itself, or the shards of a directory), else []."""
+    parts = getattr(src, "shards", [src])
+    return parts if all(isinstance(p, LlamaSource) for p in parts) else []
+
+
+def screen_rows(src, lse: np.ndarray) -> np.ndarray | None:
+    """[n_tokens] bool mask of corrupt rows of a llama.cpp source (or directory of them), None
+    when it has none or is no llama.cpp file. `lse`: the core's log-sum-exp of its rows."""
+    files = _llama_files(src)
+    if not files:
+        return None
+    masks, start = [], 0
+    for f in files:
+        if f._data is None:
+            raise DumpError(f"{f.path}: source is closed")
+        masks.append(corrupt_row_mask(f._data, lse[start : start + f.n_tokens], f.vocab))
+        start += f.n_tokens
+    mask = np.concatenate(masks)
+    return mask if mask.any() else None
+
+
+def refuse_corrupt_rows(src, mask: np.ndarray, lse: np.ndarray) -> None:
+    """DumpError naming the file (the shard) and its first corrupt row."""
+    first, start = int(np.flatnonzero(mask)[0]), 0
+    for f in _llama_files(src):
+        if first < start + f.n_tokens:
+            row = first - start
+            raise DumpError(
+                f"{f.path}: row {row} is corrupt ({_why(f._data, row, float(lse[first]), f.vocab)}; "
+                f"{int(mask.sum())} of {src.n_tokens} rows are corrupt); --bad-rows invalid counts "
+                "them as invalid tokens instead")
+        start += f.n_tokens
+
+
+def check_rows(ref, quants, results: list, mode: str = "refuse") -> list:
+    """Per-token results of llama.cpp sources, with corrupt rows (corrupt_row_mask) refused
+    (mode 'refuse': DumpError naming the file and the first bad row) or counted as invalid
+    tokens (mode 'invalid': a bad reference row invalidates that token for every model)."""
+    if mode not in BAD_ROW_MODES:
+        raise ValueError(f"bad-rows mode must be one of {BAD_ROW_MODES}, not {mode!r}")
+    if not results:
+        return results
+    bad_ref = screen_rows(ref, results[0].lse_ref)
+    bad_q = [screen_rows(q, st.lse_q) for q, st in zip(quants, results)]
+    if mode == "refuse":
+        for src, mask, lse in ((ref, bad_ref, results[0].lse_ref),
+                               *((q, m, st.lse_q) for q, m, st in zip(quants, bad_q, results))):
+            if mask is not None:
+                refuse_corrupt_rows(src, mask, lse)
+        return results
+    out = []
+    for st, mask in zip(results, bad_q):
+        both = [m for m in (bad_ref, mask) if m is not None]
+        out.append(st.invalidated(np.logical_or.reduce(both)) if both else st)
+    return out

@@ -20,7 +20,7 @@ import tokenize
 
 import numpy as np
 
-from ._util import STORAGE, AtomicFiles, check_ids, file_size, logical_dtype
+from ._util import STORAGE, AtomicFiles, check_ids, file_size, load_json, logical_dtype
 from .base import DumpError, MappedSource
 
 MAGIC = b"\x93NUMPY"
@@ -67,13 +67,25 @@ def read_header(path: str, size: int) -> tuple[tuple, np.dtype, bool, int, tuple
         raise
     except OSError as e:
         raise DumpError(f"{path}: cannot read ({e.strerror})") from None
-    except (ValueError, SyntaxError, EOFError, tokenize.TokenError) as e:
-        # (numpy tokenizes the header: an unterminated bracket raises TokenError)
+    except (ValueError, SyntaxError, EOFError, tokenize.TokenError, RecursionError,
+            MemoryError) as e:
+        # (numpy tokenizes the header: an unterminated bracket raises TokenError; it parses
+        # it with ast.literal_eval: deep nesting raises RecursionError or MemoryError)
         problem = str(e).splitlines()[0] if str(e) else type(e).__name__
         if size < 10 or "EOF" in problem or "truncat" in problem.lower():
             raise DumpError(f"{path}: truncated in the .npy header ({size} bytes)") from None
         raise DumpError(f"{path}: bad .npy header ({problem})") from None
+    _check_shape(path, shape, dtype)
     return shape, dtype, fortran, offset, version
+
+
+def _check_shape(path: str, shape: tuple, dtype: np.dtype) -> None:
+    """Sizes numpy would take on trust: a negative dimension (np.load raises OverflowError or
+    makes a nonsense array) or one whose byte count no file and no ssize_t can hold."""
+    if any(d < 0 for d in shape):
+        raise DumpError(f"{path}: .npy header has a negative dimension in shape {tuple(shape)}")
+    if math.prod(shape) * max(dtype.itemsize, 1) >= 2**63 or any(d >= 2**63 for d in shape):
+        raise DumpError(f"{path}: .npy header shape {tuple(shape)} claims 2^63 bytes or more")
 
 
 class NpySource(MappedSource):
@@ -128,10 +140,11 @@ class NpySource(MappedSource):
 
 def _read_sidecar(path: str) -> dict:
     try:
-        with open(path, encoding="utf-8") as f:
-            meta = json.load(f)
-    except (OSError, ValueError) as e:
-        raise DumpError(f"{path}: unreadable dtype sidecar ({e})") from None
+        with open(path, "rb") as f:
+            raw = f.read(1 << 20)  # {"dtype": "bfloat16"}: anything longer is not a sidecar
+    except OSError as e:
+        raise DumpError(f"{path}: unreadable dtype sidecar ({e.strerror})") from None
+    meta = load_json(path, raw, "dtype sidecar")
     if not isinstance(meta, dict) or meta.get("dtype") not in ("bfloat16", "float16", "float32"):
         raise DumpError(f"{path}: dtype sidecar must be {{\"dtype\": \"bfloat16\"}}")
     return meta
@@ -140,6 +153,11 @@ def _read_sidecar(path: str) -> dict:
 def _read_ids(path: str, n: int, what: str) -> np.ndarray | None:
     if not os.path.exists(path):
         return None
+    return check_ids(path, load_ids(path, what), n, what)
+
+
+def load_ids(path: str, what: str) -> np.ndarray:
+    """A 1-D integer .npy companion (labels, prompt ids), its header checked before np.load."""
     size = file_size(path)
     # np.load allocates what the header claims before reading: check the claim first.
     shape, storage, _, offset, _ = read_header(path, size)
@@ -147,11 +165,15 @@ def _read_ids(path: str, n: int, what: str) -> np.ndarray | None:
     if size < need:
         raise DumpError(f"{path}: truncated {what}: header says {tuple(shape)} {storage} "
                         f"({need} bytes in all), file has {size}")
+    if len(shape) != 1:
+        raise DumpError(f"{path}: {what} must be 1-D, got shape {tuple(shape)}")
+    if storage.kind not in "iu":
+        raise DumpError(f"{path}: {what} must be integers, got {storage}")
     try:
         ids = np.load(path, mmap_mode=None, allow_pickle=False)
     except (OSError, ValueError, EOFError) as e:
         raise DumpError(f"{path}: unreadable {what} ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
-    return check_ids(path, ids, n, what)
+    return ids
 
 
 class NpyWriter:

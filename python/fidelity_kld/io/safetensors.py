@@ -13,7 +13,7 @@ import math
 
 import numpy as np
 
-from ._util import STORAGE, AtomicFiles, check_ids, file_size, logical_dtype, read_prefix
+from ._util import STORAGE, AtomicFiles, check_ids, file_size, load_json, logical_dtype, read_prefix
 from .base import DumpError, MappedSource
 
 MAX_HEADER = 100 * 1024 * 1024  # the reference implementation's limit too
@@ -48,9 +48,10 @@ def read_header(path: str) -> tuple[dict, dict, int, int]:
         raise DumpError(f"{path}: truncated in the JSON header: header length says {n} bytes, file has {size - 8} after it")
     raw = read_prefix(path, 8 + n)[8:]
     try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as e:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
         raise DumpError(f"{path}: bad safetensors JSON header ({e})") from None
+    header = load_json(path, text, "safetensors JSON header")
     if not isinstance(header, dict):
         raise DumpError(f"{path}: safetensors header is not a JSON object")
     meta = header.pop("__metadata__", None) or {}
@@ -61,9 +62,9 @@ def read_header(path: str) -> tuple[dict, dict, int, int]:
         if not isinstance(t, dict) or not {"dtype", "shape", "data_offsets"} <= t.keys():
             raise DumpError(f"{path}: tensor {name!r} lacks dtype/shape/data_offsets")
         dt, shape, offs = t["dtype"], t["shape"], t["data_offsets"]
-        if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)):
+        if not (isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape)):
             raise DumpError(f"{path}: tensor {name!r} has a bad shape {shape!r}")
-        if not (isinstance(offs, list) and len(offs) == 2 and all(isinstance(o, int) for o in offs)):
+        if not (isinstance(offs, list) and len(offs) == 2 and all(type(o) is int for o in offs)):
             raise DumpError(f"{path}: tensor {name!r} has bad data_offsets {offs!r}")
         begin, end = offs
         if not 0 <= begin <= end:
@@ -75,7 +76,18 @@ def read_header(path: str) -> tuple[dict, dict, int, int]:
             if end - begin != need:
                 raise DumpError(f"{path}: tensor {name!r}: {dt} {shape} needs {need} bytes, data_offsets span {end - begin}")
         tensors[name] = {"dtype": dt, "shape": list(shape), "data_offsets": [begin, end]}
+    _check_no_overlap(path, tensors)
     return tensors, meta, data_start, size
+
+
+def _check_no_overlap(path: str, tensors: dict) -> None:
+    """Two tensors sharing bytes would read each other's data (the format forbids it)."""
+    spans = sorted((t["data_offsets"][0], t["data_offsets"][1], name) for name, t in tensors.items()
+                   if t["data_offsets"][1] > t["data_offsets"][0])
+    for (_, end_a, name_a), (begin_b, _, name_b) in zip(spans, spans[1:]):
+        if begin_b < end_a:
+            raise DumpError(f"{path}: tensors {name_a!r} and {name_b!r} overlap (bytes "
+                            f"{begin_b}..{end_a} of the data buffer belong to both)")
 
 
 class SafetensorsSource(MappedSource):
@@ -87,7 +99,7 @@ class SafetensorsSource(MappedSource):
             raise DumpError(f"{path}: no 'logits' tensor (has: {', '.join(sorted(tensors)) or 'none'})")
         t = tensors["logits"]
         if t["dtype"] not in DTYPES:
-            raise DumpError(f"{path}: unsupported logits dtype {t['dtype']} (expected F32, F16 or BF16)")
+            raise DumpError(f"{path}: unsupported logits dtype {t['dtype']} (expected F32, F16, BF16 or F64)")
         storage = DTYPES[t["dtype"]]
         declared = "bfloat16" if t["dtype"] == "BF16" and dtype is None else dtype
         if t["dtype"] == "BF16" and dtype not in (None, "bfloat16"):

@@ -6,7 +6,9 @@ against it, with one deliberate difference: every variance is computed from cent
 when the mean is large next to the spread. The standard errors are the same quantities.
 
 Invalid tokens (NaN/+inf inputs) are excluded and counted; +inf KLDs are kept (they make the
-mean +inf, as they should) and counted.
+mean +inf, as they should) and counted. Tokens whose label has probability 0 under both models
+(its logit -inf on both sides: both nll +inf, their difference undefined) are counted in
+n_label_inf and left out of the label statistics (PPL, ratios, correlation, Δp).
 """
 
 from __future__ import annotations
@@ -126,6 +128,7 @@ class Summary:
     same_top: float
     same_top_se: float
     has_labels: bool = False
+    n_label_inf: int = 0
     ppl_ref: float = math.nan
     ppl_ref_se: float = math.nan
     ppl_q: float = math.nan
@@ -199,8 +202,12 @@ def summarize(stats: TokenStats, *, llama_compat: bool | None = None) -> Summary
         same_top_se=same_se,
     )
     if stats.nll_ref is not None:
-        kw.update(_label_stats(stats.nll_ref[valid], stats.nll_q[valid],
-                               stats.delta_p[valid], llama_compat))
+        nll_ref, nll_q = stats.nll_ref[valid], stats.nll_q[valid]
+        impossible = np.isposinf(nll_ref) & np.isposinf(nll_q)
+        keep = ~impossible
+        kw.update(_label_stats(nll_ref[keep], nll_q[keep], stats.delta_p[valid][keep],
+                               llama_compat))
+        kw["n_label_inf"] = int(impossible.sum())
     return Summary(**kw)
 
 
@@ -270,10 +277,17 @@ class Accumulator:
             prompt_ids = np.asarray(prompt_ids).reshape(-1)
             if prompt_ids.size != stats.n_tokens:
                 raise ValueError(f"prompt_ids has {prompt_ids.size} entries for {stats.n_tokens} tokens")
+        if self._parts:
+            _check_same_kind(self._parts[0], stats, "this batch")
         self._parts.append(stats)
         self._prompt_ids.append(prompt_ids)
 
     def merge(self, other: "Accumulator") -> "Accumulator":
+        if self.llama_parity != other.llama_parity:
+            raise ValueError("cannot merge a llama-parity accumulator with one using the exact "
+                             "definitions: their KLDs are different quantities")
+        if self._parts and other._parts:
+            _check_same_kind(self._parts[0], other._parts[0], "the other accumulator's batches")
         out = Accumulator(threads=self.threads, llama_parity=self.llama_parity)
         out._parts = self._parts + other._parts
         out._prompt_ids = self._prompt_ids + other._prompt_ids
@@ -307,6 +321,16 @@ class Accumulator:
         return per_prompt(stats, self._prompt_ids[0])
 
 
+def _check_same_kind(seen: TokenStats, new: TokenStats, what: str) -> None:
+    """Batches with and without labels (or llama.cpp's KLD) cannot be summarised together:
+    the summary would silently drop PPL (or switch definitions) for every token."""
+    for field_name, meaning in (("nll_ref", "labels"), ("kld_llama", "llama-parity KLDs")):
+        had, has = getattr(seen, field_name) is not None, getattr(new, field_name) is not None
+        if had != has:
+            raise ValueError(f"{what} {'has' if has else 'lacks'} {meaning}, the batches before "
+                             f"{'did not' if has else 'did'}: add every batch the same way")
+
+
 def _flatten_batch(ref, q, labels, mask, prompt_ids):
     """[B, T, V] -> [B*T, V] with the mask applied; prompt ids per sequence broadcast."""
     shape = tuple(getattr(ref, "shape", ()))
@@ -315,6 +339,9 @@ def _flatten_batch(ref, q, labels, mask, prompt_ids):
         ref = ref.reshape(b * t, v)
         q = q.reshape(b * t, v)
         if labels is not None:
+            labels = _to_numpy(labels)
+            if labels.size != b * t:
+                raise ValueError(f"labels has {labels.size} entries for a [{b}, {t}] batch")
             labels = labels.reshape(b * t)
         if prompt_ids is not None:
             prompt_ids = _to_numpy(prompt_ids)
@@ -338,8 +365,13 @@ def _flatten_batch(ref, q, labels, mask, prompt_ids):
             else:
                 ref, q = np.asarray(ref)[keep_np], np.asarray(q)[keep_np]
             if labels is not None:
-                labels = _to_numpy(labels).reshape(-1)[keep_np]
+                labels = _to_numpy(labels).reshape(-1)
+                if labels.size != keep_np.size:
+                    raise ValueError(f"labels has {labels.size} entries, mask {keep_np.size}")
+                labels = labels[keep_np]
             if prompt_ids is not None:
+                if prompt_ids.size != keep_np.size:
+                    raise ValueError(f"prompt_ids has {prompt_ids.size} entries, mask {keep_np.size}")
                 prompt_ids = prompt_ids[keep_np]
     if labels is not None:
         labels = _to_numpy(labels).reshape(-1)
