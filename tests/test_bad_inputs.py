@@ -47,7 +47,7 @@ def pair(n=24, v=V, seed=0):
 
 
 def llama_file(n_ctx=8, n_vocab=7, n_chunk=2, tokens=None, seed=0) -> bytes:
-    """A llama.cpp --kl-divergence-base file per FORMATS.md section 1 (random codes)."""
+    """A llama.cpp --kl-divergence-base file per docs/formats.md (random codes)."""
     rng = np.random.default_rng(seed)
     if tokens is None:
         tokens = rng.integers(0, n_vocab, size=n_ctx * n_chunk)

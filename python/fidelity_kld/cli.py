@@ -22,6 +22,7 @@ COMMANDS = {
     "convert": "convert",
     "cohort": "cohort",
     "bench": "bench",
+    "capture": "capture",
 }
 
 
