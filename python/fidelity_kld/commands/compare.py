@@ -82,6 +82,8 @@ def _term_handler(signum, frame):
 @click.option("--tokenizer", "tokenizer_path", type=click.Path(exists=True),
               help="SentencePiece .model file or Hugging Face tokenizer directory: show token "
                    "text and context in the listings.")
+@click.option("--brief", is_flag=True,
+              help="Text: leave out each model's full statistics (the tables and listings only).")
 @click.option("--running", is_flag=True,
               help="Print llama.cpp-style running estimates after each prompt (chunk).")
 @click.option("--output", "-o", type=click.Path(dir_okay=False),
@@ -102,7 +104,7 @@ def _term_handler(signum, frame):
                    "exact: the full-vocabulary definitions (docs/definitions.md).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress on stderr.")
 def command(ref, quants, example, labels_path, prompt_ids_path, fmt, names_given, sort, paired,
-            baseline, top_tokens, top_prompts, tokenizer_path, running, output, per_token,
+            baseline, top_tokens, top_prompts, tokenizer_path, brief, running, output, per_token,
             per_prompt, threads, device, dtype_override, definitions, quiet):
     """Compare a reference dump REF with one or more quantized dumps QUANT.
 
@@ -123,14 +125,14 @@ def command(ref, quants, example, labels_path, prompt_ids_path, fmt, names_given
         raise click.UsageError(f"--name given {len(names_given)} times for {len(quants)} models")
     if paired and len(quants) < 2:
         raise click.UsageError("--paired needs at least two QUANT models")
-    names = list(names_given) if names_given else _model_names(quants)
-    if len(set(names)) != len(names):
+    if names_given and len(set(names_given)) != len(names_given):
         raise click.UsageError("--name labels must be distinct")
+    names = list(names_given) if names_given else _model_names(quants)
     if baseline is not None and baseline not in names:
         raise click.UsageError(f"--baseline {baseline!r} is none of the models ({', '.join(names)})")
     view = dict(fmt=fmt, names=names, sort=sort, paired=paired or baseline is not None,
                 baseline=baseline or names[0], top_tokens=top_tokens, top_prompts=top_prompts,
-                tokenizer_path=tokenizer_path, running=running)
+                tokenizer_path=tokenizer_path, running=running, brief=brief)
     previous = signal.signal(signal.SIGTERM, _term_handler)
     try:
         _run(ref, quants, labels_path, prompt_ids_path, output, per_token, per_prompt,
@@ -156,6 +158,8 @@ def _run(ref, quants, labels_path, prompt_ids_path, output, per_token, per_promp
                       for q in quants]
             for q in q_srcs:
                 check_compatible(ref_src, q)
+            for src in (ref_src, *q_srcs):
+                _warn_unrestored(src)
         except ValueError as e:  # DumpError included
             raise InputError(str(e)) from None
         labels = _read_ids(labels_path, "labels") if labels_path else None
@@ -256,13 +260,13 @@ def _print(ref, names, summaries, results, doc, extras, view) -> None:
         click.echo(json.dumps(json_ready(doc), indent=2))
         return
     blocks = []
-    if fmt == "text":
+    if fmt == "text" and not view["brief"]:
         for i, (name, s) in enumerate(zip(names, summaries)):
             text = f"### {name} vs {Path(ref).name}  ({s['n_tokens']} tokens)\n"
             if extras["running"] is not None:
                 text += _format.format_running(extras["running"][i]) + "\n\n"
             blocks.append(text + _format.format_summary(s))
-    if len(names) > 1 or fmt == "markdown":
+    if len(names) > 1 or fmt == "markdown" or view["brief"]:
         head = f"Compact table: {len(names)} model(s) vs {Path(ref).name}"
         table = _format.compact_table(names, summaries, sort=view["sort"], paired=extras["paired"],
                                       baseline=view["baseline"], fmt=fmt)
@@ -277,10 +281,30 @@ def _print(ref, names, summaries, results, doc, extras, view) -> None:
     click.echo("\n\n".join(blocks) + "\n")
 
 
+def _warn_unrestored(src) -> None:
+    """A conversion of a llama.cpp file that cannot be read back as its rows (float16 or
+    bfloat16) holds log-probs that are compared as logits, i.e. renormalised: say so."""
+    from ..io.conversion import values_of
+
+    if src.dtype != "llama_u16" and values_of(src) == "log_probs":
+        click.echo(f"warning: {src.path} holds llama.cpp log-probs rounded to {src.dtype}; they "
+                   "are compared as logits (renormalised), not under llama.cpp's definitions "
+                   "(convert to float32 to keep them)", err=True)
+
+
 def _model_names(paths) -> list[str]:
+    """File stems, else file names, else paths, whichever are distinct; the same file given
+    twice gets #2, #3, ... so that every model has its own label."""
     names = [Path(p).name for p in paths]
     stems = [Path(p).stem if Path(p).suffix else Path(p).name for p in paths]
-    return stems if len(set(stems)) == len(stems) else names if len(set(names)) == len(names) else [str(p) for p in paths]
+    for candidate in (stems, names):
+        if len(set(candidate)) == len(candidate):
+            return candidate
+    out, seen = [], {}
+    for p in map(str, paths):
+        seen[p] = seen.get(p, 0) + 1
+        out.append(p if seen[p] == 1 else f"{p}#{seen[p]}")
+    return out
 
 
 def _compare_fns(device: str):
