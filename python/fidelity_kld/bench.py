@@ -107,13 +107,13 @@ def machine() -> dict:
             "date": time.strftime("%Y-%m-%d"), "commit": commit}
 
 
-def source_commit() -> str:
-    """The git commit of the source checkout this package runs from; for an installed
-    package (no checkout of its own: git would name whatever repository encloses the
-    install) the version, said as such."""
+def source_commit(here: str | None = None) -> str:
+    """The git commit of the source checkout this package (directory `here`) runs from; for
+    an installed package (no checkout of its own: git would name whatever repository
+    encloses the install) the version, said as such."""
     from . import __version__
 
-    here = os.path.dirname(os.path.abspath(__file__))
+    here = here or os.path.dirname(os.path.abspath(__file__))
     try:
         out = subprocess.run(["git", "rev-parse", "--show-toplevel", "--short", "HEAD"],
                              capture_output=True, text=True, cwd=here, timeout=5).stdout.split()
