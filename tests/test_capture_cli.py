@@ -69,3 +69,34 @@ def test_capture_errors_are_one_line(tmp_path):
     r = CliRunner().invoke(cli, ["capture", str(tmp_path / "no_model"), "--text",
                                  str(tmp_path / "short.txt"), "--out", str(tmp_path / "x.npy")])
     assert r.exit_code == 1 and "no_model" in r.output
+
+
+FIXTURE_MODEL = Path("/work/shared/fixtures/tiny-llama")
+
+
+@pytest.mark.skipif(not FIXTURE_MODEL.is_dir(), reason="the shared fixture model is not on this machine")
+def test_the_variant_ordering_the_readme_states(tmp_path):
+    """README: on the fixture model, int4 > bf16 (weights and activations) > int8 > bf16
+    weights only (here on 2 of the README's 6 chunks)."""
+    from fidelity_kld.capture import hf
+    from fidelity_kld.stream import compare_sources
+
+    tok = transformers.AutoTokenizer.from_pretrained(FIXTURE_MODEL)
+    text = (FIXTURE_MODEL / "eval.txt").read_text(encoding="utf-8")
+    chunks = hf.text_chunks(tok, text, 256, max_chunks=2)
+
+    def load(dtype=torch.float32):
+        return transformers.AutoModelForCausalLM.from_pretrained(FIXTURE_MODEL, dtype=dtype).eval()
+
+    variants = {
+        "ref": load(),
+        "bf16_weights": load().to(torch.bfloat16).to(torch.float32),
+        "int8": hf.fake_quantize_weights(load(), 8),
+        "bf16": load(torch.bfloat16),
+        "int4": hf.fake_quantize_weights(load(), 4),
+    }
+    for name, model in variants.items():
+        hf.capture_logits(model, chunks, tmp_path / f"{name}.safetensors")
+    srcs = [open_source(tmp_path / f"{n}.safetensors") for n in variants]
+    kld = [float(np.mean(st.kld)) for st in compare_sources(srcs[0], srcs[1:])]
+    assert kld[0] < kld[1] < kld[2] < kld[3]  # bf16 weights < int8 < bf16 < int4
