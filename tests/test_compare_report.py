@@ -316,3 +316,50 @@ def test_example_says_what_it_is():
     assert first.startswith("Example data shipped in the package")
     assert "127 scored tokens" in first and "762 tokens" in first
     assert "(127 tokens)" in out  # and it is what it says
+
+
+def test_running_lines_equal_the_summary_of_each_prefix(near_lossless):
+    """Each running line is the summary of the tokens so far (checked with summarize, which
+    computes from scratch), the last one the final summary."""
+    from fidelity_kld.io import open_source
+    from fidelity_kld.ops import TokenStats
+    from fidelity_kld.stats.running import running_lines
+    from fidelity_kld.stats.summary import summarize
+    from fidelity_kld.stream import compare_sources
+
+    d = near_lossless
+    ref, q = open_source(d / "ref.safetensors"), open_source(d / "qb.safetensors")
+    st = compare_sources(ref, [q])[0]
+    lines = running_lines(st, ref.prompt_ids)
+    assert [x.n_tokens for x in lines] == [100, 200, 300, 400, 500, 600]
+    for line in lines:
+        part = TokenStats(**{k: (None if v is None else v[:line.n_tokens])
+                             for k, v in vars(st).items()})
+        s = summarize(part)
+        for got, want in ((line.kld, s.kld.mean), (line.kld_se, s.kld.se), (line.ppl_q, s.ppl_q),
+                          (line.ppl_q_se, s.ppl_q_se), (line.ln_ppl_ratio, s.ln_ppl_ratio),
+                          (line.ln_ppl_ratio_se, s.ln_ppl_ratio_se), (line.same_top, s.same_top),
+                          (line.same_top_se, s.same_top_se), (line.rms_delta_p, s.rms_delta_p),
+                          (line.rms_delta_p_se, s.rms_delta_p_se)):
+            assert math.isclose(got, want, rel_tol=1e-9, abs_tol=1e-15), (line, s)
+
+
+def test_a_hugging_face_tokenizer_directory_works_too():
+    transformers = pytest.importorskip("transformers")
+    from fidelity_kld.commands._tokens import load_tokenizer
+
+    path = DATA / "lm_eval" / "tiny_llama"
+    ours = load_tokenizer(str(path))
+    theirs = transformers.AutoTokenizer.from_pretrained(path)
+    ids = theirs("Hello world")["input_ids"]
+    assert ours.decode(ids) == theirs.decode(ids)
+    assert ours.piece(ids[-1]) == repr(theirs.decode([ids[-1]]))
+
+
+def test_a_bad_tokenizer_is_a_one_line_input_error(llama_base_path, llama_q4_path, tmp_path):
+    pytest.importorskip("sentencepiece")
+    bad = tmp_path / "bad.model"
+    bad.write_bytes(b"not a model")
+    r = CliRunner().invoke(cli, ["compare", str(llama_base_path), str(llama_q4_path), "-q",
+                                 "--top-tokens", "2", "--tokenizer", str(bad)])
+    assert r.exit_code == 1 and "bad.model" in r.output and "Traceback" not in r.output

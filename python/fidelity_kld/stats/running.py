@@ -11,7 +11,6 @@ import numpy as np
 
 from ..ops import TokenStats
 from .paired import per_token_values
-from .summary import _mean_se
 
 
 @dataclass(frozen=True)
@@ -42,29 +41,56 @@ def prompt_ends(prompt_ids: np.ndarray | None, n: int) -> np.ndarray:
     return np.append(np.flatnonzero(ids[1:] != ids[:-1]) + 1, n).astype(np.int64)
 
 
+def _prefix_mean_se(x: np.ndarray, ends: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and standard error of x[:end] for each end: per-segment counts, means and centred
+    sums of squares (float64), merged segment by segment (Chan et al.), so the whole run costs
+    one pass over x rather than one per prompt."""
+    x = np.asarray(x, np.float64)
+    starts = np.concatenate([[0], ends[:-1]])
+    means, ses = np.full(ends.size, math.nan), np.full(ends.size, math.nan)
+    n_tot, mean_tot, m2_tot = 0, 0.0, 0.0
+    for k, (a, b) in enumerate(zip(starts, ends)):
+        seg = x[a:b]
+        seg = seg[~np.isnan(seg)]
+        if seg.size:
+            m = float(seg.mean())
+            m2 = float(((seg - m) ** 2).sum())
+            n_new = n_tot + seg.size
+            delta = m - mean_tot
+            mean_tot += delta * seg.size / n_new
+            m2_tot += m2 + delta * delta * n_tot * seg.size / n_new
+            n_tot = n_new
+        if n_tot:
+            means[k] = mean_tot
+            ses[k] = math.sqrt(m2_tot / (n_tot - 1) / n_tot) if n_tot > 1 else math.nan
+    return means, ses
+
+
 def running_lines(st: TokenStats, prompt_ids: np.ndarray | None) -> list[RunningLine]:
-    """One RunningLine per prompt boundary (one in all without prompt ids)."""
+    """One RunningLine per prompt boundary (one in all without prompt ids), over the valid
+    tokens so far (invalid ones, NaN, are left out as the summary leaves them out)."""
+    ends = prompt_ends(prompt_ids, st.n_tokens)
     kld = per_token_values(st, "kld")
-    agree = st.top1_agree.astype(np.float64)
     valid = ~np.isnan(kld)
-    out = []
-    for k, end in enumerate(prompt_ends(prompt_ids, st.n_tokens), start=1):
-        v = valid[:end]
-        m_kld, se_kld = _mean_se(kld[:end][v])
-        p = float(agree[:end][v].mean()) if v.any() else math.nan
-        n_v = int(v.sum())
-        se_p = math.sqrt(p * (1 - p) / (n_v - 1)) if n_v > 1 else math.nan
-        ppl = ppl_se = lnr = lnr_se = rms = rms_se = math.nan
-        if st.nll_q is not None:
-            nll_q = st.nll_q[:end][v]
-            a, sa = _mean_se(nll_q)
-            lnr, lnr_se = _mean_se(nll_q - st.nll_ref[:end][v])
-            ppl = math.exp(a) if np.isfinite(a) else math.nan
+    m_kld, se_kld = _prefix_mean_se(kld, ends)
+    agree = np.where(valid, st.top1_agree.astype(np.float64), np.nan)
+    p, _ = _prefix_mean_se(agree, ends)
+    n_valid = np.cumsum(valid)[ends - 1]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        se_p = np.sqrt(p * (1 - p) / (n_valid - 1))
+    nan = np.full(ends.size, math.nan)
+    ppl = ppl_se = lnr = lnr_se = rms = rms_se = nan
+    if st.nll_q is not None:
+        keep = lambda x: np.where(valid, x, np.nan)  # noqa: E731
+        a, sa = _prefix_mean_se(keep(st.nll_q), ends)
+        lnr, lnr_se = _prefix_mean_se(keep(st.nll_q - st.nll_ref), ends)
+        m2, se2 = _prefix_mean_se(keep((st.p_q_y - st.p_ref_y) ** 2), ends)
+        with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+            ppl = np.exp(a)
             ppl_se = ppl * sa
-            dp2 = (st.p_q_y[:end][v] - st.p_ref_y[:end][v]) ** 2
-            m2, se2 = _mean_se(dp2)
-            rms = math.sqrt(m2) if np.isfinite(m2) else math.nan
-            rms_se = 0.5 / rms * se2 if rms > 0 else math.nan
-        out.append(RunningLine(k, int(end), ppl, ppl_se, lnr, lnr_se, m_kld, se_kld, rms, rms_se,
-                               p, se_p))
-    return out
+            rms = np.sqrt(m2)
+            rms_se = np.where(rms > 0, 0.5 / rms * se2, math.nan)
+    return [RunningLine(k + 1, int(ends[k]), float(ppl[k]), float(ppl_se[k]), float(lnr[k]),
+                        float(lnr_se[k]), float(m_kld[k]), float(se_kld[k]), float(rms[k]),
+                        float(rms_se[k]), float(p[k]), float(se_p[k]))
+            for k in range(ends.size)]
