@@ -231,6 +231,11 @@ def test_running_lines_track_llama_cpps_per_chunk_lines(llama_base_path, llama_q
         for col, tol in ((1, 1e-3), (5, 0.05), (7, 2e-2), (9, 1e-3)):
             assert math.isclose(float(a[col]), float(b[col]), rel_tol=tol), (col, a, b)
     assert out.count("chunk             PPL") == 6
+    # llama.cpp's column widths: where the digits agree, so do the columns
+    ours_1 = next(x for x in out.splitlines() if line.match(x))
+    theirs_1 = next(x for x in (DATA / "Q4_K_M.stats.txt").read_text().splitlines() if line.match(x))
+    assert [m.start() for m in re.finditer("±", ours_1)][:2] == [m.start() for m in re.finditer("±", theirs_1)][:2]
+    assert out.index("(running estimates)") < out.index("====== Perplexity")  # printed as it goes
 
 
 class FakeStream:

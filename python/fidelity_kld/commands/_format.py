@@ -34,10 +34,11 @@ def num(x, minimum: int = 6, width: int = 0) -> str:
     return f"{x:{width}.{decimals(x, minimum)}f}"
 
 
-def pm(value, se, minimum: int = 6, width: int = 10, sep: str = " ± ") -> str:
+def pm(value, se, minimum: int = 6, width: int = 10, sep: str = " ± ",
+       se_width: int | None = None) -> str:
     """'value ± se' with one number of decimals showing at least three significant digits of both."""
     d = max(decimals(value, minimum), decimals(se, minimum))
-    return f"{_num(value):{width}.{d}f}{sep}{_num(se):{width}.{d}f}"
+    return f"{_num(value):{width}.{d}f}{sep}{_num(se):{width if se_width is None else se_width}.{d}f}"
 
 
 def _pct(x) -> float:
@@ -300,12 +301,14 @@ RUNNING_HEADER = ("chunk             PPL               ln(PPL(Q)/PPL(base))     
 
 
 def format_running_line(line) -> str:
-    """One llama.cpp per-chunk line (its widths; three significant digits kept)."""
-    return (f"{line.prompt:4d}  {pm(line.ppl_q, line.ppl_q_se, 4, 11, ' ± ')}  "
-            f"{pm(line.ln_ppl_ratio, line.ln_ppl_ratio_se, 5, 12, ' ± ')}  "
-            f"{pm(line.kld, line.kld_se, 5, 12, ' ± ')}  "
-            f"{pm(_pct(line.rms_delta_p), _pct(line.rms_delta_p_se), 3, 8, ' ± ')} %  "
-            f"{pm(_pct(line.same_top), _pct(line.same_top_se), 3, 8, ' ± ')} %")
+    """One llama.cpp per-chunk line, in its column widths (`%4d%13.4f ± %9.4f%14.5f ± %10.5f
+    %14.5f ± %10.5f%10.3f ± %6.3f %%%10.3f ± %6.3f %%`), with more decimals where three
+    significant digits need them."""
+    return (f"{line.prompt:4d}{pm(line.ppl_q, line.ppl_q_se, 4, 13, se_width=9)}"
+            f"{pm(line.ln_ppl_ratio, line.ln_ppl_ratio_se, 5, 14, se_width=10)}"
+            f"{pm(line.kld, line.kld_se, 5, 14, se_width=10)}"
+            f"{pm(_pct(line.rms_delta_p), _pct(line.rms_delta_p_se), 3, 10, se_width=6)} %"
+            f"{pm(_pct(line.same_top), _pct(line.same_top_se), 3, 10, se_width=6)} %")
 
 
 def format_running(lines) -> str:

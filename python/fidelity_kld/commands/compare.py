@@ -179,6 +179,12 @@ def _run(ref, quants, labels_path, prompt_ids_path, output, per_token, per_promp
         if parity and ref_src.dtype != "llama_u16":
             raise InputError(f"{ref}: --definitions llama needs a llama.cpp reference file")
         compare_fn, compare_many_fn = _compare_fns(device)
+        live = None
+        if view["running"] and view["fmt"] == "text" and len(q_srcs) == 1:
+            # one model: its running lines are printed as the prompts complete, as llama.cpp does
+            live = _LiveRunning(f"### {view['names'][0]} vs {Path(ref).name}", prompt_ids,
+                                ref_src.n_tokens)
+            compare_fn = live.wrap(compare_fn)
         try:
             results = compare_sources(ref_src, q_srcs, labels=labels, threads=threads,
                                       llama_parity=parity, progress=ProgressReporter(not quiet),
@@ -193,6 +199,8 @@ def _run(ref, quants, labels_path, prompt_ids_path, output, per_token, per_promp
                            "have NaN or +inf logits, or no finite logit; excluded from every "
                            "statistic", err=True)
         extras = _analyses(names, results, prompt_ids, view)
+        if live is not None:
+            extras["running_live"] = True
         doc = {
             "fidelity_kld_version": __version__,
             "reference": {"path": os.fspath(ref), "format": ref_src.format,
@@ -223,7 +231,8 @@ def _analyses(names, results, prompt_ids, view) -> dict:
     from ..stats.paired import compare_paired
     from ..stats.running import running_lines
 
-    out = {"json": {}, "paired": None, "running": None, "top": None, "prompts": None}
+    out = {"json": {}, "paired": None, "running": None, "top": None, "prompts": None,
+           "running_live": False}
     if view["paired"]:
         base = names.index(view["baseline"])
         out["paired"] = {names[j]: compare_paired(names[j], results[j], names[base], results[base])
@@ -263,7 +272,7 @@ def _print(ref, names, summaries, results, doc, extras, view) -> None:
     if fmt == "text" and not view["brief"]:
         for i, (name, s) in enumerate(zip(names, summaries)):
             text = f"### {name} vs {Path(ref).name}  ({s['n_tokens']} tokens)\n"
-            if extras["running"] is not None:
+            if extras["running"] is not None and not extras["running_live"]:
                 text += _format.format_running(extras["running"][i]) + "\n\n"
             blocks.append(text + _format.format_summary(s))
     if len(names) > 1 or fmt == "markdown" or view["brief"]:
@@ -279,6 +288,27 @@ def _print(ref, names, summaries, results, doc, extras, view) -> None:
         blocks.append(_format.format_top_tokens(
             name, rows, fmt, title=f"Prompts with the largest mean KLD (and their worst token): {name}"))
     click.echo("\n\n".join(blocks) + "\n")
+
+
+class _LiveRunning:
+    """Prints llama.cpp's per-chunk running lines on stdout while one model is compared: the
+    compare function is wrapped to see each chunk's per-token results."""
+
+    def __init__(self, title: str, prompt_ids, n_tokens: int):
+        from ..stats.running import RunningEstimates
+
+        self.title, self.estimates, self.started = title, RunningEstimates(prompt_ids, n_tokens), False
+
+    def wrap(self, compare_fn):
+        def compare_and_report(*args, **kwargs):
+            st = compare_fn(*args, **kwargs)
+            for line in self.estimates.add(st):
+                if not self.started:
+                    click.echo(self.title + "  (running estimates)")
+                    self.started = True
+                click.echo(_format.format_running([line]) + "\n")
+            return st
+        return compare_and_report
 
 
 def _warn_unrestored(src) -> None:

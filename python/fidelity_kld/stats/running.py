@@ -41,56 +41,100 @@ def prompt_ends(prompt_ids: np.ndarray | None, n: int) -> np.ndarray:
     return np.append(np.flatnonzero(ids[1:] != ids[:-1]) + 1, n).astype(np.int64)
 
 
-def _prefix_mean_se(x: np.ndarray, ends: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Mean and standard error of x[:end] for each end: per-segment counts, means and centred
-    sums of squares (float64), merged segment by segment (Chan et al.), so the whole run costs
-    one pass over x rather than one per prompt."""
-    x = np.asarray(x, np.float64)
-    starts = np.concatenate([[0], ends[:-1]])
-    means, ses = np.full(ends.size, math.nan), np.full(ends.size, math.nan)
-    n_tot, mean_tot, m2_tot = 0, 0.0, 0.0
-    for k, (a, b) in enumerate(zip(starts, ends)):
-        seg = x[a:b]
-        seg = seg[~np.isnan(seg)]
-        if seg.size:
-            m = float(seg.mean())
-            m2 = float(((seg - m) ** 2).sum())
-            n_new = n_tot + seg.size
-            delta = m - mean_tot
-            mean_tot += delta * seg.size / n_new
-            m2_tot += m2 + delta * delta * n_tot * seg.size / n_new
-            n_tot = n_new
-        if n_tot:
-            means[k] = mean_tot
-            ses[k] = math.sqrt(m2_tot / (n_tot - 1) / n_tot) if n_tot > 1 else math.nan
-    return means, ses
+class _Moments:
+    """Count, mean and centred sum of squares of the values seen so far (float64), merged
+    one batch at a time (Chan et al.), NaN entries skipped."""
+
+    def __init__(self):
+        self.n, self.mean, self.m2 = 0, 0.0, 0.0
+
+    def add(self, x: np.ndarray) -> None:
+        x = np.asarray(x, np.float64)
+        x = x[~np.isnan(x)]
+        if not x.size:
+            return
+        m = float(x.mean())
+        m2 = float(((x - m) ** 2).sum())
+        n_new = self.n + x.size
+        delta = m - self.mean
+        self.mean += delta * x.size / n_new
+        self.m2 += m2 + delta * delta * self.n * x.size / n_new
+        self.n = n_new
+
+    def mean_se(self) -> tuple[float, float]:
+        if self.n == 0:
+            return math.nan, math.nan
+        se = math.sqrt(self.m2 / (self.n - 1) / self.n) if self.n > 1 else math.nan
+        return self.mean, se
+
+
+class RunningEstimates:
+    """Feed per-token results in order (`add`, any chunking); get a RunningLine for each
+    prompt completed so far, once: what `compare --running` prints as it goes. One pass over
+    the tokens in all."""
+
+    def __init__(self, prompt_ids: np.ndarray | None, n_tokens: int):
+        self.ends = prompt_ends(prompt_ids, n_tokens)
+        self.done = 0          # prompts reported
+        self.seen = 0          # tokens fed
+        self._pending: list[TokenStats] = []
+        self._m = {k: _Moments() for k in ("kld", "agree", "nll_q", "ln_ratio", "dp2")}
+        self._labels = None
+
+    def add(self, st: TokenStats) -> list[RunningLine]:
+        self._pending.append(st)
+        self.seen += st.n_tokens
+        out = []
+        while self.done < self.ends.size and self.ends[self.done] <= self.seen:
+            end = int(self.ends[self.done])
+            start = int(self.ends[self.done - 1]) if self.done else 0
+            self._consume(self._take(end - start))
+            self.done += 1
+            out.append(self._line(self.done, end))
+        return out
+
+    def _take(self, n: int) -> TokenStats:
+        """The next n pending tokens (the rest stays pending)."""
+        whole = TokenStats.concat(self._pending) if len(self._pending) > 1 else self._pending[0]
+        head = _rows(whole, 0, n)
+        self._pending = [_rows(whole, n, whole.n_tokens)] if n < whole.n_tokens else []
+        return head
+
+    def _consume(self, st: TokenStats) -> None:
+        kld = per_token_values(st, "kld")
+        valid = ~np.isnan(kld)
+        self._m["kld"].add(kld)
+        self._m["agree"].add(np.where(valid, st.top1_agree.astype(np.float64), np.nan))
+        self._labels = st.nll_q is not None
+        if self._labels:
+            keep = lambda x: np.where(valid, x, np.nan)  # noqa: E731
+            self._m["nll_q"].add(keep(st.nll_q))
+            self._m["ln_ratio"].add(keep(st.nll_q - st.nll_ref))
+            self._m["dp2"].add(keep((st.p_q_y - st.p_ref_y) ** 2))
+
+    def _line(self, prompt: int, end: int) -> RunningLine:
+        m_kld, se_kld = self._m["kld"].mean_se()
+        p, _ = self._m["agree"].mean_se()
+        n = self._m["agree"].n
+        se_p = math.sqrt(p * (1 - p) / (n - 1)) if n > 1 else math.nan
+        ppl = ppl_se = lnr = lnr_se = rms = rms_se = math.nan
+        if self._labels:
+            a, sa = self._m["nll_q"].mean_se()
+            lnr, lnr_se = self._m["ln_ratio"].mean_se()
+            m2, se2 = self._m["dp2"].mean_se()
+            with np.errstate(over="ignore", invalid="ignore"):
+                ppl = float(np.exp(a))
+            ppl_se = ppl * sa
+            rms = math.sqrt(m2) if m2 >= 0 else math.nan
+            rms_se = 0.5 / rms * se2 if rms > 0 else math.nan
+        return RunningLine(prompt, end, ppl, ppl_se, lnr, lnr_se, m_kld, se_kld, rms, rms_se, p, se_p)
+
+
+def _rows(st: TokenStats, a: int, b: int) -> TokenStats:
+    return TokenStats(**{k: (None if v is None else v[a:b]) for k, v in vars(st).items()})
 
 
 def running_lines(st: TokenStats, prompt_ids: np.ndarray | None) -> list[RunningLine]:
     """One RunningLine per prompt boundary (one in all without prompt ids), over the valid
-    tokens so far (invalid ones, NaN, are left out as the summary leaves them out)."""
-    ends = prompt_ends(prompt_ids, st.n_tokens)
-    kld = per_token_values(st, "kld")
-    valid = ~np.isnan(kld)
-    m_kld, se_kld = _prefix_mean_se(kld, ends)
-    agree = np.where(valid, st.top1_agree.astype(np.float64), np.nan)
-    p, _ = _prefix_mean_se(agree, ends)
-    n_valid = np.cumsum(valid)[ends - 1]
-    with np.errstate(invalid="ignore", divide="ignore"):
-        se_p = np.sqrt(p * (1 - p) / (n_valid - 1))
-    nan = np.full(ends.size, math.nan)
-    ppl = ppl_se = lnr = lnr_se = rms = rms_se = nan
-    if st.nll_q is not None:
-        keep = lambda x: np.where(valid, x, np.nan)  # noqa: E731
-        a, sa = _prefix_mean_se(keep(st.nll_q), ends)
-        lnr, lnr_se = _prefix_mean_se(keep(st.nll_q - st.nll_ref), ends)
-        m2, se2 = _prefix_mean_se(keep((st.p_q_y - st.p_ref_y) ** 2), ends)
-        with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
-            ppl = np.exp(a)
-            ppl_se = ppl * sa
-            rms = np.sqrt(m2)
-            rms_se = np.where(rms > 0, 0.5 / rms * se2, math.nan)
-    return [RunningLine(k + 1, int(ends[k]), float(ppl[k]), float(ppl_se[k]), float(lnr[k]),
-                        float(lnr_se[k]), float(m_kld[k]), float(se_kld[k]), float(rms[k]),
-                        float(rms_se[k]), float(p[k]), float(se_p[k]))
-            for k in range(ends.size)]
+    tokens so far (invalid ones are left out, as the summary leaves them out)."""
+    return RunningEstimates(prompt_ids, st.n_tokens).add(st)
