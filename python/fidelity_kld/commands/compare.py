@@ -20,8 +20,6 @@ from . import _format
 from ._progress import ProgressReporter
 
 EXAMPLE_FILES = ("base.kld", "q4_k_m.kld")
-
-
 EXAMPLE_NOTE = ("Example data shipped in the package: llama.cpp --kl-divergence-base files of one "
                 "256-token chunk (127 scored tokens, vocabulary 8000) of the project's tiny-llama "
                 "test model and its Q4_K_M quantization. The README's figures are over all 6 "

@@ -22,7 +22,7 @@ from scipy import stats as sps
 from ..ops import TokenStats
 from .summary import json_ready
 
-# name -> (per-token value, lower is better, what it is)
+# the per-token quantities compared (per_token_values says what each is)
 QUANTITIES = ("kld", "same_top", "ln_ppl_ratio")
 
 
