@@ -11,7 +11,7 @@ the token table cut to n_ctx tokens and the rows cut to the first chunk's 127 (~
     python scripts/make_example_data.py --chunks 2 --out DIR
 
 Only the standard library and numpy are used; the input files are validated against
-FORMATS.md's size formula before anything is written.
+docs/formats.md's size formula before anything is written.
 """
 
 from __future__ import annotations

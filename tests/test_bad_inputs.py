@@ -47,7 +47,7 @@ def pair(n=24, v=V, seed=0):
 
 
 def llama_rows(logits: np.ndarray) -> np.ndarray:
-    """llama.cpp's row encoding of float logits (FORMATS.md section 1, in float64 here):
+    """llama.cpp's row encoding of float logits (docs/formats.md, in float64 here):
     [n, words] uint16, scale and min_log_prob first."""
     n, v = logits.shape
     top = logits.max(axis=1, keepdims=True)
@@ -61,7 +61,7 @@ def llama_rows(logits: np.ndarray) -> np.ndarray:
 
 
 def llama_file(n_ctx=8, n_vocab=7, n_chunk=2, tokens=None, seed=0) -> bytes:
-    """A llama.cpp --kl-divergence-base file per FORMATS.md section 1 (random logits,
+    """A llama.cpp --kl-divergence-base file per docs/formats.md (random logits,
     encoded as llama.cpp encodes them)."""
     rng = np.random.default_rng(seed)
     if tokens is None:

@@ -63,7 +63,8 @@ def test_convert_to_overrides_extension(tmp_path, llama_base_path):
 def test_convert_bf16_npy_writes_sidecar_and_info_reads_it(tmp_path, llama_base_path):
     out = tmp_path / "b.npy"
     assert run("convert", llama_base_path, out, "--dtype", "bfloat16").exit_code == 0
-    assert json.loads((tmp_path / "b.npy.json").read_text()) == {"dtype": "bfloat16"}
+    sidecar = json.loads((tmp_path / "b.npy.json").read_text())
+    assert sidecar["dtype"] == "bfloat16" and sidecar["fidelity_kld.values"] == "log_probs"
     d = json.loads(run("info", out, "--format", "json").output)
     assert d["dtype"] == "bfloat16" and len(d["files"]) == 4
 

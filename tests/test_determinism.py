@@ -40,7 +40,7 @@ def bf16(x: np.ndarray) -> np.ndarray:
 
 
 def llama_rows(x: np.ndarray) -> np.ndarray:
-    """llama.cpp's uint16 rows (FORMATS.md's writer, vectorised) for float32 logits."""
+    """llama.cpp's uint16 rows (docs/formats.md's writer, vectorised) for float32 logits."""
     n, v = x.shape
     mx = x.max(axis=1, keepdims=True)
     m = np.maximum(x.min(axis=1, keepdims=True), mx - np.float32(16))

@@ -64,12 +64,72 @@ def test_transformers_example(tmp_path, monkeypatch, capsys):
         assert src.n_tokens == acc.n_tokens and src.prompt_ids is not None
 
 
+def _spm_llama(tmp_path) -> str:
+    """A tiny random Llama with the project's real SentencePiece tokenizer (no pad token, as
+    Llama tokenizers ship): tests/data/tiny_llama_spm's config and tokenizer files, weights
+    made here."""
+    import shutil
+
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("sentencepiece")
+    src = Path(__file__).parent / "data" / "tiny_llama_spm"
+    model_dir = tmp_path / "spm_llama"
+    shutil.copytree(src, model_dir)
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig.from_pretrained(model_dir)
+    transformers.LlamaForCausalLM(config).save_pretrained(model_dir)
+    return str(model_dir)
+
+
+def test_transformers_example_with_a_llama_sentencepiece_tokenizer(tmp_path, monkeypatch, capsys):
+    """The README's recipe as printed, on a Llama tokenizer that has no pad token (it failed
+    with 'Asking to pad but the tokenizer does not have a padding token')."""
+    model = _spm_llama(tmp_path)
+    from transformers import AutoTokenizer
+
+    assert AutoTokenizer.from_pretrained(model).pad_token is None  # the case the recipe must handle
+    monkeypatch.chdir(tmp_path)
+    ns = run("transformers", MODEL=model)
+    tok = ns["tok"]
+    ids = [tok(t)["input_ids"] for t in ns["texts"]]
+    assert ns["acc"].n_tokens == sum(len(i) - 1 for i in ids)  # padding excluded
+    assert ns["acc"].summary().kld.mean > 0
+
+
+@pytest.mark.skipif(not Path("/work/shared/fixtures/tiny-llama").is_dir(),
+                    reason="the shared fixture model is not on this machine")
+def test_transformers_example_on_the_fixture_model(tmp_path, monkeypatch, capsys):
+    pytest.importorskip("sentencepiece")
+    monkeypatch.chdir(tmp_path)
+    ns = run("transformers", MODEL="/work/shared/fixtures/tiny-llama")
+    assert ns["acc"].summary().kld.mean > 0
+
+
+def test_hf_extra_installs_what_llama_tokenizers_need():
+    try:
+        import tomllib
+    except ImportError:  # Python 3.10
+        import tomli as tomllib
+    extra = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]["hf"]
+    names = {re.split(r"[<>=!\[ ]", e, maxsplit=1)[0] for e in extra}
+    assert {"transformers", "torch", "sentencepiece", "protobuf"} <= names
+
+
+def test_harness_doc_says_lm_eval_needs_accelerate_and_the_loglikelihood_shape():
+    text = (ROOT / "docs" / "harness.md").read_text(encoding="utf-8")
+    assert "accelerate" in text and "[len(requests), 2]" in text
+
+
 def test_lm_eval_example(tmp_path, monkeypatch, capsys):
     pytest.importorskip("transformers")
     monkeypatch.chdir(tmp_path)
     model = str(FIXTURE / "tiny_llama")
     ns = run("lm_eval", REF_SAMPLES=str(FIXTURE / "ref"), REF_MODEL=model, QUANT_MODEL=model)
     assert ns["result"].summary().kld.max < 1e-9  # the same model twice
+    ll = ns["ll"]
+    assert ll.shape == (len(ns["requests"]), 2)  # what docs/harness.md says
+    np.testing.assert_allclose(ll[:, 0], ll[:, 1], atol=1e-5)  # the same model in both columns
     import pyarrow.parquet as pq
 
     t = pq.read_table("q4_per_prompt.parquet")

@@ -1,5 +1,5 @@
 """The llama.cpp --kl-divergence-base reader, checked against an independent parse written
-here from FORMATS.md section 1 (struct + np.frombuffer), and against broken files."""
+here from docs/formats.md (struct + np.frombuffer), and against broken files."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ FIXTURE_SIZE = 12_204_260
 
 
 def parse_independently(path):
-    """FORMATS.md section 1, written without the package."""
+    """docs/formats.md, written without the package."""
     raw = open(path, "rb").read()
     assert raw[:8] == b"_logits_"
     n_ctx, n_vocab, n_chunk = struct.unpack("<iii", raw[8:20])
@@ -34,7 +34,7 @@ def decode_row_independently(row_words, n_vocab):
 
 
 def encode_llama(logits, tokens, n_ctx):
-    """Write a --kl-divergence-base file from float32 logits, per FORMATS.md's writer
+    """Write a --kl-divergence-base file from float32 logits, per docs/formats.md's writer
     (logits: [n_chunk * R, V]). Used for small synthetic files with odd vocabularies."""
     n_rows, v = logits.shape
     first = n_ctx // 2

@@ -98,7 +98,7 @@ Matrix make_matrix(const std::vector<float>& logits, int64_t rows, int64_t vocab
     uint8_t* row = m.bytes.get() + r * m.stride;
     const float* x = logits.data() + r * vocab;
     if (d == DType::LLAMA_U16) {
-      // llama.cpp's encoding of finite rows (FORMATS.md); rows with -inf/NaN get any codes.
+      // llama.cpp's encoding of finite rows (docs/formats.md); rows with -inf/NaN get any codes.
       float mx = -std::numeric_limits<float>::infinity(), mn = std::numeric_limits<float>::infinity();
       for (int64_t i = 0; i < vocab; ++i) {
         if (std::isfinite(x[i])) {

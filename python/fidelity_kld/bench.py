@@ -101,14 +101,27 @@ def machine() -> dict:
                     break
     except OSError:
         pass
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                                text=True, cwd=os.path.dirname(__file__), timeout=5).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        commit = ""
+    commit = source_commit()
     return {"cpu": cpu, "cores": os.cpu_count(), "simd": _core.active_simd_level(),
             "python": platform.python_version(), "numpy": np.__version__,
             "date": time.strftime("%Y-%m-%d"), "commit": commit}
+
+
+def source_commit(here: str | None = None) -> str:
+    """The git commit of the source checkout this package (directory `here`) runs from; for
+    an installed package (no checkout of its own: git would name whatever repository
+    encloses the install) the version, said as such."""
+    from . import __version__
+
+    here = here or os.path.dirname(os.path.abspath(__file__))
+    try:
+        out = subprocess.run(["git", "rev-parse", "--show-toplevel", "--short", "HEAD"],
+                             capture_output=True, text=True, cwd=here, timeout=5).stdout.split()
+    except (OSError, subprocess.SubprocessError):
+        out = []
+    if len(out) == 2 and os.path.realpath(os.path.join(out[0], "python", "fidelity_kld")) == os.path.realpath(here):
+        return out[1]
+    return f"none (installed fidelity-kld {__version__}, not a git checkout)"
 
 
 @dataclass
@@ -196,8 +209,10 @@ def _torch_baselines(a, b, dtype: str, v: int, n: int, nbytes: int, quick: bool,
 
 
 def run_suite(*, quick: bool = False, log=print, torch_baselines: bool = True,
-              workdir: str | None = None) -> dict:
-    """Every CPU case of issue 6; returns {machine, roofline, rows, scaling}."""
+              workdir: str | None = None, progress=None) -> dict:
+    """Every CPU case of issue 6; returns {machine, roofline, rows, scaling}. log: the header
+    and the final tables; progress: one short line per case as it is measured (default: log)."""
+    progress = log if progress is None else progress
     import fidelity_kld as fk
 
     cores = os.cpu_count() or 1
@@ -233,8 +248,8 @@ def run_suite(*, quick: bool = False, log=print, torch_baselines: bool = True,
             baseline[("logit_stats", dtype, v)] = base.gb_per_s
             if torch_baselines and v == 152064:
                 rows.extend(_torch_baselines(a[:m * 4], b[:m * 4], dtype, v, m * 4,
-                                             a[:m * 4].nbytes + b[:m * 4].nbytes, quick, log))
-            log(format_table(rows[first:]).split("\n", 1)[1])
+                                             a[:m * 4].nbytes + b[:m * 4].nbytes, quick, progress))
+            progress(f"  measured logit_stats {dtype} V={v} ({len(rows) - first} rows)")
             del a, b, ref, q
 
     # 2. the llama.cpp uint16 decode path (fused decode + statistics)

@@ -23,6 +23,7 @@ COMMANDS = {
     "convert": "convert",
     "cohort": "cohort",
     "bench": "bench",
+    "capture": "capture",
 }
 
 

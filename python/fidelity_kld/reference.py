@@ -2,7 +2,7 @@
 
 Slow and memory-hungry on purpose: it materialises probabilities and is written to be read,
 not to be fast. Every backend test and every benchmark baseline compares against it.
-Conventions (DESIGN.md): nats; KL(P_ref || P_q); argmax ties go to the lowest index; a row
+Conventions (docs/definitions.md): nats; KL(P_ref || P_q); argmax ties go to the lowest index; a row
 with NaN or +inf on either side, or with no finite entry, is invalid (NaN outputs, top1 -1);
 -inf entries are masked vocabulary (probability 0, contributing 0 to every sum).
 """

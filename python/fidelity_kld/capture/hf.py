@@ -210,6 +210,59 @@ def fake_quantize_weights(model, bits: int, *, include_lm_head: bool = True):
     return model
 
 
+def ensure_pad_token(tokenizer):
+    """Give a tokenizer without a pad token (Llama's, GPT-2's) its EOS token as pad token, so
+    that `tokenizer(texts, padding=True)` works; padded positions are masked out of every
+    statistic by the attention mask. Returns the tokenizer."""
+    if getattr(tokenizer, "pad_token", None) is None:
+        if getattr(tokenizer, "eos_token", None) is None:
+            raise ValueError("the tokenizer has neither a pad token nor an EOS token to pad with")
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def text_chunks(tokenizer, text: str, ctx: int, *, max_chunks: int | None = None) -> list[list[int]]:
+    """llama-perplexity's evaluation chunks: the text tokenized once, cut into consecutive
+    pieces of `ctx` tokens (a partial last piece is dropped), each starting with the BOS token
+    when the tokenizer has one (llama.cpp replaces the first token the same way)."""
+    if ctx < 2:
+        raise ValueError(f"ctx must be at least 2 tokens, got {ctx}")
+    ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    n = len(ids) // ctx
+    if max_chunks is not None:
+        n = min(n, max_chunks)
+    bos = getattr(tokenizer, "bos_token_id", None)
+    chunks = []
+    for c in range(n):
+        chunk = ids[c * ctx:(c + 1) * ctx]
+        if bos is not None:
+            chunk[0] = bos
+        chunks.append(chunk)
+    return chunks
+
+
+def capture_logits(model, chunks: Sequence[Sequence[int]], out, *, batch_size: int = 4,
+                   dump_dtype: str = "float32", on_batch=None) -> int:
+    """Write the model's next-token logits at every position of each chunk but the last
+    (labels: the next tokens; prompt ids: chunk numbers) to the dump `out` (.npy or
+    .safetensors), for a later `fidelity-kld compare`. Returns the rows written."""
+    rows = 0
+    with DumpWriter(out, dtype=dump_dtype) as dump:
+        for batch in token_batches(chunks, batch_size=batch_size):
+            logits = model_logits(model, batch["input_ids"], batch["attention_mask"])
+            keep, targets = scored_positions(batch["input_ids"], batch["attention_mask"])
+            kept = select_rows(logits, keep)
+            flat_keep = keep.numpy().reshape(-1)
+            labels = targets.numpy().reshape(-1)[flat_keep]
+            width = batch["input_ids"].shape[1]
+            pids = np.repeat(batch["prompt_ids"].numpy(), width - 1)[flat_keep]
+            dump.write(kept, labels, pids)
+            rows += kept.shape[0]
+            if on_batch is not None:
+                on_batch(rows)
+    return rows
+
+
 def _get(batch, key):
     if isinstance(batch, dict) or hasattr(batch, "keys"):
         return batch[key] if key in batch else None

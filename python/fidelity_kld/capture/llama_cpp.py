@@ -16,7 +16,7 @@ logits_all), n_vocab(), n_ctx() and context_params.logits_all; llama_cpp is neve
 
 llama.cpp's own files instead: `llama-perplexity -m model-F16.gguf -f text.txt -c 512
 --kl-divergence-base base.kld` writes the reference's log-probs (uint16-quantized, see
-FORMATS.md) and `... -m model-Q4_K_M.gguf --kl-divergence-base q4.kld` (same text, same
+docs/formats.md) and `... -m model-Q4_K_M.gguf --kl-divergence-base q4.kld` (same text, same
 -c) a quant's; `fidelity-kld compare base.kld q4.kld` reads both.
 """
 

@@ -39,8 +39,9 @@ def command(device, quick, json_path, plot_path, no_torch):
                                    "source checkout")
         cmd = [sys.executable, script] + (["--json", json_path] if json_path else [])
         raise SystemExit(subprocess.call(cmd))
+    # progress (one short line per case) on stderr; the tables once, on stdout
     result = bench.run_suite(quick=quick, torch_baselines=not no_torch,
-                             log=lambda s: click.echo(s, err=False))
+                             log=lambda s: click.echo(s), progress=lambda s: click.echo(s, err=True))
     if json_path:
         with atomic_output(json_path) as tmp:
             with open(tmp, "w") as f:

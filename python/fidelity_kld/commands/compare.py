@@ -4,11 +4,8 @@ statistics per model, optionally write JSON, per-token and per-prompt Parquet.""
 from __future__ import annotations
 
 import json
-import math
 import os
 import signal
-import sys
-import time
 from contextlib import ExitStack
 from importlib import resources
 from pathlib import Path
@@ -19,110 +16,14 @@ import numpy as np
 from .. import __version__
 from ..cli import InputError, Terminated
 from .._atomic import atomic_output
+from . import _format
+from ._progress import ProgressReporter
 
 EXAMPLE_FILES = ("base.kld", "q4_k_m.kld")
-
-
-def _fmt_pm(value: float, se: float, width: int = 10, prec: int = 6) -> str:
-    return f"{value:{width}.{prec}f} ± {se:{width}.{prec}f}"
-
-
-def format_summary(s: dict) -> str:
-    """llama-perplexity --kl-divergence's final statistics, same names and order (with the
-    95% KLD line newer versions print, without the duplicated 99% line), then our extras."""
-    g = _getter(s)
-    lines = []
-    if s.get("has_labels"):
-        lines += [
-            "====== Perplexity statistics ======",
-            f"Mean PPL(Q)                   : {_fmt_pm(g('ppl_q'), g('ppl_q_se'))}",
-            f"Mean PPL(base)                : {_fmt_pm(g('ppl_ref'), g('ppl_ref_se'))}",
-            f"Cor(ln(PPL(Q)), ln(PPL(base))): {100 * g('cor_nll'):6.2f}%",
-            f"Mean ln(PPL(Q)/PPL(base))     : {_fmt_pm(g('ln_ppl_ratio'), g('ln_ppl_ratio_se'))}",
-            f"Mean PPL(Q)/PPL(base)         : {_fmt_pm(g('ppl_ratio'), g('ppl_ratio_se'))}",
-            f"Mean PPL(Q)-PPL(base)         : {_fmt_pm(g('ppl_diff'), g('ppl_diff_se'))}",
-        ]
-    k = _getter(s["kld"])
-    kp = _getter(s["kld"]["percentiles"])
-    lines += [
-        "====== KL divergence statistics ======",
-        f"Mean    KLD: {_fmt_pm(k('mean'), k('se'))}",
-        f"Maximum KLD: {k('max'):10.6f}",
-        f"99.9%   KLD: {kp('99.9'):10.6f}",
-        f"99.0%   KLD: {kp('99'):10.6f}",
-        f"95.0%   KLD: {kp('95'):10.6f}",
-        f"Median  KLD: {k('median'):10.6f}",
-        f"10.0%   KLD: {kp('10'):10.6f}",
-        f" 5.0%   KLD: {kp('5'):10.6f}",
-        f" 1.0%   KLD: {kp('1'):10.6f}",
-        f"Minimum KLD: {k('min'):10.6f}",
-    ]
-    lines.append("====== Token probability statistics ======")
-    if s.get("has_labels"):
-        d = _getter(s["delta_p"])
-        dp = _getter(s["delta_p"]["percentiles"])
-        lines += [
-            f"Mean    Δp: {100 * d('mean'):6.3f} ± {100 * d('se'):5.3f} %",
-            f"Maximum Δp: {100 * d('max'):6.3f}%",
-        ]
-        for key, label in (("99.9", "99.9%"), ("99", "99.0%"), ("95", "95.0%"), ("90", "90.0%"),
-                           ("75", "75.0%")):
-            lines.append(f"{label:<8}Δp: {100 * dp(key):6.3f}%")
-        lines.append(f"Median  Δp: {100 * d('median'):6.3f}%")
-        for key, label in (("25", "25.0%"), ("10", "10.0%"), ("5", " 5.0%"), ("1", " 1.0%"),
-                           ("0.1", " 0.1%")):
-            lines.append(f"{label:<8}Δp: {100 * dp(key):6.3f}%")
-        lines += [
-            f"Minimum Δp: {100 * d('min'):6.3f}%",
-            f"RMS Δp    : {100 * g('rms_delta_p'):6.3f} ± {100 * g('rms_delta_p_se'):5.3f} %",
-        ]
-    lines.append(f"Same top p: {100 * g('same_top'):6.3f} ± {100 * g('same_top_se'):5.3f} %")
-    r = _getter(s["kld_reverse"])
-    lines += [
-        "====== fidelity-kld extras ======",
-        f"Mean reverse KLD KL(Q||base): {_fmt_pm(r('mean'), r('se'))}",
-        f"Mean entropy of base        : {g('entropy_ref_mean'):10.6f}",
-        f"Tokens: {s['n_tokens']} ({s['n_invalid']} invalid, excluded; "
-        f"{s['n_kld_inf']} with infinite KLD)",
-    ]
-    if s.get("llama_compat"):
-        lines.append("Definitions: llama.cpp's (KLD over base log-probs > -16, float32 percentiles)")
-    return "\n".join(lines)
-
-
-def _getter(d: dict):
-    def get(key):
-        v = d.get(key)
-        if v is None:
-            return math.nan
-        if isinstance(v, str):
-            return float(v)
-        return v
-    return get
-
-
-class _ProgressLine:
-    """One self-overwriting stderr line: tokens, tokens/s, GB/s."""
-
-    def __init__(self, enabled: bool):
-        self.enabled = enabled
-        self.last = 0.0
-
-    def __call__(self, p) -> None:
-        if not self.enabled:
-            return
-        now = time.monotonic()
-        if now - self.last < 0.2 and p.tokens_done < p.tokens_total:
-            return
-        self.last = now
-        rate = p.tokens_done / p.seconds if p.seconds > 0 else 0.0
-        gbs = p.bytes_read / p.seconds / 1e9 if p.seconds > 0 else 0.0
-        pct = 100.0 * p.tokens_done / max(p.tokens_total, 1)
-        sys.stderr.write(f"\r{p.tokens_done}/{p.tokens_total} tokens ({pct:5.1f}%)  "
-                         f"{rate:,.0f} tok/s  {gbs:6.2f} GB/s ")
-        if p.tokens_done >= p.tokens_total:
-            sys.stderr.write("\n")
-        sys.stderr.flush()
+EXAMPLE_NOTE = ("Example data shipped in the package: llama.cpp --kl-divergence-base files of one "
+                "256-token chunk (127 scored tokens, vocabulary 8000) of the project's tiny-llama "
+                "test model and its Q4_K_M quantization. The README's figures are over all 6 "
+                "chunks (762 tokens) of tests/data/base.kld and Q4_K_M.kld, so they differ.")
 
 
 def _read_ids(path: str, what: str) -> np.ndarray:
@@ -147,8 +48,30 @@ def _term_handler(signum, frame):
               help="Token ids (.npy or one integer per line) if the dumps carry none.")
 @click.option("--prompt-ids", "prompt_ids_path", type=click.Path(exists=True, dir_okay=False),
               help="Prompt id of each token (.npy or text), for per-prompt output.")
-@click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text",
-              show_default=True, help="What to print on stdout.")
+@click.option("--format", "fmt", type=click.Choice(["text", "json", "markdown"]), default="text",
+              show_default=True, help="What to print on stdout (markdown: the tables only).")
+@click.option("--name", "names_given", multiple=True,
+              help="Label of each QUANT in the output, in order (default: file stems).")
+@click.option("--sort", type=click.Choice(list(_format.COMPACT_COLUMNS)), default="given",
+              show_default=True, help="Order of the compact table's rows (best first).")
+@click.option("--paired", is_flag=True,
+              help="Paired comparison of each model against the baseline on the same tokens: "
+                   "difference of mean KLD, same top and ln PPL ratio with paired SE and "
+                   "bootstrap CI, and whether the data can tell them apart.")
+@click.option("--baseline", default=None,
+              help="The model (--name or file stem) the others are paired against "
+                   "(default: the first QUANT).")
+@click.option("--top-tokens", type=click.IntRange(min=0), default=0,
+              help="List the N most divergent tokens (largest KLD) of each model.")
+@click.option("--top-prompts", type=click.IntRange(min=0), default=0,
+              help="List the N prompts with the largest mean KLD, with their worst token.")
+@click.option("--tokenizer", "tokenizer_path", type=click.Path(exists=True),
+              help="SentencePiece .model file or Hugging Face tokenizer directory: show token "
+                   "text and context in the listings.")
+@click.option("--brief", is_flag=True,
+              help="Text: leave out each model's full statistics (the tables and listings only).")
+@click.option("--running", is_flag=True,
+              help="Print llama.cpp-style running estimates after each prompt (chunk).")
 @click.option("--output", "-o", type=click.Path(dir_okay=False),
               help="Write the JSON summary (every number) to this file.")
 @click.option("--per-token", type=click.Path(dir_okay=False),
@@ -163,40 +86,58 @@ def _term_handler(signum, frame):
               help="Declare uint16 .npy dumps as bfloat16.")
 @click.option("--definitions", type=click.Choice(["auto", "llama", "exact"]), default="auto",
               show_default=True,
-              help="llama: llama.cpp's (default when REF is a llama.cpp file); exact: DESIGN.md's "
-                   "full-vocabulary definitions.")
-@click.option("--quiet", "-q", is_flag=True, help="No progress line on stderr.")
+              help="llama: llama.cpp's (default when REF is a llama.cpp file, or its conversion); "
+                   "exact: the full-vocabulary definitions (docs/definitions.md).")
+@click.option("--quiet", "-q", is_flag=True, help="No progress on stderr.")
 @click.option("--bad-rows", type=click.Choice(["refuse", "invalid"]), default="refuse",
               show_default=True, help="Corrupt llama.cpp rows: refuse the file, or count them "
                                       "as invalid tokens.")
 @click.option("--override-labels", is_flag=True,
               help="Use --labels even where the dumps carry different labels.")
-def command(ref, quants, example, labels_path, prompt_ids_path, fmt, output, per_token,
+def command(ref, quants, example, labels_path, prompt_ids_path, fmt, names_given, sort, paired,
+            baseline, top_tokens, top_prompts, tokenizer_path, brief, running, output, per_token,
             per_prompt, threads, device, dtype_override, definitions, quiet, bad_rows,
             override_labels):
     """Compare a reference dump REF with one or more quantized dumps QUANT.
 
     Dumps: llama.cpp --kl-divergence-base files, .npy, safetensors, Arrow IPC, Parquet, or
-    a directory of shards. Prints llama.cpp-style statistics for each model.
+    a directory of shards (docs/formats.md). Prints llama.cpp-style statistics for each
+    model, then (several models) one compact table; definitions: docs/definitions.md.
     """
     if example:
         if ref or quants:
             raise click.UsageError("--example takes no REF/QUANT arguments")
         base = resources.files("fidelity_kld") / "data" / "example"
         ref, quants = str(base / EXAMPLE_FILES[0]), (str(base / EXAMPLE_FILES[1]),)
+        if fmt != "json":
+            click.echo(EXAMPLE_NOTE + "\n")
     if not ref or not quants:
         raise click.UsageError("give REF and at least one QUANT (or --example)")
+    if names_given and len(names_given) != len(quants):
+        raise click.UsageError(f"--name given {len(names_given)} times for {len(quants)} models")
+    if paired and len(quants) < 2:
+        raise click.UsageError("--paired needs at least two QUANT models")
+    if names_given and len(set(names_given)) != len(names_given):
+        raise click.UsageError("--name labels must be distinct")
+    names = list(names_given) if names_given else _model_names(quants)
+    if baseline is not None and baseline not in names:
+        raise click.UsageError(f"--baseline {baseline!r} is none of the models ({', '.join(names)})")
+    view = dict(fmt=fmt, names=names, sort=sort, paired=paired or baseline is not None,
+                baseline=baseline or names[0], top_tokens=top_tokens, top_prompts=top_prompts,
+                tokenizer_path=tokenizer_path, running=running, brief=brief)
     previous = signal.signal(signal.SIGTERM, _term_handler)
     try:
-        _run(ref, quants, labels_path, prompt_ids_path, fmt, output, per_token, per_prompt,
-             threads, device, dtype_override, definitions, quiet, bad_rows, override_labels)
+        _run(ref, quants, labels_path, prompt_ids_path, output, per_token, per_prompt,
+             threads, device, dtype_override, definitions, quiet, view, bad_rows,
+             override_labels)
     finally:
         signal.signal(signal.SIGTERM, previous)
 
 
-def _run(ref, quants, labels_path, prompt_ids_path, fmt, output, per_token, per_prompt,
-         threads, device, dtype_override, definitions, quiet, bad_rows, override_labels):
+def _run(ref, quants, labels_path, prompt_ids_path, output, per_token, per_prompt,
+         threads, device, dtype_override, definitions, quiet, view, bad_rows, override_labels):
     from ..io import DumpError, check_compatible, open_source
+    from ..io.conversion import llama_rows
     from ..io.ids import check_given_labels
     from ..io.llama import check_rows
     from ..io.paths import check_outputs
@@ -211,10 +152,15 @@ def _run(ref, quants, labels_path, prompt_ids_path, fmt, output, per_token, per_
         raise InputError(str(e)) from None
     with ExitStack() as stack:
         try:
-            ref_src = stack.enter_context(open_source(ref, dtype=dtype_override))
-            q_srcs = [stack.enter_context(open_source(q, dtype=dtype_override)) for q in quants]
+            # llama_rows: a float32 conversion of a llama.cpp file is read back as the llama.cpp
+            # rows it came from, so it is compared under the same definitions as the original
+            ref_src = stack.enter_context(llama_rows(open_source(ref, dtype=dtype_override)))
+            q_srcs = [stack.enter_context(llama_rows(open_source(q, dtype=dtype_override)))
+                      for q in quants]
             for q in q_srcs:
                 check_compatible(ref_src, q)
+            for src in (ref_src, *q_srcs):
+                _warn_unrestored(src)
         except ValueError as e:  # DumpError included
             raise InputError(str(e)) from None
         labels = _read_ids(labels_path, "labels") if labels_path else None
@@ -238,21 +184,29 @@ def _run(ref, quants, labels_path, prompt_ids_path, fmt, output, per_token, per_
         if parity and ref_src.dtype != "llama_u16":
             raise InputError(f"{ref}: --definitions llama needs a llama.cpp reference file")
         compare_fn, compare_many_fn = _compare_fns(device)
-        show = not quiet and sys.stderr.isatty()
+        live = None
+        if view["running"] and view["fmt"] == "text" and len(q_srcs) == 1:
+            # one model: its running lines are printed as the prompts complete, as llama.cpp does
+            live = _LiveRunning(f"### {view['names'][0]} vs {Path(ref).name}", prompt_ids,
+                                ref_src.n_tokens)
+            compare_fn = live.wrap(compare_fn)
         try:
             results = compare_sources(ref_src, q_srcs, labels=labels, threads=threads,
-                                      llama_parity=parity, progress=_ProgressLine(show),
+                                      llama_parity=parity, progress=ProgressReporter(not quiet),
                                       compare_fn=compare_fn, compare_many_fn=compare_many_fn)
             results = check_rows(ref_src, q_srcs, results, bad_rows)
         except ValueError as e:
             raise InputError(str(e)) from None
-        names = _model_names(quants)
+        names = view["names"]
         summaries = [summarize(st).to_dict() for st in results]
         for qpath, s in zip(quants, summaries):  # excluded, never averaged in unannounced
             if s["n_invalid"]:
                 click.echo(f"warning: {qpath} vs {ref}: {s['n_invalid']} of {s['n_tokens']} tokens "
                            "have NaN or +inf logits, or no finite logit; excluded from every "
                            "statistic", err=True)
+        extras = _analyses(names, results, prompt_ids, view)
+        if live is not None:
+            extras["running_live"] = True
         doc = {
             "fidelity_kld_version": __version__,
             "reference": {"path": os.fspath(ref), "format": ref_src.format,
@@ -261,6 +215,7 @@ def _run(ref, quants, labels_path, prompt_ids_path, fmt, output, per_token, per_
             "models": [{"name": n, "path": os.fspath(p), "format": src.format, "dtype": src.dtype,
                         "summary": s}
                        for n, p, src, s in zip(names, quants, q_srcs, summaries)],
+            **extras["json"],
         }
         # Every output is written under a temporary name first; they are moved into place
         # together when all are complete, so an error or interrupt leaves none of them.
@@ -274,19 +229,118 @@ def _run(ref, quants, labels_path, prompt_ids_path, fmt, output, per_token, per_
             if per_prompt:
                 _write_per_prompt(outputs.enter_context(atomic_output(per_prompt)), names,
                                   results, prompt_ids, per_prompt_table)
+    _print(ref, names, summaries, results, doc, extras, view)
+
+
+def _analyses(names, results, prompt_ids, view) -> dict:
+    """Paired comparisons, running lines and top-token listings asked for (from stats/)."""
+    from ..stats.paired import compare_paired
+    from ..stats.running import running_lines
+
+    out = {"json": {}, "paired": None, "running": None, "top": None, "prompts": None,
+           "running_live": False}
+    if view["paired"]:
+        base = names.index(view["baseline"])
+        out["paired"] = {names[j]: compare_paired(names[j], results[j], names[base], results[base])
+                         for j in range(len(names)) if j != base}
+        out["json"]["paired"] = {"baseline": names[base],
+                                 "comparisons": [pc.to_dict() for pc in out["paired"].values()]}
+    if view["running"]:
+        from dataclasses import asdict
+
+        out["running"] = [running_lines(st, prompt_ids) for st in results]
+        out["json"]["running"] = {n: [asdict(x) for x in lines]
+                                  for n, lines in zip(names, out["running"])}
+    if view["top_tokens"] or view["top_prompts"]:
+        from ._tokens import load_tokenizer, top_prompt_rows, top_token_rows
+
+        tok = load_tokenizer(view["tokenizer_path"]) if view["tokenizer_path"] else None
+        if view["top_tokens"]:
+            out["top"] = [top_token_rows(st, prompt_ids, view["top_tokens"], tok) for st in results]
+            out["json"]["top_tokens"] = dict(zip(names, out["top"]))
+        if view["top_prompts"]:
+            if prompt_ids is None:
+                raise InputError("--top-prompts needs prompt ids (the dumps carry none; use --prompt-ids)")
+            out["prompts"] = [top_prompt_rows(st, prompt_ids, view["top_prompts"], tok)
+                              for st in results]
+            out["json"]["top_prompts"] = dict(zip(names, out["prompts"]))
+    return out
+
+
+def _print(ref, names, summaries, results, doc, extras, view) -> None:
+    fmt = view["fmt"]
     if fmt == "json":
-        click.echo(json.dumps(doc, indent=2))
-    else:
-        for name, s in zip(names, summaries):
-            click.echo(f"### {name} vs {Path(ref).name}  ({s['n_tokens']} tokens)")
-            click.echo(format_summary(s))
-            click.echo("")
+        from ..stats.summary import json_ready
+
+        click.echo(json.dumps(json_ready(doc), indent=2))
+        return
+    blocks = []
+    if fmt == "text" and not view["brief"]:
+        for i, (name, s) in enumerate(zip(names, summaries)):
+            text = f"### {name} vs {Path(ref).name}  ({s['n_tokens']} tokens)\n"
+            if extras["running"] is not None and not extras["running_live"]:
+                text += _format.format_running(extras["running"][i]) + "\n\n"
+            blocks.append(text + _format.format_summary(s))
+    if len(names) > 1 or fmt == "markdown" or view["brief"]:
+        head = f"Compact table: {len(names)} model(s) vs {Path(ref).name}"
+        table = _format.compact_table(names, summaries, sort=view["sort"], paired=extras["paired"],
+                                      baseline=view["baseline"], fmt=fmt)
+        blocks.append(f"**{head}**\n\n{table}" if fmt == "markdown" else f"{head}\n{table}")
+    for pc in (extras["paired"] or {}).values():
+        blocks.append(_format.format_paired(pc, fmt))
+    for name, rows in zip(names, extras["top"] or ()):
+        blocks.append(_format.format_top_tokens(name, rows, fmt))
+    for name, rows in zip(names, extras["prompts"] or ()):
+        blocks.append(_format.format_top_tokens(
+            name, rows, fmt, title=f"Prompts with the largest mean KLD (and their worst token): {name}"))
+    click.echo("\n\n".join(blocks) + "\n")
+
+
+class _LiveRunning:
+    """Prints llama.cpp's per-chunk running lines on stdout while one model is compared: the
+    compare function is wrapped to see each chunk's per-token results."""
+
+    def __init__(self, title: str, prompt_ids, n_tokens: int):
+        from ..stats.running import RunningEstimates
+
+        self.title, self.estimates, self.started = title, RunningEstimates(prompt_ids, n_tokens), False
+
+    def wrap(self, compare_fn):
+        def compare_and_report(*args, **kwargs):
+            st = compare_fn(*args, **kwargs)
+            for line in self.estimates.add(st):
+                if not self.started:
+                    click.echo(self.title + "  (running estimates)")
+                    self.started = True
+                click.echo(_format.format_running([line]) + "\n")
+            return st
+        return compare_and_report
+
+
+def _warn_unrestored(src) -> None:
+    """A conversion of a llama.cpp file that cannot be read back as its rows (float16 or
+    bfloat16) holds log-probs that are compared as logits, i.e. renormalised: say so."""
+    from ..io.conversion import values_of
+
+    if src.dtype != "llama_u16" and values_of(src) == "log_probs":
+        click.echo(f"warning: {src.path} holds llama.cpp log-probs rounded to {src.dtype}; they "
+                   "are compared as logits (renormalised), not under llama.cpp's definitions "
+                   "(convert to float32 to keep them)", err=True)
 
 
 def _model_names(paths) -> list[str]:
+    """File stems, else file names, else paths, whichever are distinct; the same file given
+    twice gets #2, #3, ... so that every model has its own label."""
     names = [Path(p).name for p in paths]
     stems = [Path(p).stem if Path(p).suffix else Path(p).name for p in paths]
-    return stems if len(set(stems)) == len(stems) else names if len(set(names)) == len(names) else [str(p) for p in paths]
+    for candidate in (stems, names):
+        if len(set(candidate)) == len(candidate):
+            return candidate
+    out, seen = [], {}
+    for p in map(str, paths):
+        seen[p] = seen.get(p, 0) + 1
+        out.append(p if seen[p] == 1 else f"{p}#{seen[p]}")
+    return out
 
 
 def _compare_fns(device: str):
@@ -305,7 +359,15 @@ def _compare_fns(device: str):
     return stager.compare, stager.compare_many
 
 
+PER_TOKEN_DOC = ("one row per (model, token); kld: full-vocabulary KL(P_ref||P_q) in nats; "
+                 "kld_llama (llama.cpp definitions only): llama.cpp's windowed KLD; "
+                 "fidelity_kld.summary_kld names the column the printed summary used; "
+                 "docs/formats.md lists every column")
+
+
 def _write_per_token(tmp, names, results, prompt_ids):
+    """Every per-token output the API has (TokenStats), per model; the schema metadata says
+    which KLD column the summary used and under which definitions."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -313,6 +375,7 @@ def _write_per_token(tmp, names, results, prompt_ids):
     try:
         for name, st in zip(names, results):
             n = st.n_tokens
+            nan = np.full(n, np.nan)
             cols = {
                 "model": pa.array([name] * n).dictionary_encode(),
                 "token_index": np.arange(n, dtype=np.int64),
@@ -320,16 +383,26 @@ def _write_per_token(tmp, names, results, prompt_ids):
                 "label": st.labels if st.labels is not None else np.full(n, -1, np.int64),
                 "kld": st.kld,
                 "kld_reverse": st.kld_reverse,
+                "entropy_ref": st.entropy_ref,
+                "lse_ref": st.lse_ref,
+                "lse_q": st.lse_q,
                 "top1_ref": st.top1_ref,
                 "top1_q": st.top1_q,
                 "top1_agree": st.top1_agree,
-                "nll_ref": st.nll_ref if st.nll_ref is not None else np.full(n, np.nan),
-                "nll_q": st.nll_q if st.nll_q is not None else np.full(n, np.nan),
-                "delta_p": st.delta_p if st.delta_p is not None else np.full(n, np.nan),
+                "nll_ref": st.nll_ref if st.nll_ref is not None else nan,
+                "nll_q": st.nll_q if st.nll_q is not None else nan,
+                "p_ref_y": st.p_ref_y if st.p_ref_y is not None else nan,
+                "p_q_y": st.p_q_y if st.p_q_y is not None else nan,
+                "delta_p": st.delta_p if st.delta_p is not None else nan,
             }
             if st.kld_llama is not None:
                 cols["kld_llama"] = st.kld_llama
-            table = pa.table(cols)
+            llama = st.kld_llama is not None
+            table = pa.table(cols).replace_schema_metadata({
+                "fidelity_kld.summary_kld": "kld_llama" if llama else "kld",
+                "fidelity_kld.definitions": "llama" if llama else "exact",
+                "fidelity_kld.columns": PER_TOKEN_DOC,
+            })
             if writer is None:
                 writer = pq.ParquetWriter(tmp, table.schema)
             writer.write_table(table)

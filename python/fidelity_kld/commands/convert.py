@@ -18,23 +18,30 @@ from ..cli import InputError
               help="Logit dtype to write (default: the input's; float32 for llama.cpp files).")
 @click.option("--input-dtype", type=click.Choice(["bfloat16"]), default=None,
               help="Declare uint16 input logits as bfloat16 bit patterns.")
-def command(src: str, dst: str, to: str | None, dtype: str | None, input_dtype: str | None) -> None:
+@click.option("--quiet", "-q", is_flag=True, help="No progress on stderr.")
+def command(src: str, dst: str, to: str | None, dtype: str | None, input_dtype: str | None,
+            quiet: bool) -> None:
     """Convert the logit dump IN (file, directory of shards or quoted glob) to OUT.
 
-    A llama.cpp --kl-divergence-base file is decoded to float32 log-probabilities; labels
-    and prompt ids are written alongside. OUT appears only when complete."""
+    A llama.cpp --kl-divergence-base file is decoded to float32 log-probabilities; its
+    metadata says so, keeps each row's llama.cpp scale and minimum, and `compare` reads it
+    back under llama.cpp's definitions (docs/formats.md). Labels and prompt ids are written
+    alongside. OUT appears only when complete."""
     from ..io import DumpError, convert, open_source
-    from ..io.conversion import output_format
+    from ..io.conversion import llama_rows, output_format, values_of
     from ..io.paths import check_outputs, written_files
+    from ._progress import ProgressReporter
 
     try:
         check_outputs({"OUT": written_files(dst, output_format(dst, to) == "npy")}, [src])
-        with open_source(src, dtype=input_dtype) as source:
-            fmt = convert(source, dst, to=to, dtype=dtype)
+        with open_source(src, dtype=input_dtype) as opened, llama_rows(opened) as source:
+            fmt = convert(source, dst, to=to, dtype=dtype, progress=ProgressReporter(not quiet))
             n, v = source.n_tokens, source.vocab
             out_dtype = dtype or ("float32" if source.dtype == "llama_u16" else source.dtype)
+            values = values_of(source)
     except DumpError as e:
         raise InputError(str(e)) from None
     except OSError as e:
         raise InputError(f"{e.filename or dst}: {e.strerror or e}") from None
-    click.echo(f"wrote {dst} ({fmt}, {n} tokens x {v} {out_dtype}, {os.path.getsize(dst)} bytes)")
+    what = " llama.cpp log-probs" if values == "log_probs" else ""
+    click.echo(f"wrote {dst} ({fmt}, {n} tokens x {v} {out_dtype}{what}, {os.path.getsize(dst)} bytes)")

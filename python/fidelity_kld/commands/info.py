@@ -20,6 +20,8 @@ FORMAT_NAMES = {
 
 def describe(src) -> dict:
     """A JSON-ready description of an open LogitSource."""
+    from ..io.conversion import values_of
+
     files = src.files()
     size = sum(os.path.getsize(f) for f in files)
     shape = [src.n_tokens, src.header["row_words"]] if src.dtype == "llama_u16" else [src.n_tokens, src.vocab]
@@ -33,6 +35,7 @@ def describe(src) -> dict:
         "stored_shape": shape,
         "size_bytes": size,
         "files": files,
+        "values": values_of(src),
         "labels": src.labels is not None,
         "prompt_ids": src.prompt_ids is not None,
         "prompts": int(len(set(src.prompt_ids.tolist()))) if src.prompt_ids is not None else None,
@@ -63,11 +66,15 @@ def _text(d: dict) -> str:
         f"dtype:       {dtype}",
         f"shape:       {' x '.join(str(s) for s in d['stored_shape'])} (stored)",
         f"size:        {d['size_bytes']} bytes ({_human(d['size_bytes'])}) in {len(d['files'])} file(s)",
+        f"values:      " + ("log-probabilities (llama.cpp's, not renormalised)"
+                            if d["values"] == "log_probs" else "logits"),
         f"labels:      {'yes' if d['labels'] else 'no'}",
         f"prompt ids:  " + (f"yes ({d['prompts']} prompts)" if d["prompt_ids"] else "no"),
         "header:",
     ]
     for k, v in d["header"].items():
+        if v is None:  # e.g. a .npy file without a dtype sidecar: nothing to show
+            continue
         if k == "shards":
             lines.append(f"  shards:")
             lines += [f"    {s['path']}: {s['n_tokens']} tokens" for s in v]

@@ -28,6 +28,7 @@ from .base import DumpError, FileRows, LogitSource, guard_map, populate, release
 LABEL_COLUMNS = ("label", "labels", "token_id", "token_ids")
 PROMPT_COLUMNS = ("prompt_id", "prompt_ids")
 DTYPE_KEY = b"fidelity_kld.dtype"
+ROW_HEADER_COLUMN = "llama_scale_min"
 ARROW_MAGIC = b"ARROW1"
 PARQUET_MAGIC = b"PAR1"
 # Parquet is decoded in batches of about this size (copied into the caller's buffer): the
@@ -395,8 +396,10 @@ class _TableWriter:
     """Shared by the IPC and Parquet writers: batches of (logits, label, prompt_id)."""
 
     def __init__(self, path: str, files: AtomicFiles, *, n_tokens: int, vocab: int, dtype: str,
-                 labels: np.ndarray | None, prompt_ids: np.ndarray | None):
+                 labels: np.ndarray | None, prompt_ids: np.ndarray | None,
+                 metadata: dict | None = None, row_headers: bool = False):
         pa = _pa()
+        self._row_headers = row_headers
         self.path, self.vocab, self.dtype = path, vocab, dtype
         self._expected, self._written = n_tokens, 0
         self._labels, self._prompts = labels, prompt_ids
@@ -406,11 +409,14 @@ class _TableWriter:
             fields.append(pa.field("label", pa.int64(), nullable=False))
         if prompt_ids is not None:
             fields.append(pa.field("prompt_id", pa.int64(), nullable=False))
-        self.schema = pa.schema(fields, metadata={DTYPE_KEY: dtype.encode()})
+        if row_headers:  # (scale, min_log_prob) of the llama.cpp row each row was decoded from
+            fields.append(pa.field(ROW_HEADER_COLUMN, pa.list_(pa.float32(), 2), nullable=False))
+        meta = {DTYPE_KEY: dtype.encode(), **{k.encode(): str(v).encode() for k, v in (metadata or {}).items()}}
+        self.schema = pa.schema(fields, metadata=meta)
         self._tmp = files.new(path)
         self._open(self._tmp)
 
-    def _batch(self, block: np.ndarray):
+    def _batch(self, block: np.ndarray, row_header: np.ndarray | None = None):
         pa = _pa()
         r0, r1 = self._written, self._written + block.shape[0]
         flat = np.ascontiguousarray(block, dtype=STORAGE[self.dtype]).reshape(-1)
@@ -419,6 +425,9 @@ class _TableWriter:
             cols.append(pa.array(self._labels[r0:r1], type=pa.int64()))
         if self._prompts is not None:
             cols.append(pa.array(self._prompts[r0:r1], type=pa.int64()))
+        if self._row_headers:
+            flat_header = pa.array(np.ascontiguousarray(row_header, dtype="<f4").reshape(-1))
+            cols.append(pa.FixedSizeListArray.from_arrays(flat_header, 2))
         self._written = r1
         return pa.RecordBatch.from_arrays(cols, schema=self.schema)
 
@@ -439,8 +448,8 @@ class ArrowWriter(_TableWriter):
         self._sink = pa.OSFile(tmp, "wb")
         self._w = pa.ipc.new_file(self._sink, self.schema)
 
-    def write(self, block: np.ndarray) -> None:
-        self._w.write_batch(self._batch(block))
+    def write(self, block: np.ndarray, row_header: np.ndarray | None = None) -> None:
+        self._w.write_batch(self._batch(block, row_header))
 
     def _close_writer(self) -> None:
         if self._w is not None:
@@ -462,8 +471,8 @@ class ParquetWriter(_TableWriter):
         # Dictionary encoding and statistics are useless on logits and cost time.
         self._w = pq.ParquetWriter(tmp, self.schema, use_dictionary=False, write_statistics=False)
 
-    def write(self, block: np.ndarray) -> None:
-        self._w.write_batch(self._batch(block), row_group_size=block.shape[0])
+    def write(self, block: np.ndarray, row_header: np.ndarray | None = None) -> None:
+        self._w.write_batch(self._batch(block, row_header), row_group_size=block.shape[0])
 
     def _close_writer(self) -> None:
         if self._w is not None:

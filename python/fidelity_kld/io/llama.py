@@ -1,4 +1,4 @@
-"""llama.cpp `--kl-divergence-base` files (layout: FORMATS.md section 1).
+"""llama.cpp `--kl-divergence-base` files (layout: docs/formats.md).
 
     offset 0   char[8]  magic "_logits_"
            8   int32    n_ctx      12 int32 n_vocab      16 int32 n_chunk
@@ -117,7 +117,7 @@ class LlamaSource(MappedSource):
 
 
 def decode_rows(rows: np.ndarray, n_vocab: int) -> np.ndarray:
-    """Decode stored rows to log-probabilities, FORMATS.md's reader arithmetic in float32:
+    """Decode stored rows to log-probabilities, docs/formats.md's reader arithmetic in float32:
     log p[i] = scale * u[i] + min_log_prob. rows: [n, nv] uint16; returns [n, n_vocab] float32.
     For `convert` and tests; compare() hands the raw rows to the core."""
     rows = np.asarray(rows, dtype=np.uint16)

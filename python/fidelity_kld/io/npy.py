@@ -24,7 +24,7 @@ from ._util import STORAGE, AtomicFiles, check_ids, file_size, load_json, logica
 from .base import DumpError, MappedSource
 
 MAGIC = b"\x93NUMPY"
-SIBLING_SUFFIXES = (".labels.npy", ".prompt_ids.npy", ".npy.json")
+SIBLING_SUFFIXES = (".labels.npy", ".prompt_ids.npy", ".llama_scale_min.npy", ".npy.json")
 
 
 def siblings(path: str) -> dict[str, str]:
@@ -33,6 +33,9 @@ def siblings(path: str) -> dict[str, str]:
     return {
         "labels": stem + ".labels.npy",
         "prompt_ids": stem + ".prompt_ids.npy",
+        # [tokens, 2] float32 (scale, min_log_prob) of the llama.cpp rows the file was
+        # decoded from (io.conversion)
+        "row_headers": stem + ".llama_scale_min.npy",
         "sidecar": path + ".json",
     }
 
@@ -180,7 +183,8 @@ class NpyWriter:
     """Streams a [n_tokens, vocab] matrix into `path` (plus companions), atomically."""
 
     def __init__(self, path: str, files: AtomicFiles, *, n_tokens: int, vocab: int, dtype: str,
-                 labels: np.ndarray | None, prompt_ids: np.ndarray | None):
+                 labels: np.ndarray | None, prompt_ids: np.ndarray | None,
+                 metadata: dict | None = None, row_headers: bool = False):
         self.path, self.vocab, self.dtype = path, vocab, dtype
         self._expected = n_tokens
         self._written = 0
@@ -196,9 +200,13 @@ class NpyWriter:
             else:
                 with open(files.new(sib[key]), "wb") as f:
                     np.save(f, np.asarray(arr, dtype=np.int64))
-        if dtype == "bfloat16":
+        self._row_headers = [] if row_headers else None
+        self._row_header_path = files.new(sib["row_headers"]) if row_headers else None
+        if not row_headers:
+            self._stale.append(sib["row_headers"])
+        if dtype == "bfloat16" or metadata:
             with open(files.new(sib["sidecar"]), "w", encoding="utf-8") as f:
-                json.dump({"dtype": "bfloat16"}, f)
+                json.dump({"dtype": dtype, **(metadata or {})}, f)
         else:
             self._stale.append(sib["sidecar"])
         self._f = open(self._tmp, "wb")
@@ -206,14 +214,19 @@ class NpyWriter:
             self._f, {"descr": np.lib.format.dtype_to_descr(STORAGE[dtype]),
                       "fortran_order": False, "shape": (n_tokens, vocab)})
 
-    def write(self, block: np.ndarray) -> None:
+    def write(self, block: np.ndarray, row_header: np.ndarray | None = None) -> None:
         self._f.write(np.ascontiguousarray(block, dtype=STORAGE[self.dtype]).data)
         self._written += block.shape[0]
+        if self._row_headers is not None:
+            self._row_headers.append(np.asarray(row_header, dtype="<f4"))
 
     def finish(self) -> None:
         self._f.close()
         if self._written != self._expected:
             raise DumpError(f"{self.path}: wrote {self._written} rows, expected {self._expected}")
+        if self._row_headers is not None:
+            with open(self._row_header_path, "wb") as f:
+                np.save(f, np.concatenate(self._row_headers).reshape(-1, 2))
 
     def after_commit(self) -> None:
         for p in self._stale:

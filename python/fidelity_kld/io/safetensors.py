@@ -26,6 +26,9 @@ DTYPES = {
 }
 LOGICAL_TO_ST = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
 LABEL_NAMES = ("labels", "token_ids")
+# [tokens, 2] float32 (scale, min_log_prob) of the llama.cpp rows a file was decoded from
+# (io.conversion writes and reads it)
+ROW_HEADER_NAME = "llama_scale_min"
 
 
 def looks_like(prefix: bytes) -> bool:
@@ -140,14 +143,17 @@ class SafetensorsSource(MappedSource):
 
 
 class SafetensorsWriter:
-    """Streams logits (then labels, prompt_ids as I64) into a safetensors file."""
+    """Streams logits (then labels, prompt_ids as I64, and with row_headers the [tokens, 2]
+    F32 tensor ROW_HEADER_NAME) into a safetensors file; `metadata` joins __metadata__."""
 
     def __init__(self, path: str, files: AtomicFiles, *, n_tokens: int, vocab: int, dtype: str,
-                 labels: np.ndarray | None, prompt_ids: np.ndarray | None):
+                 labels: np.ndarray | None, prompt_ids: np.ndarray | None,
+                 metadata: dict | None = None, row_headers: bool = False):
         self.path, self.dtype = path, dtype
         self._expected, self._written = n_tokens, 0
         self._tail = [(k, np.ascontiguousarray(a, dtype="<i8")) for k, a in
                       (("labels", labels), ("prompt_ids", prompt_ids)) if a is not None]
+        self._row_headers = [] if row_headers else None
         header, offset = {}, 0
         nbytes = n_tokens * vocab * STORAGE[dtype].itemsize
         header["logits"] = {"dtype": LOGICAL_TO_ST[dtype], "shape": [n_tokens, vocab], "data_offsets": [0, nbytes]}
@@ -155,21 +161,28 @@ class SafetensorsWriter:
         for name, arr in self._tail:
             header[name] = {"dtype": "I64", "shape": [arr.shape[0]], "data_offsets": [offset, offset + arr.nbytes]}
             offset += arr.nbytes
-        header["__metadata__"] = {"format": "fidelity_kld.logits"}
+        if row_headers:
+            header[ROW_HEADER_NAME] = {"dtype": "F32", "shape": [n_tokens, 2],
+                                       "data_offsets": [offset, offset + 8 * n_tokens]}
+        header["__metadata__"] = {"format": "fidelity_kld.logits", **(metadata or {})}
         blob = json.dumps(header, separators=(",", ":")).encode("utf-8")
         blob += b" " * (-len(blob) % 8)  # keeps the data buffer 8-byte aligned
         self._f = open(files.new(path), "wb")
         self._f.write(len(blob).to_bytes(8, "little"))
         self._f.write(blob)
 
-    def write(self, block: np.ndarray) -> None:
+    def write(self, block: np.ndarray, row_header: np.ndarray | None = None) -> None:
         self._f.write(np.ascontiguousarray(block, dtype=STORAGE[self.dtype]).data)
         self._written += block.shape[0]
+        if self._row_headers is not None:
+            self._row_headers.append(np.ascontiguousarray(row_header, dtype="<f4"))
 
     def finish(self) -> None:
         if self._written != self._expected:
             raise DumpError(f"{self.path}: wrote {self._written} rows, expected {self._expected}")
         for _, arr in self._tail:
+            self._f.write(arr.data)
+        for arr in self._row_headers or ():
             self._f.write(arr.data)
         self._f.close()
 

@@ -1,6 +1,6 @@
 """llama.cpp-compatible summaries of per-token statistics, and a streaming accumulator.
 
-Definitions follow `llama-perplexity --kl-divergence` (see FORMATS.md) so users can check us
+Definitions follow `llama-perplexity --kl-divergence` (see docs/definitions.md) so users can check us
 against it, with one deliberate difference: every variance is computed from centred values
 (two-pass, float64) rather than llama.cpp's raw-moment sum2/N - mean^2, which loses digits
 when the mean is large next to the spread. The standard errors are the same quantities.
