@@ -178,8 +178,10 @@ def _term_handler(signum, frame):
               help="llama: llama.cpp's (default when REF is a llama.cpp file); exact: DESIGN.md's "
                    "full-vocabulary definitions.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress line on stderr.")
+@click.option("--gap-threshold", type=float, default=0.01, show_default=True,
+              help="Top-k dumps: count tokens whose KLD bounds are further apart (nats).")
 def command(ref, quants, example, labels_path, prompt_ids_path, fmt, output, per_token,
-            per_prompt, threads, device, dtype_override, definitions, quiet):
+            per_prompt, threads, device, dtype_override, definitions, quiet, gap_threshold):
     """Compare a reference dump REF with one or more quantized dumps QUANT.
 
     Dumps: llama.cpp --kl-divergence-base files, .npy, safetensors, Arrow IPC, Parquet, or
@@ -192,6 +194,14 @@ def command(ref, quants, example, labels_path, prompt_ids_path, fmt, output, per
         ref, quants = str(base / EXAMPLE_FILES[0]), (str(base / EXAMPLE_FILES[1]),)
     if not ref or not quants:
         raise click.UsageError("give REF and at least one QUANT (or --example)")
+    from ..topk_compare import is_topk
+
+    if is_topk(ref) or any(is_topk(q) for q in quants):  # bounds, not the exact core
+        from .compare_topk import run_topk_compare
+
+        return run_topk_compare(ref, quants, fmt=fmt, output=output, per_token=per_token,
+                                per_prompt=per_prompt, gap_threshold=gap_threshold,
+                                dtype_override=dtype_override, labels_path=labels_path)
     previous = signal.signal(signal.SIGTERM, _term_handler)
     try:
         _run(ref, quants, labels_path, prompt_ids_path, fmt, output, per_token, per_prompt,

@@ -18,13 +18,18 @@ from ..cli import InputError
               help="Logit dtype to write (default: the input's; float32 for llama.cpp files).")
 @click.option("--input-dtype", type=click.Choice(["bfloat16"]), default=None,
               help="Declare uint16 input logits as bfloat16 bit patterns.")
-def command(src: str, dst: str, to: str | None, dtype: str | None, input_dtype: str | None) -> None:
+@click.option("--top-k", "top_k", type=click.IntRange(min=1), default=None,
+              help="Write a top-k log-prob dump (Parquet) with this k instead of full logits.")
+def command(src: str, dst: str, to: str | None, dtype: str | None, input_dtype: str | None,
+            top_k: int | None) -> None:
     """Convert the logit dump IN (file, directory of shards or quoted glob) to OUT.
 
     A llama.cpp --kl-divergence-base file is decoded to float32 log-probabilities; labels
     and prompt ids are written alongside. OUT appears only when complete."""
     from ..io import DumpError, convert, open_source
 
+    if top_k is not None:  # a smaller dump: fidelity_kld.io.topk
+        return _convert_topk(src, dst, top_k, input_dtype)
     try:
         with open_source(src, dtype=input_dtype) as source:
             fmt = convert(source, dst, to=to, dtype=dtype)
@@ -35,3 +40,19 @@ def command(src: str, dst: str, to: str | None, dtype: str | None, input_dtype: 
     except OSError as e:
         raise InputError(f"{e.filename or dst}: {e.strerror or e}") from None
     click.echo(f"wrote {dst} ({fmt}, {n} tokens x {v} {out_dtype}, {os.path.getsize(dst)} bytes)")
+
+
+def _convert_topk(src: str, dst: str, k: int, input_dtype: str | None) -> None:
+    from ..io import DumpError, open_source
+    from ..io.topk import convert_to_topk
+
+    try:
+        with open_source(src, dtype=input_dtype) as source:
+            n = convert_to_topk(source, dst, k)
+            v = source.vocab
+    except DumpError as e:
+        raise InputError(str(e)) from None
+    except OSError as e:
+        raise InputError(f"{e.filename or dst}: {e.strerror or e}") from None
+    click.echo(f"wrote {dst} (top-k log-probs, {n} tokens, k = {k} of {v}, "
+               f"{os.path.getsize(dst)} bytes)")

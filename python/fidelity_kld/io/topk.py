@@ -371,3 +371,98 @@ def check_topk(t: TopKLogprobs, path: str) -> None:
         if bad.any():
             r = int(np.flatnonzero(bad)[0])
             raise DumpError(f"{path}: row {r}: label {int(lab[r])} is outside the vocabulary [0, {t.vocab})")
+
+
+# ---------------------------------------------------------------------------------------
+# Full dump -> top-k dump (fidelity-kld convert --top-k)
+
+def convert_to_topk(src, out, k: int, *, rows_per_chunk: int | None = None) -> int:
+    """Stream the open LogitSource `src` into a top-k dump at `out` (Parquet, one row group
+    per chunk, appearing only when complete). Returns the number of rows written."""
+    from .._atomic import atomic_output
+    from .conversion import cast_block
+
+    out = os.fspath(out)
+    if not 1 <= k <= src.vocab:
+        raise DumpError(f"{out}: --top-k must be in [1, {src.vocab}], got {k}")
+    if rows_per_chunk is None:
+        rows_per_chunk = max(1, (16 << 20) // max(src.vocab, 1))
+    with atomic_output(out) as tmp:
+        writer = TopKWriter(tmp, source=src.path)
+        try:
+            for start, lg in src.chunks(rows_per_chunk):
+                stop = start + lg.n_tokens
+                x = cast_block(lg, "float32", start, src.path)
+                labels = None if src.labels is None else src.labels[start:stop]
+                pids = None if src.prompt_ids is None else src.prompt_ids[start:stop]
+                writer.write(from_logits(x, k, labels, pids, positions=np.arange(start, stop),
+                                         vocab=src.vocab))
+        finally:
+            writer.close()
+    return src.n_tokens
+
+
+def describe_topk(path) -> dict:
+    """What `fidelity-kld info` shows for a top-k dump (read and validated)."""
+    path = os.fspath(path)
+    t = read_topk(path)
+    n_prompts = len(set(t.prompt_id.tolist()))
+    tail = t.tail_mass()
+    return {
+        "path": path,
+        "format": "topk",
+        "format_name": "fidelity-kld top-k log-probs (" + ("vLLM JSONL" if path.endswith(".jsonl")
+                                                          else "Parquet") + ")",
+        "tokens": t.n_rows,
+        "k": t.k,
+        "vocab": t.vocab,
+        "size_bytes": os.path.getsize(path),
+        "prompts": n_prompts,
+        "labels": bool((t.label >= 0).all()),
+        "label_logprobs": int(np.isfinite(t.label_logprob).sum()),
+        "tail_mass": "stored" if t.stored_tail_mass is not None else "derived (1 - sum of top k)",
+        "tail_mass_mean": float(np.mean(tail)),
+        "floor": t.floor_logprob is not None,
+        "kld_upper_bound": ("finite (floor stored)" if t.floor_logprob is not None else
+                            "+inf where this is the quant (no floor under unseen probabilities)"),
+    }
+
+
+class TopKDumpWriter:
+    """Append full-logit row blocks (numpy or torch, [rows, V]) to a top-k dump at `path`,
+    which appears at close() (abort() removes it): what capture.hf writes with
+    compare_models(..., ref_topk_dump=..., q_topk_dump=..., k=...)."""
+
+    def __init__(self, path, k: int, *, source: str | None = None):
+        import tempfile
+
+        self.path, self.k = os.fspath(path), int(k)
+        directory = os.path.dirname(os.path.abspath(self.path))
+        fd, self._tmp = tempfile.mkstemp(prefix=f".{os.path.basename(self.path)}.", suffix=".tmp",
+                                         dir=directory)
+        os.close(fd)
+        self._writer = TopKWriter(self._tmp, source=source)
+        self._rows = 0
+
+    def write(self, rows, labels=None, prompt_ids=None) -> None:
+        if hasattr(rows, "detach"):  # torch, any device
+            rows = rows.detach().float().cpu().numpy()
+        rows = np.asarray(rows)
+        n = rows.shape[0]
+        if n == 0:
+            return
+        self._writer.write(from_logits(rows, self.k, labels, prompt_ids,
+                                       positions=np.arange(self._rows, self._rows + n)))
+        self._rows += n
+
+    def close(self) -> None:
+        self._writer.close()
+        os.chmod(self._tmp, 0o644)
+        os.replace(self._tmp, self.path)
+
+    def abort(self) -> None:
+        self._writer.close()
+        try:
+            os.unlink(self._tmp)
+        except FileNotFoundError:
+            pass
