@@ -7,7 +7,7 @@ violations (lower > true or upper < true beyond float32 storage rounding), and w
 variants ranked by mean lower bound are ranked as by the full KLD. The truth is
 reference.py's float64 KLD on the full logits. Prints a Markdown table.
 
-    python scripts/validate_topk.py [--model ../shared/fixtures/tiny-llama] [--chunks 8]
+    python scripts/validate_topk.py [--model /work/shared/fixtures/tiny-llama] [--tokens tests/data/base.kld]
 """
 
 from __future__ import annotations
@@ -24,16 +24,21 @@ BITS = (8, 6, 5, 4, 3)
 TOL = 1e-5  # float32 storage of log-probs (see stats.topk_bounds)
 
 
-def capture(model_dir: str, n_chunks: int, ctx: int):
+def capture(model_dir: str, tokens_file: str):
+    """Full logits of the reference and its fake-quantized variants over the evaluation
+    tokens of a llama.cpp file (tests/data/base.kld: eval.txt's first 6 x 256 tokens as
+    llama-perplexity tokenized them, BOS at each chunk's start), every position scored."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     from fidelity_kld.capture import hf
+    from fidelity_kld.io.llama import LlamaSource
 
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    text = open(os.path.join(model_dir, "eval.txt"), encoding="utf-8").read()
-    ids = tok(text, add_special_tokens=False)["input_ids"][: n_chunks * ctx]
-    seqs = [ids[i:i + ctx] for i in range(0, len(ids), ctx)]
+    src = LlamaSource(tokens_file)
+    n_ctx = src.header["n_ctx"]
+    chunks = src.tokens.reshape(-1, n_ctx).astype(np.int64)
+    chunks[:, 0] = 1  # BOS, as llama-perplexity evaluates each chunk
+    seqs = [c.tolist() for c in chunks]
     torch.manual_seed(0)
     ref = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     variants = {f"rtn{b}": hf.fake_quantize_weights(copy.deepcopy(ref), b) for b in BITS}
@@ -50,17 +55,17 @@ def capture(model_dir: str, n_chunks: int, ctx: int):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default=os.path.join(os.path.dirname(__file__), "..", "..", "shared",
-                                                    "fixtures", "tiny-llama"))
-    ap.add_argument("--chunks", type=int, default=8)
-    ap.add_argument("--ctx", type=int, default=256)
+    ap.add_argument("--model", default=os.environ.get("FIDELITY_KLD_TINY_LLAMA",
+                                                      "/work/shared/fixtures/tiny-llama"))
+    ap.add_argument("--tokens", default=os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                                     "..", "tests", "data", "base.kld"))
     args = ap.parse_args()
 
     from fidelity_kld import reference
     from fidelity_kld.io.topk import from_logits, write_topk
     from fidelity_kld.stats.topk_bounds import full_logprobs, token_bounds
 
-    logits, labels = capture(args.model, args.chunks, args.ctx)
+    logits, labels = capture(args.model, args.tokens)
     ref = logits.pop("ref")
     n, v = ref.shape
     full_bytes = ref.nbytes  # float32 [n, V]

@@ -180,8 +180,13 @@ def _term_handler(signum, frame):
 @click.option("--quiet", "-q", is_flag=True, help="No progress line on stderr.")
 @click.option("--gap-threshold", type=float, default=0.01, show_default=True,
               help="Top-k dumps: count tokens whose KLD bounds are further apart (nats).")
+@click.option("--shared-lm-head", is_flag=True,
+              help="Hidden-state dumps: score every model through the reference's lm_head.")
+@click.option("--lm-head", "lm_head", type=click.Path(exists=True),
+              help="Hidden-state dumps: the reference's lm_head (model dir or safetensors).")
 def command(ref, quants, example, labels_path, prompt_ids_path, fmt, output, per_token,
-            per_prompt, threads, device, dtype_override, definitions, quiet, gap_threshold):
+            per_prompt, threads, device, dtype_override, definitions, quiet, gap_threshold,
+            shared_lm_head, lm_head):
     """Compare a reference dump REF with one or more quantized dumps QUANT.
 
     Dumps: llama.cpp --kl-divergence-base files, .npy, safetensors, Arrow IPC, Parquet, or
@@ -194,8 +199,15 @@ def command(ref, quants, example, labels_path, prompt_ids_path, fmt, output, per
         ref, quants = str(base / EXAMPLE_FILES[0]), (str(base / EXAMPLE_FILES[1]),)
     if not ref or not quants:
         raise click.UsageError("give REF and at least one QUANT (or --example)")
+    from ..io.hidden import is_hidden_file
     from ..topk_compare import is_topk
 
+    if is_hidden_file(ref) or any(is_hidden_file(q) for q in quants):  # logits from h @ W.T
+        from .compare_hidden import run_hidden_compare
+
+        return run_hidden_compare(ref, quants, fmt=fmt, output=output, per_token=per_token,
+                                  per_prompt=per_prompt, threads=threads, device=device,
+                                  shared_lm_head=shared_lm_head, lm_head=lm_head)
     if is_topk(ref) or any(is_topk(q) for q in quants):  # bounds, not the exact core
         from .compare_topk import run_topk_compare
 

@@ -108,11 +108,14 @@ def command(path: str, out_format: str, dtype: str | None) -> None:
 def _describe_smaller_dump(path: str) -> dict | None:
     """The description of a top-k or hidden-state dump; None for a full logit dump."""
     from ..io import DumpError
+    from ..io.hidden import describe_hidden, is_hidden_file
     from ..io.topk import describe_topk, is_topk_file
 
     try:
         if is_topk_file(path):
             return describe_topk(path)
+        if is_hidden_file(path):
+            return describe_hidden(path)
     except DumpError as e:
         raise InputError(str(e)) from None
     return None
