@@ -442,7 +442,7 @@ class TopKDumpWriter:
                                          dir=directory)
         os.close(fd)
         self._writer = TopKWriter(self._tmp, source=source)
-        self._rows = 0
+        self.n_rows = 0
 
     def write(self, rows, labels=None, prompt_ids=None) -> None:
         if hasattr(rows, "detach"):  # torch, any device
@@ -452,8 +452,8 @@ class TopKDumpWriter:
         if n == 0:
             return
         self._writer.write(from_logits(rows, self.k, labels, prompt_ids,
-                                       positions=np.arange(self._rows, self._rows + n)))
-        self._rows += n
+                                       positions=np.arange(self.n_rows, self.n_rows + n)))
+        self.n_rows += n
 
     def close(self) -> None:
         self._writer.close()
