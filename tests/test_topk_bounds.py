@@ -85,6 +85,25 @@ def test_ids_in_one_top_k_only_go_to_the_bucket_on_both_sides():
     assert st.kld_upper[0] >= np.sum(np.exp(p) * (p - q))
 
 
+def test_the_cap_lifts_the_lower_bound_when_the_reference_top_id_is_outside_the_quant_top_k():
+    """V = 3, k = 1. P = (0.9, 0.05, 0.05), Q = (0.2, 0.5, 0.3): no id is known on both
+    sides, so the one-bucket bound is 0; but q_0 <= Q's top probability 0.5, so the finer
+    cells {0}, {1, 2} give min over q_0 <= 0.5 of 0.9 ln(0.9/q_0) + 0.1 ln(0.1/(1 - q_0)),
+    reached at the cap: 0.9 ln(0.9/0.5) + 0.1 ln(0.1/0.5)."""
+    p = np.log([[0.9, 0.05, 0.05]])
+    q = np.log([[0.2, 0.5, 0.3]])
+    want = 0.9 * np.log(0.9 / 0.5) + 0.1 * np.log(0.1 / 0.5)
+    st = token_bounds(from_logits(p, 1), from_logits(q, 1), vocab=3)
+    assert st.kld_lower[0] == pytest.approx(want, rel=1e-6)
+    assert st.kld_lower[0] < np.sum(np.exp(p) * (p - q))
+    # reference full: each of ids 0, 1, 2 ... only id 1 is known on both sides
+    st = token_bounds(full_logprobs(p), from_logits(q, 1), vocab=3)
+    # q_0, q_2 <= 0.5 with q_0 + q_2 = 0.5: water-filling q proportional to p = (0.9, 0.05)
+    q0, q2 = 0.5 * 0.9 / 0.95, 0.5 * 0.05 / 0.95
+    want_full = 0.05 * np.log(0.05 / 0.5) + 0.9 * np.log(0.9 / q0) + 0.05 * np.log(0.05 / q2)
+    assert st.kld_lower[0] == pytest.approx(want_full, rel=1e-6)
+
+
 def test_no_floor_means_unbounded_unless_the_quant_is_full():
     rng = np.random.default_rng(5)
     ref, q = _pair(rng, 20, 100, 0.5)

@@ -1,4 +1,4 @@
-"""Bounds on KL(P_ref || P_q) when one side or both are known only by their top k.
+r"""Bounds on KL(P_ref || P_q) when one side or both are known only by their top k.
 
 Design (also in README, "Smaller dumps")
 ----------------------------------------
@@ -9,14 +9,14 @@ holds the k largest); and, where the writer saw the full row, a floor f <= every
 probability of the row (`floor_logprob`). A full side tells everything.
 
 Write C for the ids whose probability is known on *both* sides (S_P ∩ S_Q; S_Q when P is
-full; S_P when Q is full) and R = V \\ C for the rest. Then exactly
+full; S_P when Q is full) and R = V \ C for the rest. Then exactly
 
     KL(P||Q) = sum_{i in C} p_i log(p_i/q_i)  +  sum_{i in R} p_i log(p_i/q_i).      (1)
 
 The first sum is known; only the second is not.
 
 Lower bound. Merge R into one bucket. P(R) = 1 - sum_C p_i and Q(R) = 1 - sum_C q_i are
-known (P(R) = r_P + the P-mass of S_P \\ S_Q, likewise for Q, formed that way so near-1 sums
+known (P(R) = r_P + the P-mass of S_P \ S_Q, likewise for Q, formed that way so near-1 sums
 do not cancel). The coarse-grained pair (p_C, P(R)), (q_C, Q(R)) are two distributions over
 |C| + 1 categories, and
 
@@ -25,8 +25,22 @@ do not cancel). The coarse-grained pair (p_C, P(R)), (q_C, Q(R)) are two distrib
 by the data-processing inequality (merging categories never increases a KL divergence;
 equivalently the log-sum inequality on R). It is >= 0 (a KL divergence itself). An id in
 S_P but not in S_Q must go to R on *both* sides: its q is unknown (only <= c_Q), so it
-cannot be a category of its own. The truncated sum over the top k alone (without the bucket)
-is not a bound of anything and can be negative; it is never reported.
+cannot be a category of its own with a value. The truncated sum over the top k alone
+(without the bucket) is not a bound of anything and can be negative; it is never reported.
+
+Finer lower bound (the reported one is the larger of the two). Keep the ids of R whose p is
+known (A = S_P \ S_Q; all of R when P is full) as cells of their own and merge only the
+rest (M). Their q_i are unknown, but any admissible Q has q_i <= c_Q and
+sum_A q_i + Q(M) = Q(R); so min over those q of the KL of this finer coarse-graining is
+still <= KL(P||Q) (the true q is one of them, and merging never increases KL). The
+minimum is explicit (convex, KKT): q_i = min(c_Q, kappa p_i), Q(M) = kappa P(M), kappa
+fixed by the total ("water-filling"). Without the cap it is the one-bucket bound (log-sum
+inequality); it is larger exactly when a high-probability reference id lies outside the
+quant's top k, where the cap forbids q from following p. Dropping the other constraints
+(q_i >= f_Q, Q(M) >= Q-known mass in M) only enlarges the feasible set, so the minimum
+stays a lower bound. With Q full and P top-k the same holds with the roles swapped: the
+unknown p_i over R are <= c_P and sum to r_P, and min sum p_i log(p_i/q_i) is at
+p_i = min(c_P, kappa q_i).
 
 Upper bound. Bound each term of the second sum of (1). For i in R, p_i <= pbar_i with
 pbar_i = p_i where known, else c_P; and q_i >= qlow_i with qlow_i = q_i where known, else
@@ -127,6 +141,45 @@ def _greedy_fill(mass, cap, coef_sorted, n_valid, overflow_coef):
         return filled + np.where(left > 0, left * overflow_coef, 0.0)
 
 
+def _water_fill(w, cap, total, free):
+    """Solve x_j = min(cap, kappa * w_j) (w [n, m] >= 0 sorted in decreasing order, cap [n])
+    with sum_j x_j + kappa * free = total (free [n] >= 0: an uncapped weight). Returns
+    (x [n, m], kappa [n], ok [n]); ok is False where no solution exists (the capped entries
+    cannot hold the total and nothing uncapped is left), and there x, kappa are meaningless.
+
+    This is the KKT point of min sum_j w_j log(w_j / x_j) + free log(free / (kappa free)) over
+    0 <= x_j <= cap with the total fixed (the optimum is proportional to w below the cap), a
+    convex problem, so the point is its exact minimum."""
+    n, m = w.shape
+    tail = np.concatenate([np.cumsum(w[:, ::-1], axis=1)[:, ::-1], np.zeros((n, 1))], axis=1)
+    j = np.arange(m + 1)[None, :]
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        room = total[:, None] - j * cap[:, None]  # what is left for the uncapped entries
+        kappa = room / (tail + free[:, None])
+        w_next = np.concatenate([w, np.zeros((n, 1))], axis=1)
+        fits = (room >= 0) & (kappa * w_next <= cap[:, None] * (1 + 1e-12)) & np.isfinite(kappa)
+        # where nothing is uncapped (tail + free == 0) the capped entries must hold it all
+        fits |= (room >= -1e-15 * np.abs(total[:, None])) & (tail + free[:, None] == 0) & (j <= m)
+    ok = fits.any(axis=1)
+    k = np.argmax(fits, axis=1)
+    kap = np.take_along_axis(kappa, k[:, None], axis=1)[:, 0]
+    kap = np.where(np.isfinite(kap), kap, 0.0)
+    x = np.where(np.arange(m)[None, :] < k[:, None], cap[:, None], kap[:, None] * w)
+    return x, kap, ok
+
+
+def _refined_lower_known_p(p_sorted, logp_sorted, cap_q, q_total, p_free):
+    """min over the unknown q of sum_i p_i log(p_i / q_i) + p_free log(p_free / q_free), where
+    the p_i (sorted decreasing) are known, each q_i <= cap_q, and sum q_i + q_free = q_total:
+    the KL of a finer coarse-graining than the one bucket, minimised over every q the dump
+    allows, hence still <= the full KL; +inf where q_total cannot be placed."""
+    x, kappa, ok = _water_fill(p_sorted, cap_q, q_total, p_free)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        terms = _mass_term(p_sorted, logp_sorted, np.log(x)).sum(axis=1)
+        free = _mass_term(p_free, np.log(p_free), np.log(kappa * p_free))
+    return np.where(ok, terms + free, -np.inf)
+
+
 def _match(p_ids, q_ids):
     """For each P entry, the index of the Q entry with the same id (-1 if none)."""
     eq = (p_ids[:, :, None] == q_ids[:, None, :]) & (p_ids[:, :, None] >= 0)
@@ -150,13 +203,21 @@ def bounds_topk_topk(P: TopKSide, Q: TopKSide, vocab: int | None):
     in_b = (Q.ids >= 0) & ~in_c_q  # q known, p unknown
     p_rest = P.tail + np.where(in_a, p, 0.0).sum(axis=1)
     q_rest = Q.tail + np.where(in_b, q, 0.0).sum(axis=1)
-    lower = np.maximum(exact_c + _bucket_term(p_rest, q_rest), 0.0)
+    lower = exact_c + _bucket_term(p_rest, q_rest)
+    # finer: P's ids outside Q's top k as cells of their own (q_i <= Q's cap), the rest merged
+    order = np.argsort(-np.where(in_a, p, -1.0), axis=1, kind="stable")
+    p_a = np.take_along_axis(np.where(in_a, p, 0.0), order, axis=1)
+    logp_a = np.take_along_axis(np.where(in_a, P.logp, -np.inf), order, axis=1)
+    finer = exact_c + _refined_lower_known_p(p_a, logp_a, Q.cap, q_rest, P.tail)
+    lower = np.maximum(np.maximum(lower, finer), 0.0)
 
     known_a = _mass_term(np.where(in_a, p, 0.0), P.logp, Q.log_floor[:, None]).sum(axis=1)
     log_cap = np.log(np.maximum(P.cap, np.finfo(np.float64).tiny))
     n_union = (P.ids >= 0).sum(axis=1) + in_b.sum(axis=1)
     n_unseen = np.full(P.tail.shape, np.inf) if vocab is None else np.maximum(vocab - n_union, 0)
-    to_unseen = np.minimum(P.tail, n_unseen * P.cap)
+    with np.errstate(invalid="ignore"):  # inf * 0 where the cap is 0: no room at all
+        room = np.where(P.cap > 0, n_unseen * P.cap, 0.0)
+    to_unseen = np.minimum(P.tail, room)
     unseen = _mass_term(to_unseen, log_cap, Q.log_floor)
     # the rest over the q-known ids of B, smallest q (largest coefficient) first
     logq_b = np.sort(np.where(in_b, Q.logp, np.inf), axis=1)
@@ -177,7 +238,13 @@ def bounds_full_topk(logp_ref: np.ndarray, Q: TopKSide):
     outside[r, Q.ids[r, c]] = False
     p = _exp(logp_ref)
     p_rest = np.where(outside, p, 0.0).sum(axis=1)
-    lower = np.maximum(exact_c + _bucket_term(p_rest, Q.tail), 0.0)
+    lower = exact_c + _bucket_term(p_rest, Q.tail)
+    # finer: every id outside Q's top k as its own cell, q_i <= Q's cap (water-filling)
+    p_out = -np.sort(-np.where(outside, p, 0.0), axis=1)
+    with np.errstate(divide="ignore"):
+        finer = exact_c + _refined_lower_known_p(p_out, np.log(p_out), Q.cap, Q.tail,
+                                                 np.zeros_like(Q.tail))
+    lower = np.maximum(np.maximum(lower, finer), 0.0)
     with np.errstate(invalid="ignore"):
         negent_rest = np.where(outside & (p > 0), p * logp_ref, 0.0).sum(axis=1)
         floor_part = np.where(p_rest > 0, -p_rest * Q.log_floor, 0.0)
@@ -194,7 +261,14 @@ def bounds_topk_full(P: TopKSide, logq: np.ndarray):
     r, c = np.nonzero(present)
     outside[r, P.ids[r, c]] = False
     q_rest = np.where(outside, _exp(logq), 0.0).sum(axis=1)
-    lower = np.maximum(exact_c + _bucket_term(P.tail, q_rest), 0.0)
+    lower = exact_c + _bucket_term(P.tail, q_rest)
+    # finer: every id outside P's top k as its own cell with p_i <= P's cap: the p that
+    # minimises sum p_i log(p_i / q_i) with sum p_i = r_P is min(cap, kappa q_i)
+    q_out = -np.sort(-np.where(outside, _exp(logq), 0.0), axis=1)
+    x, _, ok = _water_fill(q_out, P.cap, P.tail, np.zeros_like(P.tail))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        finer = exact_c + _mass_term(x, np.log(x), np.log(q_out)).sum(axis=1)
+    lower = np.maximum(np.maximum(lower, np.where(ok, finer, -np.inf)), 0.0)
     log_cap = np.log(np.maximum(P.cap, np.finfo(np.float64).tiny))
     n_fill = int(np.max(np.ceil(np.divide(P.tail, P.cap, out=np.zeros_like(P.tail),
                                           where=P.cap > 0)))) + 1
