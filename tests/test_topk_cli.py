@@ -131,3 +131,10 @@ def test_convert_top_k_refuses_k_above_the_vocabulary(tmp_path, capsys):
     dst = tmp_path / "x.topk.parquet"
     code, _, err = run(capsys, "convert", DATA / "base.kld", dst, "--top-k", "9000")
     assert code == 1 and "--top-k must be in [1, 8000]" in err and not dst.exists()
+
+
+def test_convert_refuses_a_top_k_dump_as_input(dumps, tmp_path, capsys):
+    dst = tmp_path / "x.npy"
+    code, _, err = run(capsys, "convert", dumps / "base.topk.parquet", dst)
+    assert code == 1 and "a top-k dump" in err and str(dumps / "base.topk.parquet") in err
+    assert not dst.exists()

@@ -28,6 +28,12 @@ def command(src: str, dst: str, to: str | None, dtype: str | None, input_dtype: 
     and prompt ids are written alongside. OUT appears only when complete."""
     from ..io import DumpError, convert, open_source
 
+    from ..io.hidden import is_hidden_file
+    from ..io.topk import is_topk_file
+
+    if is_topk_file(src) or is_hidden_file(src):  # nothing to rebuild full logits from
+        raise InputError(f"{src}: a {'top-k' if is_topk_file(src) else 'hidden-state'} dump; "
+                         "convert reads full logit dumps (compare reads this one directly)")
     if top_k is not None:  # a smaller dump: fidelity_kld.io.topk
         return _convert_topk(src, dst, top_k, input_dtype)
     try:
