@@ -127,6 +127,49 @@ def cuda_runner(a, b, out, splits=0):
     return run
 
 
+def hidden_state_case(budget: float, n: int = 4096, h: int = 4096, v: int = 152064,
+                      tile: int = 1024) -> dict:
+    """Hidden-state scoring on the GPU (issue 14): per tile of `tile` tokens, torch's matmul
+    of both models' final hidden states with the lm_head ([tile, H] x [H, V], float32 and
+    bfloat16), then the fused kernel (fidelity_kld.compare on the CUDA tensors), against the
+    two products alone in the same run. Not run yet: no GPU was lent when it was written."""
+    from fidelity_kld import compare
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    out = {}
+    for dt in (torch.float32, torch.bfloat16):
+        w = (torch.randn((v, h), device="cuda", generator=g) * (3 / h ** 0.5)).to(dt)
+        ha = torch.randn((n, h), device="cuda", generator=g).to(dt)
+        hb = (ha.float() + 0.05 * torch.randn((n, h), device="cuda", generator=g)).to(dt)
+
+        def products():
+            for s in range(0, n, tile):
+                (ha[s:s + tile] @ w.T).float()
+                (hb[s:s + tile] @ w.T).float()
+
+        def full_path():
+            for s in range(0, n, tile):
+                compare((ha[s:s + tile] @ w.T).float(), (hb[s:s + tile] @ w.T).float(), device="cuda")
+
+        a = (ha[:4] @ w.T).float()
+        b = (hb[:4] @ w.T).float()
+        got = compare(a, b, device="cuda")
+        want = reference.logit_stats(a.cpu().numpy(), b.cpu().numpy())
+        ok = bool(np.allclose(got.kld, want["kld"], rtol=2e-4, atol=2e-6))
+        t_prod = gpu_time(products, budget).median_s
+        t_full = gpu_time(full_path, budget).median_s
+        name = str(dt).replace("torch.", "")
+        out[name] = {"tokens": n, "hidden": h, "vocab": v, "tile": tile, "ok": ok,
+                     "products_tokens_per_s": n / t_prod, "full_path_tokens_per_s": n / t_full,
+                     "full_over_products_rate": t_prod / t_full}
+        print(f"  hidden states {name:<9}{n}x{h} @ {h}x{v}: products alone {n / t_prod:,.0f} tokens/s, "
+              f"with the fused kernel {n / t_full:,.0f} tokens/s ({100 * t_prod / t_full:.0f}%)"
+              f"{'' if ok else '  WRONG'}")
+        del w, ha, hb, a, b
+        torch.cuda.empty_cache()
+    return out
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dtype", nargs="+", default=DTYPES)
@@ -136,6 +179,8 @@ def main(argv=None):
                     help="also time Triton block sizes / warps and CUDA vocabulary splits on the headline case")
     ap.add_argument("--budget", type=float, default=0.3, help="seconds of timed work per measurement")
     ap.add_argument("--json", help="write results here")
+    ap.add_argument("--hidden", action="store_true",
+                    help="only the hidden-state case: lm_head products + fused kernel (issue 14)")
     args = ap.parse_args(argv)
 
     if not torch.cuda.is_available():
@@ -143,6 +188,12 @@ def main(argv=None):
         return 2
     import triton
 
+    if args.hidden:
+        res = hidden_state_case(args.budget)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"machine": bench.machine(), "hidden": res}, f, indent=1)
+        return 0 if all(r["ok"] for r in res.values()) else 1
     props = torch.cuda.get_device_properties(0)
     info = bench.machine()
     info.update(gpu=props.name, sms=props.multi_processor_count, torch=torch.__version__,

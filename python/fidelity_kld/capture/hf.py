@@ -111,7 +111,7 @@ def select_rows(logits, keep):
 def compare_models(ref_model, q_model, batches: Iterable, *, accumulator: Accumulator | None = None,
                    ref_dump: DumpWriter | str | None = None, q_dump: DumpWriter | str | None = None,
                    dump_dtype: str = "float32", device: str = "auto",
-                   on_batch=None) -> Accumulator:
+                   on_batch=None, ref_topk_dump=None, q_topk_dump=None, k: int = 64) -> Accumulator:
     """Run both models over each batch and add their next-token logits to an Accumulator.
 
     batches: dicts (or mappings) with input_ids [B, T] and optionally attention_mask [B, T],
@@ -122,6 +122,8 @@ def compare_models(ref_model, q_model, batches: Iterable, *, accumulator: Accumu
     ref_dump / q_dump: a path or DumpWriter to also store each model's scored logits (with
     labels and prompt ids) in `dump_dtype`; paths are closed here, writers left open.
     on_batch(ref_rows, q_rows, labels, prompt_ids): called with each batch's scored rows.
+    ref_topk_dump / q_topk_dump: paths for top-k log-prob dumps (fidelity_kld.io.topk) of
+    each model with `k` entries per row, written beside (or instead of) the full dumps.
     Returns the accumulator (a new one unless given).
     """
     acc = accumulator if accumulator is not None else Accumulator()
@@ -132,6 +134,13 @@ def compare_models(ref_model, q_model, batches: Iterable, *, accumulator: Accumu
             d = DumpWriter(d, dtype=dump_dtype)
             owned.append(d)
         dumps.append(d)
+    for d in (ref_topk_dump, q_topk_dump):
+        if d is not None:
+            from ..io.topk import TopKDumpWriter
+
+            d = TopKDumpWriter(d, k)
+            owned.append(d)
+        dumps.append(d)
     try:
         for batch in batches:
             ref_rows, q_rows, labels, pids = batch_rows(ref_model, q_model, batch)
@@ -140,7 +149,7 @@ def compare_models(ref_model, q_model, batches: Iterable, *, accumulator: Accumu
             if device == "cpu":
                 ref_rows, q_rows = ref_rows.cpu(), q_rows.cpu()
             acc.add(ref_rows, q_rows, labels, prompt_ids=pids, device=device)
-            for d, rows in zip(dumps, (ref_rows, q_rows)):
+            for d, rows in zip(dumps, (ref_rows, q_rows, ref_rows, q_rows)):
                 if d is not None:
                     d.write(rows, labels, pids)
             if on_batch is not None:

@@ -80,6 +80,25 @@ def write_dump(llm, sequences: Iterable[Sequence[int]], path, *, dtype: str = "f
         return w.n_tokens
 
 
+def write_topk_dump(llm, sequences: Iterable[Sequence[int]], path, k: int, *,
+                    prompt_ids: Sequence[int] | None = None, first: int = 0) -> int:
+    """Like write_dump, but a top-k log-prob dump (fidelity_kld.io.topk, with the tail mass
+    and floor computed from the full rows, so the KLD upper bound is finite). Returns rows."""
+    from ..io.topk import TopKDumpWriter
+
+    w = TopKDumpWriter(path, k, source="llama-cpp-python")
+    try:
+        for i, tokens in enumerate(sequences):
+            rows, labels = scored_rows(llm, tokens, first)
+            pid = i if prompt_ids is None else prompt_ids[i]
+            w.write(rows, labels, np.full(len(labels), pid, dtype=np.int64))
+    except BaseException:
+        w.abort()
+        raise
+    w.close()
+    return w.n_rows
+
+
 def compare_models(ref_llm, q_llm, sequences: Iterable[Sequence[int]], *,
                    accumulator: Accumulator | None = None,
                    prompt_ids: Sequence[int] | None = None, first: int = 0) -> Accumulator:

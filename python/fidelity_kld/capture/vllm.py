@@ -21,11 +21,9 @@ JSONL, one line per prompt, vLLM's RequestOutput made plain (`output_record` bui
      "prompt_logprobs": [null, {"450": {"logprob": -3.2, "rank": 4, "decoded_token": " The"}, ...}, ...]}
 (keys may be ints or strings; an entry may also be a bare float log-prob).
 
-Parquet (`write_topk`), one row per scored position: prompt_id (int64 or string), position
-(int64), label (int64), label_logprob (float32), label_rank (int64, -1 unknown),
-topk_ids (fixed_size_list<int64>[k], -1 padding), topk_logprobs (fixed_size_list<float32>[k],
--inf padding), ranks 1..k in order; schema metadata {"fidelity_kld.topk": '{"k": k, ...}'}.
-`read_topk` reads either form into a TopKLogprobs.
+Parquet (`write_topk`): fidelity_kld.io.topk's top-k dump, the one top-k format (vLLM gives
+no floor, so the upper KLD bound against a quant captured here is +inf; the lower bound and
+top-1 agreement are exact). `read_topk` reads either form into a TopKLogprobs.
 """
 
 from __future__ import annotations
@@ -33,46 +31,11 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import dataclass
 from typing import Iterable, Mapping
 
 import numpy as np
 
-META_KEY = b"fidelity_kld.topk"
-FORMAT_VERSION = 1
-
-
-@dataclass(frozen=True)
-class TopKLogprobs:
-    """Top-k log-probs per scored position (records in order, positions ascending).
-
-    prompt_id [N]; position [N] (row j predicts token j+1 of its prompt); label [N] (that
-    token); label_logprob [N] (NaN if not given); label_rank [N] (1-based, -1 unknown);
-    token_ids [N, k] (-1 where fewer than k were given); logprobs [N, k] float32 (-inf there),
-    in decreasing order.
-    """
-
-    prompt_id: np.ndarray
-    position: np.ndarray
-    label: np.ndarray
-    label_logprob: np.ndarray
-    label_rank: np.ndarray
-    token_ids: np.ndarray
-    logprobs: np.ndarray
-
-    @property
-    def k(self) -> int:
-        return int(self.token_ids.shape[1])
-
-    @property
-    def n_rows(self) -> int:
-        return int(self.label.shape[0])
-
-    def tail_mass(self) -> np.ndarray:
-        """1 - sum of the top-k probabilities per row (float64; can be a hair below 0 by
-        rounding of near-certain rows)."""
-        with np.errstate(under="ignore"):
-            return 1.0 - np.exp(self.logprobs.astype(np.float64)).sum(axis=1)
+from ..io.topk import META_KEY, TopKLogprobs, read_topk, write_topk  # noqa: F401 (re-exported)
 
 
 def _entry(value, where: str) -> tuple[float, int | None]:
@@ -206,58 +169,3 @@ def read_vllm_jsonl(path, *, k: int | None = None) -> TopKLogprobs:
         return normalize(records, k=k)
     except ValueError as e:
         raise ValueError(f"{path}: {e}") from None
-
-
-def write_topk(topk: TopKLogprobs, path) -> str:
-    """Parquet, in the layout of the module docstring."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    from .._atomic import atomic_output
-
-    k = topk.k
-    pid = topk.prompt_id
-    cols = {
-        "prompt_id": pa.array(pid, pa.int64()) if pid.dtype != object else pa.array(list(pid), pa.string()),
-        "position": pa.array(topk.position, pa.int64()),
-        "label": pa.array(topk.label, pa.int64()),
-        "label_logprob": pa.array(topk.label_logprob, pa.float32()),
-        "label_rank": pa.array(topk.label_rank, pa.int64()),
-        "topk_ids": pa.FixedSizeListArray.from_arrays(pa.array(topk.token_ids.reshape(-1), pa.int64()), k),
-        "topk_logprobs": pa.FixedSizeListArray.from_arrays(
-            pa.array(topk.logprobs.reshape(-1), pa.float32()), k),
-    }
-    meta = {META_KEY: json.dumps({"k": k, "version": FORMAT_VERSION}).encode()}
-    table = pa.table(cols).replace_schema_metadata(meta)
-    path = os.fspath(path)
-    with atomic_output(path) as tmp:
-        pq.write_table(table, tmp)
-    return path
-
-
-def read_topk(path, *, k: int | None = None) -> TopKLogprobs:
-    """A top-k table: Parquet written by write_topk, or vLLM-shaped JSONL (.jsonl)."""
-    path = os.fspath(path)
-    if path.endswith(".jsonl"):
-        return read_vllm_jsonl(path, k=k)
-    import pyarrow.parquet as pq
-
-    table = pq.read_table(path)
-    meta = table.schema.metadata or {}
-    if META_KEY not in meta:
-        raise ValueError(f"{path}: not a fidelity-kld top-k table (no {META_KEY.decode()} metadata)")
-    width = json.loads(meta[META_KEY])["k"]
-
-    def matrix(name, dtype):
-        flat = table.column(name).combine_chunks().flatten().to_numpy(zero_copy_only=False)
-        return np.asarray(flat, dtype=dtype).reshape(-1, width)
-
-    pid = table.column("prompt_id").to_numpy(zero_copy_only=False)
-    return TopKLogprobs(
-        prompt_id=pid.astype(np.int64) if pid.dtype.kind in "iu" else pid.astype(object),
-        position=table.column("position").to_numpy().astype(np.int64),
-        label=table.column("label").to_numpy().astype(np.int64),
-        label_logprob=table.column("label_logprob").to_numpy(zero_copy_only=False).astype(np.float32),
-        label_rank=table.column("label_rank").to_numpy().astype(np.int64),
-        token_ids=matrix("topk_ids", np.int64),
-        logprobs=matrix("topk_logprobs", np.float32))

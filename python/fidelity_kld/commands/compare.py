@@ -94,10 +94,16 @@ def _term_handler(signum, frame):
                                       "as invalid tokens.")
 @click.option("--override-labels", is_flag=True,
               help="Use --labels even where the dumps carry different labels.")
+@click.option("--gap-threshold", type=float, default=0.01, show_default=True,
+              help="Top-k dumps: count tokens whose KLD bounds are further apart (nats).")
+@click.option("--shared-lm-head", is_flag=True,
+              help="Hidden-state dumps: score every model through the reference's lm_head.")
+@click.option("--lm-head", "lm_head", type=click.Path(exists=True),
+              help="Hidden-state dumps: the reference's lm_head (model dir or safetensors).")
 def command(ref, quants, example, labels_path, prompt_ids_path, fmt, names_given, sort, paired,
             baseline, top_tokens, top_prompts, tokenizer_path, brief, running, output, per_token,
             per_prompt, threads, device, dtype_override, definitions, quiet, bad_rows,
-            override_labels):
+            override_labels, gap_threshold, shared_lm_head, lm_head):
     """Compare a reference dump REF with one or more quantized dumps QUANT.
 
     Dumps: llama.cpp --kl-divergence-base files, .npy, safetensors, Arrow IPC, Parquet, or
@@ -125,6 +131,29 @@ def command(ref, quants, example, labels_path, prompt_ids_path, fmt, names_given
     view = dict(fmt=fmt, names=names, sort=sort, paired=paired or baseline is not None,
                 baseline=baseline or names[0], top_tokens=top_tokens, top_prompts=top_prompts,
                 tokenizer_path=tokenizer_path, running=running, brief=brief)
+    from ..io import DumpError
+    from ..io.paths import check_outputs
+
+    try:  # before anything is read, whatever kind of dump
+        check_outputs({"--output": output, "--per-token": per_token, "--per-prompt": per_prompt},
+                      [ref, *quants, labels_path, prompt_ids_path])
+    except DumpError as e:
+        raise InputError(str(e)) from None
+    from ..io.hidden import is_hidden_file
+    from ..topk_compare import is_topk
+
+    if is_hidden_file(ref) or any(is_hidden_file(q) for q in quants):  # logits from h @ W.T
+        from .compare_hidden import run_hidden_compare
+
+        return run_hidden_compare(ref, quants, fmt=fmt, output=output, per_token=per_token,
+                                  per_prompt=per_prompt, threads=threads, device=device,
+                                  shared_lm_head=shared_lm_head, lm_head=lm_head)
+    if is_topk(ref) or any(is_topk(q) for q in quants):  # bounds, not the exact core
+        from .compare_topk import run_topk_compare
+
+        return run_topk_compare(ref, quants, fmt=fmt, output=output, per_token=per_token,
+                                per_prompt=per_prompt, gap_threshold=gap_threshold,
+                                dtype_override=dtype_override, labels_path=labels_path)
     previous = signal.signal(signal.SIGTERM, _term_handler)
     try:
         _run(ref, quants, labels_path, prompt_ids_path, output, per_token, per_prompt,
@@ -140,16 +169,10 @@ def _run(ref, quants, labels_path, prompt_ids_path, output, per_token, per_promp
     from ..io.conversion import llama_rows
     from ..io.ids import check_given_labels
     from ..io.llama import check_rows
-    from ..io.paths import check_outputs
     from ..stats.per_prompt import per_prompt as per_prompt_table
     from ..stats.summary import summarize
     from ..stream import compare_sources
 
-    try:
-        check_outputs({"--output": output, "--per-token": per_token, "--per-prompt": per_prompt},
-                      [ref, *quants, labels_path, prompt_ids_path])
-    except DumpError as e:
-        raise InputError(str(e)) from None
     with ExitStack() as stack:
         try:
             # llama_rows: a float32 conversion of a llama.cpp file is read back as the llama.cpp

@@ -96,6 +96,11 @@ def command(path: str, out_format: str, dtype: str | None) -> None:
     format, shape, dtype, token count, size on disk, header fields, labels and prompt ids."""
     from ..io import DumpError, open_source
 
+    small = _describe_smaller_dump(path)  # top-k and hidden-state dumps
+    if small is not None:
+        click.echo(json.dumps(small, indent=2, default=str) if out_format == "json" else
+                   "\n".join(f"{k + ':':<16} {v}" for k, v in small.items()))
+        return
     try:
         with open_source(path, dtype=dtype) as src:
             d = describe(src)
@@ -105,3 +110,19 @@ def command(path: str, out_format: str, dtype: str | None) -> None:
         click.echo(json.dumps(d, indent=2, default=str))
     else:
         click.echo(_text(d))
+
+
+def _describe_smaller_dump(path: str) -> dict | None:
+    """The description of a top-k or hidden-state dump; None for a full logit dump."""
+    from ..io import DumpError
+    from ..io.hidden import describe_hidden, is_hidden_file
+    from ..io.topk import describe_topk, is_topk_file
+
+    try:
+        if is_topk_file(path):
+            return describe_topk(path)
+        if is_hidden_file(path):
+            return describe_hidden(path)
+    except DumpError as e:
+        raise InputError(str(e)) from None
+    return None

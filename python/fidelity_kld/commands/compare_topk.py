@@ -1,0 +1,147 @@
+"""`fidelity-kld compare` when a side is a top-k dump: bounds on the KLD (never a truncated
+sum presented as one), top-1 agreement, and the label terms where both sides carry them."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from contextlib import ExitStack
+from pathlib import Path
+
+import click
+import numpy as np
+
+from .. import __version__
+from .._atomic import atomic_output
+from ..cli import InputError
+
+
+def _f(x) -> float:
+    return math.nan if x is None else float(x)
+
+
+def format_topk_summary(s: dict) -> str:
+    lo, up, gap = s["kld_lower"], s["kld_upper"], s["gap"]
+    lp = lo["percentiles"]
+    lines = []
+    if s.get("has_labels"):
+        lines += [
+            "====== Perplexity statistics ======",
+            f"Mean PPL(Q)                   : {_f(s['ppl_q']):10.6f} ± {_f(s['ppl_q_se']):10.6f}",
+            f"Mean PPL(base)                : {_f(s['ppl_ref']):10.6f} ± {_f(s['ppl_ref_se']):10.6f}",
+            f"Mean ln(PPL(Q)/PPL(base))     : {_f(s['ln_ppl_ratio']):10.6f} ± {_f(s['ln_ppl_ratio_se']):10.6f}",
+            f"Mean PPL(Q)/PPL(base)         : {_f(s['ppl_ratio']):10.6f} ± {_f(s['ppl_ratio_se']):10.6f}",
+        ]
+    n_unb = up["n_unbounded"]
+    upper_line = (f"Mean    KLD upper bound: {_f(up['mean']):10.6f}" if n_unb == 0 else
+                  f"Mean    KLD upper bound:        inf ({n_unb} of {s['n_tokens']} tokens unbounded: "
+                  "the quant's dump gives no floor under its unseen probabilities)")
+    lines += [
+        "====== KL divergence bounds (top-k dump: the full KLD lies between them) ======",
+        f"Mean    KLD lower bound: {_f(lo['mean']):10.6f} ± {_f(lo['se']):10.6f}",
+        upper_line,
+        f"Maximum KLD lower bound: {_f(lo['max']):10.6f}",
+        f"99.9%   KLD lower bound: {_f(lp['99.9']):10.6f}",
+        f"99.0%   KLD lower bound: {_f(lp['99']):10.6f}",
+        f"95.0%   KLD lower bound: {_f(lp['95']):10.6f}",
+        f"Median  KLD lower bound: {_f(lo['median']):10.6f}",
+        f" 5.0%   KLD lower bound: {_f(lp['5']):10.6f}",
+        f"Tokens with upper - lower > {gap['threshold']:g} nats: {gap['n_above_threshold']} of {s['n_tokens']}",
+        "====== Token probability statistics ======",
+    ]
+    if s.get("has_labels"):
+        d = s["delta_p"]
+        lines += [f"Mean    Δp: {100 * _f(d['mean']):6.3f} ± {100 * _f(d['se']):5.3f} %",
+                  f"RMS Δp    : {100 * _f(s['rms_delta_p']):6.3f} ± {100 * _f(s['rms_delta_p_se']):5.3f} %"]
+    lines.append(f"Same top p: {100 * _f(s['same_top']):6.3f} ± {100 * _f(s['same_top_se']):5.3f} %")
+    return "\n".join(lines)
+
+
+def _describe(side, path) -> dict:
+    from ..io.topk import TopKLogprobs
+
+    if isinstance(side, TopKLogprobs):
+        return {"path": os.fspath(path), "format": "topk", "k": side.k, "n_tokens": side.n_rows,
+                "vocab": side.vocab, "floor": side.floor_logprob is not None}
+    return {"path": os.fspath(path), "format": side.format, "n_tokens": side.n_tokens,
+            "vocab": side.vocab, "dtype": side.dtype}
+
+
+def run_topk_compare(ref, quants, *, fmt, output, per_token, per_prompt, gap_threshold,
+                     dtype_override, labels_path=None):
+    """compare's path when REF or a QUANT is a top-k dump."""
+    from ..io import DumpError
+    from ..stats.summary import json_ready
+    from ..stats.topk_bounds import summarize_topk
+    from ..topk_compare import check_pair, compare_topk, open_side
+    from .compare import _model_names
+
+    if per_prompt or labels_path:
+        raise InputError(f"{ref}: --per-prompt and --labels are not supported with top-k dumps")
+    with ExitStack() as stack:
+        try:
+            sides = []
+            for p in (ref, *quants):
+                s = open_side(p, dtype_override)
+                if hasattr(s, "close"):
+                    stack.callback(s.close)
+                sides.append(s)
+            vocabs = [check_pair(sides[0], q, ref, qp) for q, qp in zip(sides[1:], quants)]
+            results = [compare_topk(sides[0], q, vocab=v) for q, v in zip(sides[1:], vocabs)]
+        except ValueError as e:  # DumpError included
+            raise InputError(str(e)) from None
+        names = _model_names(quants)
+        summaries = [json_ready(summarize_topk(st, gap_threshold=gap_threshold)) for st in results]
+        doc = {"fidelity_kld_version": __version__, "kind": "topk_bounds",
+               "reference": _describe(sides[0], ref),
+               "models": [{"name": n, **_describe(s, p), "summary": sm}
+                          for n, p, s, sm in zip(names, quants, sides[1:], summaries)]}
+        prompt_ids = _prompt_ids(sides)
+        with ExitStack() as outputs:
+            if output:
+                Path(outputs.enter_context(atomic_output(output))).write_text(
+                    json.dumps(doc, indent=2) + "\n")
+            if per_token:
+                _write_per_token(outputs.enter_context(atomic_output(per_token)), names, results,
+                                 prompt_ids)
+    if fmt == "json":
+        click.echo(json.dumps(doc, indent=2))
+        return
+    for name, s in zip(names, summaries):
+        click.echo(f"### {name} vs {Path(ref).name}  ({s['n_tokens']} tokens, KLD bounded from top-k)")
+        click.echo(format_topk_summary(s))
+        click.echo("")
+
+
+def _prompt_ids(sides):
+    from ..io.topk import TopKLogprobs
+
+    for s in sides:
+        pid = s.prompt_id if isinstance(s, TopKLogprobs) else s.prompt_ids
+        if pid is not None:
+            return pid
+    return None
+
+
+def _write_per_token(tmp, names, results, prompt_ids):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    tables = []
+    for name, st in zip(names, results):
+        n = st.n_tokens
+        nan = np.full(n, np.nan)
+        pid = prompt_ids if prompt_ids is not None else np.full(n, -1, np.int64)
+        tables.append(pa.table({
+            "model": pa.array([name] * n),
+            "token_index": np.arange(n, dtype=np.int64),
+            "prompt_id": pa.array(list(pid)) if getattr(pid, "dtype", None) == object else pid,
+            "label": st.labels if st.labels is not None else np.full(n, -1, np.int64),
+            "kld_lower": st.kld_lower, "kld_upper": st.kld_upper,
+            "top1_ref": st.top1_ref, "top1_q": st.top1_q, "top1_agree": st.top1_agree,
+            "nll_ref": st.nll_ref if st.nll_ref is not None else nan,
+            "nll_q": st.nll_q if st.nll_q is not None else nan,
+            "delta_p": st.delta_p if st.delta_p is not None else nan,
+        }))
+    pq.write_table(pa.concat_tables(tables), tmp)

@@ -1,0 +1,87 @@
+"""Compare a reference with quants where a side is a top-k dump (fidelity_kld.io.topk):
+per-token KLD bounds (fidelity_kld.stats.topk_bounds), top-1 agreement and label terms.
+A full dump on the other side is streamed in row blocks and turned into float64 log-probs.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from .io.base import DumpError
+from .io.topk import TopKLogprobs, is_topk_file, read_topk
+from .stats.topk_bounds import DENSE_ELEMENTS, TopKTokenStats, full_logprobs, token_bounds
+
+
+def is_topk(path) -> bool:
+    return is_topk_file(os.fspath(path))
+
+
+def open_side(path, dtype: str | None = None):
+    """A TopKLogprobs for a top-k dump, else an open LogitSource (the caller closes it)."""
+    from .io import open_source
+
+    path = os.fspath(path)
+    if is_topk(path):
+        return read_topk(path)
+    return open_source(path, dtype=dtype)
+
+
+def _n_rows(side) -> int:
+    return side.n_rows if isinstance(side, TopKLogprobs) else side.n_tokens
+
+
+def _vocab(side) -> int | None:
+    return side.vocab
+
+
+def _labels(side) -> np.ndarray | None:
+    if isinstance(side, TopKLogprobs):
+        return side.label if (side.label >= 0).all() else None
+    return side.labels
+
+
+def check_pair(ref, q, ref_path: str, q_path: str) -> int | None:
+    """The common vocabulary (None when no side knows it); DumpError on a mismatch."""
+    if _n_rows(ref) != _n_rows(q):
+        raise DumpError(f"{q_path}: {_n_rows(q)} rows, but {ref_path} has {_n_rows(ref)}")
+    vr, vq = _vocab(ref), _vocab(q)
+    if vr is not None and vq is not None and vr != vq:
+        raise DumpError(f"{q_path}: vocabulary {vq}, but {ref_path} has {vr}")
+    lr, lq = _labels(ref), _labels(q)
+    if lr is not None and lq is not None and not np.array_equal(lr, lq):
+        i = int(np.flatnonzero(lr != lq)[0])
+        raise DumpError(f"{q_path}: label {int(lq[i])} at row {i}, but {ref_path} has {int(lr[i])}: "
+                        "the dumps do not score the same tokens")
+    vocab = vr if vr is not None else vq
+    for side, path in ((ref, ref_path), (q, q_path)):
+        if isinstance(side, TopKLogprobs) and vocab is not None and side.n_rows:
+            if side.token_ids.max() >= vocab:
+                raise DumpError(f"{path}: token id {int(side.token_ids.max())} is outside the "
+                                f"vocabulary [0, {vocab})")
+    return vocab
+
+
+def _full_block(src, start: int, stop: int) -> np.ndarray:
+    from .io.conversion import cast_block
+
+    return full_logprobs(cast_block(src.read(start, stop), "float32", start, src.path))
+
+
+def compare_topk(ref, q, *, vocab: int | None = None, labels=None) -> TopKTokenStats:
+    """Per-token bounds of ref against q; each a TopKLogprobs or an open LogitSource (at
+    least one top-k). Full sources are read in blocks of about DENSE_ELEMENTS entries."""
+    n = _n_rows(ref)
+    if labels is None:
+        labels = _labels(ref) if _labels(ref) is not None else _labels(q)
+    full = [s for s in (ref, q) if not isinstance(s, TopKLogprobs)]
+    rows = max(1, DENSE_ELEMENTS // full[0].vocab) if full else max(n, 1)
+    parts = []
+    for start in range(0, n, rows):
+        stop = min(start + rows, n)
+        sides = [s.rows(start, stop) if isinstance(s, TopKLogprobs) else _full_block(s, start, stop)
+                 for s in (ref, q)]
+        parts.append(token_bounds(*sides, vocab=vocab,
+                                  labels=None if labels is None else labels[start:stop]))
+    return TopKTokenStats.concat(parts)
