@@ -178,8 +178,14 @@ def _term_handler(signum, frame):
               help="llama: llama.cpp's (default when REF is a llama.cpp file); exact: DESIGN.md's "
                    "full-vocabulary definitions.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress line on stderr.")
+@click.option("--ray", "ray_address", default=None, metavar="auto|ADDRESS",
+              help="Compute on a Ray cluster (auto: the one this machine belongs to); the dumps "
+                   "must be at the same paths on every node. --threads: cores per task.")
+@click.option("--ray-tasks", type=click.IntRange(min=1), default=None,
+              help="With --ray: about this many token ranges (default: 2 per worker).")
 def command(ref, quants, example, labels_path, prompt_ids_path, fmt, output, per_token,
-            per_prompt, threads, device, dtype_override, definitions, quiet):
+            per_prompt, threads, device, dtype_override, definitions, quiet, ray_address,
+            ray_tasks):
     """Compare a reference dump REF with one or more quantized dumps QUANT.
 
     Dumps: llama.cpp --kl-divergence-base files, .npy, safetensors, Arrow IPC, Parquet, or
@@ -192,16 +198,18 @@ def command(ref, quants, example, labels_path, prompt_ids_path, fmt, output, per
         ref, quants = str(base / EXAMPLE_FILES[0]), (str(base / EXAMPLE_FILES[1]),)
     if not ref or not quants:
         raise click.UsageError("give REF and at least one QUANT (or --example)")
+    if ray_tasks and not ray_address:
+        raise click.UsageError("--ray-tasks needs --ray")
     previous = signal.signal(signal.SIGTERM, _term_handler)
     try:
         _run(ref, quants, labels_path, prompt_ids_path, fmt, output, per_token, per_prompt,
-             threads, device, dtype_override, definitions, quiet)
+             threads, device, dtype_override, definitions, quiet, ray_address, ray_tasks)
     finally:
         signal.signal(signal.SIGTERM, previous)
 
 
 def _run(ref, quants, labels_path, prompt_ids_path, fmt, output, per_token, per_prompt,
-         threads, device, dtype_override, definitions, quiet):
+         threads, device, dtype_override, definitions, quiet, ray_address=None, ray_tasks=None):
     from ..io import check_compatible, open_source
     from ..stats.per_prompt import per_prompt as per_prompt_table
     from ..stats.summary import summarize
@@ -231,12 +239,19 @@ def _run(ref, quants, labels_path, prompt_ids_path, fmt, output, per_token, per_
         parity = {"auto": None, "llama": True, "exact": False}[definitions]
         if parity and ref_src.dtype != "llama_u16":
             raise InputError(f"{ref}: --definitions llama needs a llama.cpp reference file")
-        compare_fn, compare_many_fn = _compare_fns(device)
         show = not quiet and sys.stderr.isatty()
         try:
-            results = compare_sources(ref_src, q_srcs, labels=labels, threads=threads,
-                                      llama_parity=parity, progress=_ProgressLine(show),
-                                      compare_fn=compare_fn, compare_many_fn=compare_many_fn)
+            if ray_address:  # the same per-token arrays, computed by Ray tasks
+                from .. import distributed
+                results = distributed.compare_sources(
+                    ref_src, q_srcs, labels=labels, prompt_ids=prompt_ids, threads=threads,
+                    llama_parity=parity, tasks=ray_tasks, device=device, address=ray_address,
+                    progress=None if quiet else distributed.ProgressPrinter())
+            else:
+                compare_fn, compare_many_fn = _compare_fns(device)
+                results = compare_sources(ref_src, q_srcs, labels=labels, threads=threads,
+                                          llama_parity=parity, progress=_ProgressLine(show),
+                                          compare_fn=compare_fn, compare_many_fn=compare_many_fn)
         except ValueError as e:
             raise InputError(str(e)) from None
         names = _model_names(quants)
