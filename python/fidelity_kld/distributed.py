@@ -7,8 +7,8 @@ Every worker reads the dumps itself from storage all nodes mount (the same paths
 gets only the names of the files and the rows it covers, opens them, streams its rows
 through stream.compare_sources (the reference read once for all models) and returns the
 per-token arrays of its range. The logits never cross the object store; the driver
-receives about 44 + 52 x models bytes per token (float64/int32 per-token arrays, the
-reference's half sent once per range) and concatenates the ranges in token order. Each
+receives 44 + 44 x models bytes per token with labels (float64/int32 per-token arrays, the
+reference's half sent once per range; 8 more per model with llama.cpp's windowed KLD) and concatenates the ranges in token order. Each
 row's result does not depend on which rows share a call (tests/test_determinism.py), so
 every array, and so every summary, percentile and per-prompt table computed from them, is
 bitwise what one machine computes, provided every worker runs the same SIMD path (a mix
