@@ -165,6 +165,11 @@ def test_other_filesystems_are_refused():
         distributed.compare("mock:///ref.npy", ["mock:///q.npy"])
 
 
+def test_cuda_needs_a_gpu_in_the_cluster(ray_cluster, llama_base_path, llama_q4_path):
+    with pytest.raises(distributed.DistributedError, match="no GPU"):
+        distributed.compare(llama_base_path, [llama_q4_path], device="cuda")
+
+
 def test_a_worker_killed_mid_task_is_retried(ray_cluster, npy_dumps, tmp_path):
     """The first worker to compare a chunk dies (os._exit, as a killed process does) before
     it returns; Ray runs the task again and the result is still bitwise."""

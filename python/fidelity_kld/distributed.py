@@ -443,24 +443,27 @@ def _collect(ray, pending: dict, n_ranges: int, n_tokens: int, row_bytes: int,
     t0 = time.perf_counter()
     slots, nodes = _cluster(ray, *per_task)
     polled = time.monotonic()
-    while pending:
-        ready, _ = ray.wait(list(pending), num_returns=1, timeout=0.5)
-        for ref in ready:
-            rng = pending.pop(ref)
-            try:
-                done[rng.index] = ray.get(ref)
-            except ray.exceptions.RayError as e:
-                for other in pending:
-                    ray.cancel(other, force=True)
-                raise _failure(ray, e, rng, attempts) from None
-            tokens_done += rng.stop - rng.start
-        if time.monotonic() - polled > 2.0:
-            slots, nodes = _cluster(ray, *per_task)
-            polled = time.monotonic()
-        if progress is not None:
-            progress(ClusterProgress(tokens_done, n_tokens, tokens_done * row_bytes,
-                                     time.perf_counter() - t0, len(done), n_ranges,
-                                     min(slots, len(pending)), nodes))
+    try:
+        while pending:
+            ready, _ = ray.wait(list(pending), num_returns=1, timeout=0.5)
+            for ref in ready:
+                rng = pending.pop(ref)
+                try:
+                    done[rng.index] = ray.get(ref)
+                except ray.exceptions.RayError as e:
+                    raise _failure(ray, e, rng, attempts) from None
+                tokens_done += rng.stop - rng.start
+            if time.monotonic() - polled > 2.0:
+                slots, nodes = _cluster(ray, *per_task)
+                polled = time.monotonic()
+            if progress is not None:
+                progress(ClusterProgress(tokens_done, n_tokens, tokens_done * row_bytes,
+                                         time.perf_counter() - t0, len(done), n_ranges,
+                                         min(slots, len(pending)), nodes))
+    except BaseException:  # a failed range, Ctrl-C, SIGTERM: nothing more is worth computing
+        for ref in pending:
+            ray.cancel(ref, force=True)
+        raise
     return [done[k] for k in range(n_ranges)]
 
 
