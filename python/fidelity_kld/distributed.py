@@ -97,7 +97,7 @@ class TokenRange:
 @dataclass
 class ClusterProgress:
     """What a progress callback receives: whole ranges done so far, bytes of dumps they read,
-    and the task slots the live nodes offer."""
+    and the task slots (workers) the live nodes offer."""
 
     tokens_done: int
     tokens_total: int
@@ -459,7 +459,7 @@ def _collect(ray, pending: dict, n_ranges: int, n_tokens: int, row_bytes: int,
             if progress is not None:
                 progress(ClusterProgress(tokens_done, n_tokens, tokens_done * row_bytes,
                                          time.perf_counter() - t0, len(done), n_ranges,
-                                         min(slots, len(pending)), nodes))
+                                         slots, nodes))
     except BaseException:  # a failed range, Ctrl-C, SIGTERM: nothing more is worth computing
         for ref in pending:
             ray.cancel(ref, force=True)
