@@ -100,10 +100,15 @@ def _term_handler(signum, frame):
               help="Hidden-state dumps: score every model through the reference's lm_head.")
 @click.option("--lm-head", "lm_head", type=click.Path(exists=True),
               help="Hidden-state dumps: the reference's lm_head (model dir or safetensors).")
+@click.option("--ray", "ray_address", default=None, metavar="auto|ADDRESS",
+              help="Compute on a Ray cluster (auto: the one this machine belongs to); the dumps "
+                   "must be at the same paths on every node. --threads: cores per task.")
+@click.option("--ray-tasks", type=click.IntRange(min=1), default=None,
+              help="With --ray: about this many token ranges (default: 2 per worker).")
 def command(ref, quants, example, labels_path, prompt_ids_path, fmt, names_given, sort, paired,
             baseline, top_tokens, top_prompts, tokenizer_path, brief, running, output, per_token,
             per_prompt, threads, device, dtype_override, definitions, quiet, bad_rows,
-            override_labels, gap_threshold, shared_lm_head, lm_head):
+            override_labels, gap_threshold, shared_lm_head, lm_head, ray_address, ray_tasks):
     """Compare a reference dump REF with one or more quantized dumps QUANT.
 
     Dumps: llama.cpp --kl-divergence-base files, .npy, safetensors, Arrow IPC, Parquet, or
@@ -154,17 +159,20 @@ def command(ref, quants, example, labels_path, prompt_ids_path, fmt, names_given
         return run_topk_compare(ref, quants, fmt=fmt, output=output, per_token=per_token,
                                 per_prompt=per_prompt, gap_threshold=gap_threshold,
                                 dtype_override=dtype_override, labels_path=labels_path)
+    if ray_tasks and not ray_address:
+        raise click.UsageError("--ray-tasks needs --ray")
     previous = signal.signal(signal.SIGTERM, _term_handler)
     try:
         _run(ref, quants, labels_path, prompt_ids_path, output, per_token, per_prompt,
              threads, device, dtype_override, definitions, quiet, view, bad_rows,
-             override_labels)
+             override_labels, ray_address, ray_tasks)
     finally:
         signal.signal(signal.SIGTERM, previous)
 
 
 def _run(ref, quants, labels_path, prompt_ids_path, output, per_token, per_prompt,
-         threads, device, dtype_override, definitions, quiet, view, bad_rows, override_labels):
+         threads, device, dtype_override, definitions, quiet, view, bad_rows, override_labels,
+         ray_address=None, ray_tasks=None):
     from ..io import DumpError, check_compatible, open_source
     from ..io.conversion import llama_rows
     from ..io.ids import check_given_labels
@@ -206,17 +214,30 @@ def _run(ref, quants, labels_path, prompt_ids_path, output, per_token, per_promp
         parity = {"auto": None, "llama": True, "exact": False}[definitions]
         if parity and ref_src.dtype != "llama_u16":
             raise InputError(f"{ref}: --definitions llama needs a llama.cpp reference file")
-        compare_fn, compare_many_fn = _compare_fns(device)
+        compare_fn, compare_many_fn = _compare_fns(device) if not ray_address else (None, None)
         live = None
-        if view["running"] and view["fmt"] == "text" and len(q_srcs) == 1:
+        if view["running"] and view["fmt"] == "text" and len(q_srcs) == 1 and not ray_address:
             # one model: its running lines are printed as the prompts complete, as llama.cpp does
             live = _LiveRunning(f"### {view['names'][0]} vs {Path(ref).name}", prompt_ids,
                                 ref_src.n_tokens)
             compare_fn = live.wrap(compare_fn)
         try:
-            results = compare_sources(ref_src, q_srcs, labels=labels, threads=threads,
-                                      llama_parity=parity, progress=ProgressReporter(not quiet),
-                                      compare_fn=compare_fn, compare_many_fn=compare_many_fn)
+            if ray_address:  # the same per-token arrays, computed by Ray tasks
+                from .. import distributed
+                restored = [s.path for s in (ref_src, *q_srcs)
+                            if s.dtype == "llama_u16" and s.format != "llama"]
+                if restored:  # Ray tasks open the files themselves, as plain float32 dumps
+                    raise InputError(f"{restored[0]}: a conversion of a llama.cpp file is read "
+                                     "back as llama.cpp rows, which --ray does not do yet; "
+                                     "give the original .kld file, or run without --ray")
+                results = distributed.compare_sources(
+                    ref_src, q_srcs, labels=labels, prompt_ids=prompt_ids, threads=threads,
+                    llama_parity=parity, tasks=ray_tasks, device=device, address=ray_address,
+                    progress=None if quiet else distributed.ProgressPrinter())
+            else:
+                results = compare_sources(ref_src, q_srcs, labels=labels, threads=threads,
+                                          llama_parity=parity, progress=ProgressReporter(not quiet),
+                                          compare_fn=compare_fn, compare_many_fn=compare_many_fn)
             results = check_rows(ref_src, q_srcs, results, bad_rows)
         except ValueError as e:
             raise InputError(str(e)) from None

@@ -1,0 +1,315 @@
+"""fidelity_kld.distributed: compare on a local Ray cluster (started here, loopback only).
+
+Every distributed result is checked bit for bit against the single-machine path
+(stream.compare_sources, itself checked against reference.py in test_logit_stats.py):
+per-token arrays, summaries, per-prompt tables, the CLI's JSON and Parquet outputs. Workers
+that die mid-task are retried; a range that fails for good fails the run, naming itself."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from fidelity_kld import distributed
+from fidelity_kld.cli import main
+from fidelity_kld.io import open_source
+from fidelity_kld.stats.per_prompt import per_prompt
+from fidelity_kld.stats.summary import summarize
+from fidelity_kld.stream import compare_sources
+
+DATA = Path(__file__).parent / "data"
+# A token with KLD = +inf: numpy's std and percentile compute inf - inf on the way.
+pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered in subtract")
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    ray = pytest.importorskip("ray")
+    if ray.is_initialized():
+        ray.shutdown()
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)  # this host only
+    yield ray
+    ray.shutdown()
+
+
+def write_npy(path: Path, logits, labels=None, prompt_ids=None) -> None:
+    np.save(path, logits)
+    stem = str(path)[:-4]
+    if labels is not None:
+        np.save(stem + ".labels.npy", labels)
+    if prompt_ids is not None:
+        np.save(stem + ".prompt_ids.npy", prompt_ids)
+
+
+@pytest.fixture(scope="module")
+def npy_dumps(tmp_path_factory):
+    """A reference in 2 shards with labels and 40 prompts of uneven length, one model in
+    3 shards cut elsewhere (mid-prompt), one model in a single file; masked (-inf) entries
+    and a NaN row, so that +inf KLD and invalid tokens go through the cluster too."""
+    root = tmp_path_factory.mktemp("npy")
+    rng = np.random.default_rng(15)
+    lengths = rng.integers(5, 55, 40)
+    n, v = int(lengths.sum()), 1271
+    prompt_ids = np.repeat(np.arange(40), lengths)
+    ends = np.cumsum(lengths)
+    ref = (3 * rng.standard_normal((n, v))).astype(np.float16)
+    q1 = (ref + 0.2 * rng.standard_normal((n, v))).astype(np.float16)
+    q2 = (ref + 0.5 * rng.standard_normal((n, v))).astype(np.float16)
+    q1[7, :10] = -np.inf  # P gives these mass, Q none: KLD = +inf
+    q2[300, 3] = np.nan  # an invalid token
+    labels = rng.integers(0, v, n)
+    for d in ("ref", "q1"):
+        (root / d).mkdir()
+    cut = int(ends[19])  # a shard boundary at a prompt start
+    write_npy(root / "ref" / "part_0.npy", ref[:cut], labels[:cut], prompt_ids[:cut])
+    write_npy(root / "ref" / "part_1.npy", ref[cut:], labels[cut:], prompt_ids[cut:])
+    q1_cuts = [0, int(ends[9]) + 2, int(ends[29]) + 3, n]  # inside prompts (all are >= 5 long)
+    for k, (a, b) in enumerate(zip(q1_cuts[:-1], q1_cuts[1:])):
+        np.save(root / "q1" / f"part_{k}.npy", q1[a:b])
+    np.save(root / "q2.npy", q2)
+    return root, prompt_ids, q1_cuts
+
+
+def assert_bitwise(single, dist) -> None:
+    assert len(single) == len(dist)
+    for s, d in zip(single, dist):
+        for f in dataclasses.fields(s):
+            a, b = getattr(s, f.name), getattr(d, f.name)
+            assert (a is None) == (b is None), f.name
+            if a is not None:
+                assert a.dtype == b.dtype and a.shape == b.shape, f.name
+                assert a.tobytes() == b.tobytes(), f.name
+
+
+def single_machine(ref, quants):
+    srcs = [open_source(p) for p in (ref, *quants)]
+    try:
+        return compare_sources(srcs[0], srcs[1:])
+    finally:
+        for s in srcs:
+            s.close()
+
+
+# --- planning (no Ray needed) -------------------------------------------------------------
+
+def test_ranges_cover_the_tokens_and_cut_only_at_prompt_starts(npy_dumps):
+    root, prompt_ids, q1_cuts = npy_dumps
+    starts = set(np.concatenate([[0], np.flatnonzero(np.diff(prompt_ids)) + 1]).tolist())
+    with open_source(root / "ref") as ref, open_source(root / "q1") as q1, \
+            open_source(root / "q2.npy") as q2:
+        ranges = distributed.plan(ref, [q1, q2], tasks=7, prompt_ids=prompt_ids)
+    bounds = [r.start for r in ranges] + [ranges[-1].stop]
+    assert bounds[0] == 0 and bounds[-1] == prompt_ids.size and bounds == sorted(set(bounds))
+    assert set(bounds[:-1]) <= starts
+    ref_cut = np.load(root / "ref" / "part_0.npy", mmap_mode="r").shape[0]
+    assert ref_cut in bounds  # the reference's shard boundary is a prompt start: a cut
+    assert not set(q1_cuts[1:-1]) & set(bounds)  # q1's boundaries fall inside prompts
+    assert any(len(r.quants[0]) == 2 for r in ranges)  # so some range reads two q1 shards
+    assert 6 <= len(ranges) <= 8
+    for r in ranges:  # the pieces hold exactly the range's rows, in order
+        for pieces in (r.ref, *r.quants):
+            assert sum(p.stop - p.start for p in pieces) == r.stop - r.start
+        assert len(r.ref) == 1  # never spans the reference's shards
+        assert all(os.path.isabs(p.path) for p in r.ref)
+
+
+def test_cut_points_without_prompt_ids_are_even():
+    assert distributed.cut_points(10, 3, None) == [0, 3, 7, 10]
+    assert distributed.cut_points(10, 1, None) == [0, 10]
+    # a single prompt cannot be split, whatever the task count
+    assert distributed.cut_points(10, 4, np.array([0])) == [0, 10]
+
+
+def test_in_memory_sources_are_refused():
+    from fidelity_kld.io import ArraySource
+
+    src = ArraySource(np.zeros((4, 3), np.float32))
+    with pytest.raises(distributed.DistributedError, match="in-memory"):
+        distributed.compare_sources(src, [src])
+
+
+# --- on the cluster -----------------------------------------------------------------------
+
+def test_bitwise_the_single_machine_result_npy(ray_cluster, npy_dumps):
+    root, prompt_ids, q1_cuts = npy_dumps
+    ref, quants = root / "ref", [root / "q1", root / "q2.npy"]
+    single = single_machine(ref, quants)
+    dist = distributed.compare(ref, quants, tasks=5)
+    assert_bitwise(single, dist)
+    assert np.isinf(dist[0].kld[7]) and np.isnan(dist[1].kld[300])
+    for s, d in zip(single, dist):
+        assert summarize(s).to_dict() == summarize(d).to_dict()
+        ps, pd_ = per_prompt(s, prompt_ids), per_prompt(d, prompt_ids)
+        assert ps.keys() == pd_.keys()
+        assert all(ps[k].tobytes() == pd_[k].tobytes() for k in ps)
+
+
+def test_bitwise_llama_files_and_file_uri(ray_cluster, llama_base_path, llama_q4_path):
+    """llama.cpp files: llama parity (windowed KLD) and prompt ids from the chunk numbers."""
+    single = single_machine(llama_base_path, [llama_q4_path])
+    dist = distributed.compare(llama_base_path.as_uri(), [llama_q4_path.as_uri()], tasks=4)
+    assert dist[0].kld_llama is not None
+    assert_bitwise(single, dist)
+    assert summarize(single[0]).to_dict() == summarize(dist[0]).to_dict()
+
+
+def test_other_filesystems_are_refused():
+    with pytest.raises(distributed.DistributedError, match="mount"):
+        distributed.compare("mock:///ref.npy", ["mock:///q.npy"])
+
+
+def test_cuda_needs_a_gpu_in_the_cluster(ray_cluster, llama_base_path, llama_q4_path):
+    with pytest.raises(distributed.DistributedError, match="no GPU"):
+        distributed.compare(llama_base_path, [llama_q4_path], device="cuda")
+
+
+def test_a_worker_killed_mid_task_is_retried(ray_cluster, npy_dumps, tmp_path):
+    """The first worker to compare a chunk dies (os._exit, as a killed process does) before
+    it returns; Ray runs the task again and the result is still bitwise."""
+    root, *_ = npy_dumps
+    marker = str(tmp_path / "killed")
+
+    def die_once_then_compare(*args, **kwargs):  # a closure: pickled by value for the workers
+        import os as os_
+
+        from fidelity_kld.ops import compare_many
+        try:
+            os_.close(os_.open(marker, os_.O_CREAT | os_.O_EXCL | os_.O_WRONLY))
+        except FileExistsError:
+            return compare_many(*args, **kwargs)
+        os_._exit(1)
+
+    ref, quants = root / "ref", [root / "q1", root / "q2.npy"]
+    dist = distributed.compare(ref, quants, tasks=4, compare_many_fn=die_once_then_compare)
+    assert os.path.exists(marker)  # a worker did die
+    assert_bitwise(single_machine(ref, quants), dist)
+
+
+def test_a_range_whose_worker_always_dies_fails_the_run(ray_cluster, npy_dumps, monkeypatch):
+    root, *_ = npy_dumps
+    real = distributed.compare_range
+
+    def dies_on_range_1(rng, *args, **kwargs):
+        import os as os_
+        if rng.index == 1:
+            os_._exit(1)
+        return real(rng, *args, **kwargs)
+
+    monkeypatch.setattr(distributed, "compare_range", dies_on_range_1)
+    with open_source(root / "ref") as ref, open_source(root / "q2.npy") as q2:
+        bad = distributed.plan(ref, [q2], tasks=3, prompt_ids=ref.prompt_ids)[1]
+        with pytest.raises(distributed.RangeFailed) as e:
+            distributed.compare_sources(ref, [q2], tasks=3, max_retries=1)
+    msg = str(e.value)
+    assert f"tokens [{bad.start}, {bad.stop})" in msg and "2 attempts" in msg
+    assert str(root / "ref" / "part_0.npy") in msg and str(root / "q2.npy") in msg
+    assert "\n" not in msg
+
+
+def test_a_file_a_worker_cannot_read_fails_the_run(ray_cluster, npy_dumps, tmp_path):
+    """The driver opened the file, then it changed under it: the worker that reads it says
+    which file and which range, and the error is not retried."""
+    root, *_ = npy_dumps
+    q2 = np.load(root / "q2.npy")
+    np.save(tmp_path / "q2.npy", q2)
+    with open_source(root / "ref") as ref, open_source(tmp_path / "q2.npy") as q:
+        np.save(tmp_path / "q2.npy", q2[:100])  # now shorter on "shared storage"
+        with pytest.raises(distributed.RangeFailed,
+                           match=rf"tokens \[\d+, \d+\) .*{tmp_path / 'q2.npy'}.*: .*100 tokens"):
+            distributed.compare_sources(ref, [q], tasks=2)
+
+
+# --- the CLI ------------------------------------------------------------------------------
+
+def run_cli(argv, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+        raise SystemExit(0)
+    out = capsys.readouterr()
+    return e.value.code or 0, out.out, out.err
+
+
+def test_cli_outputs_are_bitwise_and_cohort_reads_them(ray_cluster, tmp_path, capsys):
+    """compare --ray writes the same JSON and Parquet bytes' worth of numbers as compare;
+    cohort reads the distributed run's JSON and gives the same analysis."""
+    rng = np.random.default_rng(3)
+    n, v = 240, 257
+    ref = rng.standard_normal((n, v)).astype(np.float32)
+    labels = rng.integers(0, v, n)
+    write_npy(tmp_path / "bf16.npy", ref, labels, np.repeat(np.arange(12), 20))
+    names = ["q8", "q6", "q4", "q3", "q2"]
+    for k, name in enumerate(names):
+        np.save(tmp_path / f"{name}.npy", ref + (0.05 * 2 ** k) * rng.standard_normal((n, v)).astype(np.float32))
+    quants = [str(tmp_path / f"{m}.npy") for m in names]
+    outs = {}
+    for mode, extra in (("single", []), ("ray", ["--ray", "auto", "--ray-tasks", "3"])):
+        d = tmp_path / mode
+        d.mkdir()
+        code, out, err = run_cli(["compare", str(tmp_path / "bf16.npy"), *quants, "-q",
+                                  "-o", str(d / "summary.json"), "--per-prompt", str(d / "pp.parquet"),
+                                  "--per-token", str(d / "pt.parquet"), *extra], capsys)
+        assert code == 0, err
+        outs[mode] = out
+    assert outs["ray"] == outs["single"]
+    assert (tmp_path / "ray" / "summary.json").read_text() == (tmp_path / "single" / "summary.json").read_text()
+    for f in ("pp.parquet", "pt.parquet"):
+        assert pq.read_table(tmp_path / "ray" / f).equals(pq.read_table(tmp_path / "single" / f))
+
+    cohort = DATA / "cohort"
+    reports = {}
+    for mode in ("single", "ray"):
+        models = "\n".join(textwrap.dedent(f"""
+            [[models]]
+            name = "{m}"
+            outcomes = ["{cohort}/lm_eval/{m}", "{cohort}/livecodebench/{m}_codegeneration_eval_all.json"]
+            """) for m in names)
+        manifest = tmp_path / mode / "manifest.toml"
+        manifest.write_text(textwrap.dedent(f"""
+            name = "distributed"
+            fidelity = "summary.json"
+            filters = {{ gsm8k = "strict-match" }}
+            [reference]
+            name = "bf16"
+            outcomes = ["{cohort}/lm_eval/bf16", "{cohort}/livecodebench/bf16_codegeneration_eval_all.json"]
+            """) + models)
+        code, out, err = run_cli(["cohort", str(manifest), "--format", "json", "--bootstrap", "50",
+                                  "--holdout-reps", "5"], capsys)
+        assert code == 0, err
+        reports[mode] = json.loads(out)
+    kld = next(x for x in reports["ray"]["variants"] if x["name"] == "kld_mean")
+    assert kld["full"]["n"] == 5
+    reports["ray"].pop("manifest", None), reports["single"].pop("manifest", None)
+    assert reports["ray"] == reports["single"]
+
+
+def test_cli_failing_range_writes_nothing(ray_cluster, npy_dumps, tmp_path, monkeypatch, capsys):
+    root, *_ = npy_dumps
+    real = distributed.compare_range
+
+    def unreadable_range_2(rng, *args, **kwargs):
+        from fidelity_kld.io import DumpError
+        if rng.index == 2:
+            raise DumpError(f"{rng.quants[0][0].path}: cannot read (Input/output error)")
+        return real(rng, *args, **kwargs)
+
+    monkeypatch.setattr(distributed, "compare_range", unreadable_range_2)
+    out_json = tmp_path / "out.json"
+    code, out, err = run_cli(["compare", str(root / "ref"), str(root / "q2.npy"), "--ray", "auto",
+                              "--ray-tasks", "4", "-q", "-o", str(out_json),
+                              "--per-token", str(tmp_path / "pt.parquet")], capsys)
+    assert code == 1 and out == ""
+    line = err.strip()
+    assert "\n" not in line and "tokens [" in line and "q2.npy: cannot read (Input/output error)" in line
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_cli_ray_tasks_needs_ray(capsys):
+    code, _, err = run_cli(["compare", "--example", "--ray-tasks", "2"], capsys)
+    assert code == 2 and "--ray-tasks needs --ray" in err
