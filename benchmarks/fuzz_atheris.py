@@ -70,7 +70,7 @@ OUT = Path(__file__).resolve().parent / "out" / "fuzz"
 
 
 def llama_bytes(rng, n_ctx: int, n_vocab: int, n_chunk: int) -> bytes:
-    """A llama.cpp file whose rows are real encodings of random logits (FORMATS.md section 1),
+    """A llama.cpp file whose rows are real encodings of random logits (docs/formats.md),
     so that the corrupt-row screen passes the seeds."""
     import numpy as np
 

@@ -818,9 +818,19 @@ def _accumulate(**kw):
 
 
 def _on_the_cpu_only(fn):
+    """fn run as on a machine without a GPU: TRITON_INTERPRET (which other tests in the same
+    process may have set) would make ops take Triton's CPU interpreter for the GPU."""
     if torch_cuda_available():
         pytest.skip("a CUDA GPU is present")
-    return fn
+
+    def without_interpreter():
+        saved = os.environ.pop("TRITON_INTERPRET", None)
+        try:
+            return fn()
+        finally:
+            if saved is not None:
+                os.environ["TRITON_INTERPRET"] = saved
+    return without_interpreter
 
 
 def torch_cuda_available() -> bool:

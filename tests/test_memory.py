@@ -69,7 +69,7 @@ def workdir(tmp_path):
 
 
 def write_llama(path, n_rows: int, vocab: int, seed: int) -> None:
-    """A llama.cpp --kl-divergence-base file (FORMATS.md section 1) of about n_rows rows,
+    """A llama.cpp --kl-divergence-base file (docs/formats.md) of about n_rows rows,
     every row a valid quantized log-softmax (a rolled block, cheap to write)."""
     n_ctx = 512
     first = n_ctx // 2

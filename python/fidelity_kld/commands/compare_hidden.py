@@ -23,7 +23,8 @@ def run_hidden_compare(ref, quants, *, fmt, output, per_token, per_prompt, threa
     from ..io.hidden import HiddenDump, is_hidden_file
     from ..stats.per_prompt import per_prompt as per_prompt_table
     from ..stats.summary import summarize
-    from .compare import _model_names, _write_per_prompt, _write_per_token, format_summary
+    from ._format import format_summary
+    from .compare import _model_names, _write_per_prompt, _write_per_token
 
     for p in (ref, *quants):
         if not is_hidden_file(p):

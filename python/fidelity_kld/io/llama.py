@@ -162,8 +162,18 @@ def corrupt_row_mask(rows: np.ndarray, lse: np.ndarray, n_vocab: int) -> np.ndar
                 | ~np.isfinite(min_log_prob) | (np.abs(lse) > lse_tolerance(n_vocab)))
 
 
-def _row_header(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    head = np.ascontiguousarray(rows[:, :4]).view("<f4")
+def _row_header(rows: np.ndarray, block: int = 1024) -> tuple[np.ndarray, np.ndarray]:
+    """(scale, min_log_prob) of every row. Read a block of rows at a time and drop the block's
+    pages afterwards (io.base.release): touching a mapped row maps its neighbours in too
+    (fault-around), so a pass over the whole file would otherwise leave it resident."""
+    from .base import release
+
+    head = np.empty((rows.shape[0], 4), "<u2")
+    for start in range(0, rows.shape[0], block):
+        part = rows[start : start + block]
+        head[start : start + block] = part[:, :4]
+        release(part)
+    head = head.view("<f4")
     return head[:, 0], head[:, 1]
 
 
