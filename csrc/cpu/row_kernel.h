@@ -60,10 +60,19 @@ struct MaxMin {
   float min;
 };
 
+// Index of the first entry equal to the row's max m. Four vectors at a time: their lane-wise
+// max holds m somewhere only if one of them does (rows with a NaN never get here: finish
+// flags them first), and only that block is searched vector by vector.
 template <class S, DType D>
 inline int32_t first_index_of(const RowInput& in, int64_t vocab, float m) {
+  constexpr int64_t kStep = 4 * S::W;
+  const int64_t block_end = vocab - vocab % kStep;
   const int64_t vec_end = vocab - vocab % S::W;
   int64_t i = 0;
+  for (; i < block_end; i += kStep) {
+    const auto load = [&](int64_t k) { return S::template load<D>(in.values, i + k * S::W, in.dec); };
+    if (S::first_eq(S::max(S::max(load(0), load(1)), S::max(load(2), load(3))), m) >= 0) break;
+  }
   for (; i < vec_end; i += S::W) {
     const int lane = S::first_eq(S::template load<D>(in.values, i, in.dec), m);
     if (lane >= 0) return static_cast<int32_t>(i + lane);
@@ -81,12 +90,30 @@ struct RowKernel {
     double s_ref = 0, s_q = 0, t_rq = 0, t_qr = 0, h = 0, w_t = 0, w_s = 0;
   };
 
+  // Two vectors a step, each into its own max and min (the max/min chains' latency, not the
+  // loads, would set the pace); max and min are exact, so the split changes no result.
   static void pass1(const RowInput& a, const RowInput& b, int64_t vocab, MaxMin& ma,
                     MaxMin& mb) {
     const float inf = std::numeric_limits<float>::infinity();
     V mxa = S::set1(-inf), mna = S::set1(inf), mxb = S::set1(-inf), mnb = S::set1(inf);
+    V mxa2 = mxa, mna2 = mna, mxb2 = mxb, mnb2 = mnb;
+    const int64_t pair_end = vocab - vocab % (2 * S::W);
     const int64_t vec_end = vocab - vocab % S::W;
     int64_t i = 0;
+    for (; i < pair_end; i += 2 * S::W) {
+      const V x = S::template load<DA>(a.values, i, a.dec);
+      const V y = S::template load<DB>(b.values, i, b.dec);
+      const V x2 = S::template load<DA>(a.values, i + S::W, a.dec);
+      const V y2 = S::template load<DB>(b.values, i + S::W, b.dec);
+      mxa = S::max(x, mxa);
+      mna = S::min(x, mna);
+      mxb = S::max(y, mxb);
+      mnb = S::min(y, mnb);
+      mxa2 = S::max(x2, mxa2);
+      mna2 = S::min(x2, mna2);
+      mxb2 = S::max(y2, mxb2);
+      mnb2 = S::min(y2, mnb2);
+    }
     for (; i < vec_end; i += S::W) {
       const V x = S::template load<DA>(a.values, i, a.dec);
       const V y = S::template load<DB>(b.values, i, b.dec);
@@ -95,8 +122,8 @@ struct RowKernel {
       mxb = S::max(y, mxb);
       mnb = S::min(y, mnb);
     }
-    ma = {S::hmax(mxa), S::hmin(mna)};
-    mb = {S::hmax(mxb), S::hmin(mnb)};
+    ma = {S::hmax(S::max(mxa2, mxa)), S::hmin(S::min(mna2, mna))};
+    mb = {S::hmax(S::max(mxb2, mxb)), S::hmin(S::min(mnb2, mnb))};
     for (; i < vocab; ++i) {
       const float x = load_scalar<DA>(a.values, i, a.dec);
       const float y = load_scalar<DB>(b.values, i, b.dec);
@@ -112,15 +139,24 @@ struct RowKernel {
   template <DType D>
   static MaxMin maxmin(const RowInput& a, int64_t vocab) {
     const float inf = std::numeric_limits<float>::infinity();
-    V mx = S::set1(-inf), mn = S::set1(inf);
+    V mx = S::set1(-inf), mn = S::set1(inf), mx2 = mx, mn2 = mn;
+    const int64_t pair_end = vocab - vocab % (2 * S::W);
     const int64_t vec_end = vocab - vocab % S::W;
     int64_t i = 0;
+    for (; i < pair_end; i += 2 * S::W) {
+      const V x = S::template load<D>(a.values, i, a.dec);
+      const V x2 = S::template load<D>(a.values, i + S::W, a.dec);
+      mx = S::max(x, mx);
+      mn = S::min(x, mn);
+      mx2 = S::max(x2, mx2);
+      mn2 = S::min(x2, mn2);
+    }
     for (; i < vec_end; i += S::W) {
       const V x = S::template load<D>(a.values, i, a.dec);
       mx = S::max(x, mx);
       mn = S::min(x, mn);
     }
-    MaxMin m{S::hmax(mx), S::hmin(mn)};
+    MaxMin m{S::hmax(S::max(mx2, mx)), S::hmin(S::min(mn2, mn))};
     for (; i < vocab; ++i) {
       const float x = load_scalar<D>(a.values, i, a.dec);
       if (x > m.max) m.max = x;
