@@ -3,8 +3,22 @@
 Slow and memory-hungry on purpose: it materialises probabilities and is written to be read,
 not to be fast. Every backend test and every benchmark baseline compares against it.
 Conventions (docs/definitions.md): nats; KL(P_ref || P_q); argmax ties go to the lowest index; a row
-with NaN or +inf on either side, or with no finite entry, is invalid (NaN outputs, top1 -1);
--inf entries are masked vocabulary (probability 0, contributing 0 to every sum).
+with NaN or +inf on either side, or with no finite entry, is invalid (NaN outputs, top1 and
+ranks -1); -inf entries are masked vocabulary (probability 0, contributing 0 to every sum).
+
+The optional outputs of the fused core (issue 16), defined here once for every backend:
+  logp_top1_ref/q  max_i a_i - lse (log-prob of the top token; p_top1 = exp of it)
+  logp_top2_ref/q  the second largest value of the row (as a multiset: a tied maximum makes it
+                   equal to logp_top1) minus lse; -inf when the row has one finite entry
+  tvd              total variation distance, 1/2 sum |p_i - q_i| = 1 - sum min(p_i, q_i)
+  jsd              Jensen-Shannon divergence, 1/2 KL(P||M) + 1/2 KL(Q||M), M = (P + Q)/2, nats
+  with labels y:
+  rank_ref_y/q_y   the number of entries strictly greater than the label's value (0: the label
+                   is a top token, possibly tied; the label is in the top-k iff rank < k)
+  margin_ref/q     the label's value minus the largest value at any other index (lse cancels):
+                   > 0 iff the label alone is the top token, +inf when no other entry is finite
+All of them use the row's own renormalisation (also in llama_parity mode, where only nll_ref,
+p_ref_y and kld_llama take the decoded log-probs as they are).
 """
 
 from __future__ import annotations
@@ -92,11 +106,47 @@ def logit_stats(ref, q, labels=None, *, llama_parity: bool = False,
         w = np.where(a_ok > LLAMA_WINDOW, np.exp(a_ok), 0.0)
         with np.errstate(invalid="ignore"):
             out["kld_llama"] = _xlogy_terms(w, a_ok - (b_ok if q_logprobs else logq)).sum(axis=1)
+    out.update(_direction_stats(a_ok, b_ok, lse_a, lse_b, logp, logq, p, qq,
+                                None if labels is None else np.asarray(labels, dtype=np.int64)))
     for key, val in out.items():
-        if key.startswith("top1"):
+        if key.startswith(("top1", "rank")):
             val[bad] = -1
         else:
             val[bad] = np.nan
+    return out
+
+
+def _top2(x: np.ndarray) -> np.ndarray:
+    """Second largest value of each row, as a multiset (-inf for V == 1)."""
+    if x.shape[1] < 2:
+        return np.full(x.shape[0], -np.inf)
+    return np.partition(x, x.shape[1] - 2, axis=1)[:, -2]
+
+
+def _direction_stats(a, b, lse_a, lse_b, logp, logq, p, q, y) -> dict[str, np.ndarray]:
+    """The optional outputs (module docstring) of valid-masked float64 rows a, b."""
+    with np.errstate(invalid="ignore", over="ignore"):
+        m = 0.5 * (p + q)
+        log_m = np.log(m, where=m > 0, out=np.full_like(m, -np.inf))
+        jsd = 0.5 * (_xlogy_terms(p, logp - log_m).sum(axis=1)
+                     + _xlogy_terms(q, logq - log_m).sum(axis=1))
+        out = {
+            "logp_top1_ref": a.max(axis=1) - lse_a,
+            "logp_top1_q": b.max(axis=1) - lse_b,
+            "logp_top2_ref": _top2(a) - lse_a,
+            "logp_top2_q": _top2(b) - lse_b,
+            "tvd": 0.5 * np.abs(p - q).sum(axis=1),
+            "jsd": jsd,
+        }
+    if y is not None:
+        rows = np.arange(a.shape[0])
+        for side, x in (("ref", a), ("q", b)):
+            xy = x[rows, y]
+            others = x.copy()
+            others[rows, y] = -np.inf
+            with np.errstate(invalid="ignore"):
+                out[f"rank_{side}_y"] = (x > xy[:, None]).sum(axis=1).astype(np.int64)
+                out[f"margin_{side}"] = xy - others.max(axis=1)
     return out
 
 
