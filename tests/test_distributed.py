@@ -21,7 +21,7 @@ from fidelity_kld import distributed
 from fidelity_kld.cli import main
 from fidelity_kld.io import open_source
 from fidelity_kld.stats.per_prompt import per_prompt
-from fidelity_kld.stats.summary import summarize
+from fidelity_kld.stats.summary import json_ready, summarize
 from fidelity_kld.stream import compare_sources
 
 DATA = Path(__file__).parent / "data"
@@ -313,3 +313,60 @@ def test_cli_failing_range_writes_nothing(ray_cluster, npy_dumps, tmp_path, monk
 def test_cli_ray_tasks_needs_ray(capsys):
     code, _, err = run_cli(["compare", "--example", "--ray-tasks", "2"], capsys)
     assert code == 2 and "--ray-tasks needs --ray" in err
+
+
+# --- top-k dumps, hidden-state dumps, converted llama.cpp files ----------------------------
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory, llama_base_path, llama_q4_path):
+    """The llama.cpp fixtures converted with `fidelity-kld convert`: top-k (k = 8) Parquet,
+    and float32 log-probs (which carry the metadata that they are llama.cpp's)."""
+    d = tmp_path_factory.mktemp("converted")
+    for name, src in (("base", llama_base_path), ("q4", llama_q4_path)):
+        assert main(["convert", str(src), str(d / f"{name}.topk.parquet"), "--top-k", "8", "-q"]) in (None, 0)
+        assert main(["convert", str(src), str(d / f"{name}.npy"), "-q"]) in (None, 0)
+    assert main(["convert", str(llama_base_path), str(d / "base.safetensors"), "-q"]) in (None, 0)
+    return d
+
+
+def single_topk(ref, quants):
+    from fidelity_kld.topk_compare import check_pair, compare_topk, open_side
+
+    sides = [open_side(p) for p in (ref, *quants)]
+    try:
+        vocabs = [check_pair(sides[0], q, str(ref), str(p)) for q, p in zip(sides[1:], quants)]
+        return [compare_topk(sides[0], q, vocab=v) for q, v in zip(sides[1:], vocabs)], sides, vocabs
+    finally:
+        for s in sides:
+            if hasattr(s, "close"):
+                s.close()
+
+
+@pytest.mark.parametrize("ref,quants,tasks,ranges", [
+    # both top-k: cut at prompt starts (the 6 chunks), anywhere
+    ("base.topk.parquet", ["q4.topk.parquet"], 5, 5),
+    # a full side: cut on compare_topk's block grid (524 rows of V = 8000), so 2 ranges
+    ("base.topk.parquet", ["q4.npy", "q4.topk.parquet"], 4, 2),
+    ("base.npy", ["q4.topk.parquet"], 4, 2),
+])
+def test_topk_bounds_bitwise_the_single_machine_result(ray_cluster, converted, ref, quants,
+                                                       tasks, ranges):
+    from fidelity_kld.stats.topk_bounds import summarize_topk
+    from fidelity_kld.topk_compare import open_side
+
+    paths = [converted / p for p in (ref, *quants)]
+    single, _, vocabs = single_topk(paths[0], paths[1:])
+    sides = [open_side(p) for p in paths]
+    seen = []
+    try:
+        dist = distributed.compare_topk_sides(sides, [str(p) for p in paths], vocabs, tasks=tasks,
+                                              progress=seen.append)
+    finally:
+        for s in sides:
+            if hasattr(s, "close"):
+                s.close()
+    assert seen[-1].tasks_total == ranges and seen[-1].tokens_done == seen[-1].tokens_total == 762
+    assert_bitwise(single, dist)
+    assert dist[0].nll_ref is not None and np.isfinite(dist[0].kld_upper).all()
+    for s, d in zip(single, dist):
+        assert json.dumps(json_ready(summarize_topk(s))) == json.dumps(json_ready(summarize_topk(d)))

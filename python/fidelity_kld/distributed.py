@@ -224,9 +224,14 @@ class _Rows(LogitSource):
 
 def _open_piece(p: Piece) -> LogitSource:
     from .io import open_source
+    from .io.conversion import llama_rows
 
     # The driver's dtype override only ever declares uint16 storage as bfloat16.
     src = open_source(p.path, dtype="bfloat16" if p.dtype == "bfloat16" else None)
+    if p.dtype == "llama_u16" and src.dtype == "float32":
+        # the driver read this float32 conversion of a llama.cpp file back as its llama.cpp
+        # rows (io.conversion.llama_rows): so does the worker, for the same definitions
+        src = llama_rows(src)
     seen = (src.n_tokens, src.vocab, src.dtype)
     if seen != (p.n_tokens, p.vocab, p.dtype):
         src.close()
@@ -358,6 +363,21 @@ def _unpack(results: list[dict], n_models: int) -> list[TokenStats]:
     return out
 
 
+def _prepare(ref: LogitSource, quants: Sequence[LogitSource], labels, prompt_ids, llama_parity):
+    """compare_sources' defaults, as stream.compare_sources takes them."""
+    if ref.n_tokens == 0:
+        raise DumpError(f"{ref.path}: the dump holds no tokens")
+    if llama_parity is None:
+        llama_parity = ref.dtype == "llama_u16"
+    if labels is None:
+        labels = ref.labels if ref.labels is not None else next(
+            (q.labels for q in quants if q.labels is not None), None)
+    if prompt_ids is None:
+        prompt_ids = ref.prompt_ids if ref.prompt_ids is not None else next(
+            (q.prompt_ids for q in quants if q.prompt_ids is not None), None)
+    return labels, prompt_ids, bool(llama_parity)
+
+
 def compare_sources(
     ref: LogitSource,
     quants: Sequence[LogitSource],
@@ -386,53 +406,83 @@ def compare_sources(
     'local' to start one here); ignored if this process is connected already.
     max_retries: attempts after a worker dies mid-task (a raised error is not retried).
     compare_fn / compare_many_fn: as for stream.compare_sources (sent to the workers).
-    Raises RangeFailed (naming the range and its files) if a range fails for good.
+    A float32 conversion of a llama.cpp file opened through io.conversion.llama_rows is
+    read back as llama.cpp rows on the workers too. Raises RangeFailed (naming the range
+    and its files) if a range fails for good.
     """
-    if device not in ("cpu", "auto", "cuda"):
-        raise DistributedError(f"device must be cpu or cuda, not {device!r}")
-    if ref.n_tokens == 0:
-        raise DumpError(f"{ref.path}: the dump holds no tokens")
-    if llama_parity is None:
-        llama_parity = ref.dtype == "llama_u16"
-    if labels is None:
-        labels = ref.labels if ref.labels is not None else next(
-            (q.labels for q in quants if q.labels is not None), None)
-    if prompt_ids is None:
-        prompt_ids = ref.prompt_ids if ref.prompt_ids is not None else next(
-            (q.prompt_ids for q in quants if q.prompt_ids is not None), None)
+    gpus = _gpus(device)
+    labels, prompt_ids, llama_parity = _prepare(ref, quants, labels, prompt_ids, llama_parity)
     cpus = int(threads) if threads else 1
-    gpus = 1 if device == "cuda" else 0
     row_bytes = ref.bytes_per_token + sum(q.bytes_per_token for q in quants)
     for src in (ref, *quants):
         _files(src)  # in-memory sources refused before connecting
 
+    def ranges(slots: int) -> list[TokenRange]:
+        n = tasks or _default_tasks(slots, ref.n_tokens * row_bytes)
+        return plan(ref, quants, tasks=n, prompt_ids=prompt_ids)
+
+    kwargs = dict(threads=cpus, llama_parity=llama_parity, chunk_bytes=chunk_bytes,
+                  device="cuda" if gpus else "cpu", compare_fn=compare_fn,
+                  compare_many_fn=compare_many_fn)
+    results = run_ranges(
+        compare_range, ranges, lambda r: ((None if labels is None else labels[r.start:r.stop],), kwargs),
+        n_tokens=ref.n_tokens, row_bytes=row_bytes, cpus=cpus, gpus=gpus, address=address,
+        max_retries=max_retries, progress=progress)
+    _check_simd(results)
+    return _unpack(results, len(quants))
+
+
+def _gpus(device: str) -> int:
+    """GPUs a task requests for `device` (cuda: one; cpu/auto: none)."""
+    if device not in ("cpu", "auto", "cuda"):
+        raise DistributedError(f"device must be cpu or cuda, not {device!r}")
+    return 1 if device == "cuda" else 0
+
+
+def _default_tasks(slots: int, total_bytes: int) -> int:
+    """2 ranges per task slot (one can start while another finishes), at least one per
+    DEFAULT_TASK_BYTES of input."""
+    return max(2 * max(slots, 1), math.ceil(total_bytes / DEFAULT_TASK_BYTES))
+
+
+def task_options(cpus: int, gpus: int, max_retries: int) -> dict:
+    """The Ray options of every task: its resources, and retries only for a dead worker (an
+    error the task raises, e.g. an unreadable file, fails the same way again)."""
+    return dict(num_cpus=cpus, num_gpus=gpus, max_retries=max_retries, retry_exceptions=False)
+
+
+def run_ranges(task: Callable[..., dict], make_ranges: Callable[[int], list[TokenRange]],
+               arguments: Callable[[TokenRange], tuple[tuple, dict]], *, n_tokens: int,
+               row_bytes: float, cpus: int, gpus: int, address: str | None, max_retries: int,
+               progress) -> list[dict]:
+    """Run task(range, *args, **kwargs) as one Ray task per range, (args, kwargs) =
+    arguments(range), ranges = make_ranges(task slots of the cluster); the results in
+    range order. Connects (and disconnects) unless this process is connected already."""
     ray = _ray()
     started = _connect(ray, address)
     try:
-        slots, nodes = _cluster(ray, cpus, gpus)
+        slots, _ = _cluster(ray, cpus, gpus)
         if gpus and slots == 0:
             raise DistributedError("device cuda: the Ray cluster has no GPU")
-        if tasks is None:
-            tasks = max(2 * max(slots, 1), math.ceil(ref.n_tokens * row_bytes / DEFAULT_TASK_BYTES))
-        ranges = plan(ref, quants, tasks=tasks, prompt_ids=prompt_ids)
-        remote = ray.remote(compare_range).options(
-            num_cpus=cpus, num_gpus=gpus, max_retries=max_retries, retry_exceptions=False)
-        kwargs = dict(threads=cpus, llama_parity=bool(llama_parity), chunk_bytes=chunk_bytes,
-                      device="cuda" if gpus else "cpu", compare_fn=compare_fn,
-                      compare_many_fn=compare_many_fn)
-        pending = {remote.remote(r, None if labels is None else labels[r.start:r.stop], **kwargs): r
-                   for r in ranges}
-        results = _collect(ray, pending, len(ranges), ref.n_tokens, row_bytes, (cpus, gpus),
-                           max_retries + 1, progress)
+        ranges = make_ranges(slots)
+        remote = ray.remote(task).options(**task_options(cpus, gpus, max_retries))
+        pending = {}
+        for r in ranges:
+            args, kwargs = arguments(r)
+            pending[remote.remote(r, *args, **kwargs)] = r
+        return _collect(ray, pending, len(ranges), n_tokens, row_bytes, (cpus, gpus),
+                        max_retries + 1, progress)
     finally:
         if started:
             ray.shutdown()
+
+
+def _check_simd(results: list[dict]) -> None:
     simd = sorted({r["simd"] for r in results})
     if len(simd) > 1:
         warnings.warn(f"workers ran different SIMD paths ({', '.join(simd)}): results agree with "
                       "one machine's to float32 rounding, not bitwise; set FIDELITY_KLD_SIMD on "
-                      "every node to one level for bitwise results", stacklevel=2)
-    return _unpack(results, len(quants))
+                      "every node to one level for bitwise results", stacklevel=3)
 
 
 def _collect(ray, pending: dict, n_ranges: int, n_tokens: int, row_bytes: int,
@@ -457,7 +507,7 @@ def _collect(ray, pending: dict, n_ranges: int, n_tokens: int, row_bytes: int,
                 slots, nodes = _cluster(ray, *per_task)
                 polled = time.monotonic()
             if progress is not None:
-                progress(ClusterProgress(tokens_done, n_tokens, tokens_done * row_bytes,
+                progress(ClusterProgress(tokens_done, n_tokens, int(tokens_done * row_bytes),
                                          time.perf_counter() - t0, len(done), n_ranges,
                                          slots, nodes))
     except BaseException:  # a failed range, Ctrl-C, SIGTERM: nothing more is worth computing
@@ -465,6 +515,172 @@ def _collect(ray, pending: dict, n_ranges: int, n_tokens: int, row_bytes: int,
             ray.cancel(ref, force=True)
         raise
     return [done[k] for k in range(n_ranges)]
+
+
+# --- top-k dumps (commands/compare_topk's path) -------------------------------------------
+
+def _topk_pieces(side, path: str, start: int, stop: int) -> tuple[Piece, ...]:
+    """The pieces of one side of a top-k comparison: a top-k dump (one file; dtype 'topk',
+    vocab -1 when unknown) or a full dump's files."""
+    from .io.topk import TopKLogprobs
+
+    if isinstance(side, TopKLogprobs):
+        return (Piece(os.path.abspath(path), start, stop, side.n_rows,
+                      -1 if side.vocab is None else side.vocab, "topk"),)
+    return _pieces(_files(side), start, stop)
+
+
+def _open_topk_side(pieces: tuple[Piece, ...]):
+    """A worker's view of its rows of one side: TopKLogprobs, or a LogitSource to close."""
+    from .io.topk import read_topk_rows
+
+    if pieces[0].dtype != "topk":
+        return _open_range(pieces)
+    p = pieces[0]
+    return read_topk_rows(p.path, p.start, p.stop)
+
+
+def compare_topk_range(rng: TokenRange, labels: list, *, vocabs: list, rows: list) -> dict:
+    """One task of a top-k comparison: the bounds of its rows of the reference against each
+    model (topk_compare.bounds_by_block, blocks of rows[j] rows from the range's start)."""
+    from .topk_compare import bounds_by_block
+
+    t0 = time.perf_counter()
+    sides = []
+    try:
+        for pieces in (rng.ref, *rng.quants):
+            sides.append(_open_topk_side(pieces))
+        stats = [bounds_by_block(sides[0], q, r, vocab=v, labels=y)
+                 for q, r, v, y in zip(sides[1:], rows, vocabs, labels)]
+    finally:
+        for s in sides:
+            if isinstance(s, LogitSource):
+                s.close()
+    return {"models": stats, "seconds": time.perf_counter() - t0, "pid": os.getpid()}
+
+
+def _bytes_per_row(side, path: str) -> float:
+    from .io.topk import TopKLogprobs
+
+    if isinstance(side, TopKLogprobs):
+        return os.path.getsize(path) / max(side.n_rows, 1)
+    return side.bytes_per_token
+
+
+def compare_topk_sides(sides: Sequence, paths: Sequence[str], vocabs: Sequence[int | None], *,
+                       tasks: int | None = None, address: str | None = "auto",
+                       max_retries: int = MAX_RETRIES,
+                       progress: Callable[[ClusterProgress], None] | None = None) -> list:
+    """topk_compare.compare_topk(sides[0], sides[j], vocab=vocabs[j - 1]) for every model j on
+    a Ray cluster, bitwise: sides as topk_compare.open_side gives them (validated on the
+    driver), read at `paths` by the workers. Ranges are cut at prompt starts, or where a
+    side is a full dump on compare_topk's block grid (a row's bounds can depend on its
+    block's other rows there). The bounds are numpy: each task takes one CPU core, and for
+    bitwise results every node needs the same numpy SIMD paths. Returns TopKTokenStats."""
+    from .io.topk import TopKLogprobs
+    from .stats.topk_bounds import TopKTokenStats
+    from .topk_compare import _labels, _n_rows, block_rows
+
+    ref, quants = sides[0], list(sides[1:])
+    n = _n_rows(ref)
+    labels = [_labels(ref) if _labels(ref) is not None else _labels(q) for q in quants]
+    rows = [block_rows(ref, q) for q in quants]
+    grid = math.lcm(1, *[r for r in rows if r is not None])
+    row_bytes = sum(_bytes_per_row(s, p) for s, p in zip(sides, paths))
+    full = [s for s in sides if not isinstance(s, TopKLogprobs)]
+    forced = sorted({first for s in full for _, first in _files(s)})  # shard boundaries
+    if grid > 1:
+        starts = np.arange(0, n, grid, dtype=np.int64)
+    else:
+        pids = [s.prompt_id if isinstance(s, TopKLogprobs) else s.prompt_ids for s in sides]
+        starts = prompt_starts(next((p for p in pids if p is not None), None), n)
+
+    def ranges(slots: int) -> list[TokenRange]:
+        count = tasks or _default_tasks(slots, int(n * row_bytes))
+        bounds = cut_points(n, count, starts, forced)
+        return [TokenRange(k, a, b, _topk_pieces(ref, paths[0], a, b),
+                           tuple(_topk_pieces(q, p, a, b) for q, p in zip(quants, paths[1:])))
+                for k, (a, b) in enumerate(zip(bounds[:-1], bounds[1:]))]
+
+    kwargs = dict(vocabs=list(vocabs), rows=rows)
+    results = run_ranges(
+        compare_topk_range, ranges,
+        lambda r: (([None if y is None else y[r.start:r.stop] for y in labels],), kwargs),
+        n_tokens=n, row_bytes=row_bytes, cpus=1, gpus=0, address=address,
+        max_retries=max_retries, progress=progress)
+    return [TopKTokenStats.concat([r["models"][j] for r in results]) for j in range(len(quants))]
+
+
+# --- hidden-state dumps (commands/compare_hidden's path) -----------------------------------
+
+def _hidden_piece(d, start: int, stop: int) -> tuple[Piece, ...]:
+    return (Piece(os.path.abspath(d.path), start, stop, d.n_tokens, d.hidden_size, d.dtype),)
+
+
+def compare_hidden_range(rng: TokenRange, *, shared_lm_head: bool, lm_head: str | None,
+                         tile_bytes: int, threads: int, device: str) -> dict:
+    """One task of a hidden-state comparison: open the dumps and their lm_heads, score the
+    range's rows tile by tile (hidden.compare_hidden), pack the per-token arrays."""
+    from . import _core
+    from .hidden import compare_hidden, heads_for
+    from .io.hidden import HiddenDump
+
+    t0 = time.perf_counter()
+    dumps = []
+    for (p,) in (rng.ref, *rng.quants):
+        d = HiddenDump(p.path)
+        seen = (d.n_tokens, d.hidden_size, d.dtype)
+        if seen != (p.n_tokens, p.vocab, p.dtype):
+            raise DumpError(f"{p.path}: on this worker the dump holds {seen[0]} x {seen[1]} "
+                            f"{seen[2]} hidden states, the driver read {p.n_tokens} x {p.vocab} "
+                            f"{p.dtype}: is it the same file on shared storage?")
+        dumps.append(d)
+    heads = heads_for(dumps[0], dumps[1:], shared_lm_head=shared_lm_head, lm_head=lm_head)
+    stats = compare_hidden(dumps[0], dumps[1:], heads, tile_bytes=tile_bytes, threads=threads,
+                           device=device, start=rng.start, stop=rng.stop)
+    out = _pack(stats)
+    out.update(simd=_core.active_simd_level(), seconds=time.perf_counter() - t0, pid=os.getpid())
+    return out
+
+
+def compare_hidden_dumps(ref, quants: Sequence, heads: Sequence, *, shared_lm_head: bool = False,
+                         lm_head: str | None = None, tile_bytes: int | None = None,
+                         threads: int | None = None, device: str = "cpu", tasks: int | None = None,
+                         address: str | None = "auto", max_retries: int = MAX_RETRIES,
+                         progress: Callable[[ClusterProgress], None] | None = None) -> list[TokenStats]:
+    """hidden.compare_hidden(ref, quants, heads, ...) on a Ray cluster, bitwise: ref and
+    quants are io.hidden.HiddenDump opened on the driver, heads what hidden.heads_for gave
+    it with shared_lm_head and lm_head (each worker loads the same heads itself). Ranges
+    are cut on the tile grid, so every tile holds the rows it holds on one machine (the
+    matrix product of a row is not guaranteed the same bits in another tile). device:
+    'cuda' gives each task one GPU and the GPU path. threads: cores per task (default 1)."""
+    from .hidden import TILE_BYTES
+
+    gpus = _gpus(device)
+    tile_bytes = TILE_BYTES if tile_bytes is None else int(tile_bytes)
+    n = ref.n_tokens
+    if n == 0:
+        raise DumpError(f"{ref.path}: the dump holds no hidden states")
+    rows = max(1, tile_bytes // ((1 + len(quants)) * heads[0].vocab * 4))
+    cpus = int(threads) if threads else 1
+    row_bytes = sum(d.hidden_size * np.dtype(np.float32 if d.dtype == "float32" else np.float16).itemsize
+                    for d in (ref, *quants))
+
+    def ranges(slots: int) -> list[TokenRange]:
+        count = tasks or _default_tasks(slots, n * row_bytes)
+        bounds = cut_points(n, count, np.arange(0, n, rows, dtype=np.int64))
+        return [TokenRange(k, a, b, _hidden_piece(ref, a, b),
+                           tuple(_hidden_piece(q, a, b) for q in quants))
+                for k, (a, b) in enumerate(zip(bounds[:-1], bounds[1:]))]
+
+    kwargs = dict(shared_lm_head=shared_lm_head,
+                  lm_head=None if lm_head is None else os.path.abspath(lm_head),
+                  tile_bytes=tile_bytes, threads=cpus, device="cuda" if gpus else "cpu")
+    results = run_ranges(compare_hidden_range, ranges, lambda r: ((), kwargs), n_tokens=n,
+                         row_bytes=row_bytes, cpus=cpus, gpus=gpus, address=address,
+                         max_retries=max_retries, progress=progress)
+    _check_simd(results)
+    return _unpack(results, len(quants))
 
 
 def _local_path(path: str | os.PathLike) -> str:

@@ -75,31 +75,35 @@ def heads_for(ref: HiddenDump, qs: list[HiddenDump], *, shared_lm_head: bool = F
 
 def compare_hidden(ref: HiddenDump, qs: list[HiddenDump], heads: list[LmHead], *,
                    tile_bytes: int = TILE_BYTES, threads: int | None = None,
-                   device: str = "cpu", progress=None) -> list[TokenStats]:
+                   device: str = "cpu", progress=None, start: int = 0,
+                   stop: int | None = None) -> list[TokenStats]:
     """Per-token statistics (ops.TokenStats, KL(P_ref || P_q) in nats) of each quant's
-    hidden states against the reference's, recomputed through `heads` tile by tile."""
+    hidden states against the reference's, recomputed through `heads` tile by tile.
+    start, stop: only rows [start, stop), in tiles from `start` (a distributed run puts
+    start on the tile grid, so that each tile holds the rows it holds in a whole run)."""
     labels = _labels(ref, qs)
     vocab = heads[0].vocab
     rows = max(1, int(tile_bytes) // ((1 + len(qs)) * vocab * 4))
+    stop = ref.n_tokens if stop is None else stop
     if device == "cuda":
-        return _compare_hidden_cuda(ref, qs, heads, labels, rows)
+        return _compare_hidden_cuda(ref, qs, heads, labels, rows, start, stop)
     tiles = [np.empty((rows, vocab), np.float32) for _ in heads]
     parts: list[list[TokenStats]] = [[] for _ in qs]
-    for start in range(0, ref.n_tokens, rows):
-        stop = min(start + rows, ref.n_tokens)
-        n = stop - start
-        ref_logits = apply_head(ref.rows(start, stop), heads[0], tiles[0][:n])
-        q_logits = [apply_head(q.rows(start, stop), head, tile[:n])
+    for first in range(start, stop, rows):
+        last = min(first + rows, stop)
+        n = last - first
+        ref_logits = apply_head(ref.rows(first, last), heads[0], tiles[0][:n])
+        q_logits = [apply_head(q.rows(first, last), head, tile[:n])
                     for q, head, tile in zip(qs, heads[1:], tiles[1:])]
-        y = None if labels is None else labels[start:stop]
+        y = None if labels is None else labels[first:last]
         for acc, st in zip(parts, compare_many(ref_logits, q_logits, y, threads=threads)):
             acc.append(st)
         if progress is not None:
-            progress(stop, ref.n_tokens)
+            progress(last, ref.n_tokens)
     return [TokenStats.concat(p) for p in parts]
 
 
-def _compare_hidden_cuda(ref, qs, heads, labels, rows):
+def _compare_hidden_cuda(ref, qs, heads, labels, rows, start, stop):
     import torch
 
     from .ops import compare
@@ -123,10 +127,10 @@ def _compare_hidden_cuda(ref, qs, heads, labels, rows):
         return x
 
     parts: list[list[TokenStats]] = [[] for _ in qs]
-    for start in range(0, ref.n_tokens, rows):
-        stop = min(start + rows, ref.n_tokens)
-        a = logits(ref, heads[0], start, stop)
-        y = None if labels is None else labels[start:stop]
+    for first in range(start, stop, rows):
+        last = min(first + rows, stop)
+        a = logits(ref, heads[0], first, last)
+        y = None if labels is None else labels[first:last]
         for j, (q, head) in enumerate(zip(qs, heads[1:])):
-            parts[j].append(compare(a, logits(q, head, start, stop), y, device="cuda"))
+            parts[j].append(compare(a, logits(q, head, first, last), y, device="cuda"))
     return [TokenStats.concat(p) for p in parts]

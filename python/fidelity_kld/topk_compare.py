@@ -72,11 +72,25 @@ def _full_block(src, start: int, stop: int) -> np.ndarray:
 def compare_topk(ref, q, *, vocab: int | None = None, labels=None) -> TopKTokenStats:
     """Per-token bounds of ref against q; each a TopKLogprobs or an open LogitSource (at
     least one top-k). Full sources are read in blocks of about DENSE_ELEMENTS entries."""
-    n = _n_rows(ref)
     if labels is None:
         labels = _labels(ref) if _labels(ref) is not None else _labels(q)
+    return bounds_by_block(ref, q, block_rows(ref, q), vocab=vocab, labels=labels)
+
+
+def block_rows(ref, q) -> int | None:
+    """Rows per block of compare_topk: DENSE_ELEMENTS // V with a full side, else None
+    (all rows at once). A row's bounds with the top-k reference against a full quant
+    depend on the block it is computed in (the fill's width is the block's maximum), so a
+    distributed run cuts its ranges on this grid."""
     full = [s for s in (ref, q) if not isinstance(s, TopKLogprobs)]
-    rows = max(1, DENSE_ELEMENTS // full[0].vocab) if full else max(n, 1)
+    return max(1, DENSE_ELEMENTS // full[0].vocab) if full else None
+
+
+def bounds_by_block(ref, q, rows: int | None, *, vocab: int | None, labels) -> TopKTokenStats:
+    """compare_topk's loop: blocks of `rows` rows (None: one block) from the first row of
+    ref and q (TopKLogprobs or LogitSource), labels for them or None."""
+    n = _n_rows(ref)
+    rows = rows or max(n, 1)
     parts = []
     for start in range(0, n, rows):
         stop = min(start + rows, n)

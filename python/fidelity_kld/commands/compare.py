@@ -147,20 +147,21 @@ def command(ref, quants, example, labels_path, prompt_ids_path, fmt, names_given
     from ..io.hidden import is_hidden_file
     from ..topk_compare import is_topk
 
+    if ray_tasks and not ray_address:
+        raise click.UsageError("--ray-tasks needs --ray")
+    ray = dict(ray_address=ray_address, ray_tasks=ray_tasks, quiet=quiet)
     if is_hidden_file(ref) or any(is_hidden_file(q) for q in quants):  # logits from h @ W.T
         from .compare_hidden import run_hidden_compare
 
         return run_hidden_compare(ref, quants, fmt=fmt, output=output, per_token=per_token,
                                   per_prompt=per_prompt, threads=threads, device=device,
-                                  shared_lm_head=shared_lm_head, lm_head=lm_head)
+                                  shared_lm_head=shared_lm_head, lm_head=lm_head, **ray)
     if is_topk(ref) or any(is_topk(q) for q in quants):  # bounds, not the exact core
         from .compare_topk import run_topk_compare
 
         return run_topk_compare(ref, quants, fmt=fmt, output=output, per_token=per_token,
                                 per_prompt=per_prompt, gap_threshold=gap_threshold,
-                                dtype_override=dtype_override, labels_path=labels_path)
-    if ray_tasks and not ray_address:
-        raise click.UsageError("--ray-tasks needs --ray")
+                                dtype_override=dtype_override, labels_path=labels_path, **ray)
     previous = signal.signal(signal.SIGTERM, _term_handler)
     try:
         _run(ref, quants, labels_path, prompt_ids_path, output, per_token, per_prompt,
@@ -224,12 +225,6 @@ def _run(ref, quants, labels_path, prompt_ids_path, output, per_token, per_promp
         try:
             if ray_address:  # the same per-token arrays, computed by Ray tasks
                 from .. import distributed
-                restored = [s.path for s in (ref_src, *q_srcs)
-                            if s.dtype == "llama_u16" and s.format != "llama"]
-                if restored:  # Ray tasks open the files themselves, as plain float32 dumps
-                    raise InputError(f"{restored[0]}: a conversion of a llama.cpp file is read "
-                                     "back as llama.cpp rows, which --ray does not do yet; "
-                                     "give the original .kld file, or run without --ray")
                 results = distributed.compare_sources(
                     ref_src, q_srcs, labels=labels, prompt_ids=prompt_ids, threads=threads,
                     llama_parity=parity, tasks=ray_tasks, device=device, address=ray_address,

@@ -17,7 +17,9 @@ from ..cli import InputError
 
 
 def run_hidden_compare(ref, quants, *, fmt, output, per_token, per_prompt, threads, device,
-                       shared_lm_head, lm_head):
+                       shared_lm_head, lm_head, ray_address=None, ray_tasks=None, quiet=False):
+    """compare's path for hidden-state dumps (with ray_address: scored by Ray tasks,
+    fidelity_kld.distributed.compare_hidden_dumps)."""
     from ..hidden import compare_hidden, heads_for
     from ..io import DumpError
     from ..io.hidden import HiddenDump, is_hidden_file
@@ -33,8 +35,16 @@ def run_hidden_compare(ref, quants, *, fmt, output, per_token, per_prompt, threa
         ref_d = HiddenDump(ref)
         q_ds = [HiddenDump(q) for q in quants]
         heads = heads_for(ref_d, q_ds, shared_lm_head=shared_lm_head, lm_head=lm_head)
-        results = compare_hidden(ref_d, q_ds, heads, threads=threads,
-                                 device="cuda" if device == "cuda" else "cpu")
+        where = "cuda" if device == "cuda" else "cpu"
+        if ray_address:
+            from .. import distributed
+
+            results = distributed.compare_hidden_dumps(
+                ref_d, q_ds, heads, shared_lm_head=shared_lm_head, lm_head=lm_head,
+                threads=threads, device=where, tasks=ray_tasks, address=ray_address,
+                progress=None if quiet else distributed.ProgressPrinter())
+        else:
+            results = compare_hidden(ref_d, q_ds, heads, threads=threads, device=where)
     except ValueError as e:  # DumpError included
         raise InputError(str(e)) from None
     prompt_ids = ref_d.prompt_ids

@@ -69,8 +69,10 @@ def _describe(side, path) -> dict:
 
 
 def run_topk_compare(ref, quants, *, fmt, output, per_token, per_prompt, gap_threshold,
-                     dtype_override, labels_path=None):
-    """compare's path when REF or a QUANT is a top-k dump."""
+                     dtype_override, labels_path=None, ray_address=None, ray_tasks=None,
+                     quiet=False):
+    """compare's path when REF or a QUANT is a top-k dump (with ray_address: the bounds
+    computed by Ray tasks, fidelity_kld.distributed.compare_topk_sides)."""
     from ..io import DumpError
     from ..stats.summary import json_ready
     from ..stats.topk_bounds import summarize_topk
@@ -88,7 +90,14 @@ def run_topk_compare(ref, quants, *, fmt, output, per_token, per_prompt, gap_thr
                     stack.callback(s.close)
                 sides.append(s)
             vocabs = [check_pair(sides[0], q, ref, qp) for q, qp in zip(sides[1:], quants)]
-            results = [compare_topk(sides[0], q, vocab=v) for q, v in zip(sides[1:], vocabs)]
+            if ray_address:
+                from .. import distributed
+
+                results = distributed.compare_topk_sides(
+                    sides, [ref, *quants], vocabs, tasks=ray_tasks, address=ray_address,
+                    progress=None if quiet else distributed.ProgressPrinter())
+            else:
+                results = [compare_topk(sides[0], q, vocab=v) for q, v in zip(sides[1:], vocabs)]
         except ValueError as e:  # DumpError included
             raise InputError(str(e)) from None
         names = _model_names(quants)

@@ -266,6 +266,31 @@ def read_topk(path, *, k: int | None = None, validate: bool = True) -> TopKLogpr
     return t
 
 
+def read_topk_rows(path, start: int, stop: int) -> TopKLogprobs:
+    """Rows [start, stop) (start < stop) of a top-k dump, not validated (read_topk
+    validates the whole file): of a Parquet file only the row groups holding them are read."""
+    path = os.fspath(path)
+    if path.endswith(".jsonl"):
+        return read_topk(path, validate=False).rows(start, stop)
+    import pyarrow.parquet as pq
+
+    try:
+        f = pq.ParquetFile(path)
+        sizes = [f.metadata.row_group(g).num_rows for g in range(f.metadata.num_row_groups)]
+        firsts = np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)])
+        if stop > firsts[-1]:
+            raise DumpError(f"{path}: {int(firsts[-1])} rows, not the {stop} or more read before: "
+                            "is it the same file on shared storage?")
+        groups = [g for g in range(len(sizes)) if firsts[g] < stop and firsts[g + 1] > start]
+        table = f.read_row_groups(groups)
+    except DumpError:
+        raise
+    except Exception as e:
+        raise DumpError(f"{path}: not readable as Parquet ({e})") from None
+    first = int(firsts[groups[0]])
+    return _from_table(path, table).rows(start - first, stop - first)
+
+
 def _read_parquet(path: str) -> TopKLogprobs:
     import pyarrow.parquet as pq
 
@@ -273,6 +298,10 @@ def _read_parquet(path: str) -> TopKLogprobs:
         table = pq.read_table(path)
     except Exception as e:
         raise DumpError(f"{path}: not readable as Parquet ({e})") from None
+    return _from_table(path, table)
+
+
+def _from_table(path: str, table) -> TopKLogprobs:
     meta = table.schema.metadata or {}
     if META_KEY not in meta:
         raise DumpError(f"{path}: not a fidelity-kld top-k table (no {META_KEY.decode()} metadata)")
