@@ -370,3 +370,204 @@ def test_topk_bounds_bitwise_the_single_machine_result(ray_cluster, converted, r
     assert dist[0].nll_ref is not None and np.isfinite(dist[0].kld_upper).all()
     for s, d in zip(single, dist):
         assert json.dumps(json_ready(summarize_topk(s))) == json.dumps(json_ready(summarize_topk(d)))
+
+
+@pytest.fixture(scope="module")
+def hidden_dumps(tmp_path_factory):
+    """A reference and two quants' hidden states (H = 48) with their lm_heads (V = 1271),
+    labels and 6 prompts; q2's head is the reference's rounded coarser than q1's."""
+    from fidelity_kld.io.hidden import write_hidden
+
+    d = tmp_path_factory.mktemp("hidden")
+    rng = np.random.default_rng(15)
+    n, h, v = 300, 48, 1271
+    hid = rng.standard_normal((n, h)).astype(np.float32)
+    w = (rng.standard_normal((v, h)) / np.sqrt(h) * 4).astype(np.float32)
+    kw = dict(labels=rng.integers(0, v, n), prompt_ids=np.repeat(np.arange(6), n // 6))
+    paths = [write_hidden(d / "ref.hidden.safetensors", hid, lm_head=w, **kw)]
+    for name, noise, step in (("q1", 0.05, 8), ("q2", 0.2, 2)):
+        hq = (hid + noise * rng.standard_normal((n, h))).astype(np.float16)
+        paths.append(write_hidden(d / f"{name}.hidden.safetensors", hq,
+                                  lm_head=(np.round(w * step) / step).astype(np.float32), **kw))
+    return [Path(p) for p in paths], kw["prompt_ids"]
+
+
+@pytest.mark.parametrize("shared_lm_head", [False, True])
+def test_hidden_states_bitwise_the_single_machine_result(ray_cluster, hidden_dumps, shared_lm_head):
+    from fidelity_kld.hidden import compare_hidden, heads_for
+    from fidelity_kld.io.hidden import HiddenDump
+
+    paths, prompt_ids = hidden_dumps
+    dumps = [HiddenDump(p) for p in paths]
+    heads = heads_for(dumps[0], dumps[1:], shared_lm_head=shared_lm_head)
+    tile = 7 * 3 * 1271 * 4  # tiles of 7 rows: ranges on that grid, the last tile partial
+    single = compare_hidden(dumps[0], dumps[1:], heads, tile_bytes=tile)
+    seen = []
+    dist = distributed.compare_hidden_dumps(dumps[0], dumps[1:], heads, shared_lm_head=shared_lm_head,
+                                            tile_bytes=tile, tasks=4, progress=seen.append)
+    assert seen[-1].tasks_total == 4 and seen[-1].tokens_done == 300
+    assert_bitwise(single, dist)
+    for s, d in zip(single, dist):
+        assert summarize(s).to_dict() == summarize(d).to_dict()
+        ps, pd_ = per_prompt(s, prompt_ids), per_prompt(d, prompt_ids)
+        assert all(ps[k].tobytes() == pd_[k].tobytes() for k in ps)
+
+
+def test_converted_llama_files_bitwise_the_original(ray_cluster, converted, llama_base_path,
+                                                   llama_q4_path):
+    """float32 conversions carry 'llama.cpp log-probs' metadata: the workers read them back
+    as the llama.cpp rows, so the distributed run equals one machine on the .kld files."""
+    from fidelity_kld.io.conversion import llama_rows
+
+    single = single_machine(llama_base_path, [llama_q4_path])
+    with llama_rows(open_source(converted / "base.safetensors")) as ref, \
+            llama_rows(open_source(converted / "q4.npy")) as q:
+        assert ref.dtype == q.dtype == "llama_u16"
+        dist = distributed.compare_sources(ref, [q], tasks=3)
+    assert dist[0].kld_llama is not None
+    assert_bitwise(single, dist)
+
+
+def cli_pair(capsys, tmp_path, ref, quants, per_prompt=False):
+    """(single-machine dir, distributed dir, the distributed run's stderr) after running
+    compare both ways (--ray auto --ray-tasks 4) with --output, --per-token (and
+    --per-prompt); the printed JSON in stdout.json."""
+    err_ray = None
+    for mode, more in (("single", ["-q"]), ("ray", ["--ray", "auto", "--ray-tasks", "4"])):
+        d = tmp_path / mode
+        d.mkdir()
+        pp = ["--per-prompt", str(d / "pp.parquet")] if per_prompt else []
+        code, out, err = run_cli(["compare", str(ref), *map(str, quants), "--format", "json",
+                                  "-o", str(d / "s.json"), "--per-token", str(d / "pt.parquet"),
+                                  *pp, *more], capsys)
+        assert code == 0, err
+        (d / "stdout.json").write_text(out)
+        err_ray = err
+    return tmp_path / "single", tmp_path / "ray", err_ray
+
+
+def assert_same_outputs(single: Path, ray: Path, files=("s.json", "stdout.json", "pt.parquet")):
+    for f in files:
+        if f.endswith(".parquet"):
+            assert pq.read_table(ray / f).equals(pq.read_table(single / f)), f
+        else:
+            assert (ray / f).read_text() == (single / f).read_text(), f
+
+
+def test_cli_topk_on_ray_with_progress(ray_cluster, converted, tmp_path, capsys):
+    single, ray, err = cli_pair(capsys, tmp_path, converted / "base.topk.parquet",
+                                [converted / "q4.npy", converted / "q4.topk.parquet"])
+    assert_same_outputs(single, ray)
+    assert json.loads((ray / "s.json").read_text())["kind"] == "topk_bounds"
+    last = err.strip().splitlines()[-1]  # stderr is no terminal: a line at the end
+    assert last.startswith("762/762 tokens (100.0%)") and "GB/s" in last and "workers on" in last
+
+
+def test_cli_hidden_on_ray(ray_cluster, hidden_dumps, tmp_path, capsys):
+    paths, _ = hidden_dumps
+    single, ray, err = cli_pair(capsys, tmp_path, paths[0], paths[1:], per_prompt=True)
+    assert_same_outputs(single, ray, ("s.json", "stdout.json", "pt.parquet", "pp.parquet"))
+    assert err.strip().splitlines()[-1].startswith("300/300 tokens (100.0%)")
+
+
+def test_cli_converted_llama_files_on_ray(ray_cluster, converted, llama_base_path, llama_q4_path,
+                                         tmp_path, capsys):
+    single, ray, _ = cli_pair(capsys, tmp_path, converted / "base.safetensors", [converted / "q4.npy"],
+                              per_prompt=True)
+    assert_same_outputs(single, ray, ("s.json", "stdout.json", "pt.parquet", "pp.parquet"))
+    direct = tmp_path / "direct.json"
+    code, _, err = run_cli(["compare", str(llama_base_path), str(llama_q4_path), "-q", "-o", str(direct)],
+                           capsys)
+    assert code == 0, err
+    got = json.loads((ray / "s.json").read_text())["models"][0]["summary"]
+    assert got == json.loads(direct.read_text())["models"][0]["summary"]
+    assert got["llama_compat"]
+
+
+# --- GPU workers: the wiring, without a GPU -------------------------------------------------
+
+class FakeRay:
+    """Stands in for the ray module on a cluster of one node with `gpus` GPUs: records the
+    options and keyword arguments of every task, and runs each here on the CPU (device
+    'cpu' in place of 'cuda'), so the rest of the path is checked too."""
+
+    class exceptions:
+        class RayError(Exception):
+            pass
+
+        class RayTaskError(RayError):
+            pass
+
+    def __init__(self, gpus: int):
+        self.gpus, self.options, self.calls = gpus, [], []
+
+    def is_initialized(self):
+        return True
+
+    def nodes(self):
+        return [{"Alive": True, "Resources": {"CPU": 4.0, "GPU": float(self.gpus)}}]
+
+    def remote(self, fn):
+        fake = self
+
+        class Remote:
+            def options(self, **kw):
+                fake.options.append(kw)
+                return self
+
+            def remote(self, *args, **kwargs):
+                fake.calls.append(kwargs)
+                here = {**kwargs, "device": "cpu"} if "device" in kwargs else kwargs
+                return lambda: fn(*args, **here)
+        return Remote()
+
+    def wait(self, refs, num_returns, timeout):
+        return refs[:num_returns], refs[num_returns:]
+
+    def get(self, ref):
+        return ref()
+
+    def cancel(self, ref, force):
+        pass
+
+
+@pytest.fixture
+def fake_gpu_cluster(monkeypatch):
+    fake = FakeRay(gpus=2)
+    monkeypatch.setattr(distributed, "_ray", lambda: fake)
+    return fake
+
+
+def test_cuda_tasks_ask_for_a_gpu_and_run_the_gpu_path(fake_gpu_cluster, npy_dumps, capsys, tmp_path):
+    """Never run on a GPU here: checks that --device cuda reaches Ray as num_gpus=1 and
+    each task as device='cuda' (compare_range then compares through fidelity_kld.gpu)."""
+    root, *_ = npy_dumps
+    ref, quants = root / "ref", [root / "q2.npy"]
+    dist = distributed.compare(ref, quants, tasks=3, device="cuda", threads=2)
+    assert fake_gpu_cluster.options == [dict(num_cpus=2, num_gpus=1, max_retries=3,
+                                             retry_exceptions=False)]
+    assert len(fake_gpu_cluster.calls) >= 3
+    assert all(c["device"] == "cuda" for c in fake_gpu_cluster.calls)
+    assert_bitwise(single_machine(ref, quants), dist)
+    code, _, err = run_cli(["compare", str(ref), str(quants[0]), "--ray", "auto", "--device", "cuda",
+                            "-q", "-o", str(tmp_path / "s.json")], capsys)
+    assert code == 0, err
+    assert fake_gpu_cluster.options[-1]["num_gpus"] == 1 and fake_gpu_cluster.calls[-1]["device"] == "cuda"
+
+
+def test_cuda_hidden_tasks_ask_for_a_gpu_topk_tasks_do_not(fake_gpu_cluster, hidden_dumps, converted,
+                                                           capsys, tmp_path):
+    paths, _ = hidden_dumps
+    code, _, err = run_cli(["compare", *map(str, paths), "--ray", "auto", "--device", "cuda", "-q",
+                            "-o", str(tmp_path / "h.json")], capsys)
+    assert code == 0, err
+    assert fake_gpu_cluster.options[-1]["num_gpus"] == 1
+    assert fake_gpu_cluster.calls and all(c["device"] == "cuda" for c in fake_gpu_cluster.calls)
+    fake_gpu_cluster.calls.clear()
+    # the bounds are numpy on the CPU whatever --device says, on one machine as on Ray
+    code, _, err = run_cli(["compare", str(converted / "base.topk.parquet"),
+                            str(converted / "q4.topk.parquet"), "--ray", "auto", "--device", "cuda",
+                            "-q", "-o", str(tmp_path / "t.json")], capsys)
+    assert code == 0, err
+    assert fake_gpu_cluster.options[-1]["num_gpus"] == 0
+    assert not any("device" in c for c in fake_gpu_cluster.calls)
