@@ -23,6 +23,19 @@ collection, and nothing else is needed.
 Ranges: about `tasks` of equal size, cut only where a prompt starts (a prompt is never
 split across tasks), and also at every shard boundary that is a prompt start (so a task
 reads views of one file per dump where the layout allows). Ray is imported only here.
+
+The other kinds of dump go the same way, one task per range, with the cuts where the
+single-machine path's results do not depend on them:
+- top-k dumps (compare_topk_sides): each task reads its rows of a top-k Parquet file (the
+  row groups that hold them; the driver validated the whole file) and of any full dump,
+  and returns the bounds (56 bytes per token and model). With a full side, the cuts are on
+  topk_compare's block grid (DENSE_ELEMENTS // V rows): a row's upper bound with a top-k
+  reference against a full quant depends on the other rows of its block.
+- hidden-state dumps (compare_hidden_dumps): each task loads the lm_heads itself, scores
+  its rows tile by tile and returns the same per-token arrays as for logits; the cuts are
+  on the tile grid, so each matrix product has the rows it has on one machine.
+A float32 conversion of a llama.cpp file (io.conversion.llama_rows) is read back as its
+llama.cpp rows by the workers as by the driver, so it is compared under the same definitions.
 """
 
 from __future__ import annotations
