@@ -135,6 +135,30 @@ def test_in_memory_sources_are_refused():
         distributed.compare_sources(src, [src])
 
 
+def test_a_task_reads_its_rows_of_a_top_k_dump(tmp_path):
+    """read_topk_rows (what a top-k task reads): the row groups holding a range, cut to
+    it, equal to the whole file's rows, for ranges inside one group and across several."""
+    from fidelity_kld.io.topk import TopKWriter, from_logits, read_topk, read_topk_rows
+
+    rng = np.random.default_rng(4)
+    path = tmp_path / "t.topk.parquet"
+    writer = TopKWriter(str(path))
+    for a, b in ((0, 10), (10, 17), (17, 40)):  # three row groups
+        writer.write(from_logits(rng.standard_normal((b - a, 50)), 5, rng.integers(0, 50, b - a),
+                                 positions=np.arange(a, b)))
+    writer.close()
+    assert pq.ParquetFile(path).metadata.num_row_groups == 3
+    whole = read_topk(path)
+    for a, b in ((0, 40), (3, 8), (9, 11), (12, 17), (5, 33), (39, 40)):
+        part = read_topk_rows(path, a, b)
+        for f in dataclasses.fields(whole):
+            x, y = getattr(whole.rows(a, b), f.name), getattr(part, f.name)
+            assert x == y if not isinstance(x, np.ndarray) else x.tobytes() == y.tobytes(), f.name
+    from fidelity_kld.io import DumpError
+    with pytest.raises(DumpError, match="40 rows, not the 41"):
+        read_topk_rows(path, 30, 41)
+
+
 # --- on the cluster -----------------------------------------------------------------------
 
 def test_bitwise_the_single_machine_result_npy(ray_cluster, npy_dumps):
