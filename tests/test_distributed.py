@@ -595,3 +595,20 @@ def test_cuda_hidden_tasks_ask_for_a_gpu_topk_tasks_do_not(fake_gpu_cluster, hid
     assert code == 0, err
     assert fake_gpu_cluster.options[-1]["num_gpus"] == 0
     assert not any("device" in c for c in fake_gpu_cluster.calls)
+
+
+def test_a_top_k_file_a_worker_cannot_read_fails_the_run(ray_cluster, converted, tmp_path):
+    """The driver validated the top-k file, then it was cut short on "shared storage": the
+    range past its end fails, naming the range and the file, and nothing is returned."""
+    import shutil
+
+    from fidelity_kld.topk_compare import open_side
+
+    q = tmp_path / "q4.topk.parquet"
+    shutil.copy(converted / "q4.topk.parquet", q)
+    sides = [open_side(converted / "base.topk.parquet"), open_side(q)]
+    pq.write_table(pq.read_table(q).slice(0, 500), q)
+    with pytest.raises(distributed.RangeFailed,
+                       match=rf"tokens \[\d+, 762\) .*{q} rows .*: {q}: 500 rows, not the 762"):
+        distributed.compare_topk_sides(sides, [str(converted / "base.topk.parquet"), str(q)],
+                                       [8000], tasks=3)
