@@ -609,6 +609,27 @@ def test_a_top_k_file_a_worker_cannot_read_fails_the_run(ray_cluster, converted,
     sides = [open_side(converted / "base.topk.parquet"), open_side(q)]
     pq.write_table(pq.read_table(q).slice(0, 500), q)
     with pytest.raises(distributed.RangeFailed,
-                       match=rf"tokens \[\d+, 762\) .*{q} rows .*: {q}: 500 rows, not the 762"):
+                       match=rf"tokens \[\d+, \d+\) .*{q} rows .*: {q}: 500 rows, not the 762"):
         distributed.compare_topk_sides(sides, [str(converted / "base.topk.parquet"), str(q)],
                                        [8000], tasks=3)
+
+
+def test_cli_bad_top_k_row_is_named_by_its_file_row(ray_cluster, converted, tmp_path, capsys):
+    """With --ray the driver reads a top-k file's labels and metadata only; the task that
+    reads the bad row names it by its row in the file, as one machine does; no output."""
+    import pyarrow as pa
+
+    table = pq.read_table(converted / "q4.topk.parquet")
+    tail = table.column("tail_mass").to_numpy().copy()
+    tail[600] = 1.5
+    bad = tmp_path / "bad.topk.parquet"
+    pq.write_table(table.set_column(table.column_names.index("tail_mass"), "tail_mass",
+                                    pa.array(tail)), bad)
+    want = f"{bad}: row 600: tail mass 1.5 is outside [0, 1]"
+    for extra in ([], ["--ray", "auto", "--ray-tasks", "4"]):
+        out_json = tmp_path / "o.json"
+        code, out, err = run_cli(["compare", str(converted / "base.topk.parquet"), str(bad), "-q",
+                                  "-o", str(out_json), *extra], capsys)
+        assert code == 1 and out == "" and not out_json.exists()
+        assert len(err.strip().splitlines()) == 1 and want in err
+        assert ("tokens [" in err) == bool(extra)

@@ -26,9 +26,10 @@ reads views of one file per dump where the layout allows). Ray is imported only 
 
 The other kinds of dump go the same way, one task per range, with the cuts where the
 single-machine path's results do not depend on them:
-- top-k dumps (compare_topk_sides): each task reads its rows of a top-k Parquet file (the
-  row groups that hold them; the driver validated the whole file) and of any full dump,
-  and returns the bounds (56 bytes per token and model). With a full side, the cuts are on
+- top-k dumps (compare_topk_sides): the driver reads a top-k Parquet file's metadata,
+  labels and prompt ids only (io.topk.TopKIndex); each task reads its rows (the row groups
+  that hold them), validates them as read_topk would, reads its rows of any full dump, and
+  returns the bounds (56 bytes per token and model). With a full side, the cuts are on
   topk_compare's block grid (DENSE_ELEMENTS // V rows): a row's upper bound with a top-k
   reference against a full quant depends on the other rows of its block.
 - hidden-state dumps (compare_hidden_dumps): each task loads the lm_heads itself, scores
@@ -535,22 +536,31 @@ def _collect(ray, pending: dict, n_ranges: int, n_tokens: int, row_bytes: int,
 def _topk_pieces(side, path: str, start: int, stop: int) -> tuple[Piece, ...]:
     """The pieces of one side of a top-k comparison: a top-k dump (one file; dtype 'topk',
     vocab -1 when unknown) or a full dump's files."""
-    from .io.topk import TopKLogprobs
+    from .topk_compare import TOPK
 
-    if isinstance(side, TopKLogprobs):
+    if isinstance(side, TOPK):
         return (Piece(os.path.abspath(path), start, stop, side.n_rows,
                       -1 if side.vocab is None else side.vocab, "topk"),)
     return _pieces(_files(side), start, stop)
 
 
-def _open_topk_side(pieces: tuple[Piece, ...]):
-    """A worker's view of its rows of one side: TopKLogprobs, or a LogitSource to close."""
-    from .io.topk import read_topk_rows
+def _open_topk_side(pieces: tuple[Piece, ...], vocabs: list):
+    """A worker's view of its rows of one side: a LogitSource to close, or the TopKLogprobs
+    of its rows, validated as read_topk validates a whole file (io.topk.check_topk), and
+    their ids checked against each vocabulary in vocabs (the comparisons' common ones)."""
+    from .io.topk import check_topk, read_topk_rows
 
     if pieces[0].dtype != "topk":
         return _open_range(pieces)
     p = pieces[0]
-    return read_topk_rows(p.path, p.start, p.stop)
+    t = read_topk_rows(p.path, p.start, p.stop, n_rows=p.n_tokens)
+    check_topk(t, p.path, first_row=p.start)
+    for v in vocabs:
+        if v is not None and t.token_ids.max() >= v:
+            r = int(np.flatnonzero(t.token_ids.max(axis=1) >= v)[0])
+            raise DumpError(f"{p.path}: row {p.start + r}: token id {int(t.token_ids[r].max())} "
+                            f"is outside the vocabulary [0, {v})")
+    return t
 
 
 def compare_topk_range(rng: TokenRange, labels: list, *, vocabs: list, rows: list) -> dict:
@@ -561,8 +571,8 @@ def compare_topk_range(rng: TokenRange, labels: list, *, vocabs: list, rows: lis
     t0 = time.perf_counter()
     sides = []
     try:
-        for pieces in (rng.ref, *rng.quants):
-            sides.append(_open_topk_side(pieces))
+        for j, pieces in enumerate((rng.ref, *rng.quants)):
+            sides.append(_open_topk_side(pieces, vocabs if j == 0 else [vocabs[j - 1]]))
         stats = [bounds_by_block(sides[0], q, r, vocab=v, labels=y)
                  for q, r, v, y in zip(sides[1:], rows, vocabs, labels)]
     finally:
@@ -573,9 +583,9 @@ def compare_topk_range(rng: TokenRange, labels: list, *, vocabs: list, rows: lis
 
 
 def _bytes_per_row(side, path: str) -> float:
-    from .io.topk import TopKLogprobs
+    from .topk_compare import TOPK
 
-    if isinstance(side, TopKLogprobs):
+    if isinstance(side, TOPK):
         return os.path.getsize(path) / max(side.n_rows, 1)
     return side.bytes_per_token
 
@@ -585,14 +595,14 @@ def compare_topk_sides(sides: Sequence, paths: Sequence[str], vocabs: Sequence[i
                        max_retries: int = MAX_RETRIES,
                        progress: Callable[[ClusterProgress], None] | None = None) -> list:
     """topk_compare.compare_topk(sides[0], sides[j], vocab=vocabs[j - 1]) for every model j on
-    a Ray cluster, bitwise: sides as topk_compare.open_side gives them (validated on the
-    driver), read at `paths` by the workers. Ranges are cut at prompt starts, or where a
+    a Ray cluster, bitwise: sides as topk_compare.open_side gives them (index=True: a top-k
+    Parquet file as a TopKIndex, whose rows only the tasks read and validate), read at
+    `paths` by the workers. Ranges are cut at prompt starts, or where a
     side is a full dump on compare_topk's block grid (a row's bounds can depend on its
     block's other rows there). The bounds are numpy: each task takes one CPU core, and for
     bitwise results every node needs the same numpy SIMD paths. Returns TopKTokenStats."""
-    from .io.topk import TopKLogprobs
     from .stats.topk_bounds import TopKTokenStats
-    from .topk_compare import _labels, _n_rows, block_rows
+    from .topk_compare import TOPK, _labels, _n_rows, block_rows
 
     ref, quants = sides[0], list(sides[1:])
     n = _n_rows(ref)
@@ -600,12 +610,12 @@ def compare_topk_sides(sides: Sequence, paths: Sequence[str], vocabs: Sequence[i
     rows = [block_rows(ref, q) for q in quants]
     grid = math.lcm(1, *[r for r in rows if r is not None])
     row_bytes = sum(_bytes_per_row(s, p) for s, p in zip(sides, paths))
-    full = [s for s in sides if not isinstance(s, TopKLogprobs)]
+    full = [s for s in sides if not isinstance(s, TOPK)]
     forced = sorted({first for s in full for _, first in _files(s)})  # shard boundaries
     if grid > 1:
         starts = np.arange(0, n, grid, dtype=np.int64)
     else:
-        pids = [s.prompt_id if isinstance(s, TopKLogprobs) else s.prompt_ids for s in sides]
+        pids = [s.prompt_id if isinstance(s, TOPK) else s.prompt_ids for s in sides]
         starts = prompt_starts(next((p for p in pids if p is not None), None), n)
 
     def ranges(slots: int) -> list[TokenRange]:

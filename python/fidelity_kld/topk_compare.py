@@ -10,7 +10,9 @@ import os
 import numpy as np
 
 from .io.base import DumpError
-from .io.topk import TopKLogprobs, is_topk_file, read_topk
+from .io.topk import TopKIndex, TopKLogprobs, is_topk_file, read_topk, read_topk_index
+
+TOPK = (TopKLogprobs, TopKIndex)  # a top-k side, whole or as a distributed run's driver reads it
 from .stats.topk_bounds import DENSE_ELEMENTS, TopKTokenStats, full_logprobs, token_bounds
 
 
@@ -18,18 +20,20 @@ def is_topk(path) -> bool:
     return is_topk_file(os.fspath(path))
 
 
-def open_side(path, dtype: str | None = None):
-    """A TopKLogprobs for a top-k dump, else an open LogitSource (the caller closes it)."""
+def open_side(path, dtype: str | None = None, *, index: bool = False):
+    """A TopKLogprobs for a top-k dump, else an open LogitSource (the caller closes it).
+    index: a top-k Parquet file as a TopKIndex (for fidelity_kld.distributed, whose tasks
+    read the rows)."""
     from .io import open_source
 
     path = os.fspath(path)
     if is_topk(path):
-        return read_topk(path)
+        return read_topk_index(path) if index and not path.endswith(".jsonl") else read_topk(path)
     return open_source(path, dtype=dtype)
 
 
 def _n_rows(side) -> int:
-    return side.n_rows if isinstance(side, TopKLogprobs) else side.n_tokens
+    return side.n_rows if isinstance(side, TOPK) else side.n_tokens
 
 
 def _vocab(side) -> int | None:
@@ -37,13 +41,14 @@ def _vocab(side) -> int | None:
 
 
 def _labels(side) -> np.ndarray | None:
-    if isinstance(side, TopKLogprobs):
+    if isinstance(side, TOPK):
         return side.label if (side.label >= 0).all() else None
     return side.labels
 
 
 def check_pair(ref, q, ref_path: str, q_path: str) -> int | None:
-    """The common vocabulary (None when no side knows it); DumpError on a mismatch."""
+    """The common vocabulary (None when no side knows it); DumpError on a mismatch. (The
+    token ids of a TopKIndex side are checked by the distributed tasks that read them.)"""
     if _n_rows(ref) != _n_rows(q):
         raise DumpError(f"{q_path}: {_n_rows(q)} rows, but {ref_path} has {_n_rows(ref)}")
     vr, vq = _vocab(ref), _vocab(q)
@@ -82,7 +87,7 @@ def block_rows(ref, q) -> int | None:
     (all rows at once). A row's bounds with the top-k reference against a full quant
     depend on the block it is computed in (the fill's width is the block's maximum), so a
     distributed run cuts its ranges on this grid."""
-    full = [s for s in (ref, q) if not isinstance(s, TopKLogprobs)]
+    full = [s for s in (ref, q) if not isinstance(s, TOPK)]
     return max(1, DENSE_ELEMENTS // full[0].vocab) if full else None
 
 

@@ -59,11 +59,12 @@ def format_topk_summary(s: dict) -> str:
 
 
 def _describe(side, path) -> dict:
-    from ..io.topk import TopKLogprobs
+    from ..io.topk import TopKIndex, TopKLogprobs
 
-    if isinstance(side, TopKLogprobs):
+    if isinstance(side, (TopKLogprobs, TopKIndex)):
+        floor = side.has_floor if isinstance(side, TopKIndex) else side.floor_logprob is not None
         return {"path": os.fspath(path), "format": "topk", "k": side.k, "n_tokens": side.n_rows,
-                "vocab": side.vocab, "floor": side.floor_logprob is not None}
+                "vocab": side.vocab, "floor": floor}
     return {"path": os.fspath(path), "format": side.format, "n_tokens": side.n_tokens,
             "vocab": side.vocab, "dtype": side.dtype}
 
@@ -85,7 +86,7 @@ def run_topk_compare(ref, quants, *, fmt, output, per_token, per_prompt, gap_thr
         try:
             sides = []
             for p in (ref, *quants):
-                s = open_side(p, dtype_override)
+                s = open_side(p, dtype_override, index=bool(ray_address))
                 if hasattr(s, "close"):
                     stack.callback(s.close)
                 sides.append(s)
@@ -124,10 +125,10 @@ def run_topk_compare(ref, quants, *, fmt, output, per_token, per_prompt, gap_thr
 
 
 def _prompt_ids(sides):
-    from ..io.topk import TopKLogprobs
+    from ..topk_compare import TOPK
 
     for s in sides:
-        pid = s.prompt_id if isinstance(s, TopKLogprobs) else s.prompt_ids
+        pid = s.prompt_id if isinstance(s, TOPK) else s.prompt_ids
         if pid is not None:
             return pid
     return None

@@ -266,21 +266,26 @@ def read_topk(path, *, k: int | None = None, validate: bool = True) -> TopKLogpr
     return t
 
 
-def read_topk_rows(path, start: int, stop: int) -> TopKLogprobs:
-    """Rows [start, stop) (start < stop) of a top-k dump, not validated (read_topk
-    validates the whole file): of a Parquet file only the row groups holding them are read."""
+def read_topk_rows(path, start: int, stop: int, n_rows: int | None = None) -> TopKLogprobs:
+    """Rows [start, stop) (start < stop) of a top-k dump, not validated (check_topk with
+    first_row=start does that): of a Parquet file only the row groups holding them are
+    read. n_rows: the rows the file had when opened elsewhere (DumpError if it differs)."""
     path = os.fspath(path)
     if path.endswith(".jsonl"):
-        return read_topk(path, validate=False).rows(start, stop)
+        t = read_topk(path, validate=False)
+        if n_rows is not None and t.n_rows != n_rows:
+            raise DumpError(f"{path}: {t.n_rows} rows, not the {n_rows} read before: "
+                            "is it the same file on shared storage?")
+        return t.rows(start, stop)
     import pyarrow.parquet as pq
 
     try:
         f = pq.ParquetFile(path)
         sizes = [f.metadata.row_group(g).num_rows for g in range(f.metadata.num_row_groups)]
         firsts = np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)])
-        if stop > firsts[-1]:
-            raise DumpError(f"{path}: {int(firsts[-1])} rows, not the {stop} or more read before: "
-                            "is it the same file on shared storage?")
+        if stop > firsts[-1] or (n_rows is not None and firsts[-1] != n_rows):
+            raise DumpError(f"{path}: {int(firsts[-1])} rows, not the {n_rows or stop} read "
+                            "before: is it the same file on shared storage?")
         groups = [g for g in range(len(sizes)) if firsts[g] < stop and firsts[g + 1] > start]
         table = f.read_row_groups(groups)
     except DumpError:
@@ -289,6 +294,47 @@ def read_topk_rows(path, start: int, stop: int) -> TopKLogprobs:
         raise DumpError(f"{path}: not readable as Parquet ({e})") from None
     first = int(firsts[groups[0]])
     return _from_table(path, table).rows(start - first, stop - first)
+
+
+@dataclass(frozen=True)
+class TopKIndex:
+    """A top-k Parquet dump as the driver of a distributed run reads it: its metadata and
+    the label and prompt-id columns, not the top-k columns (fidelity_kld.distributed's
+    tasks read and validate their own rows of those), so the driver never holds them."""
+
+    path: str
+    k: int
+    n_rows: int
+    vocab: int | None
+    has_floor: bool
+    label: np.ndarray
+    prompt_id: np.ndarray
+
+
+def read_topk_index(path) -> TopKIndex:
+    """The TopKIndex of a top-k Parquet file; DumpError naming it for a bad layout, no rows,
+    or a label outside its vocabulary (what check_topk says of the whole file)."""
+    import pyarrow.parquet as pq
+
+    path = os.fspath(path)
+    try:
+        f = pq.ParquetFile(path)
+        info, names = _layout(path, f.schema_arrow)
+        table = f.read(columns=["label", "prompt_id"])
+    except DumpError:
+        raise
+    except Exception as e:
+        raise DumpError(f"{path}: not readable as Parquet ({e})") from None
+    label = table.column("label").to_numpy(zero_copy_only=False).astype(np.int64)
+    pid = table.column("prompt_id").to_numpy(zero_copy_only=False)
+    vocab = None if info.get("vocab") is None else int(info["vocab"])
+    if label.size == 0:
+        raise DumpError(f"{path}: the top-k dump has no rows")
+    if vocab is not None and ((label < -1) | (label >= vocab)).any():
+        r = int(np.flatnonzero((label < -1) | (label >= vocab))[0])
+        raise DumpError(f"{path}: row {r}: label {int(label[r])} is outside the vocabulary [0, {vocab})")
+    return TopKIndex(path, int(info["k"]), int(label.size), vocab, "floor_logprob" in names, label,
+                     pid.astype(np.int64) if pid.dtype.kind in "iu" else pid.astype(object))
 
 
 def _read_parquet(path: str) -> TopKLogprobs:
@@ -301,17 +347,22 @@ def _read_parquet(path: str) -> TopKLogprobs:
     return _from_table(path, table)
 
 
-def _from_table(path: str, table) -> TopKLogprobs:
-    meta = table.schema.metadata or {}
+def _layout(path: str, schema) -> tuple[dict, set]:
+    """(the top-k metadata, the column names) of a top-k table's schema, checked."""
+    meta = schema.metadata or {}
     if META_KEY not in meta:
         raise DumpError(f"{path}: not a fidelity-kld top-k table (no {META_KEY.decode()} metadata)")
-    info = json.loads(meta[META_KEY])
-    width = int(info["k"])
-    names = set(table.column_names)
+    names = set(schema.names)
     missing = {"prompt_id", "position", "label", "label_logprob", "label_rank", "topk_ids",
                "topk_logprobs"} - names
     if missing:
         raise DumpError(f"{path}: top-k table lacks column(s) {', '.join(sorted(missing))}")
+    return json.loads(meta[META_KEY]), names
+
+
+def _from_table(path: str, table) -> TopKLogprobs:
+    info, names = _layout(path, table.schema)
+    width = int(info["k"])
 
     def matrix(name, dtype):
         flat = table.column(name).combine_chunks().flatten().to_numpy(zero_copy_only=False)
@@ -342,42 +393,43 @@ def _first(bad: np.ndarray) -> int:
     return int(np.flatnonzero(bad.reshape(bad.shape[0], -1).any(axis=1))[0])
 
 
-def check_topk(t: TopKLogprobs, path: str) -> None:
+def check_topk(t: TopKLogprobs, path: str, first_row: int = 0) -> None:
     """DumpError naming `path` and the first bad row unless: ids are -1 (padding, only after
     the real entries) or in [0, vocab); no id repeats within a row; log-probs are <= 0 and
     non-increasing (-inf on padding); the tail mass is within [0, 1]; the floor is at most
-    the row's smallest top-k log-prob."""
+    the row's smallest top-k log-prob. first_row: the file row of t's first (for rows
+    read with read_topk_rows), so that the error names the row of the file."""
     ids, lps = t.token_ids, t.logprobs
     n = t.n_rows
     if n == 0:
         raise DumpError(f"{path}: the top-k dump has no rows")
     present = ids >= 0
     if (ids < -1).any():
-        raise DumpError(f"{path}: row {_first(ids < -1)}: token id {int(ids[ids < -1][0])} is negative")
+        raise DumpError(f"{path}: row {first_row + _first(ids < -1)}: token id {int(ids[ids < -1][0])} is negative")
     if t.vocab is not None and (ids >= t.vocab).any():
         bad = ids >= t.vocab
-        raise DumpError(f"{path}: row {_first(bad)}: token id {int(ids[bad][0])} is outside the "
+        raise DumpError(f"{path}: row {first_row + _first(bad)}: token id {int(ids[bad][0])} is outside the "
                         f"vocabulary [0, {t.vocab})")
     if (present[:, 1:] & ~present[:, :-1]).any():
-        raise DumpError(f"{path}: row {_first(present[:, 1:] & ~present[:, :-1])}: a token id follows "
+        raise DumpError(f"{path}: row {first_row + _first(present[:, 1:] & ~present[:, :-1])}: a token id follows "
                         "-1 padding")
     if not present[:, 0].all():
-        raise DumpError(f"{path}: row {_first(~present[:, :1])}: no top-k entries")
+        raise DumpError(f"{path}: row {first_row + _first(~present[:, :1])}: no top-k entries")
     srt = np.sort(np.where(present, ids, -1 - np.arange(t.k)), axis=1)
     dup = srt[:, 1:] == srt[:, :-1]
     if dup.any():
         r = _first(dup)
-        raise DumpError(f"{path}: row {r}: token id {int(srt[r, 1:][dup[r]][0])} appears twice")
+        raise DumpError(f"{path}: row {first_row + r}: token id {int(srt[r, 1:][dup[r]][0])} appears twice")
     if np.isnan(lps[present]).any() or (lps[present] > LOGPROB_SLACK).any():
         bad = present & (np.isnan(lps) | (lps > LOGPROB_SLACK))
-        raise DumpError(f"{path}: row {_first(bad)}: log-prob {float(lps[bad][0])} is not <= 0")
+        raise DumpError(f"{path}: row {first_row + _first(bad)}: log-prob {float(lps[bad][0])} is not <= 0")
     if (~present & (lps != -np.inf)).any():
-        raise DumpError(f"{path}: row {_first(~present & (lps != -np.inf))}: padding (-1 id) must "
+        raise DumpError(f"{path}: row {first_row + _first(~present & (lps != -np.inf))}: padding (-1 id) must "
                         "carry log-prob -inf")
     with np.errstate(invalid="ignore"):
         rising = lps[:, 1:] > lps[:, :-1]
     if rising.any():
-        raise DumpError(f"{path}: row {_first(rising)}: top-k log-probs are not in decreasing order")
+        raise DumpError(f"{path}: row {first_row + _first(rising)}: top-k log-probs are not in decreasing order")
     tail = t.tail_mass()
     stored = t.stored_tail_mass is not None
     low = tail < (0.0 if stored else -TAIL_SLACK)
@@ -385,21 +437,21 @@ def check_topk(t: TopKLogprobs, path: str) -> None:
         bad = np.isnan(tail) | low | (tail > 1.0)
         r = int(np.flatnonzero(bad)[0])
         what = "tail mass" if stored else "1 - sum of the top-k probabilities"
-        raise DumpError(f"{path}: row {r}: {what} {tail[r]:.6g} is outside [0, 1]")
+        raise DumpError(f"{path}: row {first_row + r}: {what} {tail[r]:.6g} is outside [0, 1]")
     if t.floor_logprob is not None:
         f = t.floor_logprob
         with np.errstate(invalid="ignore"):
             above = f > np.min(lps, axis=1, initial=0.0, where=present)
         if above.any():
             r = int(np.flatnonzero(above)[0])
-            raise DumpError(f"{path}: row {r}: floor_logprob {float(f[r]):g} is above the row's "
+            raise DumpError(f"{path}: row {first_row + r}: floor_logprob {float(f[r]):g} is above the row's "
                             "smallest top-k log-prob")
     if t.vocab is not None:
         lab = t.label
         bad = (lab < -1) | (lab >= t.vocab)
         if bad.any():
             r = int(np.flatnonzero(bad)[0])
-            raise DumpError(f"{path}: row {r}: label {int(lab[r])} is outside the vocabulary [0, {t.vocab})")
+            raise DumpError(f"{path}: row {first_row + r}: label {int(lab[r])} is outside the vocabulary [0, {t.vocab})")
 
 
 # ---------------------------------------------------------------------------------------
