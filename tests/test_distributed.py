@@ -1,9 +1,12 @@
 """fidelity_kld.distributed: compare on a local Ray cluster (started here, loopback only).
 
 Every distributed result is checked bit for bit against the single-machine path
-(stream.compare_sources, itself checked against reference.py in test_logit_stats.py):
-per-token arrays, summaries, per-prompt tables, the CLI's JSON and Parquet outputs. Workers
-that die mid-task are retried; a range that fails for good fails the run, naming itself."""
+(stream.compare_sources, itself checked against reference.py in test_logit_stats.py; for
+top-k dumps topk_compare.compare_topk, checked in test_topk_bounds.py; for hidden states
+hidden.compare_hidden, checked in test_hidden.py): per-token arrays, summaries, per-prompt
+tables, the CLI's JSON and Parquet outputs. Workers that die mid-task are retried; a range
+that fails for good fails the run, naming itself. GPU workers are checked for their wiring
+only (a fake Ray records the task options): no GPU here."""
 
 from __future__ import annotations
 

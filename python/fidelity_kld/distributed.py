@@ -686,8 +686,7 @@ def compare_hidden_dumps(ref, quants: Sequence, heads: Sequence, *, shared_lm_he
         raise DumpError(f"{ref.path}: the dump holds no hidden states")
     rows = max(1, tile_bytes // ((1 + len(quants)) * heads[0].vocab * 4))
     cpus = int(threads) if threads else 1
-    row_bytes = sum(d.hidden_size * np.dtype(np.float32 if d.dtype == "float32" else np.float16).itemsize
-                    for d in (ref, *quants))
+    row_bytes = sum(d.hidden_size * d.hidden.dtype.itemsize for d in (ref, *quants))
 
     def ranges(slots: int) -> list[TokenRange]:
         count = tasks or _default_tasks(slots, n * row_bytes)
