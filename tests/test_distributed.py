@@ -636,3 +636,53 @@ def test_cli_bad_top_k_row_is_named_by_its_file_row(ray_cluster, converted, tmp_
         assert code == 1 and out == "" and not out_json.exists()
         assert len(err.strip().splitlines()) == 1 and want in err
         assert ("tokens [" in err) == bool(extra)
+
+
+def test_a_cuda_task_compares_through_the_gpu_path(monkeypatch, npy_dumps, hidden_dumps):
+    """Inside the task (run here, no Ray, no GPU): device='cuda' sends a range's chunks
+    through fidelity_kld.gpu.PinnedStager, and a hidden-state range through
+    hidden.compare_hidden's CUDA path, each replaced by a recorder doing the CPU's work."""
+    from fidelity_kld import gpu, hidden, ops
+    from fidelity_kld.io.hidden import HiddenDump
+
+    calls = []
+
+    class RecordingStager:
+        def compare(self, *args, **kwargs):
+            calls.append("compare")
+            return ops.compare(*args, **kwargs)
+
+        def compare_many(self, *args, **kwargs):
+            calls.append("compare_many")
+            return ops.compare_many(*args, **kwargs)
+
+    monkeypatch.setattr(gpu, "PinnedStager", RecordingStager)
+    root, *_ = npy_dumps
+    kw = dict(threads=1, llama_parity=False, chunk_bytes=1 << 20)
+    with open_source(root / "ref") as ref, open_source(root / "q1") as q1, \
+            open_source(root / "q2.npy") as q2:
+        rng = distributed.plan(ref, [q1, q2], tasks=3, prompt_ids=ref.prompt_ids)[1]
+        y = ref.labels[rng.start:rng.stop]
+        on_gpu = distributed.compare_range(rng, y, device="cuda", **kw)
+        assert calls and set(calls) == {"compare_many"}  # the reference staged once per chunk
+        n_calls = len(calls)
+        on_cpu = distributed.compare_range(rng, y, device="cpu", **kw)
+    assert len(calls) == n_calls  # the CPU task does not touch the GPU path
+    for a, b in zip([on_gpu["shared"], *on_gpu["models"]], [on_cpu["shared"], *on_cpu["models"]]):
+        assert a.keys() == b.keys() and all(a[k].tobytes() == b[k].tobytes() for k in a)
+
+    paths, _ = hidden_dumps
+    tile = 7 * 3 * 1271 * 4
+    ranges = []
+
+    def recording_cuda(ref, qs, heads, labels, rows, start, stop):
+        ranges.append((rows, start, stop))
+        return hidden.compare_hidden(ref, qs, heads, tile_bytes=tile, start=start, stop=stop)
+
+    monkeypatch.setattr(hidden, "_compare_hidden_cuda", recording_cuda)
+    dumps = [HiddenDump(p) for p in paths]
+    rng = distributed.TokenRange(0, 21, 42, distributed._hidden_piece(dumps[0], 21, 42),
+                                 tuple(distributed._hidden_piece(d, 21, 42) for d in dumps[1:]))
+    out = distributed.compare_hidden_range(rng, shared_lm_head=False, lm_head=None, tile_bytes=tile,
+                                           threads=1, device="cuda")
+    assert ranges == [(7, 21, 42)] and out["models"][0]["kld"].shape == (21,)
