@@ -153,13 +153,13 @@ def command(ref, quants, example, labels_path, prompt_ids_path, fmt, names_given
 
         return run_hidden_compare(ref, quants, fmt=fmt, output=output, per_token=per_token,
                                   per_prompt=per_prompt, threads=threads, device=device,
-                                  shared_lm_head=shared_lm_head, lm_head=lm_head)
+                                  shared_lm_head=shared_lm_head, lm_head=lm_head, view=view)
     if is_topk(ref) or any(is_topk(q) for q in quants):  # bounds, not the exact core
         from .compare_topk import run_topk_compare
 
         return run_topk_compare(ref, quants, fmt=fmt, output=output, per_token=per_token,
                                 per_prompt=per_prompt, gap_threshold=gap_threshold,
-                                dtype_override=dtype_override, labels_path=labels_path)
+                                dtype_override=dtype_override, labels_path=labels_path, view=view)
     if ray_tasks and not ray_address:
         raise click.UsageError("--ray-tasks needs --ray")
     previous = signal.signal(signal.SIGTERM, _term_handler)
