@@ -21,7 +21,6 @@ def run_hidden_compare(ref, quants, *, fmt, output, per_token, per_prompt, threa
     """compare's path for hidden-state dumps; view: compare's output options (names, compact
     table, paired, listings, running lines), applied as for full-logit dumps."""
     from ..hidden import compare_hidden, heads_for
-    from ..io import DumpError
     from ..io.hidden import HiddenDump, is_hidden_file
     from ..stats.per_prompt import per_prompt as per_prompt_table
     from ..stats.summary import summarize

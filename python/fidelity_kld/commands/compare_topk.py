@@ -4,7 +4,6 @@ sum presented as one), top-1 agreement, and the label terms where both sides car
 from __future__ import annotations
 
 import json
-import math
 import os
 from contextlib import ExitStack
 from pathlib import Path
@@ -89,7 +88,6 @@ def run_topk_compare(ref, quants, *, fmt, output, per_token, per_prompt, gap_thr
         if given:
             raise click.UsageError(f"{', '.join(given)}: not available when a side is a top-k "
                                    "dump (its KLD is known only as bounds)")
-    from ..io import DumpError
     from ..stats.summary import json_ready
     from ..stats.topk_bounds import summarize_topk
     from ..topk_compare import check_pair, compare_topk, open_side
