@@ -251,12 +251,22 @@ def text_chunks(tokenizer, text: str, ctx: int, *, max_chunks: int | None = None
 
 
 def capture_logits(model, chunks: Sequence[Sequence[int]], out, *, batch_size: int = 4,
-                   dump_dtype: str = "float32", on_batch=None) -> int:
+                   dump_dtype: str = "float32", on_batch=None, top_k: int | None = None,
+                   source: str | None = None) -> int:
     """Write the model's next-token logits at every position of each chunk but the last
     (labels: the next tokens; prompt ids: chunk numbers) to the dump `out` (.npy or
-    .safetensors), for a later `fidelity-kld compare`. Returns the rows written."""
+    .safetensors), for a later `fidelity-kld compare`. top_k: write instead a top-k log-prob
+    dump (fidelity_kld.io.topk, Parquet) of that many entries per row, formed from the full
+    rows in float64; source: what its metadata names as the rows' origin. Returns the rows
+    written; the file appears only when complete."""
+    if top_k is not None:
+        from ..io.topk import TopKDumpWriter
+
+        dump = TopKDumpWriter(out, top_k, source=source)
+    else:
+        dump = DumpWriter(out, dtype=dump_dtype)
     rows = 0
-    with DumpWriter(out, dtype=dump_dtype) as dump:
+    try:
         for batch in token_batches(chunks, batch_size=batch_size):
             logits = model_logits(model, batch["input_ids"], batch["attention_mask"])
             keep, targets = scored_positions(batch["input_ids"], batch["attention_mask"])
@@ -269,6 +279,10 @@ def capture_logits(model, chunks: Sequence[Sequence[int]], out, *, batch_size: i
             rows += kept.shape[0]
             if on_batch is not None:
                 on_batch(rows)
+    except BaseException:
+        dump.abort()
+        raise
+    dump.close()  # no rows: an error, and nothing is left behind
     return rows
 
 

@@ -31,6 +31,7 @@ class ProgressReporter:
         self.tty = self.stream.isatty() if tty is None else tty
         self.interval, self.clock, self.what = interval, clock, what
         self.last = None
+        self.shown = 0  # length of the bar on the terminal's current line (0: none)
 
     def __call__(self, p) -> None:
         if not self.enabled:
@@ -47,9 +48,18 @@ class ProgressReporter:
         line = self.line(p)
         if self.tty:
             self.stream.write("\r" + line + ("\n" if done else ""))
+            self.shown = 0 if done else len(line)
         else:
             self.stream.write(line + "\n")
         self.stream.flush()
+
+    def clear(self) -> None:
+        """Blank the bar's line (terminal only), so that other output (compare --running's
+        lines) starts on a clean line; the next call draws the bar again."""
+        if self.shown:
+            self.stream.write("\r" + " " * self.shown + "\r")
+            self.stream.flush()
+            self.shown, self.last = 0, None  # redrawn at the next call, however soon
 
     def line(self, p) -> str:
         frac = p.tokens_done / max(p.tokens_total, 1)

@@ -18,6 +18,7 @@ from ..cli import InputError, Terminated
 from .._atomic import atomic_output
 from . import _format
 from ._progress import ProgressReporter
+from ._running import LiveRunning
 
 EXAMPLE_FILES = ("base.kld", "q4_k_m.kld")
 EXAMPLE_NOTE = ("Example data shipped in the package: llama.cpp --kl-divergence-base files of one "
@@ -155,13 +156,15 @@ def command(ref, quants, example, labels_path, prompt_ids_path, fmt, names_given
 
         return run_hidden_compare(ref, quants, fmt=fmt, output=output, per_token=per_token,
                                   per_prompt=per_prompt, threads=threads, device=device,
-                                  shared_lm_head=shared_lm_head, lm_head=lm_head, **ray)
+                                  shared_lm_head=shared_lm_head, lm_head=lm_head, view=view,
+                                  **ray)
     if is_topk(ref) or any(is_topk(q) for q in quants):  # bounds, not the exact core
         from .compare_topk import run_topk_compare
 
         return run_topk_compare(ref, quants, fmt=fmt, output=output, per_token=per_token,
                                 per_prompt=per_prompt, gap_threshold=gap_threshold,
-                                dtype_override=dtype_override, labels_path=labels_path, **ray)
+                                dtype_override=dtype_override, labels_path=labels_path,
+                                view=view, **ray)
     previous = signal.signal(signal.SIGTERM, _term_handler)
     try:
         _run(ref, quants, labels_path, prompt_ids_path, output, per_token, per_prompt,
@@ -216,12 +219,12 @@ def _run(ref, quants, labels_path, prompt_ids_path, output, per_token, per_promp
         if parity and ref_src.dtype != "llama_u16":
             raise InputError(f"{ref}: --definitions llama needs a llama.cpp reference file")
         compare_fn, compare_many_fn = _compare_fns(device) if not ray_address else (None, None)
-        live = None
-        if view["running"] and view["fmt"] == "text" and len(q_srcs) == 1 and not ray_address:
-            # one model: its running lines are printed as the prompts complete, as llama.cpp does
-            live = _LiveRunning(f"### {view['names'][0]} vs {Path(ref).name}", prompt_ids,
-                                ref_src.n_tokens)
-            compare_fn = live.wrap(compare_fn)
+        reporter, live = ProgressReporter(not quiet), None
+        if view["running"] and view["fmt"] == "text" and not ray_address:
+            # running lines printed as the prompts complete, as llama.cpp does (_running.py)
+            live = LiveRunning(view["names"], Path(ref).name, prompt_ids, ref_src.n_tokens,
+                               progress=reporter)
+            compare_fn, compare_many_fn = live.wrap(compare_fn, compare_many_fn)
         try:
             if ray_address:  # the same per-token arrays, computed by Ray tasks
                 from .. import distributed
@@ -231,7 +234,7 @@ def _run(ref, quants, labels_path, prompt_ids_path, output, per_token, per_promp
                     progress=None if quiet else distributed.ProgressPrinter())
             else:
                 results = compare_sources(ref_src, q_srcs, labels=labels, threads=threads,
-                                          llama_parity=parity, progress=ProgressReporter(not quiet),
+                                          llama_parity=parity, progress=reporter,
                                           compare_fn=compare_fn, compare_many_fn=compare_many_fn)
             results = check_rows(ref_src, q_srcs, results, bad_rows)
         except ValueError as e:
@@ -333,27 +336,6 @@ def _print(ref, names, summaries, results, doc, extras, view) -> None:
         blocks.append(_format.format_top_tokens(
             name, rows, fmt, title=f"Prompts with the largest mean KLD (and their worst token): {name}"))
     click.echo("\n\n".join(blocks) + "\n")
-
-
-class _LiveRunning:
-    """Prints llama.cpp's per-chunk running lines on stdout while one model is compared: the
-    compare function is wrapped to see each chunk's per-token results."""
-
-    def __init__(self, title: str, prompt_ids, n_tokens: int):
-        from ..stats.running import RunningEstimates
-
-        self.title, self.estimates, self.started = title, RunningEstimates(prompt_ids, n_tokens), False
-
-    def wrap(self, compare_fn):
-        def compare_and_report(*args, **kwargs):
-            st = compare_fn(*args, **kwargs)
-            for line in self.estimates.add(st):
-                if not self.started:
-                    click.echo(self.title + "  (running estimates)")
-                    self.started = True
-                click.echo(_format.format_running([line]) + "\n")
-            return st
-        return compare_and_report
 
 
 def _warn_unrestored(src) -> None:

@@ -17,16 +17,16 @@ from ..cli import InputError
 
 
 def run_hidden_compare(ref, quants, *, fmt, output, per_token, per_prompt, threads, device,
-                       shared_lm_head, lm_head, ray_address=None, ray_tasks=None, quiet=False):
+                       shared_lm_head, lm_head, view=None, ray_address=None, ray_tasks=None,
+                       quiet=False):
     """compare's path for hidden-state dumps (with ray_address: scored by Ray tasks,
-    fidelity_kld.distributed.compare_hidden_dumps)."""
+    fidelity_kld.distributed.compare_hidden_dumps); view: compare's output options (names,
+    compact table, paired, listings, running lines), applied as for full-logit dumps."""
     from ..hidden import compare_hidden, heads_for
-    from ..io import DumpError
     from ..io.hidden import HiddenDump, is_hidden_file
     from ..stats.per_prompt import per_prompt as per_prompt_table
     from ..stats.summary import summarize
-    from ._format import format_summary
-    from .compare import _model_names, _write_per_prompt, _write_per_token
+    from .compare import _analyses, _model_names, _print, _write_per_prompt, _write_per_token
 
     for p in (ref, *quants):
         if not is_hidden_file(p):
@@ -50,8 +50,13 @@ def run_hidden_compare(ref, quants, *, fmt, output, per_token, per_prompt, threa
     prompt_ids = ref_d.prompt_ids
     if per_prompt and prompt_ids is None:
         raise InputError(f"{ref}: --per-prompt needs prompt ids (the dump carries none)")
-    names = _model_names(quants)
+    if view is None:
+        view = dict(fmt=fmt, names=_model_names(quants), sort="given", paired=False,
+                    baseline=None, top_tokens=0, top_prompts=0, tokenizer_path=None,
+                    running=False, brief=False)
+    names = view["names"]
     summaries = [summarize(st).to_dict() for st in results]
+    extras = _analyses(names, results, prompt_ids, view)
     doc = {
         "fidelity_kld_version": __version__,
         "reference": {"path": os.fspath(ref), "format": "hidden", "n_tokens": ref_d.n_tokens,
@@ -60,6 +65,7 @@ def run_hidden_compare(ref, quants, *, fmt, output, per_token, per_prompt, threa
         "models": [{"name": n, "path": os.fspath(p), "format": "hidden",
                     "lm_head": "reference's (shared)" if shared_lm_head else h.source, "summary": s}
                    for n, p, h, s in zip(names, quants, heads[1:], summaries)],
+        **extras["json"],
     }
     with ExitStack() as outputs:
         if output:
@@ -69,11 +75,7 @@ def run_hidden_compare(ref, quants, *, fmt, output, per_token, per_prompt, threa
         if per_prompt:
             _write_per_prompt(outputs.enter_context(atomic_output(per_prompt)), names, results,
                               prompt_ids, per_prompt_table)
-    if fmt == "json":
-        click.echo(json.dumps(doc, indent=2))
-        return
-    for name, s in zip(names, summaries):
-        click.echo(f"### {name} vs {Path(ref).name}  ({s['n_tokens']} tokens, logits recomputed "
-                   "from hidden states)")
-        click.echo(format_summary(s))
-        click.echo("")
+    if fmt == "text":
+        head = "the reference's, shared" if shared_lm_head else "each model's own"
+        click.echo(f"(logits recomputed from hidden states through the lm_head: {head})\n")
+    _print(ref, names, summaries, results, doc, extras, view)

@@ -4,7 +4,6 @@ sum presented as one), top-1 agreement, and the label terms where both sides car
 from __future__ import annotations
 
 import json
-import math
 import os
 from contextlib import ExitStack
 from pathlib import Path
@@ -15,46 +14,48 @@ import numpy as np
 from .. import __version__
 from .._atomic import atomic_output
 from ..cli import InputError
-
-
-def _f(x) -> float:
-    return math.nan if x is None else float(x)
+from ._format import _pct, num, pm
 
 
 def format_topk_summary(s: dict) -> str:
+    """The bounds summary in the main summary's layout: a blank line before each section,
+    numbers with at least three significant digits, a value and its error with one number
+    of decimals (commands._format)."""
     lo, up, gap = s["kld_lower"], s["kld_upper"], s["gap"]
     lp = lo["percentiles"]
     lines = []
     if s.get("has_labels"):
         lines += [
             "====== Perplexity statistics ======",
-            f"Mean PPL(Q)                   : {_f(s['ppl_q']):10.6f} ± {_f(s['ppl_q_se']):10.6f}",
-            f"Mean PPL(base)                : {_f(s['ppl_ref']):10.6f} ± {_f(s['ppl_ref_se']):10.6f}",
-            f"Mean ln(PPL(Q)/PPL(base))     : {_f(s['ln_ppl_ratio']):10.6f} ± {_f(s['ln_ppl_ratio_se']):10.6f}",
-            f"Mean PPL(Q)/PPL(base)         : {_f(s['ppl_ratio']):10.6f} ± {_f(s['ppl_ratio_se']):10.6f}",
+            f"Mean PPL(Q)                   : {pm(s['ppl_q'], s['ppl_q_se'])}",
+            f"Mean PPL(base)                : {pm(s['ppl_ref'], s['ppl_ref_se'])}",
+            f"Mean ln(PPL(Q)/PPL(base))     : {pm(s['ln_ppl_ratio'], s['ln_ppl_ratio_se'])}",
+            f"Mean PPL(Q)/PPL(base)         : {pm(s['ppl_ratio'], s['ppl_ratio_se'])}",
+            "",
         ]
     n_unb = up["n_unbounded"]
-    upper_line = (f"Mean    KLD upper bound: {_f(up['mean']):10.6f}" if n_unb == 0 else
+    upper_line = (f"Mean    KLD upper bound: {num(up['mean'], width=10)}" if n_unb == 0 else
                   f"Mean    KLD upper bound:        inf ({n_unb} of {s['n_tokens']} tokens unbounded: "
                   "the quant's dump gives no floor under its unseen probabilities)")
     lines += [
         "====== KL divergence bounds (top-k dump: the full KLD lies between them) ======",
-        f"Mean    KLD lower bound: {_f(lo['mean']):10.6f} ± {_f(lo['se']):10.6f}",
+        f"Mean    KLD lower bound: {pm(lo['mean'], lo['se'])}",
         upper_line,
-        f"Maximum KLD lower bound: {_f(lo['max']):10.6f}",
-        f"99.9%   KLD lower bound: {_f(lp['99.9']):10.6f}",
-        f"99.0%   KLD lower bound: {_f(lp['99']):10.6f}",
-        f"95.0%   KLD lower bound: {_f(lp['95']):10.6f}",
-        f"Median  KLD lower bound: {_f(lo['median']):10.6f}",
-        f" 5.0%   KLD lower bound: {_f(lp['5']):10.6f}",
+        f"Maximum KLD lower bound: {num(lo['max'], width=10)}",
+        f"99.9%   KLD lower bound: {num(lp['99.9'], width=10)}",
+        f"99.0%   KLD lower bound: {num(lp['99'], width=10)}",
+        f"95.0%   KLD lower bound: {num(lp['95'], width=10)}",
+        f"Median  KLD lower bound: {num(lo['median'], width=10)}",
+        f" 5.0%   KLD lower bound: {num(lp['5'], width=10)}",
         f"Tokens with upper - lower > {gap['threshold']:g} nats: {gap['n_above_threshold']} of {s['n_tokens']}",
+        "",
         "====== Token probability statistics ======",
     ]
     if s.get("has_labels"):
         d = s["delta_p"]
-        lines += [f"Mean    Δp: {100 * _f(d['mean']):6.3f} ± {100 * _f(d['se']):5.3f} %",
-                  f"RMS Δp    : {100 * _f(s['rms_delta_p']):6.3f} ± {100 * _f(s['rms_delta_p_se']):5.3f} %"]
-    lines.append(f"Same top p: {100 * _f(s['same_top']):6.3f} ± {100 * _f(s['same_top_se']):5.3f} %")
+        lines += [f"Mean    Δp: {pm(_pct(d['mean']), _pct(d['se']), 3, 6)} %",
+                  f"RMS Δp    : {pm(_pct(s['rms_delta_p']), _pct(s['rms_delta_p_se']), 3, 6)} %"]
+    lines.append(f"Same top p: {pm(_pct(s['same_top']), _pct(s['same_top_se']), 3, 6)} %")
     return "\n".join(lines)
 
 
@@ -69,12 +70,28 @@ def _describe(side, path) -> dict:
             "vocab": side.vocab, "dtype": side.dtype}
 
 
+# compare's options this path does not have: each needs exact per-token KLDs (the listings,
+# the paired differences, the running lines) or the full summary (the compact table)
+UNSUPPORTED = {"paired": "--paired/--baseline", "top_tokens": "--top-tokens",
+               "top_prompts": "--top-prompts", "running": "--running"}
+
+
 def run_topk_compare(ref, quants, *, fmt, output, per_token, per_prompt, gap_threshold,
-                     dtype_override, labels_path=None, ray_address=None, ray_tasks=None,
-                     quiet=False):
+                     dtype_override, labels_path=None, view=None, ray_address=None,
+                     ray_tasks=None, quiet=False):
     """compare's path when REF or a QUANT is a top-k dump (with ray_address: the bounds
-    computed by Ray tasks, fidelity_kld.distributed.compare_topk_sides)."""
-    from ..io import DumpError
+    computed by Ray tasks, fidelity_kld.distributed.compare_topk_sides). view: compare's output
+    options; models are labelled by its names, and options this path lacks are refused, not
+    ignored."""
+    if view is not None:
+        given = [flag for key, flag in UNSUPPORTED.items() if view.get(key)]
+        if view.get("sort", "given") != "given":
+            given.append("--sort")
+        if fmt == "markdown":
+            given.append("--format markdown")
+        if given:
+            raise click.UsageError(f"{', '.join(given)}: not available when a side is a top-k "
+                                   "dump (its KLD is known only as bounds)")
     from ..stats.summary import json_ready
     from ..stats.topk_bounds import summarize_topk
     from ..topk_compare import check_pair, compare_topk, open_side
@@ -101,7 +118,7 @@ def run_topk_compare(ref, quants, *, fmt, output, per_token, per_prompt, gap_thr
                 results = [compare_topk(sides[0], q, vocab=v) for q, v in zip(sides[1:], vocabs)]
         except ValueError as e:  # DumpError included
             raise InputError(str(e)) from None
-        names = _model_names(quants)
+        names = view["names"] if view is not None else _model_names(quants)
         summaries = [json_ready(summarize_topk(st, gap_threshold=gap_threshold)) for st in results]
         doc = {"fidelity_kld_version": __version__, "kind": "topk_bounds",
                "reference": _describe(sides[0], ref),

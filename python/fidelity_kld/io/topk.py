@@ -515,13 +515,10 @@ class TopKDumpWriter:
     compare_models(..., ref_topk_dump=..., q_topk_dump=..., k=...)."""
 
     def __init__(self, path, k: int, *, source: str | None = None):
-        import tempfile
+        from .._atomic import make_temp
 
         self.path, self.k = os.fspath(path), int(k)
-        directory = os.path.dirname(os.path.abspath(self.path))
-        fd, self._tmp = tempfile.mkstemp(prefix=f".{os.path.basename(self.path)}.", suffix=".tmp",
-                                         dir=directory)
-        os.close(fd)
+        self._tmp = make_temp(self.path)  # the house's temporary name, so stale ones are removed
         self._writer = TopKWriter(self._tmp, source=source)
         self.n_rows = 0
 
@@ -537,8 +534,13 @@ class TopKDumpWriter:
         self.n_rows += n
 
     def close(self) -> None:
+        from .._atomic import default_mode
+
+        if self.n_rows == 0:  # an empty file would not even be Parquet
+            self.abort()
+            raise DumpError(f"{self.path}: no rows were written; a dump needs at least one")
         self._writer.close()
-        os.chmod(self._tmp, 0o644)
+        os.chmod(self._tmp, default_mode())
         os.replace(self._tmp, self.path)
 
     def abort(self) -> None:
