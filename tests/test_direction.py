@@ -262,3 +262,20 @@ def test_standard_errors_and_llama_kld():
     assert llama["kld_confident"] == pytest.approx(3 * got["kld_confident"])
     assert llama["kld_by_conf"][2]["kld_mean"] == pytest.approx(3 * got["kld_by_conf"][2]["kld_mean"])
     assert summarize_direction(replace(ts, kld_llama=3 * ts.kld), llama_compat=False) == got
+
+
+def test_bucket_edges_belong_to_the_upper_bucket():
+    """p_ref_top1 exactly on an edge goes to the bucket that starts there; 1.0 to the last;
+    0.5 counts as confident."""
+    p = np.array([0.25, 0.5, 0.75, 0.9, 1.0])
+    assert np.array_equal(np.exp(np.log(p)), p)  # the edges survive the log/exp round trip
+    n = p.size
+    zeros = np.zeros(n)
+    ts = TokenStats(kld=np.arange(1.0, n + 1), kld_reverse=zeros, lse_ref=zeros, lse_q=zeros,
+                    entropy_ref=zeros, top1_ref=np.zeros(n, np.int32),
+                    top1_q=np.zeros(n, np.int32), logp_top1_ref=np.log(p))
+    got = summarize_direction(ts)
+    assert [bk["n"] for bk in got["kld_by_conf"]] == [0, 1, 1, 1, 2]
+    assert got["kld_by_conf"][4]["kld_mean"] == 4.5
+    assert got["kld_confident"] == pytest.approx(np.mean([2.0, 3.0, 4.0, 5.0]))
+    assert got["kld_by_conf"][1]["kld_share"] == pytest.approx(1 / 15)
