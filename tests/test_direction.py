@@ -13,6 +13,7 @@ import fidelity_kld as fk
 from fidelity_kld import reference
 from fidelity_kld.ops import TokenStats
 from fidelity_kld.stats.direction import SCALARS, summarize_direction
+from fidelity_kld.stats.per_prompt import COLUMNS
 
 EDGES = (0.0, 0.25, 0.5, 0.75, 0.9, 1.0)
 
@@ -279,3 +280,51 @@ def test_bucket_edges_belong_to_the_upper_bucket():
     assert got["kld_by_conf"][4]["kld_mean"] == 4.5
     assert got["kld_confident"] == pytest.approx(np.mean([2.0, 3.0, 4.0, 5.0]))
     assert got["kld_by_conf"][1]["kld_share"] == pytest.approx(1 / 15)
+
+
+def test_accumulator_summary_carries_the_direction_metrics():
+    """Fed in batches with extra="all": the direction dict of the whole run, against the
+    per-token loop (float32 inputs, so the loop runs on the same float32 values)."""
+    rng = np.random.default_rng(11)
+    a, b, y = random_case(rng, n=240, v=30)
+    a, b = a.astype(np.float32), b.astype(np.float32)
+    acc = fk.Accumulator()
+    for lo in range(0, 240, 80):
+        acc.add(a[lo:lo + 80], b[lo:lo + 80], y[lo:lo + 80], extra="all",
+                prompt_ids=np.repeat(np.arange(lo // 20, lo // 20 + 4), 20))
+    got = acc.summary().direction
+    want = expected(a, b, y)
+    for k in ("dnll_mean", "dnll_harm", "dnll_help", "margin_harm", "tvd_mean", "jsd_mean",
+              "kld_confident"):
+        assert got[k] == pytest.approx(want[k], rel=2e-4, abs=1e-6), k
+    for k in ("flip_harm", "flip_help", "top5_lost", "top5_gained"):
+        assert got[k] == want[k], k
+    assert [bk["n"] for bk in got["kld_by_conf"]] == [n for n, _, _ in want["buckets"]]
+    # per-prompt means of the scalars, against the loop on each prompt's rows
+    table = acc.per_prompt()
+    for i, pid in enumerate(table["prompt_id"]):
+        rows = slice(20 * pid, 20 * pid + 20)
+        one = expected(a[rows], b[rows], y[rows])
+        for k in ("flip_harm", "top5_net", "tvd_mean", "margin_harm", "dnll_help"):
+            assert table[k][i] == pytest.approx(one[k], rel=2e-4, abs=1e-6, nan_ok=True), (k, pid)
+
+
+def test_accumulator_without_extra_has_no_direction_and_refuses_mixing():
+    rng = np.random.default_rng(12)
+    a, b, y = random_case(rng, n=40, v=16)
+    a, b = a.astype(np.float32), b.astype(np.float32)
+    plain = fk.Accumulator()
+    plain.add(a, b, y, prompt_ids=np.repeat([0, 1], 20))
+    assert plain.summary().direction is None
+    assert tuple(plain.per_prompt()) == COLUMNS  # the table of old, without direction columns
+    with pytest.raises(ValueError, match="optional output"):
+        plain.add(a, b, y, extra="all")
+    rich = fk.Accumulator()
+    rich.add(a, b, y, extra="tvd")
+    with pytest.raises(ValueError, match="optional output tvd"):
+        plain.merge(rich)
+    with pytest.raises(ValueError, match="optional output"):
+        rich.add(a, b, y, extra=("tvd", "jsd"))
+    merged = rich.merge(rich)
+    assert merged.summary().direction["tvd_mean"] == pytest.approx(rich.summary().direction["tvd_mean"])
+    assert merged.summary().direction["jsd_mean"] is None
