@@ -69,7 +69,8 @@ def _term_handler(signum, frame):
               help="SentencePiece .model file or Hugging Face tokenizer directory: show token "
                    "text and context in the listings.")
 @click.option("--brief", is_flag=True,
-              help="Text: leave out each model's full statistics (the tables and listings only).")
+              help="Text: leave out each model's full statistics (the tables, listings and "
+                   "--direction sections only).")
 @click.option("--direction", is_flag=True,
               help="Direction-aware metrics (docs/definitions.md): whether the quant's changes "
                    "hurt or help against the labels (harmful/helpful parts of Δnll, top-1 "
@@ -333,15 +334,16 @@ def _print(ref, names, summaries, results, doc, extras, view) -> None:
         click.echo(json.dumps(json_ready(doc), indent=2))
         return
     blocks = []
-    if fmt == "text" and not view["brief"]:
+    if fmt == "text" and (not view["brief"] or view["direction"]):
         for i, (name, s) in enumerate(zip(names, summaries)):
             text = f"### {name} vs {Path(ref).name}  ({s['n_tokens']} tokens)\n"
-            if extras["running"] is not None and not extras["running_live"]:
-                text += _format.format_running(extras["running"][i]) + "\n\n"
-            text += _format.format_summary(s)
-            if s.get("direction") is not None:
-                text += "\n\n" + _format.format_direction(s["direction"])
-            blocks.append(text)
+            if not view["brief"]:
+                if extras["running"] is not None and not extras["running_live"]:
+                    text += _format.format_running(extras["running"][i]) + "\n\n"
+                text += _format.format_summary(s) + "\n\n"
+            if s.get("direction") is not None:  # asked for: kept under --brief too
+                text += _format.format_direction(s["direction"])
+            blocks.append(text.rstrip("\n"))
     if len(names) > 1 or fmt == "markdown" or view["brief"]:
         head = f"Compact table: {len(names)} model(s) vs {Path(ref).name}"
         table = _format.compact_table(names, summaries, sort=view["sort"], paired=extras["paired"],
