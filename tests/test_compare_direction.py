@@ -155,3 +155,12 @@ def test_llama_fixture_direction_agrees_with_its_per_token_table(llama_base_path
     assert d["flip_harm"] == pytest.approx(flips.mean())
     lost = (t["rank_ref_y"] < 5) & (t["rank_q_y"] >= 5)
     assert d["top5_lost"] == pytest.approx(lost.mean())
+
+
+def test_direction_refuses_top_k_dumps(dumps, tmp_path):
+    paths, *_ = dumps
+    for key in ("ref", "q1"):
+        run("convert", paths[key], tmp_path / f"{key}.topk.parquet", "--top-k", "8", "--quiet")
+    r = CliRunner().invoke(cli, ["compare", str(tmp_path / "ref.topk.parquet"),
+                                 str(tmp_path / "q1.topk.parquet"), "--direction", "-q"])
+    assert r.exit_code == 2 and "--direction needs full logit dumps" in r.output
