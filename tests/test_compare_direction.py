@@ -164,3 +164,15 @@ def test_direction_refuses_top_k_dumps(dumps, tmp_path):
     r = CliRunner().invoke(cli, ["compare", str(tmp_path / "ref.topk.parquet"),
                                  str(tmp_path / "q1.topk.parquet"), "--direction", "-q"])
     assert r.exit_code == 2 and "--direction needs full logit dumps" in r.output
+
+
+def test_sort_by_net_flips_and_tvd(dumps):
+    paths, *_ = dumps
+    args = ("compare", paths["ref"], paths["q2"], paths["q1"], "--labels", paths["labels"],
+            "--direction", "--brief", "-q")
+    for key in ("tvd", "flip_net"):
+        table = run(*args, "--sort", key).output.split("Compact table")[1].splitlines()[3:5]
+        # q1 has a quarter of q2's noise: less TVD and fewer net flips, so it comes first
+        assert [row.split()[0] for row in table] == ["q1", "q2"], key
+    r = CliRunner().invoke(cli, [str(a) for a in args if a != "--direction"] + ["--sort", "tvd"])
+    assert r.exit_code == 2 and "--sort tvd needs --direction" in r.output

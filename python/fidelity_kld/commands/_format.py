@@ -205,7 +205,10 @@ COMPACT_COLUMNS = {  # --sort key -> (header, lower is better)
     "same_top": ("same top %", False),
     "ln_ppl_ratio": ("ln PPL ratio ± SE", True),
     "rms_dp": ("RMS Δp %", True),
+    "flip_net": ("net flips %", True),   # these two need compare --direction
+    "tvd": ("mean TVD", True),
 }
+DIRECTION_SORT_KEYS = ("flip_net", "tvd")
 
 
 def compact_value(s: dict, key: str) -> float:
@@ -217,6 +220,8 @@ def compact_value(s: dict, key: str) -> float:
         "same_top": lambda: _num(s.get("same_top")),
         "ln_ppl_ratio": lambda: _num(s.get("ln_ppl_ratio")),
         "rms_dp": lambda: _num(s.get("rms_delta_p")),
+        "flip_net": lambda: _num((s.get("direction") or {}).get("flip_net")),
+        "tvd": lambda: _num((s.get("direction") or {}).get("tvd_mean")),
     }[key]()
 
 

@@ -138,6 +138,8 @@ def command(ref, quants, example, labels_path, prompt_ids_path, fmt, names_given
         raise click.UsageError(f"--name given {len(names_given)} times for {len(quants)} models")
     if paired and len(quants) < 2:
         raise click.UsageError("--paired needs at least two QUANT models")
+    if sort in _format.DIRECTION_SORT_KEYS and not direction:
+        raise click.UsageError(f"--sort {sort} needs --direction")
     if names_given and len(set(names_given)) != len(names_given):
         raise click.UsageError("--name labels must be distinct")
     names = list(names_given) if names_given else _model_names(quants)
