@@ -6,9 +6,9 @@ import json
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from _direction_checks import expected
 from click.testing import CliRunner
 
+from _direction_checks import expected
 from fidelity_kld import reference
 from fidelity_kld.cli import cli
 

@@ -6,8 +6,8 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
-from _direction_checks import EDGES, expected, oracle_stats
 
+from _direction_checks import EDGES, expected, oracle_stats
 import fidelity_kld as fk
 from fidelity_kld.ops import TokenStats
 from fidelity_kld.stats.direction import SCALARS, summarize_direction
