@@ -51,7 +51,7 @@ def test_compare_help_points_into_docs():
 def test_readme_printed_output_is_what_the_commands_print(tmp_path, monkeypatch):
     pytest.importorskip("sentencepiece")  # the example's --tokenizer (in the test extra)
     blocks = OUTPUT_BLOCK.findall((ROOT / "README.md").read_text(encoding="utf-8"))
-    assert [b[0] for b in blocks] == ["several"]
+    assert [b[0] for b in blocks] == ["several", "direction"]
     os.symlink(ROOT / "tests", tmp_path / "tests")
     monkeypatch.chdir(tmp_path)
     for _, commands, expected in blocks:

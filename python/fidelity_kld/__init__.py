@@ -4,12 +4,15 @@
     stats = fk.compare(ref_logits, quant_logits, labels)   # per-token arrays (TokenStats)
     many = fk.compare_many(ref_logits, [q4, q5, q8])        # the reference's work done once
     summary = fk.summarize(stats)                           # llama.cpp-style statistics
+    rich = fk.compare(ref_logits, quant_logits, labels, extra="all")
+    fk.summarize_direction(rich)                            # did the changes hurt or help?
 """
 
 from importlib.metadata import PackageNotFoundError, version
 
 from ._core import has_cuda, simd_level
 from .ops import Logits, TokenStats, compare, compare_many
+from .stats.direction import summarize_direction
 from .stats.summary import Accumulator, Summary, summarize
 
 try:
@@ -27,5 +30,6 @@ __all__ = [
     "has_cuda",
     "simd_level",
     "summarize",
+    "summarize_direction",
     "__version__",
 ]

@@ -119,6 +119,58 @@ def format_summary(s: dict) -> str:
     return "\n".join(lines)
 
 
+# --- direction metrics (issue 16) ---------------------------------------------------------
+
+# (key, label, percent?) of the scalar lines, in print order; a line is left out when its
+# outputs are absent (the key is None), so a run without labels shows TVD, JSD and the rest
+_DIRECTION_LINES = (
+    ("dnll_mean", "Mean Δnll = ln(PPL(Q)/PPL(base))", False),
+    ("dnll_harm", "Mean harm  max(0, Δnll)", False),
+    ("dnll_help", "Mean help  max(0, -Δnll)", False),
+    ("flip_harm", "Flips base right, Q wrong", True),
+    ("flip_help", "Flips base wrong, Q right", True),
+    ("flip_net", "Net flips (harm - help)", True),
+    ("top5_lost", "Label left the top 5", True),
+    ("top5_gained", "Label entered the top 5", True),
+    ("top5_net", "Net top-5 losses", True),
+    ("margin_harm", "Mean margin loss", False),
+    ("tvd_mean", "Mean TVD", False),
+    ("jsd_mean", "Mean JSD", False),
+    ("kld_confident", "Mean KLD, p_base(top1) >= 0.5", False),
+)
+
+
+def format_direction(d: dict) -> str:
+    """The direction metrics of one model (stats.direction.summarize_direction's dict, JSON
+    ready): Δnll parts, flips and top-5 changes against the label, margin loss, TVD, JSD and
+    the confident-token KLD, each ± its SE (rates in percent), then the KLD split by the base's
+    top-1 probability and by whether the base's top-1 is the label. Numbers as the summary's."""
+    g = _getter(d)
+    width = max(len(label) for _, label, _ in _DIRECTION_LINES)
+    lines = ["====== Direction statistics (docs/definitions.md) ======"]
+    if not d.get("has_labels"):
+        lines.append("Label-aware metrics (Δnll, flips, top 5, margins): n/a, no labels")
+    for key, label, percent in _DIRECTION_LINES:
+        if d.get(key) is None and d.get(f"n_{key}") is None:
+            continue
+        value = (f"{pm(_pct(g(key)), _pct(g(key + '_se')), 3, 6)} %" if percent
+                 else pm(g(key), g(key + "_se")))
+        counted = d.get(f"n_{key}")
+        note = f"  ({counted} tokens)" if counted is not None and counted != d.get("n_valid") else ""
+        lines.append(f"{label:<{width}}: {value}{note}")
+    groups = [(f"p_base(top1) in [{b['lo']:g}, {b['hi']:g}{']' if b['hi'] == 1 else ')'}", b)
+              for b in d.get("kld_by_conf") or ()]
+    groups += [(label, d[key]) for key, label in (("kld_ref_right", "base top-1 = label"),
+                                                  ("kld_ref_wrong", "base top-1 ≠ label"))
+               if d.get(key) is not None]
+    if groups:
+        rows = [[label, str(b["n"]), num(_pct(b["token_share"]), 3), num(b["kld_mean"]),
+                 num(_pct(b["kld_share"]), 3)] for label, b in groups]
+        lines += ["", "KLD split by the base's top-1 probability and correctness:",
+                  table(["tokens", "n", "tokens %", "mean KLD", "share of KLD %"], rows)]
+    return "\n".join(lines)
+
+
 def _getter(d: dict):
     def get(key):
         return _num(d.get(key))
@@ -153,7 +205,10 @@ COMPACT_COLUMNS = {  # --sort key -> (header, lower is better)
     "same_top": ("same top %", False),
     "ln_ppl_ratio": ("ln PPL ratio ± SE", True),
     "rms_dp": ("RMS Δp %", True),
+    "flip_net": ("net flips %", True),   # these two need compare --direction
+    "tvd": ("mean TVD", True),
 }
+DIRECTION_SORT_KEYS = ("flip_net", "tvd")
 
 
 def compact_value(s: dict, key: str) -> float:
@@ -165,6 +220,8 @@ def compact_value(s: dict, key: str) -> float:
         "same_top": lambda: _num(s.get("same_top")),
         "ln_ppl_ratio": lambda: _num(s.get("ln_ppl_ratio")),
         "rms_dp": lambda: _num(s.get("rms_delta_p")),
+        "flip_net": lambda: _num((s.get("direction") or {}).get("flip_net")),
+        "tvd": lambda: _num((s.get("direction") or {}).get("tvd_mean")),
     }[key]()
 
 
@@ -172,7 +229,8 @@ def compact_table(names: list[str], summaries: list[dict], *, sort: str = "given
                   paired: dict | None = None, baseline: str | None = None,
                   fmt: str = "text") -> str:
     """One row per model: mean KLD ± SE, p99 and p99.9 KLD, same top, ln PPL ratio ± SE,
-    RMS Δp, and with `paired` ({name: PairedComparison against the baseline}) the paired
+    RMS Δp, with the direction metrics (compare --direction) the net flip rate and mean TVD,
+    and with `paired` ({name: PairedComparison against the baseline}) the paired
     difference of mean KLD against `baseline` with its 95% bootstrap CI. Rows as given, or
     sorted best first by the `sort` column."""
     order = list(range(len(names)))
@@ -182,6 +240,9 @@ def compact_table(names: list[str], summaries: list[dict], *, sort: str = "given
         order.sort(key=lambda i: (math.isnan(key[i]), key[i] if lower_better else -key[i]))
     header = ["model", "mean KLD ± SE", "p99 KLD", "p99.9 KLD", "same top %",
               "ln PPL ratio ± SE", "RMS Δp %"]
+    direction = any(s.get("direction") for s in summaries)
+    if direction:
+        header += ["net flips %", "mean TVD"]
     if paired is not None:
         header.append(f"Δ mean KLD vs {baseline} [95% CI]")
     rows = []
@@ -194,6 +255,10 @@ def compact_table(names: list[str], summaries: list[dict], *, sort: str = "given
                pm(s.get("ln_ppl_ratio"), s.get("ln_ppl_ratio_se"), width=0)
                if s.get("has_labels") else "n/a",
                num(_pct(s.get("rms_delta_p")), 3) if s.get("has_labels") else "n/a"]
+        if direction:
+            d = s.get("direction") or {}
+            row += [num(_pct(d["flip_net"]), 3) if d.get("n_flip_net") is not None else "n/a",
+                    num(d.get("tvd_mean")) if d.get("n_tvd_mean") is not None else "n/a"]
         if paired is not None:
             pc = paired.get(names[i])
             d = pc.get("kld") if pc is not None else None

@@ -70,7 +70,16 @@ def _term_handler(signum, frame):
               help="SentencePiece .model file or Hugging Face tokenizer directory: show token "
                    "text and context in the listings.")
 @click.option("--brief", is_flag=True,
-              help="Text: leave out each model's full statistics (the tables and listings only).")
+              help="Text: leave out each model's full statistics (the tables, listings and "
+                   "--direction sections only).")
+@click.option("--direction", is_flag=True,
+              help="Direction-aware metrics (docs/definitions.md): whether the quant's changes "
+                   "hurt or help against the labels (harmful/helpful parts of Δnll, top-1 "
+                   "flips, top-5 changes, margin loss), TVD and JSD, and the KLD split by the "
+                   "reference's confidence and correctness. Asks the core for its optional "
+                   "outputs (extra passes over each row); adds a Direction section to the "
+                   "text, a direction object to each JSON summary, and columns to --per-token "
+                   "and --per-prompt.")
 @click.option("--running", is_flag=True,
               help="Print llama.cpp-style running estimates after each prompt (chunk).")
 @click.option("--output", "-o", type=click.Path(dir_okay=False),
@@ -107,7 +116,8 @@ def _term_handler(signum, frame):
 @click.option("--ray-tasks", type=click.IntRange(min=1), default=None,
               help="With --ray: about this many token ranges (default: 2 per worker).")
 def command(ref, quants, example, labels_path, prompt_ids_path, fmt, names_given, sort, paired,
-            baseline, top_tokens, top_prompts, tokenizer_path, brief, running, output, per_token,
+            baseline, top_tokens, top_prompts, tokenizer_path, brief, direction, running, output,
+            per_token,
             per_prompt, threads, device, dtype_override, definitions, quiet, bad_rows,
             override_labels, gap_threshold, shared_lm_head, lm_head, ray_address, ray_tasks):
     """Compare a reference dump REF with one or more quantized dumps QUANT.
@@ -129,6 +139,8 @@ def command(ref, quants, example, labels_path, prompt_ids_path, fmt, names_given
         raise click.UsageError(f"--name given {len(names_given)} times for {len(quants)} models")
     if paired and len(quants) < 2:
         raise click.UsageError("--paired needs at least two QUANT models")
+    if sort in _format.DIRECTION_SORT_KEYS and not direction:
+        raise click.UsageError(f"--sort {sort} needs --direction")
     if names_given and len(set(names_given)) != len(names_given):
         raise click.UsageError("--name labels must be distinct")
     names = list(names_given) if names_given else _model_names(quants)
@@ -136,7 +148,7 @@ def command(ref, quants, example, labels_path, prompt_ids_path, fmt, names_given
         raise click.UsageError(f"--baseline {baseline!r} is none of the models ({', '.join(names)})")
     view = dict(fmt=fmt, names=names, sort=sort, paired=paired or baseline is not None,
                 baseline=baseline or names[0], top_tokens=top_tokens, top_prompts=top_prompts,
-                tokenizer_path=tokenizer_path, running=running, brief=brief)
+                tokenizer_path=tokenizer_path, running=running, brief=brief, direction=direction)
     from ..io import DumpError
     from ..io.paths import check_outputs
 
@@ -151,6 +163,9 @@ def command(ref, quants, example, labels_path, prompt_ids_path, fmt, names_given
     if ray_tasks and not ray_address:
         raise click.UsageError("--ray-tasks needs --ray")
     ray = dict(ray_address=ray_address, ray_tasks=ray_tasks, quiet=quiet)
+    if direction and (is_hidden_file(ref) or any(is_hidden_file(q) for q in quants)
+                      or is_topk(ref) or any(is_topk(q) for q in quants)):
+        raise click.UsageError("--direction needs full logit dumps (not hidden-state or top-k dumps)")
     if is_hidden_file(ref) or any(is_hidden_file(q) for q in quants):  # logits from h @ W.T
         from .compare_hidden import run_hidden_compare
 
@@ -219,6 +234,7 @@ def _run(ref, quants, labels_path, prompt_ids_path, output, per_token, per_promp
         if parity and ref_src.dtype != "llama_u16":
             raise InputError(f"{ref}: --definitions llama needs a llama.cpp reference file")
         compare_fn, compare_many_fn = _compare_fns(device) if not ray_address else (None, None)
+        extra = "all" if view["direction"] else ()  # "all": the label group only with labels
         reporter, live = ProgressReporter(not quiet), None
         if view["running"] and view["fmt"] == "text" and not ray_address:
             # running lines printed as the prompts complete, as llama.cpp does (_running.py)
@@ -231,11 +247,12 @@ def _run(ref, quants, labels_path, prompt_ids_path, output, per_token, per_promp
                 results = distributed.compare_sources(
                     ref_src, q_srcs, labels=labels, prompt_ids=prompt_ids, threads=threads,
                     llama_parity=parity, tasks=ray_tasks, device=device, address=ray_address,
-                    progress=None if quiet else distributed.ProgressPrinter())
+                    progress=None if quiet else distributed.ProgressPrinter(), extra=extra)
             else:
                 results = compare_sources(ref_src, q_srcs, labels=labels, threads=threads,
                                           llama_parity=parity, progress=reporter,
-                                          compare_fn=compare_fn, compare_many_fn=compare_many_fn)
+                                          compare_fn=compare_fn, compare_many_fn=compare_many_fn,
+                                          extra=extra)
             results = check_rows(ref_src, q_srcs, results, bad_rows)
         except ValueError as e:
             raise InputError(str(e)) from None
@@ -317,12 +334,16 @@ def _print(ref, names, summaries, results, doc, extras, view) -> None:
         click.echo(json.dumps(json_ready(doc), indent=2))
         return
     blocks = []
-    if fmt == "text" and not view["brief"]:
+    if fmt == "text" and (not view["brief"] or view["direction"]):
         for i, (name, s) in enumerate(zip(names, summaries)):
             text = f"### {name} vs {Path(ref).name}  ({s['n_tokens']} tokens)\n"
-            if extras["running"] is not None and not extras["running_live"]:
-                text += _format.format_running(extras["running"][i]) + "\n\n"
-            blocks.append(text + _format.format_summary(s))
+            if not view["brief"]:
+                if extras["running"] is not None and not extras["running_live"]:
+                    text += _format.format_running(extras["running"][i]) + "\n\n"
+                text += _format.format_summary(s) + "\n\n"
+            if s.get("direction") is not None:  # asked for: kept under --brief too
+                text += _format.format_direction(s["direction"])
+            blocks.append(text.rstrip("\n"))
     if len(names) > 1 or fmt == "markdown" or view["brief"]:
         head = f"Compact table: {len(names)} model(s) vs {Path(ref).name}"
         table = _format.compact_table(names, summaries, sort=view["sort"], paired=extras["paired"],
@@ -383,14 +404,18 @@ def _compare_fns(device: str):
 PER_TOKEN_DOC = ("one row per (model, token); kld: full-vocabulary KL(P_ref||P_q) in nats; "
                  "kld_llama (llama.cpp definitions only): llama.cpp's windowed KLD; "
                  "fidelity_kld.summary_kld names the column the printed summary used; "
-                 "docs/formats.md lists every column")
+                 "with --direction also logp_top1/2_ref/q, rank_ref_y/q_y, margin_ref/q, tvd, "
+                 "jsd; docs/formats.md lists every column")
 
 
 def _write_per_token(tmp, names, results, prompt_ids):
-    """Every per-token output the API has (TokenStats), per model; the schema metadata says
-    which KLD column the summary used and under which definitions."""
+    """Every per-token output the API has (TokenStats), per model, the optional ones when
+    computed (--direction); the schema metadata says which KLD column the summary used and
+    under which definitions."""
     import pyarrow as pa
     import pyarrow.parquet as pq
+
+    from ..stats.direction import DIRECTION_OUTPUTS
 
     writer = None
     try:
@@ -418,6 +443,9 @@ def _write_per_token(tmp, names, results, prompt_ids):
             }
             if st.kld_llama is not None:
                 cols["kld_llama"] = st.kld_llama
+            for name in DIRECTION_OUTPUTS:  # compare --direction's optional outputs
+                if getattr(st, name, None) is not None:
+                    cols[name] = getattr(st, name)
             llama = st.kld_llama is not None
             table = pa.table(cols).replace_schema_metadata({
                 "fidelity_kld.summary_kld": "kld_llama" if llama else "kld",

@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass, field, replace
 import numpy as np
 
 from ..ops import TokenStats, compare
+from .direction import DIRECTION_OUTPUTS, has_direction_outputs, summarize_direction
 
 KLD_PERCENTILES = (99.9, 99.0, 95.0, 90.0, 10.0, 5.0, 1.0, 0.1)
 DELTA_P_PERCENTILES = (99.9, 99.0, 95.0, 90.0, 75.0, 25.0, 10.0, 5.0, 1.0, 0.1)
@@ -115,6 +116,8 @@ class Summary:
     ln_ppl_ratio = mean(nll_q) - mean(nll_ref) = ln(PPL(q)/PPL(ref)); its SE is the standard
     error of the mean per-token difference. cor_nll is the Pearson correlation of per-token
     nll_q and nll_ref (llama.cpp's Cor(ln(PPL(Q)), ln(PPL(base)))).
+    direction: stats.direction.summarize_direction's dict when the stats carry the optional
+    outputs (compare's extra=...), else None.
     """
 
     n_tokens: int
@@ -143,6 +146,7 @@ class Summary:
     delta_p: Distribution | None = None
     rms_delta_p: float = math.nan
     rms_delta_p_se: float = math.nan
+    direction: dict | None = None
 
     def to_dict(self) -> dict:
         """JSON-ready: NaN becomes None, infinities the strings 'inf' / '-inf'."""
@@ -177,6 +181,8 @@ def summarize(stats: TokenStats, *, llama_compat: bool | None = None) -> Summary
 
     llama_compat (default: on when stats carry llama.cpp's windowed KLD): use llama.cpp's
     windowed KLD, its float32 percentile interpolation and its median rule.
+    The direction metrics (Summary.direction) are included when the stats carry the optional
+    outputs of compare(..., extra=...), computed with the same KLD.
     """
     if llama_compat is None:
         llama_compat = stats.kld_llama is not None
@@ -208,6 +214,8 @@ def summarize(stats: TokenStats, *, llama_compat: bool | None = None) -> Summary
         kw.update(_label_stats(nll_ref[keep], nll_q[keep], stats.delta_p[valid][keep],
                                llama_compat))
         kw["n_label_inf"] = int(impossible.sum())
+    if has_direction_outputs(stats):
+        kw["direction"] = summarize_direction(stats, llama_compat=llama_compat)
     return Summary(**kw)
 
 
@@ -265,8 +273,14 @@ class Accumulator:
         self._parts: list[TokenStats] = []
         self._prompt_ids: list[np.ndarray | None] = []
 
-    def add(self, ref, q, labels=None, *, mask=None, prompt_ids=None, **kwargs) -> TokenStats:
+    def add(self, ref, q, labels=None, *, mask=None, prompt_ids=None, extra=(),
+            **kwargs) -> TokenStats:
+        """Compare one batch and keep its per-token results. extra: compare's optional output
+        groups ("top2", "label", "tvd", "jsd", "all"); with them the summary has its direction
+        metrics. Every batch must ask for the same outputs (and all or none have labels)."""
         ref, q, labels, prompt_ids = _flatten_batch(ref, q, labels, mask, prompt_ids)
+        if extra:  # only when asked for, as stream.compare_sources passes it
+            kwargs["extra"] = extra
         stats = compare(ref, q, labels, threads=self.threads, llama_parity=self.llama_parity,
                         **kwargs)
         self.add_stats(stats, prompt_ids)
@@ -322,10 +336,14 @@ class Accumulator:
 
 
 def _check_same_kind(seen: TokenStats, new: TokenStats, what: str) -> None:
-    """Batches with and without labels (or llama.cpp's KLD) cannot be summarised together:
-    the summary would silently drop PPL (or switch definitions) for every token."""
-    for field_name, meaning in (("nll_ref", "labels"), ("kld_llama", "llama-parity KLDs")):
-        had, has = getattr(seen, field_name) is not None, getattr(new, field_name) is not None
+    """Batches with and without labels (or llama.cpp's KLD, or an optional output) cannot be
+    summarised together: the summary would silently drop PPL (or switch definitions, or drop
+    a direction metric) for every token."""
+    checks = [("nll_ref", "labels"), ("kld_llama", "llama-parity KLDs")]
+    checks += [(name, f"the optional output {name} (compare's extra=)") for name in DIRECTION_OUTPUTS]
+    for field_name, meaning in checks:
+        had = getattr(seen, field_name, None) is not None
+        has = getattr(new, field_name, None) is not None
         if had != has:
             raise ValueError(f"{what} {'has' if has else 'lacks'} {meaning}, the batches before "
                              f"{'did not' if has else 'did'}: add every batch the same way")
