@@ -13,7 +13,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
 from scipy import stats
 
 from fidelity_kld.cli import main
@@ -22,6 +21,15 @@ from fidelity_kld.stats.direction_cohort import (CANDIDATES, DirectionData, comp
                                                  direction_data_from_summaries, split_halves)
 
 FIXTURE = Path(__file__).parent / "data" / "fixture_cohort"
+
+
+def run(argv, capsys):
+    """(exit code, stdout, stderr) of `fidelity-kld cohort ARGV`."""
+    with pytest.raises(SystemExit) as e:
+        main(["cohort", *argv])
+        raise SystemExit(0)
+    out = capsys.readouterr()
+    return e.value.code or 0, out.out, out.err
 
 
 def _planted(seed, n=16, p=2000, spread=0.012, model_noise=0.08):
@@ -147,11 +155,11 @@ def _read_fixture():
     return comp, zone, values
 
 
-def test_the_fixture_cohort_command_reports_every_candidate(tmp_path):
+def test_the_fixture_cohort_command_reports_every_candidate(tmp_path, capsys):
     out = tmp_path / "c.json"
-    res = CliRunner().invoke(main, ["cohort", str(FIXTURE / "manifest.toml"), "--format", "json", "-o", str(out),
-                                    "--bootstrap", "50", "--holdout-reps", "10", "--direction-draws", "200"])
-    assert res.exit_code == 0, res.output
+    code, _, err = run([str(FIXTURE / "manifest.toml"), "--format", "json", "-o", str(out),
+                        "--bootstrap", "50", "--holdout-reps", "10", "--direction-draws", "200"], capsys)
+    assert code == 0, err
     d = json.loads(out.read_text())["direction"]
     assert d["status"] == "ok" and d["windows_resampled"] and d["groups"] == r"^w(\d+)"
     assert [m["name"] for m in d["metrics"]] == list(CANDIDATES)
@@ -170,14 +178,14 @@ def test_the_fixture_cohort_command_reports_every_candidate(tmp_path):
         assert a == sum(int(i[1:].split("p" if task == "tokacc5" else "l")[0]) % 2 == 0 for i in ids)
         assert a + b == len(ids)
     # the text report carries the table and the verdict
-    res = CliRunner().invoke(main, ["cohort", str(FIXTURE / "manifest.toml"), "--bootstrap", "20",
-                                    "--holdout-reps", "5", "--direction-draws", "50"])
-    assert res.exit_code == 0, res.output
-    assert "Direction-aware metrics against KLD" in res.output and "half-B Δ [paired CI]" in res.output
-    assert ("Not shown better than KLD" in res.output) or ("Better than KLD" in res.output)
+    code, text, err = run([str(FIXTURE / "manifest.toml"), "--bootstrap", "20", "--holdout-reps", "5",
+                           "--direction-draws", "50"], capsys)
+    assert code == 0, err
+    assert "Direction-aware metrics against KLD" in text and "half-B Δ [paired CI]" in text
+    assert ("Not shown better than KLD" in text) or ("Better than KLD" in text)
 
 
-def test_a_bad_grouping_is_refused_with_the_reason():
-    res = CliRunner().invoke(main, ["cohort", str(FIXTURE / "manifest.toml"), "--bootstrap", "0",
-                                    "--holdout-reps", "0", "--direction-groups", "(["])
-    assert res.exit_code != 0 and "not a regular expression" in res.output
+def test_a_bad_grouping_is_refused_with_the_reason(capsys):
+    code, _, err = run([str(FIXTURE / "manifest.toml"), "--bootstrap", "0", "--holdout-reps", "0",
+                        "--direction-groups", "(["], capsys)
+    assert code != 0 and "not a regular expression" in err
