@@ -267,13 +267,13 @@ def compare_direction(cohort: Cohort, data: DirectionData, *, zone_threshold: fl
     full_rho = {k: _spearman(data.values[k], composite[1:]) for k in names}
 
     halves = split_halves(cohort.prompt_ids, groups)
-    half_a = {t: m for t, m in halves.items()}
+    half_a = halves
     half_b = {t: ~m for t, m in halves.items()}
     sizes = {t: (int(half_a[t].sum()), int(half_b[t].sum())) for t in cohort.tasks}
     if any(min(v) == 0 for v in sizes.values()):
         return DirectionComparison("unavailable", half_prompts=sizes,
                                    notes=(*notes, "a task has an empty half: give a grouping with at least "
-                                          "2 groups per task"), **{**base, "metrics": ()})
+                                          "2 groups per task"), **base)
     comp_a, _ = _composite_draws(cohort, half_a, 0, keyed_rng(seed, "direction", "A"))
     zone_a = zone_mask(relative_change(comp_a), zone_threshold)
     rho_a = {k: _spearman(data.values[k][zone_a], comp_a[1:][zone_a]) for k in names}
