@@ -189,3 +189,25 @@ def test_a_bad_grouping_is_refused_with_the_reason(capsys):
     code, _, err = run([str(FIXTURE / "manifest.toml"), "--bootstrap", "0", "--holdout-reps", "0",
                         "--direction-groups", "(["], capsys)
     assert code != 0 and "not a regular expression" in err
+
+
+def test_the_fixture_candidates_agree_with_the_core_and_their_windows():
+    """The fixture's candidates (float64 oracle) against the fused core's own summary of the
+    same calibration text, and every per-window sum against the whole-text value."""
+    summary = json.loads((FIXTURE / "summary.json").read_text())
+    for e in summary["models"]:
+        d, s = e["summary"]["direction"], e["summary"]
+        assert d["dnll_mean"] == pytest.approx(s["ln_ppl_ratio"], abs=1e-7)
+        assert d["kld_mean"] == pytest.approx(s["kld"]["mean"], rel=1e-2)
+        for name, w in e["calibration_windows"]["metrics"].items():
+            assert len(w["sum"]) == len(w["n"]) == 12
+            assert sum(w["sum"]) / sum(w["n"]) == pytest.approx(d[name], rel=1e-12, abs=1e-15)
+        assert d["flip_net"] <= d["flip_harm"] and 0 <= d["dnll_harm"] and d["dnll_mean"] <= d["dnll_harm"]
+        assert 0 <= d["jsd_mean"] <= math.log(2) and 0 <= d["tvd_mean"] <= 1
+
+
+def test_a_grouping_that_leaves_a_half_empty_is_reported():
+    cohort, _, values = _planted(5, p=200)
+    r = compare_direction(cohort, DirectionData({k: np.asarray(v) for k, v in values.items()}),
+                          groups=r"^(w)", draws=10)
+    assert r.status == "unavailable" and "empty half" in " ".join(r.notes)
