@@ -9,7 +9,9 @@
 //   callgrind_annotate /tmp/cg.out | head -30
 //
 // Arguments: simd level (scalar, avx2, avx512; valgrind has no AVX-512), dtype (float32,
-// float16, bfloat16), rows, vocab. The inputs are a seeded normal(0, 3) reference and the
+// float16, bfloat16), rows, vocab, and optionally a comma-separated list of the optional
+// output groups to compute (issue 16: top2, label, tvd, jsd; label also passes labels). The
+// inputs are a seeded normal(0, 3) reference and the
 // same plus normal(0, 0.3) noise, like benchmarks/bench_logit_stats.py; the program prints
 // the pairs and a checksum of the KLDs.
 #include <cmath>
@@ -57,10 +59,15 @@ std::vector<uint8_t> store(const std::vector<float>& x, fk::DType d) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  if (argc != 5) {
-    std::fprintf(stderr, "usage: %s scalar|avx2|avx512 float32|float16|bfloat16 ROWS VOCAB\n", argv[0]);
+  if (argc != 5 && argc != 6) {
+    std::fprintf(stderr,
+                 "usage: %s scalar|avx2|avx512 float32|float16|bfloat16 ROWS VOCAB "
+                 "[top2,label,tvd,jsd]\n",
+                 argv[0]);
     return 2;
   }
+  const std::string groups = argc == 6 ? std::string(",") + argv[5] + "," : "";
+  const auto wants = [&](const char* g) { return groups.find(std::string(",") + g + ",") != std::string::npos; };
   const std::string level_name = argv[1], dtype_name = argv[2];
   const fk::SimdLevel level = level_name == "avx512" ? fk::SimdLevel::AVX512
                               : level_name == "avx2" ? fk::SimdLevel::AVX2
@@ -93,6 +100,30 @@ int main(int argc, char** argv) {
   p.entropy_ref = ent.data();
   p.top1_ref = top_a.data();
   p.top1_q = top_b.data();
+  std::vector<double> top1_a(rows), top1_b(rows), top2_a(rows), top2_b(rows), tvd(rows),
+      jsd(rows), margin_a(rows), margin_b(rows), nll_a(rows), nll_b(rows), py_a(rows), py_b(rows);
+  std::vector<int32_t> rank_a(rows), rank_b(rows);
+  std::vector<int64_t> labels(rows);
+  for (int64_t r = 0; r < rows; ++r) labels[r] = (r * 7919) % vocab;
+  if (wants("top2")) {
+    p.logp_top1_ref = top1_a.data();
+    p.logp_top1_q = top1_b.data();
+    p.logp_top2_ref = top2_a.data();
+    p.logp_top2_q = top2_b.data();
+  }
+  if (wants("label")) {
+    p.labels = labels.data();
+    p.nll_ref = nll_a.data();
+    p.nll_q = nll_b.data();
+    p.p_ref_y = py_a.data();
+    p.p_q_y = py_b.data();
+    p.rank_ref_y = rank_a.data();
+    p.rank_q_y = rank_b.data();
+    p.margin_ref = margin_a.data();
+    p.margin_q = margin_b.data();
+  }
+  if (wants("tvd")) p.tvd = tvd.data();
+  if (wants("jsd")) p.jsd = jsd.data();
   p.threads = 1;
   fk::logit_stats(p, level);
   double sum = 0;

@@ -93,6 +93,9 @@ fk::SimdLevel parse_simd(const std::string& s) {
 struct Outputs {
   std::optional<py::array> kld, kld_reverse, lse_ref, lse_q, entropy_ref, top1_ref, top1_q,
       nll_ref, nll_q, p_ref_y, p_q_y, kld_llama;
+  // Optional outputs (issue 16): none = not computed.
+  std::optional<py::array> logp_top1_ref, logp_top1_q, logp_top2_ref, logp_top2_q, tvd, jsd,
+      rank_ref_y, rank_q_y, margin_ref, margin_q;
 
   static Outputs from_dict(const py::dict& d) {
     Outputs o;
@@ -100,7 +103,11 @@ struct Outputs {
         {"kld", &o.kld}, {"kld_reverse", &o.kld_reverse}, {"lse_ref", &o.lse_ref},
         {"lse_q", &o.lse_q}, {"entropy_ref", &o.entropy_ref}, {"top1_ref", &o.top1_ref},
         {"top1_q", &o.top1_q}, {"nll_ref", &o.nll_ref}, {"nll_q", &o.nll_q},
-        {"p_ref_y", &o.p_ref_y}, {"p_q_y", &o.p_q_y}, {"kld_llama", &o.kld_llama}};
+        {"p_ref_y", &o.p_ref_y}, {"p_q_y", &o.p_q_y}, {"kld_llama", &o.kld_llama},
+        {"logp_top1_ref", &o.logp_top1_ref}, {"logp_top1_q", &o.logp_top1_q},
+        {"logp_top2_ref", &o.logp_top2_ref}, {"logp_top2_q", &o.logp_top2_q}, {"tvd", &o.tvd},
+        {"jsd", &o.jsd}, {"rank_ref_y", &o.rank_ref_y}, {"rank_q_y", &o.rank_q_y},
+        {"margin_ref", &o.margin_ref}, {"margin_q", &o.margin_q}};
     size_t used = 0;
     for (const auto& [name, field] : fields) {
       if (!d.contains(name)) continue;
@@ -124,6 +131,16 @@ struct Outputs {
     p.p_ref_y = check_out<double>(p_ref_y, n, "p_ref_y");
     p.p_q_y = check_out<double>(p_q_y, n, "p_q_y");
     p.kld_llama = check_out<double>(kld_llama, n, "kld_llama");
+    p.logp_top1_ref = check_out<double>(logp_top1_ref, n, "logp_top1_ref");
+    p.logp_top1_q = check_out<double>(logp_top1_q, n, "logp_top1_q");
+    p.logp_top2_ref = check_out<double>(logp_top2_ref, n, "logp_top2_ref");
+    p.logp_top2_q = check_out<double>(logp_top2_q, n, "logp_top2_q");
+    p.tvd = check_out<double>(tvd, n, "tvd");
+    p.jsd = check_out<double>(jsd, n, "jsd");
+    p.rank_ref_y = check_out<int32_t>(rank_ref_y, n, "rank_ref_y");
+    p.rank_q_y = check_out<int32_t>(rank_q_y, n, "rank_q_y");
+    p.margin_ref = check_out<double>(margin_ref, n, "margin_ref");
+    p.margin_q = check_out<double>(margin_q, n, "margin_q");
   }
 };
 
@@ -169,11 +186,15 @@ void register_logit_stats(py::module_& m) {
          const std::optional<py::array_t<int64_t, py::array::c_style>>& labels,
          bool llama_parity, int threads, const std::string& simd, OutD kld, OutD kld_reverse,
          OutD lse_ref, OutD lse_q, OutD entropy_ref, OutI top1_ref, OutI top1_q, OutD nll_ref,
-         OutD nll_q, OutD p_ref_y, OutD p_q_y, OutD kld_llama) {
+         OutD nll_q, OutD p_ref_y, OutD p_q_y, OutD kld_llama, const py::dict& extra) {
         fk::LogitStatsParams p = ref_params(ref, ref_dtype, vocab, labels, llama_parity, threads);
         set_q(p, q, q_dtype, "q");
-        Outputs{kld, kld_reverse, lse_ref, lse_q, entropy_ref, top1_ref, top1_q, nll_ref, nll_q,
-                p_ref_y, p_q_y, kld_llama}.apply(p, p.n_rows);
+        Outputs o = Outputs::from_dict(extra);
+        o.kld = kld, o.kld_reverse = kld_reverse, o.lse_ref = lse_ref, o.lse_q = lse_q;
+        o.entropy_ref = entropy_ref, o.top1_ref = top1_ref, o.top1_q = top1_q;
+        o.nll_ref = nll_ref, o.nll_q = nll_q, o.p_ref_y = p_ref_y, o.p_q_y = p_q_y;
+        o.kld_llama = kld_llama;
+        o.apply(p, p.n_rows);
         const fk::SimdLevel level = parse_simd(simd);
         // Safe without the GIL: the core reads and writes only the buffers above, which the
         // py::array arguments keep alive until this lambda returns, and touches no Python object.
@@ -186,8 +207,9 @@ void register_logit_stats(py::module_& m) {
       py::arg("lse_ref"), py::arg("lse_q"), py::arg("entropy_ref"), py::arg("top1_ref"),
       py::arg("top1_q"), py::arg("nll_ref") = py::none(), py::arg("nll_q") = py::none(),
       py::arg("p_ref_y") = py::none(), py::arg("p_q_y") = py::none(),
-      py::arg("kld_llama") = py::none(),
-      "Fill per-token statistics of ref vs q into the given float64/int32 output arrays.");
+      py::arg("kld_llama") = py::none(), py::arg("extra") = py::dict(),
+      "Fill per-token statistics of ref vs q into the given float64/int32 output arrays; "
+      "extra: {name: array} of optional outputs (logp_top1_ref, ..., margin_q) to compute.");
   m.def(
       "logit_stats_multi",
       [](const py::array& ref, const std::string& ref_dtype, const std::vector<py::array>& qs,

@@ -153,8 +153,11 @@ void logit_stats_multi(const LogitStatsParams* ps, int m, SimdLevel level) {
     FK_CHECK(p.ref == p0.ref && p.ref_dtype == p0.ref_dtype &&
                  p.ref_row_stride == p0.ref_row_stride && p.n_rows == p0.n_rows &&
                  p.vocab == p0.vocab && p.labels == p0.labels &&
-                 p.llama_parity == p0.llama_parity && p.q_dtype == p0.q_dtype,
-             "model " << j << " does not share the reference, labels, mode or q dtype of model 0");
+                 p.llama_parity == p0.llama_parity && p.q_dtype == p0.q_dtype &&
+                 same_extra(p, p0),
+             "model " << j
+                      << " does not share the reference, labels, mode, q dtype or optional "
+                         "outputs of model 0");
   }
   validate(p0);
   for (int j = 1; j < m; ++j) check_params(ps[j]);  // the labels were checked with model 0

@@ -15,6 +15,15 @@
 //   KL(P||Q) = ln2*T_rq/S_ref + log(S_q/S_ref)   (each term small when P ~ Q: no cancellation
 //   between large lse values), KL(Q||P) = -ln2*T_qr/S_q + log(S_ref/S_q),
 //   lse = max + log(S) - ln2*c, entropy = log(S_ref) - ln2*H/S_ref.
+// Optional outputs (issue 16), in an instantiation of their own (rows<true>, chosen once per
+// call), so the default path's code is what it was:
+//   3. per side, a compare-only pass: the largest entry below the max, how many entries equal
+//      the max (two or more: top2 == top1) and, with labels, how many exceed the label's value
+//      (its rank); the reference's once per row when several models share it.
+//   4. tvd/jsd only: p_i = 2^((x_i - max)*log2e) * 2^c/S_ref (and q_i likewise), summed as
+//      |p - q| and, for jsd, s*g(r) with s = p + q, r = |p - q|/s, g(r) = (1+r)ln(1+r) +
+//      (1-r)ln(1-r) (JSD = sum s*g/4): a series in r^2 where r is small (no cancellation for
+//      near-identical rows), the logs where it is not.
 #pragma once
 #include <cmath>
 #include <cstdint>
@@ -37,6 +46,9 @@ constexpr float kLlamaWindow = -16.0f;  // llama.cpp sums KLD over decoded log-p
 // A row whose max - min is at most this many nats has every t = x*log2e - shift in
 // [-116, 1): 2^t needs no clamp (S::exp2_in_range), with bitwise the same result.
 constexpr float kNarrowRange = 80.0f;
+// JSD's g(r): the series sum_k r^(2k) / (k (2k - 1)) up to k = 6 for r <= this (truncation
+// below 1e-9 relative), the logs above it (where they cancel by at most a factor of 5).
+constexpr float kJsdSeriesMax = 0.25f;
 
 // Prefetches [p, p + bytes) into L2, one hint per 64-byte line.
 template <class S>
@@ -347,6 +359,7 @@ struct RowKernel {
     else run(No{}, No{});
   }
 
+  template <bool kExtra>
   static void row(const LogitStatsParams& p, int64_t r, int64_t r_end) {
     const auto* base_a = static_cast<const uint8_t*>(p.ref);
     const auto* base_b = static_cast<const uint8_t*>(p.q);
@@ -362,12 +375,14 @@ struct RowKernel {
     pass1(a, b, p.vocab, ma, mb);
     if (!std::isfinite(ma.max) || !std::isfinite(mb.max)) {  // +inf, all -inf, or all NaN
       write_invalid(p, r);
+      if constexpr (kExtra) write_invalid_extra(p, r);
       return;
     }
     const bool masked = needs_mask(ma, mb);
     Sums s;
     run_pass2<1>(p.llama_parity, masked, a, &b, p.vocab, ma, &mb, next_a, &next_b, &s);
     finish(p, r, a, b, ma, mb, masked, s);
+    if constexpr (kExtra) extras(p, r, a, b, ma, mb, masked, s, nullptr);
   }
 
   // Several models against one reference (the same ref, labels and mode in every params):
@@ -377,6 +392,7 @@ struct RowKernel {
   // path (and every model, when the reference's does) go through it one at a time.
   static constexpr int kGroup = 4;
 
+  template <bool kExtra>
   static void row_multi(const LogitStatsParams* ps, int m, int64_t r, int64_t r_end) {
     const LogitStatsParams& p0 = ps[0];
     const auto* base_a = static_cast<const uint8_t*>(p0.ref);
@@ -386,9 +402,14 @@ struct RowKernel {
         has_next ? base_a + (r + 1) * p0.ref_row_stride + dtype_row_header(DA) : nullptr;
     const MaxMin ma = maxmin<DA>(a, p0.vocab);
     if (!std::isfinite(ma.max)) {  // the reference row is invalid: so is every model's
-      for (int j = 0; j < m; ++j) write_invalid(ps[j], r);
+      for (int j = 0; j < m; ++j) {
+        write_invalid(ps[j], r);
+        if constexpr (kExtra) write_invalid_extra(ps[j], r);
+      }
       return;
     }
+    Order order_a{};  // the reference's pass 3, once for every model
+    if constexpr (kExtra) order_a = side_order<DA>(ref_side(p0), a, p0.vocab, ma.max, p0.labels, r);
     int idx[kGroup];
     RowInput b[kGroup];
     MaxMin mb[kGroup];
@@ -408,7 +429,10 @@ struct RowKernel {
           run_pass2<1>(llama, false, a, b + i, vocab, ma, mb + i, next_a, next_b + i, s + i);
         i += k;
       }
-      for (int j = 0; j < count; ++j) finish(ps[idx[j]], r, a, b[j], ma, mb[j], false, s[j]);
+      for (int j = 0; j < count; ++j) {
+        finish(ps[idx[j]], r, a, b[j], ma, mb[j], false, s[j]);
+        if constexpr (kExtra) extras(ps[idx[j]], r, a, b[j], ma, mb[j], false, s[j], &order_a);
+      }
     };
     for (int j = 0; j < m; ++j) {
       const LogitStatsParams& p = ps[j];
@@ -419,12 +443,14 @@ struct RowKernel {
       const MaxMin mbj = maxmin<DB>(bj, p.vocab);
       if (!std::isfinite(mbj.max)) {
         write_invalid(p, r);
+        if constexpr (kExtra) write_invalid_extra(p, r);
         continue;
       }
       if (needs_mask(ma, mbj)) {
         Sums s;
         run_pass2<1>(p.llama_parity, true, a, &bj, p.vocab, ma, &mbj, next_a, &nb, &s);
         finish(p, r, a, bj, ma, mbj, true, s);
+        if constexpr (kExtra) extras(p, r, a, bj, ma, mbj, true, s, &order_a);
         continue;
       }
       idx[g] = j;
@@ -439,8 +465,9 @@ struct RowKernel {
     if (g) flush_group(g);
   }
 
+  template <bool kExtra>
   static void rows_multi(const LogitStatsParams* ps, int m, int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) row_multi(ps, m, r, end);
+    for (int64_t r = begin; r < end; ++r) row_multi<kExtra>(ps, m, r, end);
   }
 
   // One model's outputs for row r from its sums (float64).
@@ -494,8 +521,204 @@ struct RowKernel {
     }
   }
 
+  template <bool kExtra>
   static void rows(const LogitStatsParams& p, int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) row(p, r, end);
+    for (int64_t r = begin; r < end; ++r) row<kExtra>(p, r, end);
+  }
+
+  // ---- Optional outputs (issue 16) --------------------------------------------------------
+
+  // One side's optional outputs.
+  struct SideOut {
+    double* logp_top1;
+    double* logp_top2;
+    int32_t* rank;
+    double* margin;
+    bool needs_order() const { return logp_top2 || rank || margin; }
+  };
+  static SideOut ref_side(const LogitStatsParams& p) {
+    return {p.logp_top1_ref, p.logp_top2_ref, p.rank_ref_y, p.margin_ref};
+  }
+  static SideOut q_side(const LogitStatsParams& p) {
+    return {p.logp_top1_q, p.logp_top2_q, p.rank_q_y, p.margin_q};
+  }
+
+  // What pass 3 finds in a row with maximum `max`.
+  struct Order {
+    float below = -std::numeric_limits<float>::infinity();  // largest entry < max
+    int64_t n_max = 0;  // entries == max
+    int64_t n_gt = 0;   // entries > the label's value (when ranks are asked for)
+    // The second largest entry as a multiset.
+    float top2(float max) const { return n_max >= 2 ? max : below; }
+  };
+
+  // Pass 3 over one side: compares and counts only, exact in float32.
+  template <DType D, bool kRank>
+  static Order order_stats(const RowInput& in, int64_t vocab, float max, float label_value) {
+    const V max_v = S::set1(max), label_v = S::set1(label_value);
+    V below = S::set1(-std::numeric_limits<float>::infinity());
+    typename S::I n_max = S::count_zero(), n_gt = S::count_zero();
+    const int64_t vec_end = vocab - vocab % S::W;
+    int64_t i = 0;
+    for (; i < vec_end; i += S::W) {
+      const V x = S::template load<D>(in.values, i, in.dec);
+      below = S::max_below(x, max_v, below);
+      n_max = S::count_eq(x, max_v, n_max);
+      if constexpr (kRank) n_gt = S::count_gt(x, label_v, n_gt);
+    }
+    Order o;
+    o.below = S::hmax(below);
+    o.n_max = S::hsum_count(n_max);
+    if constexpr (kRank) o.n_gt = S::hsum_count(n_gt);
+    for (; i < vocab; ++i) {
+      const float x = load_scalar<D>(in.values, i, in.dec);
+      if (x < max && x > o.below) o.below = x;
+      o.n_max += x == max;
+      if constexpr (kRank) o.n_gt += x > label_value;
+    }
+    return o;
+  }
+
+  // Pass 3 for one side when its outputs need it (else an empty Order).
+  template <DType D>
+  static Order side_order(const SideOut& out, const RowInput& in, int64_t vocab, float max,
+                          const int64_t* labels, int64_t r) {
+    if (!out.needs_order()) return Order{};
+    const float label_value = labels ? load_scalar<D>(in.values, labels[r], in.dec) : 0.0f;
+    return out.rank ? order_stats<D, true>(in, vocab, max, label_value)
+                    : order_stats<D, false>(in, vocab, max, label_value);
+  }
+
+  // One side's logp_top1/top2 (lse: that side's renormalising log-sum-exp), rank and margin.
+  template <DType D>
+  static void write_side(const SideOut& out, const Order& o, const RowInput& in, float max,
+                         double lse, const int64_t* labels, int64_t r) {
+    if (out.logp_top1) out.logp_top1[r] = static_cast<double>(max) - lse;
+    if (out.logp_top2) out.logp_top2[r] = static_cast<double>(o.top2(max)) - lse;
+    if (out.rank) out.rank[r] = static_cast<int32_t>(o.n_gt);
+    if (out.margin) {
+      const float label_value = load_scalar<D>(in.values, labels[r], in.dec);
+      // The best other entry: the max, unless the label is the only entry holding it.
+      const float other = label_value == max && o.n_max < 2 ? o.below : max;
+      out.margin[r] = static_cast<double>(label_value) - static_cast<double>(other);
+    }
+  }
+
+  // g(r) = (1+r)ln(1+r) + (1-r)ln(1-r) for r in [0, 1] (JSD = sum (p+q)/4 * g), lane-wise.
+  static V jsd_g(V r) {
+    const V r2 = S::mul(r, r);
+    V poly = S::fmadd(S::set1(1.0f / 66.0f), r2, S::set1(1.0f / 45.0f));
+    poly = S::fmadd(poly, r2, S::set1(1.0f / 28.0f));
+    poly = S::fmadd(poly, r2, S::set1(1.0f / 15.0f));
+    poly = S::fmadd(poly, r2, S::set1(1.0f / 6.0f));
+    poly = S::fmadd(poly, r2, S::set1(1.0f));
+    const V series = S::mul(poly, r2);
+    if (!S::any_gt(r, kJsdSeriesMax)) return series;
+    const V one = S::set1(1.0f);
+    const V up = S::add(one, r), down = S::sub(one, r);
+    // down == 0 (one side has no mass): 0 * log(smallest normal) = 0.
+    const V log_down = S::log(S::max(down, S::set1(std::numeric_limits<float>::min())));
+    const V direct = S::fmadd(up, S::log(up), S::mul(down, log_down));
+    return S::blend_gt(r, kJsdSeriesMax, direct, series);
+  }
+
+  static double jsd_g_scalar(double r) {
+    if (r <= kJsdSeriesMax) {
+      const double r2 = r * r;
+      return r2 * (1 + r2 * (1.0 / 6 + r2 * (1.0 / 15 + r2 * (1.0 / 28 + r2 * (1.0 / 45 + r2 / 66)))));
+    }
+    return (1 + r) * std::log1p(r) + (r < 1 ? (1 - r) * std::log1p(-r) : 0.0);
+  }
+
+  // Pass 4: sum |p - q| and (kJsd) sum (p + q) g(r), with p_i = 2^((a_i - max_a)*log2e) *
+  // scale_a, q_i likewise; float32 lanes flushed to float64 like pass 2.
+  template <bool kJsd>
+  static void dist_pass(const RowInput& a, const RowInput& b, int64_t vocab, float max_a,
+                        float max_b, float scale_a, float scale_b, double& abs_sum,
+                        double& jsd_sum) {
+    const V log2e = S::set1(kLog2eF), zero = S::set1(0.0f), max_av = S::set1(max_a),
+            max_bv = S::set1(max_b), scale_av = S::set1(scale_a), scale_bv = S::set1(scale_b),
+            tiny = S::set1(std::numeric_limits<float>::min());
+    V abs_v = zero, jsd_v = zero;
+    typename S::DAcc d_abs, d_jsd;
+    const auto step = [&](int64_t i) {
+      const V x = S::template load<DA>(a.values, i, a.dec);
+      const V y = S::template load<DB>(b.values, i, b.dec);
+      const V ta = S::clamp_below(S::fmadd(S::sub(x, max_av), log2e, zero), kMaskedFloor);
+      const V tb = S::clamp_below(S::fmadd(S::sub(y, max_bv), log2e, zero), kMaskedFloor);
+      const V p = S::mul(S::exp2(ta), scale_av);
+      const V q = S::mul(S::exp2(tb), scale_bv);
+      const V diff = S::abs(S::sub(p, q));
+      abs_v = S::add(abs_v, diff);
+      if constexpr (kJsd) {
+        const V sum = S::add(p, q);
+        jsd_v = S::fmadd(sum, jsd_g(S::div(diff, S::max(sum, tiny))), jsd_v);
+      }
+    };
+    constexpr int64_t kBlock = int64_t{kFlushEvery} * S::W;
+    const int64_t vec_end = vocab - vocab % S::W;
+    const int64_t block_end = vocab - vocab % kBlock;
+    int64_t i = 0;
+    for (; i < block_end; i += kBlock) {
+      for (int64_t k = 0; k < kBlock; k += S::W) step(i + k);
+      S::flush(d_abs, abs_v);
+      if constexpr (kJsd) S::flush(d_jsd, jsd_v);
+    }
+    for (; i < vec_end; i += S::W) step(i);
+    S::flush(d_abs, abs_v);
+    abs_sum = S::hsum(d_abs);
+    if constexpr (kJsd) {
+      S::flush(d_jsd, jsd_v);
+      jsd_sum = S::hsum(d_jsd);
+    }
+    for (; i < vocab; ++i) {  // tail in float64, float exp2 as in the vector loop
+      const float ta = (load_scalar<DA>(a.values, i, a.dec) - max_a) * kLog2eF;
+      const float tb = (load_scalar<DB>(b.values, i, b.dec) - max_b) * kLog2eF;
+      const double p = static_cast<double>(std::exp2(ta < kMaskedFloor ? kMaskedFloor : ta)) * scale_a;
+      const double q = static_cast<double>(std::exp2(tb < kMaskedFloor ? kMaskedFloor : tb)) * scale_b;
+      const double diff = std::fabs(p - q);
+      abs_sum += diff;
+      if (kJsd && p + q > 0) jsd_sum += (p + q) * jsd_g_scalar(diff / (p + q));
+    }
+  }
+
+  static void write_invalid_extra(const LogitStatsParams& p, int64_t r) {
+    const double nan = std::numeric_limits<double>::quiet_NaN();
+    for (double* out : {p.logp_top1_ref, p.logp_top1_q, p.logp_top2_ref, p.logp_top2_q, p.tvd,
+                        p.jsd, p.margin_ref, p.margin_q})
+      if (out) out[r] = nan;
+    if (p.rank_ref_y) p.rank_ref_y[r] = -1;
+    if (p.rank_q_y) p.rank_q_y[r] = -1;
+  }
+
+  // The optional outputs of row r, after finish (which wrote lse_ref/lse_q, or NaN for a row
+  // with a NaN). order_a: the reference's pass 3 when already done (several models), or null.
+  static void extras(const LogitStatsParams& p, int64_t r, const RowInput& a, const RowInput& b,
+                     const MaxMin& ma, const MaxMin& mb, bool masked, const Sums& s,
+                     const Order* order_a) {
+    if (std::isnan(p.lse_ref[r])) {
+      write_invalid_extra(p, r);
+      return;
+    }
+    const SideOut out_a = ref_side(p), out_b = q_side(p);
+    const Order oa =
+        order_a ? *order_a : side_order<DA>(out_a, a, p.vocab, ma.max, p.labels, r);
+    write_side<DA>(out_a, oa, a, ma.max, p.lse_ref[r], p.labels, r);
+    const Order ob = side_order<DB>(out_b, b, p.vocab, mb.max, p.labels, r);
+    write_side<DB>(out_b, ob, b, mb.max, p.lse_q[r], p.labels, r);
+    if (!p.tvd && !p.jsd) return;
+    // p_i = 2^(t_i)/S_ref with pass 2's t_i = (a_i - max)*log2e + c: 2^((a_i - max)*log2e) * 2^c/S.
+    const float c_a = masked ? 0.0f : std::fma(ma.max, kLog2eF, -(ma.max * kLog2eF));
+    const float c_b = masked ? 0.0f : std::fma(mb.max, kLog2eF, -(mb.max * kLog2eF));
+    const float scale_a = static_cast<float>(std::exp2(static_cast<double>(c_a)) / s.s_ref);
+    const float scale_b = static_cast<float>(std::exp2(static_cast<double>(c_b)) / s.s_q);
+    double abs_sum = 0, jsd_sum = 0;
+    if (p.jsd)
+      dist_pass<true>(a, b, p.vocab, ma.max, mb.max, scale_a, scale_b, abs_sum, jsd_sum);
+    else
+      dist_pass<false>(a, b, p.vocab, ma.max, mb.max, scale_a, scale_b, abs_sum, jsd_sum);
+    if (p.tvd) p.tvd[r] = 0.5 * abs_sum;
+    if (p.jsd) p.jsd[r] = 0.25 * jsd_sum;
   }
 };
 
@@ -503,7 +726,9 @@ template <class S>
 void run_rows(const LogitStatsParams& p, int64_t begin, int64_t end) {
   dispatch_dtype(p.ref_dtype, [&](auto ta) {
     dispatch_dtype(p.q_dtype, [&](auto tb) {
-      RowKernel<S, decltype(ta)::value, decltype(tb)::value>::rows(p, begin, end);
+      using K = RowKernel<S, decltype(ta)::value, decltype(tb)::value>;
+      if (wants_extra(p)) K::template rows<true>(p, begin, end);
+      else K::template rows<false>(p, begin, end);
     });
   });
 }
@@ -513,7 +738,9 @@ template <class S>
 void run_rows_multi(const LogitStatsParams* ps, int m, int64_t begin, int64_t end) {
   dispatch_dtype(ps[0].ref_dtype, [&](auto ta) {
     dispatch_dtype(ps[0].q_dtype, [&](auto tb) {
-      RowKernel<S, decltype(ta)::value, decltype(tb)::value>::rows_multi(ps, m, begin, end);
+      using K = RowKernel<S, decltype(ta)::value, decltype(tb)::value>;
+      if (wants_extra(ps[0])) K::template rows_multi<true>(ps, m, begin, end);
+      else K::template rows_multi<false>(ps, m, begin, end);
     });
   });
 }

@@ -31,6 +31,15 @@ constexpr float kExp2C5 = 0.001327647129073739f;
 // they are the exponent field of 2^n (the magic's own bits shift out of the 32-bit lane).
 constexpr float kExp2Magic = 12583039.0f;
 
+// log(m) on [sqrt(1/2), sqrt(2)) as 2*atanh(s), s = (m - 1)/(m + 1), |s| <= 0.1716: the series
+// to s^9 (relative error 2e-9 in exact arithmetic). For the optional JSD pass only.
+constexpr float kLogC3 = 1.0f / 3.0f;
+constexpr float kLogC5 = 1.0f / 5.0f;
+constexpr float kLogC7 = 1.0f / 7.0f;
+constexpr float kLogC9 = 1.0f / 9.0f;
+constexpr float kLn2F = 0.693147180559945309f;
+constexpr float kSqrt2F = 1.41421356237309505f;
+
 // ------------------------------------------------------------------------------------------
 struct ScalarOps {
   using V = float;
@@ -56,6 +65,20 @@ struct ScalarOps {
   static V select_gt(V x, float c, V v) { return x > c ? v : 0.0f; }
   static float hmax(V v) { return v; }
   static float hmin(V v) { return v; }
+
+  // For the optional passes (issue 16). Counts of lanes, and the largest entry below m.
+  using I = int64_t;
+  static I count_zero() { return 0; }
+  static I count_eq(V x, V m, I acc) { return acc + (x == m); }
+  static I count_gt(V x, V m, I acc) { return acc + (x > m); }
+  static int64_t hsum_count(I c) { return c; }
+  static V max_below(V x, V m, V acc) { return x < m && x > acc ? x : acc; }
+  static V mul(V a, V b) { return a * b; }
+  static V div(V a, V b) { return a / b; }
+  static V abs(V a) { return std::fabs(a); }
+  static V log(V x) { return std::log(x); }  // x > 0
+  static bool any_gt(V v, float c) { return v > c; }
+  static V blend_gt(V x, float c, V a, V b) { return x > c ? a : b; }  // x > c ? a : b
 
   template <DType D>
   static V load(const uint8_t* values, int64_t i, const RowDecode& dec) {
@@ -130,6 +153,58 @@ struct Avx2Ops {
     m = _mm_min_ps(m, _mm_movehl_ps(m, m));
     m = _mm_min_ss(m, _mm_shuffle_ps(m, m, 1));
     return _mm_cvtss_f32(m);
+  }
+
+  // For the optional passes (issue 16). A compare's all-ones lanes are -1: subtracting them
+  // counts (int32 lanes: at most vocab / 8 each).
+  using I = __m256i;
+  static I count_zero() { return _mm256_setzero_si256(); }
+  static I count_eq(V x, V m, I acc) {
+    return _mm256_sub_epi32(acc, _mm256_castps_si256(_mm256_cmp_ps(x, m, _CMP_EQ_OQ)));
+  }
+  static I count_gt(V x, V m, I acc) {
+    return _mm256_sub_epi32(acc, _mm256_castps_si256(_mm256_cmp_ps(x, m, _CMP_GT_OQ)));
+  }
+  static int64_t hsum_count(I c) {
+    alignas(32) int32_t t[8];
+    _mm256_store_si256(reinterpret_cast<__m256i*>(t), c);
+    int64_t sum = 0;
+    for (int32_t x : t) sum += x;
+    return sum;
+  }
+  static V max_below(V x, V m, V acc) {
+    const V below = _mm256_blendv_ps(_mm256_set1_ps(-std::numeric_limits<float>::infinity()), x,
+                                     _mm256_cmp_ps(x, m, _CMP_LT_OQ));
+    return _mm256_max_ps(below, acc);
+  }
+  static V mul(V a, V b) { return _mm256_mul_ps(a, b); }
+  static V div(V a, V b) { return _mm256_div_ps(a, b); }
+  static V abs(V a) { return _mm256_andnot_ps(_mm256_set1_ps(-0.0f), a); }
+  // Natural log of positive normal floats: exponent and mantissa from the bits, the mantissa
+  // brought into [sqrt(1/2), sqrt(2)), then the atanh series (kLogC*).
+  static V log(V x) {
+    const __m256i bits = _mm256_castps_si256(x);
+    __m256i e = _mm256_sub_epi32(_mm256_srli_epi32(bits, 23), _mm256_set1_epi32(127));
+    V m = _mm256_castsi256_ps(_mm256_or_si256(_mm256_and_si256(bits, _mm256_set1_epi32(0x007fffff)),
+                                              _mm256_set1_epi32(0x3f800000)));
+    const V big = _mm256_cmp_ps(m, _mm256_set1_ps(kSqrt2F), _CMP_GT_OQ);
+    m = _mm256_blendv_ps(m, _mm256_mul_ps(m, _mm256_set1_ps(0.5f)), big);
+    e = _mm256_sub_epi32(e, _mm256_castps_si256(big));
+    const V one = _mm256_set1_ps(1.0f);
+    const V s = _mm256_div_ps(_mm256_sub_ps(m, one), _mm256_add_ps(m, one));
+    const V s2 = _mm256_mul_ps(s, s);
+    V p = _mm256_fmadd_ps(_mm256_set1_ps(kLogC9), s2, _mm256_set1_ps(kLogC7));
+    p = _mm256_fmadd_ps(p, s2, _mm256_set1_ps(kLogC5));
+    p = _mm256_fmadd_ps(p, s2, _mm256_set1_ps(kLogC3));
+    p = _mm256_fmadd_ps(p, s2, one);
+    const V log_m = _mm256_mul_ps(_mm256_add_ps(s, s), p);
+    return _mm256_fmadd_ps(_mm256_cvtepi32_ps(e), _mm256_set1_ps(kLn2F), log_m);
+  }
+  static bool any_gt(V v, float c) {
+    return _mm256_movemask_ps(_mm256_cmp_ps(v, _mm256_set1_ps(c), _CMP_GT_OQ)) != 0;
+  }
+  static V blend_gt(V x, float c, V a, V b) {
+    return _mm256_blendv_ps(b, a, _mm256_cmp_ps(x, _mm256_set1_ps(c), _CMP_GT_OQ));
   }
 
   template <DType D>
@@ -207,6 +282,49 @@ struct Avx512Ops {
   }
   static float hmax(V v) { return _mm512_reduce_max_ps(v); }
   static float hmin(V v) { return _mm512_reduce_min_ps(v); }
+
+  // For the optional passes (issue 16): counts in int32 lanes (at most vocab / 16 each).
+  using I = __m512i;
+  static I count_zero() { return _mm512_setzero_si512(); }
+  static I count_eq(V x, V m, I acc) {
+    return _mm512_mask_sub_epi32(acc, _mm512_cmp_ps_mask(x, m, _CMP_EQ_OQ), acc,
+                                 _mm512_set1_epi32(-1));
+  }
+  static I count_gt(V x, V m, I acc) {
+    return _mm512_mask_sub_epi32(acc, _mm512_cmp_ps_mask(x, m, _CMP_GT_OQ), acc,
+                                 _mm512_set1_epi32(-1));
+  }
+  static int64_t hsum_count(I c) { return _mm512_reduce_add_epi32(c); }
+  static V max_below(V x, V m, V acc) {
+    return _mm512_mask_max_ps(acc, _mm512_cmp_ps_mask(x, m, _CMP_LT_OQ), x, acc);
+  }
+  static V mul(V a, V b) { return _mm512_mul_ps(a, b); }
+  static V div(V a, V b) { return _mm512_div_ps(a, b); }
+  static V abs(V a) { return _mm512_abs_ps(a); }
+  // Natural log of positive normal floats: getexp/getmant, the mantissa brought into
+  // [sqrt(1/2), sqrt(2)), then the atanh series (kLogC*).
+  static V log(V x) {
+    V e = _mm512_getexp_ps(x);
+    V m = _mm512_getmant_ps(x, _MM_MANT_NORM_1_2, _MM_MANT_SIGN_src);
+    const __mmask16 big = _mm512_cmp_ps_mask(m, _mm512_set1_ps(kSqrt2F), _CMP_GT_OQ);
+    const V one = _mm512_set1_ps(1.0f);
+    m = _mm512_mask_mul_ps(m, big, m, _mm512_set1_ps(0.5f));
+    e = _mm512_mask_add_ps(e, big, e, one);
+    const V s = _mm512_div_ps(_mm512_sub_ps(m, one), _mm512_add_ps(m, one));
+    const V s2 = _mm512_mul_ps(s, s);
+    V p = _mm512_fmadd_ps(_mm512_set1_ps(kLogC9), s2, _mm512_set1_ps(kLogC7));
+    p = _mm512_fmadd_ps(p, s2, _mm512_set1_ps(kLogC5));
+    p = _mm512_fmadd_ps(p, s2, _mm512_set1_ps(kLogC3));
+    p = _mm512_fmadd_ps(p, s2, one);
+    const V log_m = _mm512_mul_ps(_mm512_add_ps(s, s), p);
+    return _mm512_fmadd_ps(e, _mm512_set1_ps(kLn2F), log_m);
+  }
+  static bool any_gt(V v, float c) {
+    return _mm512_cmp_ps_mask(v, _mm512_set1_ps(c), _CMP_GT_OQ) != 0;
+  }
+  static V blend_gt(V x, float c, V a, V b) {
+    return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(x, _mm512_set1_ps(c), _CMP_GT_OQ), b, a);
+  }
 
   template <DType D>
   static V load(const uint8_t* values, int64_t i, const RowDecode& dec) {

@@ -36,9 +36,13 @@ def logit_stats(
     p_ref_y: NDArray[np.float64] | None = None,
     p_q_y: NDArray[np.float64] | None = None,
     kld_llama: NDArray[np.float64] | None = None,
+    extra: dict[str, np.ndarray] = ...,
 ) -> None:
     """Fill per-token statistics of ref vs q ([tokens, vocab] rows; dtype names float32,
-    float16, bfloat16 (uint16 storage), llama_u16 (raw llama.cpp rows)) into the outputs."""
+    float16, bfloat16 (uint16 storage), llama_u16 (raw llama.cpp rows)) into the outputs.
+    extra: optional outputs to compute, by name (logp_top1_ref, logp_top1_q, logp_top2_ref,
+    logp_top2_q, tvd, jsd: float64; rank_ref_y, rank_q_y: int32; margin_ref, margin_q:
+    float64; the rank and margin outputs need labels)."""
 
 def logit_stats_multi(
     ref: np.ndarray,

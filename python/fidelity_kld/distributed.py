@@ -46,7 +46,8 @@ DEFAULT_TASK_BYTES = 1 << 30  # per task, all dumps together: ~0.2 s of one core
 MAX_RETRIES = 3
 # Per-token arrays computed from the reference alone: the same bits for every model (the
 # core computes them once per row in compare_many), so a task sends them once.
-REFERENCE_FIELDS = ("labels", "lse_ref", "entropy_ref", "top1_ref", "nll_ref", "p_ref_y")
+REFERENCE_FIELDS = ("labels", "lse_ref", "entropy_ref", "top1_ref", "nll_ref", "p_ref_y",
+                    "logp_top1_ref", "logp_top2_ref", "rank_ref_y", "margin_ref")
 
 
 class DistributedError(ValueError):
@@ -262,7 +263,8 @@ def _pack(stats: list[TokenStats]) -> dict:
 def compare_range(rng: TokenRange, labels: np.ndarray | None, *, threads: int,
                   llama_parity: bool, chunk_bytes: int, device: str,
                   compare_fn: Callable | None = None,
-                  compare_many_fn: Callable | None = None) -> dict:
+                  compare_many_fn: Callable | None = None,
+                  extra: Sequence[str] | str = ()) -> dict:
     """One task: open the range's pieces, compare them (stream.compare_sources), pack the
     per-token arrays. Runs on a Ray worker (or anywhere: it imports no Ray)."""
     from . import _core
@@ -285,7 +287,8 @@ def compare_range(rng: TokenRange, labels: np.ndarray | None, *, threads: int,
         for pieces in rng.quants:
             opened.append(_open_range(pieces))
         stats = compare_sources(opened[0], opened[1:], labels=labels, threads=threads,
-                                llama_parity=llama_parity, chunk_bytes=chunk_bytes, **fns)
+                                llama_parity=llama_parity, chunk_bytes=chunk_bytes, extra=extra,
+                                **fns)
     finally:
         for src in opened:
             src.close()
@@ -374,6 +377,7 @@ def compare_sources(
     progress: Callable[[ClusterProgress], None] | None = None,
     compare_fn: Callable[..., TokenStats] | None = None,
     compare_many_fn: Callable[..., list[TokenStats]] | None = None,
+    extra: Sequence[str] | str = (),
 ) -> list[TokenStats]:
     """stream.compare_sources on a Ray cluster: the same arguments and bitwise the same
     result, for sources opened on the driver from files every worker can read.
@@ -385,7 +389,7 @@ def compare_sources(
     fidelity_kld.gpu path). address: the cluster (ray.init's: 'auto', 'ray://host:10001',
     'local' to start one here); ignored if this process is connected already.
     max_retries: attempts after a worker dies mid-task (a raised error is not retried).
-    compare_fn / compare_many_fn: as for stream.compare_sources (sent to the workers).
+    compare_fn / compare_many_fn, extra: as for stream.compare_sources (sent to the workers).
     Raises RangeFailed (naming the range and its files) if a range fails for good.
     """
     if device not in ("cpu", "auto", "cuda"):
@@ -419,7 +423,7 @@ def compare_sources(
             num_cpus=cpus, num_gpus=gpus, max_retries=max_retries, retry_exceptions=False)
         kwargs = dict(threads=cpus, llama_parity=bool(llama_parity), chunk_bytes=chunk_bytes,
                       device="cuda" if gpus else "cpu", compare_fn=compare_fn,
-                      compare_many_fn=compare_many_fn)
+                      compare_many_fn=compare_many_fn, extra=extra)
         pending = {remote.remote(r, None if labels is None else labels[r.start:r.stop], **kwargs): r
                    for r in ranges}
         results = _collect(ray, pending, len(ranges), ref.n_tokens, row_bytes, (cpus, gpus),

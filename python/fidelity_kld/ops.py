@@ -18,6 +18,15 @@ _STORAGE_KIND = {"float32": np.dtype(np.float32), "float16": np.dtype(np.float16
                  "bfloat16": np.dtype(np.uint16), "llama_u16": np.dtype(np.uint16),
                  "float64": np.dtype(np.float64)}
 MAX_THREADS = 2**31 - 1  # the core's int
+# The optional outputs (issue 16; definitions in reference.py) by the group name that asks for
+# them in compare(..., extra=...); "all" asks for every group ("label" only with labels).
+EXTRA_GROUPS = {
+    "top2": ("logp_top1_ref", "logp_top1_q", "logp_top2_ref", "logp_top2_q"),
+    "label": ("rank_ref_y", "rank_q_y", "margin_ref", "margin_q"),
+    "tvd": ("tvd",),
+    "jsd": ("jsd",),
+}
+_INT_OUTPUTS = ("top1_ref", "top1_q", "rank_ref_y", "rank_q_y")
 
 
 @dataclass(frozen=True)
@@ -64,6 +73,11 @@ class TokenStats:
     entropy_ref: entropy of P_ref; top1_*: argmax (lowest index on ties, -1 when invalid);
     with labels: nll_* = lse - logit[label], p_*_y = exp(-nll). kld_llama: llama.cpp's
     windowed KLD (llama parity mode only). Invalid tokens (NaN/+inf input) hold NaN.
+    Optional (compare's ``extra``; None when not asked for), as reference.py defines them:
+    logp_top1_*/logp_top2_*: log-probs of the largest and second largest logit (a tie for the
+    top gives top2 == top1); tvd: total variation distance; jsd: Jensen-Shannon divergence;
+    rank_*_y: entries strictly above the label's logit (int32, -1 when invalid); margin_*: the
+    label's logit minus the best other one (+inf when no other entry is finite).
     """
 
     kld: np.ndarray
@@ -79,6 +93,16 @@ class TokenStats:
     p_ref_y: np.ndarray | None = None
     p_q_y: np.ndarray | None = None
     kld_llama: np.ndarray | None = None
+    logp_top1_ref: np.ndarray | None = None
+    logp_top1_q: np.ndarray | None = None
+    logp_top2_ref: np.ndarray | None = None
+    logp_top2_q: np.ndarray | None = None
+    tvd: np.ndarray | None = None
+    jsd: np.ndarray | None = None
+    rank_ref_y: np.ndarray | None = None
+    rank_q_y: np.ndarray | None = None
+    margin_ref: np.ndarray | None = None
+    margin_q: np.ndarray | None = None
 
     @property
     def n_tokens(self) -> int:
@@ -267,6 +291,7 @@ def compare(
     simd: str = "auto",
     device: str = "auto",
     backend: str = "auto",
+    extra: Sequence[str] | str = (),
 ) -> TokenStats:
     """Per-token statistics of ``ref`` (the reference) against ``q`` (the quantized model).
 
@@ -277,6 +302,8 @@ def compare(
     device: 'cpu', 'cuda' (CUDA extension, else Triton; fidelity_kld.gpu), or 'auto': the
     GPU when the inputs are CUDA tensors already, else the CPU core. backend (GPU only):
     'auto' (the CUDA extension when built, else Triton), 'cuda' or 'triton'.
+    extra: optional outputs by group (EXTRA_GROUPS): "top2", "label" (needs labels), "tvd",
+    "jsd", or "all"; a group costs extra passes over each row only when asked for.
     Returns a TokenStats (see its docstring for definitions; KLD is KL(P_ref || P_q) in nats).
     """
     if device not in ("auto", "cpu", "cuda"):
@@ -285,21 +312,26 @@ def compare(
         _require_gpu()
         from .gpu import compare_gpu  # torch and triton are imported only on this path
 
+        # extra only when asked for: a GPU entry without the parameter still serves the rest
+        gpu_kw = {"extra": extra} if extra else {}
         return compare_gpu(ref, q, labels, llama_parity=llama_parity, ref_dtype=ref_dtype,
-                           q_dtype=q_dtype, backend=backend)
+                           q_dtype=q_dtype, backend=backend, **gpu_kw)
     a = as_logits(ref, ref_dtype, name="ref")
     b = as_logits(q, q_dtype, name="q")
     _check_pair(a, b)
     y = _labels(labels, a.n_tokens)
+    names = extra_outputs(extra, y is not None)
     n_threads = _threads(threads)
     (a, shift_a), (b, shift_b) = _shifted_float32(a), _shifted_float32(b)
     a, b = _contiguous_rows(a), _contiguous_rows(b)
     out = _new_outputs(a.n_tokens, y is not None, llama_parity)
+    more = _new_extra(a.n_tokens, names)
     _core.logit_stats(
         a.data, a.dtype, b.data, b.dtype, a.vocab,
         labels=y, llama_parity=llama_parity, threads=n_threads, simd=simd,
-        **out,
+        **out, extra=more,
     )
+    out.update(more)  # log-probs, margins, tvd and jsd are shift-free: lse and logits move together
     _unshift(out, "lse_ref", shift_a)
     _unshift(out, "lse_q", shift_b)
     return TokenStats(labels=y, **out)
@@ -315,6 +347,7 @@ def compare_many(
     q_dtype: str | None = None,
     llama_parity: bool = False,
     simd: str = "auto",
+    extra: Sequence[str] | str = (),
 ) -> list[TokenStats]:
     """``[compare(ref, q, labels, ...) for q in qs]`` on the CPU, with the reference's half of
     the work done once: models of the same dtype go through the core together, up to four at a
@@ -325,18 +358,20 @@ def compare_many(
     qs = list(qs)  # an iterator would be used up by the CUDA check below
     if _on_cuda(ref) or any(_on_cuda(q) for q in qs):
         return [compare(ref, q, labels, threads=threads, ref_dtype=ref_dtype, q_dtype=q_dtype,
-                        llama_parity=llama_parity, simd=simd) for q in qs]
+                        llama_parity=llama_parity, simd=simd, extra=extra) for q in qs]
     a = as_logits(ref, ref_dtype, name="ref")
     bs = [as_logits(q, q_dtype, name=f"q[{j}]") for j, q in enumerate(qs)]
     for b in bs:
         _check_pair(a, b)
     y = _labels(labels, a.n_tokens)
+    names = extra_outputs(extra, y is not None)
     n_threads = _threads(threads)
     a, shift_a = _shifted_float32(a)
     a = _contiguous_rows(a)
     shifted = [_shifted_float32(b) for b in bs]
     bs = [_contiguous_rows(b) for b, _ in shifted]
-    outs = [_new_outputs(a.n_tokens, y is not None, llama_parity) for _ in bs]
+    outs = [{**_new_outputs(a.n_tokens, y is not None, llama_parity),
+             **_new_extra(a.n_tokens, names)} for _ in bs]
     by_dtype: dict[str, list[int]] = {}
     for j, b in enumerate(bs):
         by_dtype.setdefault(b.dtype, []).append(j)
@@ -380,6 +415,31 @@ def _labels(labels: Any, n: int) -> np.ndarray | None:
     if y.shape[0] != n:
         raise ValueError(f"labels has {y.shape[0]} entries for {n} tokens")
     return y
+
+
+def extra_outputs(extra: Sequence[str] | str, has_labels: bool) -> tuple[str, ...]:
+    """The optional output names the groups in ``extra`` ask for (EXTRA_GROUPS; "all": every
+    group, "label" only when there are labels). Unknown names, and "label" without labels,
+    are a ValueError."""
+    groups = (extra,) if isinstance(extra, str) else tuple(extra)
+    names: list[str] = []
+    for group in groups:
+        if group == "all":
+            wanted = [g for g in EXTRA_GROUPS if has_labels or g != "label"]
+        elif group in EXTRA_GROUPS:
+            if group == "label" and not has_labels:
+                raise ValueError('extra output group "label" (label ranks and margins) needs labels')
+            wanted = [group]
+        else:
+            raise ValueError(f"unknown extra output group {group!r}; expected one of "
+                             f"{', '.join(map(repr, (*EXTRA_GROUPS, 'all')))}")
+        names += [n for g in wanted for n in EXTRA_GROUPS[g] if n not in names]
+    return tuple(names)
+
+
+def _new_extra(n: int, names: Sequence[str]) -> dict[str, np.ndarray]:
+    return {name: np.empty(n, dtype=np.int32 if name in _INT_OUTPUTS else np.float64)
+            for name in names}
 
 
 def _new_outputs(n: int, has_labels: bool, llama_parity: bool) -> dict[str, np.ndarray | None]:

@@ -62,15 +62,19 @@ def compare_sources(
     progress: Callable[[Progress], None] | None = None,
     compare_fn: Callable[..., TokenStats] = compare,
     compare_many_fn: Callable[..., list[TokenStats]] | None = None,
+    extra: Sequence[str] | str = (),
 ) -> list[TokenStats]:
     """Per-token statistics of every quantized source against the reference.
 
     labels: token ids per row; default: the reference's, else the first model's.
     llama_parity: apply llama.cpp's definitions (default: when the reference is a llama.cpp
     file). compare_fn compares one model's chunk; compare_many_fn, when given, all models' at
-    once (the default compare_fn comes with ops.compare_many). Returns one TokenStats per
-    model, in order.
+    once (the default compare_fn comes with ops.compare_many). extra: optional output groups
+    (ops.compare's), passed on to compare_fn / compare_many_fn only when not empty, so a
+    function without the parameter still serves the default outputs. Returns one TokenStats
+    per model, in order.
     """
+    extra_kw = {"extra": extra} if extra else {}
     if compare_many_fn is None and compare_fn is compare:
         compare_many_fn = compare_many
     if llama_parity is None:
@@ -108,10 +112,11 @@ def compare_sources(
             y = None if labels is None else labels[start:stop]
             if compare_many_fn is not None and len(q_chunks) > 1:  # the reference read once
                 results = compare_many_fn(ref_chunk, q_chunks, y, threads=threads,
-                                          llama_parity=llama_parity)
+                                          llama_parity=llama_parity, **extra_kw)
             else:
                 results = [compare_fn(ref_chunk, q_chunk, y, threads=threads,
-                                      llama_parity=llama_parity) for q_chunk in q_chunks]
+                                      llama_parity=llama_parity, **extra_kw)
+                           for q_chunk in q_chunks]
             for i, st in enumerate(results):
                 parts[i].append(st)
             bytes_read += sum(lg.data.nbytes for lg in chunk)

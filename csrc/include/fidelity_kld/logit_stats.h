@@ -16,8 +16,22 @@
 // kld_llama), since llama.cpp uses the quant's own normalised log-probs; renormalising the
 // decoded row would add the mass of the clamped floor (about 1e-4 nats for V = 8000).
 //
+// Optional outputs (issue 16; null pointer = not computed, and then no work is done for it),
+// defined in python/fidelity_kld/reference.py's module docstring:
+//   logp_top1_ref/q  max_i a_i - lse (renormalised, also in llama_parity mode)
+//   logp_top2_ref/q  second largest entry of the row as a multiset (a tied maximum gives
+//                    top2 == top1) minus lse; -inf when the row has one finite entry
+//   tvd              1/2 sum_i |p_i - q_i|
+//   jsd              1/2 KL(P||M) + 1/2 KL(Q||M), M = (P + Q)/2, nats
+//   with labels y:
+//   rank_ref_y/q_y   number of entries strictly greater than the label's value (0: top token)
+//   margin_ref/q     a_y minus the largest entry at any other index (+inf when no other entry
+//                    is finite; 0 when the label ties another maximum)
+// top2, ranks and margins cost one extra compare-only pass over each side's row; tvd and jsd
+// a third pass over the pair, with jsd's log only when jsd is asked for.
+//
 // A row with NaN or +inf (or only -inf) on either side gives NaN for every float output and
-// -1 for top1: the token is invalid. KLD is +inf where p has mass and q has none.
+// -1 for top1 and the ranks: the token is invalid. KLD is +inf where p has mass and q has none.
 #pragma once
 #include <cstdint>
 
@@ -53,6 +67,18 @@ struct LogitStatsParams {
   double* p_q_y = nullptr;
   double* kld_llama = nullptr;
 
+  // Optional outputs, each [n_rows] or null (not computed); rank_* and margin_* need labels.
+  double* logp_top1_ref = nullptr;
+  double* logp_top1_q = nullptr;
+  double* logp_top2_ref = nullptr;
+  double* logp_top2_q = nullptr;
+  double* tvd = nullptr;
+  double* jsd = nullptr;
+  int32_t* rank_ref_y = nullptr;
+  int32_t* rank_q_y = nullptr;
+  double* margin_ref = nullptr;
+  double* margin_q = nullptr;
+
   int threads = 0;  // <= 0: all hardware threads
 };
 
@@ -77,10 +103,28 @@ inline void check_params(const LogitStatsParams& p) {
            "an output pointer is null");
   if (p.labels)
     FK_CHECK(p.nll_ref && p.nll_q && p.p_ref_y && p.p_q_y, "a label output pointer is null");
+  FK_CHECK(p.labels || !(p.rank_ref_y || p.rank_q_y || p.margin_ref || p.margin_q),
+           "label ranks and margins need labels");
   if (p.llama_parity) {
     FK_CHECK(p.ref_dtype == DType::LLAMA_U16, "llama_parity needs a llama_u16 reference");
     FK_CHECK(p.kld_llama, "kld_llama output is null");
   }
+}
+
+// Whether any optional output is asked for (the row loops then run their extra passes).
+inline bool wants_extra(const LogitStatsParams& p) {
+  return p.logp_top1_ref || p.logp_top1_q || p.logp_top2_ref || p.logp_top2_q || p.tvd ||
+         p.jsd || p.rank_ref_y || p.rank_q_y || p.margin_ref || p.margin_q;
+}
+
+// The same optional outputs asked for (pointers null or not) in a and b.
+inline bool same_extra(const LogitStatsParams& a, const LogitStatsParams& b) {
+  const auto same = [](const void* x, const void* y) { return !x == !y; };
+  return same(a.logp_top1_ref, b.logp_top1_ref) && same(a.logp_top1_q, b.logp_top1_q) &&
+         same(a.logp_top2_ref, b.logp_top2_ref) && same(a.logp_top2_q, b.logp_top2_q) &&
+         same(a.tvd, b.tvd) && same(a.jsd, b.jsd) && same(a.rank_ref_y, b.rank_ref_y) &&
+         same(a.rank_q_y, b.rank_q_y) && same(a.margin_ref, b.margin_ref) &&
+         same(a.margin_q, b.margin_q);
 }
 
 enum class SimdLevel : int32_t { SCALAR = 0, AVX2 = 1, AVX512 = 2 };
@@ -94,8 +138,8 @@ void logit_stats(const LogitStatsParams& params);
 void logit_stats(const LogitStatsParams& params, SimdLevel level);
 
 // Several models against one reference: models[j] holds model j's q and outputs; the
-// reference (pointer, dtype, row stride), n_rows, vocab, labels, llama_parity and q_dtype must
-// be the same in all of them. Each model's outputs are bitwise those logit_stats() gives it
+// reference (pointer, dtype, row stride), n_rows, vocab, labels, llama_parity, q_dtype and the
+// optional outputs asked for must be the same in all of them. Each model's outputs are bitwise those logit_stats() gives it
 // alone; the reference's half of the work (its pass 1, t, 2^t and their sums) is done once per
 // group of up to four models, and its rows are read once.
 void logit_stats_multi(const LogitStatsParams* models, int m, SimdLevel level);
