@@ -22,7 +22,7 @@ pass over 16 windows of 256 tokens:
 Per-prompt fidelity (for failure prediction and routing) is the mean KLD over the positions a
 prompt is scored on. Each model's summary also carries, under "direction", the direction-aware
 candidates of issue 16 (docs/direction.md) on the calibration text with its own next tokens
-as labels, and the model's entry carries "calibration_windows": every candidate's per-window
+as labels (`compare(..., extra="all")` and stats.direction), and the model's entry carries "calibration_windows": every candidate's per-window
 sum and token count, so an analysis can resample the calibration windows (metric = sum of
 the drawn windows' sums / sum of their counts). Variants: round-to-nearest (symmetric or asymmetric, per group of input
 columns or per output channel) at 2 to 8 bits of every linear layer's weights, some also
@@ -39,7 +39,6 @@ import csv
 import gzip
 import io
 import json
-import math
 import time
 from pathlib import Path
 
@@ -54,7 +53,7 @@ TOP_K = 5
 LINE_HEAD = 2         # tokens of the line given in the prompt
 LINE_TAIL = 2         # tokens to complete (fewer when the line ends first)
 NEWLINE_PIECE = "<0x0A>"
-# direction_terms' candidates, in docs/direction.md's order (kld_mean is the baseline)
+# docs/direction.md's candidates, in its order (kld_mean is the baseline)
 DIRECTION_METRICS = ("kld_mean", "dnll_mean", "dnll_harm", "flip_harm", "flip_net", "top5_net",
                      "margin_harm", "tvd_mean", "jsd_mean", "kld_confident")
 
@@ -212,74 +211,21 @@ def score(logits: np.ndarray, prompts) -> dict[str, dict[str, int]]:
     return out
 
 
-def calibration_stats(ref: np.ndarray, q: np.ndarray, labels: np.ndarray) -> dict[str, np.ndarray]:
-    """Every per-token output the candidates need: `fidelity_kld.compare(..., extra="all")`
-    where the installed package has it, else the float64 oracle (reference.logit_stats, one
-    window of rows at a time), whose definitions every backend matches."""
-    import fidelity_kld as fk
-    from fidelity_kld import reference
+def direction_summary(ts) -> tuple[dict, dict]:
+    """(the candidates over the whole calibration text, from stats.direction's
+    summarize_direction; their per-window sums and token counts, from its per-token
+    direction_values): the window sums over the counts give back the whole-text figures."""
+    from fidelity_kld.stats.direction import direction_values, summarize_direction
 
-    try:
-        ts = fk.compare(ref, q, labels, extra="all")
-    except TypeError:  # a package without issue 16's optional outputs
-        parts = [reference.logit_stats(ref[i:i + WINDOW], q[i:i + WINDOW], labels[i:i + WINDOW])
-                 for i in range(0, ref.shape[0], WINDOW)]
-        return {k: np.concatenate([d[k] for d in parts]) for k in parts[0]} | {"source": "reference.logit_stats"}
-    return {k: getattr(ts, k) for k in ("kld", "nll_ref", "nll_q", "top1_ref", "top1_q", "logp_top1_ref",
-                                         "rank_ref_y", "rank_q_y", "margin_ref", "margin_q", "tvd", "jsd")
-            } | {"source": "fidelity_kld.compare(extra='all')", "token_stats": ts}
-
-
-def direction_terms(st: dict, labels: np.ndarray) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """{candidate: (per-token term, tokens it averages over)}: each candidate of
-    docs/direction.md is the mean of its term over its tokens (the common brief's
-    definitions, larger = more damage)."""
-    valid = np.isfinite(st["kld"])
-    d = st["nll_q"] - st["nll_ref"]
-    ref_right, q_right = st["top1_ref"] == labels, st["top1_q"] == labels
-    ref_top5, q_top5 = st["rank_ref_y"] < TOP_K, st["rank_q_y"] < TOP_K
-    with np.errstate(invalid="ignore", over="ignore"):
-        margin_drop = st["margin_ref"] - st["margin_q"]
-        confident = np.exp(st["logp_top1_ref"]) >= 0.5
-    has_margins = valid & np.isfinite(st["margin_ref"]) & np.isfinite(st["margin_q"])
-    terms = {
-        "kld_mean": (st["kld"], valid),
-        "dnll_mean": (d, valid),
-        "dnll_harm": (np.maximum(d, 0.0), valid),
-        "flip_harm": ((ref_right & ~q_right).astype(float), valid),
-        "flip_net": ((ref_right & ~q_right).astype(float) - (q_right & ~ref_right), valid),
-        "top5_net": ((ref_top5 & ~q_top5).astype(float) - (q_top5 & ~ref_top5), valid),
-        "margin_harm": (np.where(has_margins, np.maximum(margin_drop, 0.0), 0.0), has_margins),
-        "tvd_mean": (st["tvd"], valid),
-        "jsd_mean": (st["jsd"], valid),
-        "kld_confident": (st["kld"], valid & confident),
-    }
-    return {k: terms[k] for k in DIRECTION_METRICS}
-
-
-def direction_summary(st: dict, labels: np.ndarray) -> tuple[dict, dict]:
-    """(the candidates over the whole calibration text, their per-window sums and counts).
-    Where stats.direction.summarize_direction is installed, its figures must agree with
-    these (the same definitions written twice: a disagreement stops the build)."""
-    terms = direction_terms(st, labels)
+    per_token = direction_values(ts) | {"kld_mean": np.where(ts.valid, ts.kld, np.nan)}
+    whole = summarize_direction(ts) | {"kld_mean": float(np.mean(ts.kld[ts.valid]))}
     windows = {}
-    overall = {}
-    for name, (term, use) in terms.items():
-        t = np.where(use, term, 0.0).reshape(-1, WINDOW)
-        n = use.reshape(-1, WINDOW).sum(axis=1)
-        windows[name] = {"sum": [float(v) for v in t.sum(axis=1)], "n": [int(v) for v in n]}
-        overall[name] = float(t.sum() / n.sum()) if n.sum() else math.nan
-    try:
-        from fidelity_kld.stats.direction import summarize_direction
-    except ImportError:
-        summarize_direction = None
-    if summarize_direction is not None and "token_stats" in st:
-        theirs = summarize_direction(st["token_stats"])
-        for name in DIRECTION_METRICS[1:]:
-            if not math.isclose(theirs[name], overall[name], rel_tol=1e-9, abs_tol=1e-12):
-                raise SystemExit(f"{name}: summarize_direction gives {theirs[name]!r}, the window sums "
-                                 f"{overall[name]!r}")
-    return overall, {"tokens": WINDOW, "metrics": windows}
+    for name in DIRECTION_METRICS:
+        v = per_token[name].reshape(-1, WINDOW)
+        counted = ~np.isnan(v)
+        windows[name] = {"sum": [float(x) for x in np.where(counted, v, 0.0).sum(axis=1)],
+                         "n": [int(x) for x in counted.sum(axis=1)]}
+    return {name: whole[name] for name in DIRECTION_METRICS}, {"tokens": WINDOW, "metrics": windows}
 
 
 def per_prompt_kld(kld: np.ndarray, prompts) -> list[tuple[str, str, float]]:
@@ -325,14 +271,13 @@ def main():
 
     out = args.out
     (out / "per_prompt").mkdir(parents=True, exist_ok=True)
-    summaries, entries, sources = [], [], set()
+    summaries, entries = [], []
     for name, model, bpw, size_gb in variant_models(args.model):
         q_cal, q_task = logits_of(model, cal[:, :-1]), logits_of(model, task[:, :-1])
         del model
-        summary = fk.summarize(fk.compare(ref_cal, q_cal, cal_labels))
-        st = calibration_stats(ref_cal, q_cal, cal_labels)
-        direction, cal_windows = direction_summary(st, cal_labels)
-        sources.add(st["source"])
+        ts = fk.compare(ref_cal, q_cal, cal_labels, extra="all")
+        summary = fk.summarize(ts)
+        direction, cal_windows = direction_summary(ts)
         summaries.append({"name": name, "summary": summary.to_dict() | {"direction": direction},
                           "calibration_windows": cal_windows})
         outcomes += [(name, t, pid, v) for t, s in score(q_task, prompts).items() for pid, v in s.items()]
@@ -345,7 +290,8 @@ def main():
     with open(out / "summary.json", "w", encoding="utf-8") as fh:
         json.dump({"fidelity_kld_version": fk.__version__, "reference": {"path": "tiny-llama (float32)"},
                    "calibration": f"eval.txt tokens 0-{cal.size}: {CAL_WINDOWS} windows of {WINDOW}",
-                   "direction_source": ", ".join(sorted(sources)), "models": summaries}, fh, indent=1)
+                   "direction_source": "fidelity_kld.compare(extra='all'), stats.direction",
+                   "models": summaries}, fh, indent=1)
     write_gz_csv(out / "outcomes.csv.gz", ("model", "task", "prompt_id", "score"), outcomes)
     lines = ["# A real cohort from the fixture model: round-to-nearest quantizations of the",
              "# tiny-llama fixture, two tasks with per-prompt pass/fail outcomes, calibration-set",

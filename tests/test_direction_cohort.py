@@ -192,8 +192,10 @@ def test_a_bad_grouping_is_refused_with_the_reason(capsys):
 
 
 def test_the_fixture_candidates_agree_with_the_core_and_their_windows():
-    """The fixture's candidates (float64 oracle) against the fused core's own summary of the
-    same calibration text, and every per-window sum against the whole-text value."""
+    """The fixture's candidates (stats.direction over compare's optional outputs) against the
+    summary's own figures for the same calibration text (ln PPL ratio and mean KLD, computed
+    by the summary's separate code), every per-window sum against the whole-text value, and
+    the bounds each candidate must respect."""
     summary = json.loads((FIXTURE / "summary.json").read_text())
     for e in summary["models"]:
         d, s = e["summary"]["direction"], e["summary"]
