@@ -2,8 +2,8 @@
 
 The protocol is docs/direction.md's, pre-registered before any zone figure of a new metric
 was seen; this module computes it for any cohort whose fidelity summaries carry the
-candidates (each model's summary["direction"], as `compare --direction` and
-scripts/make_fixture_cohort.py write them):
+candidates (each model's summary["direction"], as scripts/make_fixture_cohort.py writes
+them; the layout is in docs/cohort.md):
 
 - every candidate's zone Spearman rho against the composite (scipy.stats.spearmanr), with a
   95% percentile CI and the CI of its difference from kld_mean's rho from a **paired**
