@@ -20,7 +20,11 @@ pass over 16 windows of 256 tokens:
   teacher forcing equals each of its tokens, so one forward pass decides it.
 
 Per-prompt fidelity (for failure prediction and routing) is the mean KLD over the positions a
-prompt is scored on. Variants: round-to-nearest (symmetric or asymmetric, per group of input
+prompt is scored on. Each model's summary also carries, under "direction", the direction-aware
+candidates of issue 16 (docs/direction.md) on the calibration text with its own next tokens
+as labels (`compare(..., extra="all")` and stats.direction), and the model's entry carries "calibration_windows": every candidate's per-window
+sum and token count, so an analysis can resample the calibration windows (metric = sum of
+the drawn windows' sums / sum of their counts). Variants: round-to-nearest (symmetric or asymmetric, per group of input
 columns or per output channel) at 2 to 8 bits of every linear layer's weights, some also
 quantizing lm_head and the embeddings, and float16 / bfloat16 casts of the weights (one also
 running in bfloat16). Deterministic: no random draws. Needs torch, transformers and
@@ -35,7 +39,6 @@ import csv
 import gzip
 import io
 import json
-import math
 import time
 from pathlib import Path
 
@@ -50,6 +53,9 @@ TOP_K = 5
 LINE_HEAD = 2         # tokens of the line given in the prompt
 LINE_TAIL = 2         # tokens to complete (fewer when the line ends first)
 NEWLINE_PIECE = "<0x0A>"
+# docs/direction.md's candidates, in its order (kld_mean is the baseline)
+DIRECTION_METRICS = ("kld_mean", "dnll_mean", "dnll_harm", "flip_harm", "flip_net", "top5_net",
+                     "margin_harm", "tvd_mean", "jsd_mean", "kld_confident")
 
 # (name, bits, group (0: per output channel), symmetric, also lm_head and embeddings)
 RTN = [
@@ -205,6 +211,23 @@ def score(logits: np.ndarray, prompts) -> dict[str, dict[str, int]]:
     return out
 
 
+def direction_summary(ts) -> tuple[dict, dict]:
+    """(the candidates over the whole calibration text, from stats.direction's
+    summarize_direction; their per-window sums and token counts, from its per-token
+    direction_values): the window sums over the counts give back the whole-text figures."""
+    from fidelity_kld.stats.direction import direction_values, summarize_direction
+
+    per_token = direction_values(ts) | {"kld_mean": np.where(ts.valid, ts.kld, np.nan)}
+    whole = summarize_direction(ts) | {"kld_mean": float(np.mean(ts.kld[ts.valid]))}
+    windows = {}
+    for name in DIRECTION_METRICS:
+        v = per_token[name].reshape(-1, WINDOW)
+        counted = ~np.isnan(v)
+        windows[name] = {"sum": [float(x) for x in np.where(counted, v, 0.0).sum(axis=1)],
+                         "n": [int(x) for x in counted.sum(axis=1)]}
+    return {name: whole[name] for name in DIRECTION_METRICS}, {"tokens": WINDOW, "metrics": windows}
+
+
 def per_prompt_kld(kld: np.ndarray, prompts) -> list[tuple[str, str, float]]:
     return [(task, pid, float(np.mean(kld[pos]))) for task, items in prompts.items() for pid, pos, _ in items]
 
@@ -252,8 +275,11 @@ def main():
     for name, model, bpw, size_gb in variant_models(args.model):
         q_cal, q_task = logits_of(model, cal[:, :-1]), logits_of(model, task[:, :-1])
         del model
-        summary = fk.summarize(fk.compare(ref_cal, q_cal, cal_labels))
-        summaries.append({"name": name, "summary": summary.to_dict()})
+        ts = fk.compare(ref_cal, q_cal, cal_labels, extra="all")
+        summary = fk.summarize(ts)
+        direction, cal_windows = direction_summary(ts)
+        summaries.append({"name": name, "summary": summary.to_dict() | {"direction": direction},
+                          "calibration_windows": cal_windows})
         outcomes += [(name, t, pid, v) for t, s in score(q_task, prompts).items() for pid, v in s.items()]
         kld = fk.compare(ref_task, q_task).kld
         write_gz_csv(out / "per_prompt" / f"{name}.csv.gz", ("task", "prompt_id", "kld_mean"),
@@ -264,6 +290,7 @@ def main():
     with open(out / "summary.json", "w", encoding="utf-8") as fh:
         json.dump({"fidelity_kld_version": fk.__version__, "reference": {"path": "tiny-llama (float32)"},
                    "calibration": f"eval.txt tokens 0-{cal.size}: {CAL_WINDOWS} windows of {WINDOW}",
+                   "direction_source": "fidelity_kld.compare(extra='all'), stats.direction",
                    "models": summaries}, fh, indent=1)
     write_gz_csv(out / "outcomes.csv.gz", ("model", "task", "prompt_id", "score"), outcomes)
     lines = ["# A real cohort from the fixture model: round-to-nearest quantizations of the",
@@ -274,6 +301,8 @@ def main():
              'fidelity = "summary.json"', 'outcomes = "outcomes.csv.gz"',
              f"weights = {{ linecomp = {len(prompts['linecomp'])}, tokacc5 = {len(prompts['tokacc5'])} }}"
              "  # by task size", "",
+             "# docs/direction.md's hold-out: prompts grouped by task window (w<W>...), alternate windows",
+             "direction_groups = '^w(\\d+)'", "",
              "[reference]", 'name = "reference"', ""]
     for name, bpw, size_gb in entries:
         lines += ["[[models]]", f'name = "{name}"', f"bpw = {bpw:.3f}", f"size_gb = {size_gb:.6f}",

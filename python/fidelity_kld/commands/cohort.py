@@ -65,11 +65,22 @@ def example_manifest() -> Path:
 @click.option("--pool-flips", is_flag=True,
               help="Composite volume and direction over all prompts of all tasks, each counted once, "
                    "instead of weighting the tasks' rates (the composite score and zone keep the weights).")
+@click.option("--direction-groups", default=None, metavar="REGEX",
+              help="Direction-aware comparison (docs/direction.md): a regular expression whose first group "
+                   "names a prompt's group for the hold-out split, e.g. '^w(\\d+)' (default: each prompt "
+                   "its own group; the manifest's direction_groups).")
+@click.option("--direction-draws", type=click.IntRange(min=0), default=None,
+              help="Paired bootstrap draws of the direction-aware comparison (default 2000).")
+@click.option("--direction-seed", type=int, default=None,
+              help="Seed of the direction-aware comparison (default 20261203, the pre-registered one).")
 def command(manifest, example, zone_threshold, thresholds, fmt, output, report_dir, intersect, seed,
-            n_bootstrap, holdout_reps, primary, routing, fail_below, pool_flips):
+            n_bootstrap, holdout_reps, primary, routing, fail_below, pool_flips, direction_groups,
+            direction_draws, direction_seed):
     """Correlate fidelity variants with benchmark scores across a cohort of quantized models:
     full cohort and pre-specified silent zone, threshold sweep, hold-out, range-restriction
-    null, volume vs direction, per-prompt failure prediction and routing.
+    null, volume vs direction, per-prompt failure prediction and routing; and, when the
+    summaries carry issue 16's direction-aware candidates, their paired comparison with
+    kld_mean (docs/direction.md).
 
     MANIFEST is a TOML, JSON or CSV file naming the reference, the quantized models, their
     fidelity summaries (from `fidelity-kld compare --output`) and benchmark outcomes; the
@@ -92,7 +103,8 @@ def command(manifest, example, zone_threshold, thresholds, fmt, output, report_d
         report = analyze(path, zone_threshold=zone_threshold, thresholds=thresholds, seed=seed,
                          n_bootstrap=n_bootstrap, holdout_reps=holdout_reps, primary=primary,
                          routing=routing, fail_below=fail_below, intersect=intersect or None,
-                         pool_flips=pool_flips or None)
+                         pool_flips=pool_flips or None, direction_groups=direction_groups,
+                         direction_draws=direction_draws, direction_seed=direction_seed)
     except (ManifestError, OutcomeError) as e:
         raise InputError(str(e)) from None
     except ValueError as e:

@@ -16,6 +16,8 @@ FIGURE_CAPTIONS = {
     "null_holdout": "Zone rho: observed, under the range-restriction null, and across hold-out splits",
     "volume_direction": "Flip volume and net direction against the primary fidelity variant",
     "pareto": "p99.9 KLD against model size, with the Pareto front",
+    "direction": "Zone rho of each direction-aware candidate against the composite [95% paired bootstrap CI], "
+                 "and on half B of the hold-out; more negative ranks the zone better",
 }
 
 
@@ -136,6 +138,8 @@ def headline(r: CohortReport) -> list[str]:
             ratio = f"broken prompts have {span(fg)} times the KLD of kept ones; " if fg else ""
             out.append(f"Over the prompts the reference passes (the quantization's own failures), "
                        f"{ratio}AUROC {span(fa)}.")
+    if r.direction is not None and r.direction.status == "ok":
+        out.append(f"Direction-aware metrics (docs/direction.md): {r.direction.verdict}")
     ro = r.routing
     if ro is not None and ro.status == "ok":
         out.append(f"Routing each disagreement prompt to the lowest-KLD model scores "
@@ -282,6 +286,9 @@ def blocks(r: CohortReport, figures: dict[str, str] | None = None, *, detail: bo
     if "volume_direction" in figures:
         out.append(Image(figures["volume_direction"], FIGURE_CAPTIONS["volume_direction"]))
 
+    if r.direction is not None:
+        out += direction_blocks(r, figures)
+
     if r.failure:
         out.append(Heading(2, "Per-prompt failure prediction"))
         f0 = r.failure[0]
@@ -308,6 +315,51 @@ def blocks(r: CohortReport, figures: dict[str, str] | None = None, *, detail: bo
     out.append(Heading(2, "Verdict"))
     out += [Para(t) for t in verdict(r)]
     return out
+
+
+def direction_blocks(r: CohortReport, figures: dict[str, str]) -> list:
+    """docs/direction.md's comparison: every direction-aware candidate beside kld_mean, the
+    hold-out's selection and the verdict."""
+    d = r.direction
+    out = [Heading(2, "Direction-aware metrics against KLD")]
+    if d.status != "ok" and not d.metrics:
+        out.append(Para(f"No comparison ({d.status}): {'; '.join(d.notes)}."))
+        return out
+    windows = ("jointly with the calibration windows" if d.windows_resampled
+               else "with the calibration metrics held fixed (their own sampling noise ignored)")
+    halves = ", ".join(f"{t} {a} + {b}" for t, (a, b) in d.half_prompts.items())
+    out.append(Para(
+        "Candidates measured on the calibration text (larger = more damage; a metric that ranks the zone has "
+        f"rho near -1). Zone rho: Spearman against the composite over the {_models(len(d.zone_models))} of the "
+        f"zone [95% CI]; Δ vs kld_mean: rho - kld_mean's rho [95% CI], both from a paired bootstrap "
+        f"({d.draws} draws, seed {d.seed}) resampling the task prompts per task {windows}, one resample for "
+        f"every metric. Hold-out: prompts split by {d.groups} into halves A and B ({halves} prompts); the zone "
+        f"({_models(len(d.half_a_zone))}) and the best candidate chosen on half A, rho measured on half B "
+        "over half A's zone. The full-cohort rho is for context."))
+    out.append(direction_table(d))
+    if "direction" in figures:
+        out.append(Image(figures["direction"], FIGURE_CAPTIONS["direction"]))
+    if d.selected:
+        out.append(Para(f"Selected on half A: {d.selected}. {d.verdict}"))
+    for note in d.notes:
+        out.append(Para(f"Note: {note}."))
+    return out
+
+
+def direction_table(d) -> Table:
+    """metric, zone rho [CI], Δrho vs kld_mean [paired CI], half-A rho, half-B rho [CI],
+    half-B Δ [paired CI], full-cohort rho."""
+    rows = []
+    for m in d.metrics:
+        mark = " *" if m.name == d.selected else ""
+        rows.append((m.name + mark, _range(m.zone_rho, m.zone_low, m.zone_high),
+                     "-" if m.name == "kld_mean" else _range(m.delta, m.delta_low, m.delta_high),
+                     _num(m.half_a_rho, "+.2f"), _range(m.half_b_rho, m.half_b_low, m.half_b_high),
+                     "-" if m.name == "kld_mean" else _range(m.half_b_delta, m.half_b_delta_low,
+                                                             m.half_b_delta_high),
+                     _num(m.full_rho, "+.2f")))
+    return Table(("metric", "zone rho [95% CI]", "Δ vs kld_mean [paired CI]", "half-A rho",
+                  "half-B rho [95% CI]", "half-B Δ [paired CI]", "full rho"), tuple(rows), "lrrrrrr")
 
 
 def _prompts(r: CohortReport, task: str) -> int:

@@ -35,7 +35,8 @@ def make_figures(r: CohortReport, out_dir) -> dict[str, str]:
     out_dir = Path(out_dir)
     made = {}
     for name, fn in (("scatter", _scatter), ("sensitivity", _sensitivity), ("null_holdout", _null_holdout),
-                     ("volume_direction", _volume_direction), ("pareto", _pareto)):
+                     ("volume_direction", _volume_direction), ("pareto", _pareto),
+                     ("direction", _direction)):
         fig = fn(r, plt)
         if fig is None:
             continue
@@ -272,4 +273,38 @@ def _pareto(r: CohortReport, plt):
     _legend_below(ax, ncol=3)
     if unlabelled:
         _unlabelled_note(fig, ax, unlabelled)
+    return fig
+
+
+def _direction(r: CohortReport, plt):
+    """Zone rho of every direction-aware candidate with its paired-bootstrap CI, over all
+    prompts and on half B of the hold-out; kld_mean's zone rho as a reference line."""
+    d = r.direction
+    if d is None or not d.metrics:
+        return None
+    ms = d.metrics
+    y = np.arange(len(ms))[::-1]
+    fig, ax = plt.subplots(figsize=(7, 0.42 * len(ms) + 1.6))
+
+    def bars(attr, offset, color, label):
+        mid = np.array([getattr(m, attr[0]) for m in ms])
+        lo = np.array([getattr(m, attr[1]) for m in ms])
+        hi = np.array([getattr(m, attr[2]) for m in ms])
+        ok = np.isfinite(mid) & np.isfinite(lo)
+        ax.errorbar(mid[ok], y[ok] + offset, xerr=[mid[ok] - lo[ok], hi[ok] - mid[ok]], fmt="o", ms=4,
+                    color=color, capsize=2, lw=1.2, label=label)
+
+    bars(("zone_rho", "zone_low", "zone_high"), 0.12, ZONE_COLOR, "zone rho, all prompts [95% CI]")
+    bars(("half_b_rho", "half_b_low", "half_b_high"), -0.12, OUT_COLOR,
+         "zone rho on half B (half A's zone) [95% CI]")
+    base = next((m for m in ms if m.name == "kld_mean"), None)
+    if base is not None and math.isfinite(base.zone_rho):
+        ax.axvline(base.zone_rho, color=REF_COLOR, lw=1, ls="--", label=f"kld_mean zone rho = {base.zone_rho:+.2f}")
+    ax.axvline(0, color="#333", lw=0.6)
+    ax.set_yticks(y)
+    ax.set_yticklabels([m.name + (" (selected on A)" if m.name == d.selected else "") for m in ms], fontsize=8)
+    ax.set_xlim(-1.05, 1.05)
+    ax.set_xlabel("Spearman rho against the composite in the zone (more negative ranks better)")
+    ax.set_title("Do direction-aware metrics rank the silent zone better than KLD?")
+    _legend_below(ax, ncol=1)
     return fig

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -27,6 +28,9 @@ from . import variants as variant_defs
 from .cohort_data import Cohort
 from .correlation import Correlation, correlate, keyed_rng
 from .decompose import COMPOSITE, Flips, flip_arrays, flips
+from .direction_cohort import DEFAULT_DRAWS as DIRECTION_DRAWS
+from .direction_cohort import DEFAULT_SEED as DIRECTION_SEED
+from .direction_cohort import DirectionComparison, compare_direction
 from .failure import FailurePrediction, failure_prediction
 from .routing import Routing, route
 from .summary import json_ready
@@ -54,7 +58,11 @@ class AnalysisOptions:
     among (default: the silent zone's models with per-prompt KLD, or all of them when the
     zone has fewer than 2). pool_flips: the composite volume and direction count every
     prompt of every task once instead of weighting the tasks' rates (the composite score
-    and the zone keep the weights)."""
+    and the zone keep the weights). direction_groups, direction_draws, direction_seed: the
+    direction-aware comparison of docs/direction.md (stats.direction_cohort), run when the
+    fidelity summaries carry its candidates: the regular expression naming a prompt's
+    group for the hold-out split (default: each prompt its own group), its bootstrap draws
+    and its seed (the protocol's 2000 and 20261203)."""
 
     zone_threshold: float = DEFAULT_THRESHOLD
     thresholds: tuple[float, ...] = DEFAULT_THRESHOLDS
@@ -66,6 +74,9 @@ class AnalysisOptions:
     routing: tuple[str, ...] | None = None
     intersect: bool = False
     pool_flips: bool = False
+    direction_groups: str | None = None
+    direction_draws: int = DIRECTION_DRAWS
+    direction_seed: int = DIRECTION_SEED
 
     def __post_init__(self):
         if not (0 < self.zone_threshold < 1):
@@ -80,6 +91,13 @@ class AnalysisOptions:
             raise ValueError("fail_below must be in (0, 1]")
         if self.routing is not None:
             object.__setattr__(self, "routing", tuple(self.routing))
+        if self.direction_draws < 0:
+            raise ValueError("direction draws must be >= 0")
+        if self.direction_groups is not None:
+            try:
+                re.compile(self.direction_groups)
+            except re.error as e:
+                raise ValueError(f"direction groups {self.direction_groups!r}: not a regular expression ({e})") from None
 
 
 @dataclass(frozen=True)
@@ -151,6 +169,8 @@ class CohortReport:
     # the primary variant's hold-out and null rho draws, for figures
     holdout_draws: tuple[float, ...] = field(default=(), repr=False)
     null_draws: tuple[float, ...] = field(default=(), repr=False)
+    # issue 16's direction-aware candidates against kld_mean, when the summaries carry them
+    direction: DirectionComparison | None = None
 
     @property
     def zone_threshold(self) -> float:
@@ -180,7 +200,7 @@ def analyze(manifest, **options) -> CohortReport:
     manifest: a manifest path (TOML, JSON or CSV), a parsed manifest dict (paths relative
     to the working directory) or a Cohort. options: the AnalysisOptions fields
     (zone_threshold, thresholds, seed, n_bootstrap, holdout_reps, primary, fail_below,
-    routing, intersect, pool_flips); None means the manifest's value or the default.
+    routing, intersect, pool_flips, direction_groups, direction_draws, direction_seed); None means the manifest's value or the default.
     """
     from .manifest import load_manifest, manifest_from_dict
 
@@ -306,6 +326,11 @@ def analyze_cohort(cohort: Cohort, options: AnalysisOptions | None = None) -> Co
         else:
             notes.append("routing among every model with per-prompt KLD: fewer than 2 in the zone")
     routing = route(cohort, routing_set, n_bootstrap=opts.n_bootstrap, seed=seed)
+    direction = None
+    if cohort.direction is not None:
+        direction = compare_direction(cohort, cohort.direction, zone_threshold=opts.zone_threshold,
+                                      groups=opts.direction_groups, draws=opts.direction_draws,
+                                      seed=opts.direction_seed)
     if not cohort.per_prompt_kld:
         notes.append("no per-prompt fidelity: failure prediction and routing skipped")
     return CohortReport(
@@ -314,7 +339,7 @@ def analyze_cohort(cohort: Cohort, options: AnalysisOptions | None = None) -> Co
         primary=primary, zone_models=tuple(m for m, z in zip(cohort.models, zone) if z),
         variants=tuple(results), sensitivity=tuple(sweep), flips=flips(cohort, opts.pool_flips), failure=fail, routing=routing,
         notes=tuple(notes), holdout_draws=tuple(float(v) for v in hold_draws.get(primary, ())),
-        null_draws=tuple(float(v) for v in null_primary))
+        null_draws=tuple(float(v) for v in null_primary), direction=direction)
 
 
 def _zone_corr(x, y, zone, opts, name, target, ylabel, threshold=None) -> Correlation:

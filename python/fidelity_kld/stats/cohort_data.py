@@ -25,6 +25,7 @@ class Cohort:
     per_prompt_kld[task]: (N, P_task) per-prompt mean KLD on that task's prompts, NaN where
         missing; tasks without any are absent.
     weights[task]: composite weight (normalised when used).
+    direction: the direction-aware candidates per model (stats.direction_cohort), or None.
     """
 
     reference: str
@@ -40,6 +41,7 @@ class Cohort:
     bpw: np.ndarray | None = None
     name: str = "cohort"
     notes: tuple[str, ...] = ()
+    direction: object = None  # stats.direction_cohort.DirectionData: issue 16's candidates, or None
 
     def __post_init__(self):
         n = len(self.models)

@@ -12,6 +12,7 @@ TOML (JSON is the same structure); paths are relative to the manifest:
     primary = "kld_mean"
     routing = ["Q4_K_M", "IQ4_XS"]
     pool_flips = false                 # true: composite flips count each prompt once
+    direction_groups = '^w(\d+)'       # docs/direction.md's hold-out: a prompt id's group
 
     [reference]
     name = "BF16"
@@ -50,6 +51,7 @@ import numpy as np
 
 from . import variants as variant_defs
 from .cohort_data import Cohort
+from .direction_cohort import direction_data_from_summaries
 from .outcomes import (OutcomeError, Outcomes, prompt_key, read_outcomes, read_table_models,
                        detect_format, select_model)
 
@@ -60,7 +62,7 @@ except ImportError:  # Python 3.10
 
 TOP_KEYS = {"name", "reference", "models", "fidelity", "outcomes", "weights", "filters", "metrics",
             "zone_threshold", "thresholds", "primary", "routing", "fail_below", "seed", "bootstrap",
-            "holdout_reps", "evalplus", "pool_flips"}
+            "holdout_reps", "evalplus", "pool_flips", "direction_groups"}
 MODEL_KEYS = {"name", "fidelity", "fidelity_name", "per_prompt", "outcomes", "outcome_name",
               "variants", "size_gb", "bpw"}
 OUTCOME_KEYS = {"path", "format", "task", "filter", "metric", "evalplus", "model"}
@@ -68,7 +70,8 @@ CSV_COLUMNS = {"name", "role", "fidelity", "fidelity_name", "per_prompt", "outco
                "filter", "metric", "size_gb", "bpw"}
 OPTION_KEYS = {"zone_threshold": "zone_threshold", "thresholds": "thresholds", "primary": "primary",
                "routing": "routing", "fail_below": "fail_below", "seed": "seed",
-               "bootstrap": "n_bootstrap", "holdout_reps": "holdout_reps", "pool_flips": "pool_flips"}
+               "bootstrap": "n_bootstrap", "holdout_reps": "holdout_reps", "pool_flips": "pool_flips",
+               "direction_groups": "direction_groups"}
 
 
 class ManifestError(ValueError):
@@ -199,9 +202,11 @@ def manifest_from_dict(data: dict, *, base_dir=".", source: str = "manifest",
 
     quant = entries[1:]
     var_values: dict[str, list[float]] = {}
+    fidelity_entries = [loader.fidelity_entry(e) for e in quant]
     for i, e in enumerate(quant):
         for name, v in loader.fidelity(e).items():
             var_values.setdefault(name, [math.nan] * len(quant))[i] = v
+    direction = direction_data_from_summaries(fidelity_entries)
     per_prompt: dict[str, np.ndarray] = {}
     prompt_means = [math.nan] * len(quant)
     for i, e in enumerate(quant):
@@ -247,7 +252,7 @@ def manifest_from_dict(data: dict, *, base_dir=".", source: str = "manifest",
         weights={t: _number(weights_in.get(t, 1.0), source, f"weights.{t}") for t in tasks},
         size_gb=np.array([_number(e.get("size_gb", math.nan), source, f"{e['name']}: size_gb") for e in quant]),
         bpw=np.array([_number(e.get("bpw", math.nan), source, f"{e['name']}: bpw") for e in quant]),
-        name=str(data.get("name", Path(source).stem)), notes=tuple(notes))
+        name=str(data.get("name", Path(source).stem)), notes=tuple(notes), direction=direction)
     options = {OPTION_KEYS[k]: data[k] for k in OPTION_KEYS if k in data}
     if "thresholds" in options:
         options["thresholds"] = tuple(options["thresholds"])
@@ -400,11 +405,28 @@ class _Loader:
                 raise ManifestError(f"{p}: not JSON ({e.msg} at line {e.lineno})") from None
         return self._json[p]
 
+    def fidelity_entry(self, entry: dict) -> dict | None:
+        """The model's entry in its fidelity summary ({"summary": ..., and whatever else the
+        file gives it, e.g. "calibration_windows"}), or None without a summary."""
+        got = self._fidelity_summary(entry)
+        return None if got is None else got[2]
+
     def fidelity(self, entry: dict) -> dict[str, float]:
+        got = self._fidelity_summary(entry)
+        if got is None:
+            return {}
+        p, want, found = got
+        try:
+            return variant_defs.from_summary(found["summary"])
+        except (TypeError, ValueError) as e:
+            raise ManifestError(f"{p}: model {want!r}: {e}") from None
+
+    def _fidelity_summary(self, entry: dict) -> tuple[Path, str, dict] | None:
+        """(file, the model's name there, its entry with a checked "summary"), or None."""
         own = "fidelity" in entry
         value = entry.get("fidelity", self.data.get("fidelity"))
         if value is None:
-            return {}
+            return None
         p = self.path(value)
         data = self._read_json(p)
         want = entry.get("fidelity_name", entry["name"])
@@ -416,11 +438,13 @@ class _Loader:
                 have = [str(m.get("name")) for m in data["models"] if isinstance(m, dict)]
                 raise ManifestError(f"{p}: no model named {want!r} (models here: {_few(have, 8)}); "
                                     f"set fidelity_name")
-            summary = found[0].get("summary")
+            model = found[0]
+            summary = model.get("summary")
         elif isinstance(data, dict) and "kld" in data:
             if not own:
                 raise ManifestError(f"{p}: a single summary cannot serve every model; give each its own")
             summary = data
+            model = {"summary": data}
         else:
             found_keys = ", ".join(sorted(map(str, data))[:10]) if isinstance(data, dict) else type(data).__name__
             raise ManifestError(f"{p}: not a fidelity summary: expected a compare summary with key 'models' "
@@ -431,10 +455,7 @@ class _Loader:
             raise ManifestError(f"{p}: model {want!r}: expected a 'summary' with key 'kld' "
                                 f"({{\"kld\": {{\"mean\": ...}}, ...}}); found {have or 'no keys'} "
                                 "(see docs/cohort.md)")
-        try:
-            return variant_defs.from_summary(summary)
-        except (TypeError, ValueError) as e:
-            raise ManifestError(f"{p}: model {want!r}: {e}") from None
+        return p, want, model
 
     # ------------------------------------------------------------------ per-prompt
     def per_prompt(self, entry: dict, tasks, prompt_ids) -> tuple[dict[str, np.ndarray], float]:
