@@ -8,7 +8,7 @@
 //   valgrind --tool=callgrind --callgrind-out-file=/tmp/cg.out /tmp/icount avx2 float16 16 152064
 //   callgrind_annotate /tmp/cg.out | head -30
 //
-// Arguments: simd level (scalar, avx2, avx512, neon; valgrind has no AVX-512), dtype (float32,
+// Arguments: simd level (scalar, avx2, avx512; valgrind has no AVX-512), dtype (float32,
 // float16, bfloat16), rows, vocab. The inputs are a seeded normal(0, 3) reference and the
 // same plus normal(0, 0.3) noise, like benchmarks/bench_logit_stats.py; the program prints
 // the pairs and a checksum of the KLDs.
@@ -58,7 +58,7 @@ std::vector<uint8_t> store(const std::vector<float>& x, fk::DType d) {
 
 int main(int argc, char** argv) {
   if (argc != 5) {
-    std::fprintf(stderr, "usage: %s scalar|avx2|avx512|neon float32|float16|bfloat16 ROWS VOCAB\n", argv[0]);
+    std::fprintf(stderr, "usage: %s scalar|avx2|avx512 float32|float16|bfloat16 ROWS VOCAB\n", argv[0]);
     return 2;
   }
   const std::string level_name = argv[1], dtype_name = argv[2];
