@@ -1,5 +1,5 @@
 // Runs the C++ core on matrices read from raw files and writes every output, so a test can
-// check a build it cannot import: tests/test_aarch64_neon.py cross-compiles this driver for
+// check a build it cannot import: tests/test_logit_stats_neon.py cross-compiles this driver for
 // aarch64, runs it under qemu-user and compares the NEON path with reference.py.
 //
 //   logit_stats_driver --levels                      prints the levels that run here, lowest

@@ -144,8 +144,11 @@ def test_simd_level_is_neon(drivers):
     assert out[0].split() == ["scalar", "neon"] and out[1] == "neon"
     out = qemu(drivers, "logit_stats_driver", "--levels", simd="scalar").stdout.split("\n")
     assert out[0].split() == ["scalar"] and out[1] == "scalar"
-    bad = qemu(drivers, "logit_stats_driver", "--levels", simd="avx2", check=False)
-    assert bad.returncode == 1 and "another architecture" in bad.stderr
+    out = qemu(drivers, "logit_stats_driver", "--levels", simd="neon").stdout.split("\n")
+    assert out[0].split() == ["scalar", "neon"] and out[1] == "neon"
+    for other in ("avx2", "avx512"):
+        bad = qemu(drivers, "logit_stats_driver", "--levels", simd=other, check=False)
+        assert bad.returncode == 1 and "another architecture" in bad.stderr
 
 
 def test_core_self_checks(drivers):
