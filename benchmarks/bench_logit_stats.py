@@ -2,7 +2,7 @@
 numpy baseline and a read-bandwidth roofline, all measured in this process.
 
     python benchmarks/bench_logit_stats.py [--n 2048] [--vocab 32000 128256 152064]
-        [--dtype float32 float16 bfloat16] [--threads 1 2] [--simd auto|scalar|avx2|avx512]
+        [--dtype float32 float16 bfloat16] [--threads 1 2] [--simd auto|scalar|avx2|avx512|neon]
         [--other-core OLD/_core.so] [--json out.json]
 
 --other-core loads a second build of the compiled core (say, the previous commit's, built

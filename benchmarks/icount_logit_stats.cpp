@@ -71,6 +71,7 @@ int main(int argc, char** argv) {
   const std::string level_name = argv[1], dtype_name = argv[2];
   const fk::SimdLevel level = level_name == "avx512" ? fk::SimdLevel::AVX512
                               : level_name == "avx2" ? fk::SimdLevel::AVX2
+                              : level_name == "neon" ? fk::SimdLevel::NEON
                                                      : fk::SimdLevel::SCALAR;
   const fk::DType dtype = dtype_name == "float32"   ? fk::DType::F32
                           : dtype_name == "float16" ? fk::DType::F16

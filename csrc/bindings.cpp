@@ -75,18 +75,22 @@ T* check_out(const std::optional<py::array>& a, int64_t n, const char* name) {
   return static_cast<T*>(info.ptr);
 }
 
+// Comma-separated names of the levels that run here.
+std::string available_names() {
+  std::string names;
+  for (fk::SimdLevel l : fk::available_simd_levels())
+    names += (names.empty() ? "" : ", ") + std::string(fk::simd_level_name(l));
+  return names;
+}
+
 fk::SimdLevel parse_simd(const std::string& s) {
-  const fk::SimdLevel active = fk::active_simd_level();
-  if (s == "auto") return active;
-  fk::SimdLevel want;
-  if (s == "scalar") want = fk::SimdLevel::SCALAR;
-  else if (s == "avx2") want = fk::SimdLevel::AVX2;
-  else if (s == "avx512") want = fk::SimdLevel::AVX512;
-  else FK_CHECK(false, "simd must be auto, scalar, avx2 or avx512, not '" << s << "'");
-  FK_CHECK(static_cast<int>(want) <= static_cast<int>(active),
-           "simd level " << s << " is not available here (highest: "
-                         << fk::simd_level_name(active) << ")");
-  return want;
+  if (s == "auto") return fk::active_simd_level();
+  for (fk::SimdLevel l : fk::available_simd_levels())
+    if (s == fk::simd_level_name(l)) return l;
+  FK_CHECK(s == "scalar" || s == "avx2" || s == "avx512" || s == "neon",
+           "simd must be auto, scalar, avx2, avx512 or neon, not '" << s << "'");
+  FK_CHECK(false, "simd level " << s << " is not available here (this machine runs "
+                                << available_names() << ")");
 }
 
 // One model's output arrays, in the order of the keyword arguments.
@@ -300,6 +304,11 @@ PYBIND11_MODULE(_core, m) {
   m.attr("simd_level") = fk::simd_level_name(fk::active_simd_level());
   m.def("active_simd_level", [] { return std::string(fk::simd_level_name(fk::active_simd_level())); },
         "SIMD path logit_stats uses now (reads FIDELITY_KLD_SIMD on every call).");
+  m.def("available_simd_levels", [] {
+    std::vector<std::string> names;
+    for (fk::SimdLevel l : fk::available_simd_levels()) names.emplace_back(fk::simd_level_name(l));
+    return names;
+  }, "SIMD paths that run here, lowest first, up to active_simd_level().");
   m.def("sigbus_guard", &fk::sigbus_guard, py::arg("address"), py::arg("length"), py::arg("message"),
         "Exit 1 with `message` on stderr if a read in [address, address + length) faults with "
         "SIGBUS (a memory-mapped file cut short). Returns a slot for sigbus_unguard (-1: none free).");

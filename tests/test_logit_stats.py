@@ -13,8 +13,7 @@ from fidelity_kld import _core, reference
 from _reference_checks import (CPU_TOL, check_stats, huge_logit_rows, llama_rows, make_pair,
                                masked_and_invalid_rows, random_logprobs)
 
-LEVELS = ["scalar", "avx2", "avx512"]
-AVAILABLE = LEVELS[: LEVELS.index(_core.active_simd_level()) + 1]
+AVAILABLE = _core.available_simd_levels()  # e.g. scalar, avx2, avx512 on x86-64; scalar, neon on aarch64
 DTYPES = ["float32", "float16", "bfloat16"]
 
 KLD_ATOL, KLD_RTOL = CPU_TOL["kld_atol"], CPU_TOL["kld_rtol"]
@@ -253,11 +252,28 @@ def test_env_var_forces_lower_simd_level():
     assert out.stdout.split() == ["scalar", "scalar"]
 
 
-def test_simd_level_above_cpu_is_refused():
-    if _core.active_simd_level() == "avx512":
-        pytest.skip("this CPU runs the highest level")
-    with pytest.raises(ValueError, match="not available"):
-        fk.compare(np.zeros((1, 4), np.float32), np.zeros((1, 4), np.float32), simd="avx512")
+def test_available_levels_end_at_the_active_one():
+    assert AVAILABLE[0] == "scalar" and AVAILABLE[-1] == _core.active_simd_level()
+    assert AVAILABLE in (["scalar"], ["scalar", "avx2"], ["scalar", "avx2", "avx512"],
+                         ["scalar", "neon"])
+
+
+def test_simd_level_not_here_is_refused():
+    """A level above this CPU's, or of another architecture (neon on x86-64, avx2 on aarch64)."""
+    missing = [s for s in ("avx2", "avx512", "neon") if s not in AVAILABLE]
+    for simd in missing:
+        with pytest.raises(ValueError, match="not available"):
+            fk.compare(np.zeros((1, 4), np.float32), np.zeros((1, 4), np.float32), simd=simd)
+    with pytest.raises(ValueError, match="simd must be"):
+        fk.compare(np.zeros((1, 4), np.float32), np.zeros((1, 4), np.float32), simd="sse2")
+
+
+def test_env_var_of_another_architecture_is_refused():
+    other = "avx2" if _core.active_simd_level() == "neon" else "neon"
+    code = "from fidelity_kld import _core"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env={**os.environ, "FIDELITY_KLD_SIMD": other})
+    assert out.returncode != 0 and "another architecture" in out.stderr
 
 
 def _multi_cases(rng, n, v):
@@ -282,7 +298,7 @@ def _multi_cases(rng, n, v):
 def test_compare_many_is_compare_bitwise(simd, m):
     """Each model's results from compare_many are bitwise those of compare alone, for every
     group size (groups of 4, 2, 1), masked and invalid rows, and models of other dtypes."""
-    rng = np.random.default_rng([m, LEVELS.index(simd)])
+    rng = np.random.default_rng([m, ("scalar", "avx2", "avx512", "neon").index(simd)])
     n, v = 9, 1271
     a, models = _multi_cases(rng, n, v)
     qs = models + [encode(models[0], "float16")[0], encode(models[1], "bfloat16")[0]]

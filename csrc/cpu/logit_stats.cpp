@@ -14,27 +14,66 @@ namespace fk {
 
 namespace {
 
-SimdLevel detect_cpu_level() {
-#if defined(__x86_64__) || defined(__i386__)
-  __builtin_cpu_init();
-  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-      __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl"))
-    return SimdLevel::AVX512;
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-      __builtin_cpu_supports("f16c"))
-    return SimdLevel::AVX2;
+// The levels this build has for its architecture, lowest first.
+const std::vector<SimdLevel>& build_levels() {
+  static const std::vector<SimdLevel> levels{
+      SimdLevel::SCALAR,
+#ifdef FK_HAVE_AVX2
+      SimdLevel::AVX2,
 #endif
-  return SimdLevel::SCALAR;
+#ifdef FK_HAVE_AVX512
+      SimdLevel::AVX512,
+#endif
+#ifdef FK_HAVE_NEON
+      SimdLevel::NEON,
+#endif
+  };
+  return levels;
 }
 
-SimdLevel env_cap() {
+bool cpu_supports(SimdLevel level) {
+  switch (level) {
+#if defined(__x86_64__) || defined(__i386__)
+    case SimdLevel::AVX512:
+      __builtin_cpu_init();
+      return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+             __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl");
+    case SimdLevel::AVX2:
+      __builtin_cpu_init();
+      return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+             __builtin_cpu_supports("f16c");
+#endif
+#if defined(__aarch64__)
+    case SimdLevel::NEON: return true;  // baseline on aarch64 (fp16 conversion and FMA too)
+#endif
+    case SimdLevel::SCALAR: return true;
+    default: return false;
+  }
+}
+
+// Position in build_levels() of the highest level this CPU runs.
+size_t cpu_position() {
+  const auto& levels = build_levels();
+  size_t k = levels.size() - 1;
+  while (k > 0 && !cpu_supports(levels[k])) --k;
+  return k;
+}
+
+// Position in build_levels() of the FIDELITY_KLD_SIMD cap (the top one when unset).
+size_t env_cap_position() {
+  const auto& levels = build_levels();
   const char* env = std::getenv("FIDELITY_KLD_SIMD");
-  if (!env || !*env) return SimdLevel::AVX512;
+  if (!env || !*env) return levels.size() - 1;
   const std::string v(env);
-  if (v == "scalar") return SimdLevel::SCALAR;
-  if (v == "avx2") return SimdLevel::AVX2;
-  if (v == "avx512") return SimdLevel::AVX512;
-  FK_CHECK(false, "FIDELITY_KLD_SIMD must be scalar, avx2 or avx512, not '" << v << "'");
+  std::string names;
+  for (size_t k = 0; k < levels.size(); ++k) {
+    if (v == simd_level_name(levels[k])) return k;
+    names += (k ? ", " : "") + std::string(simd_level_name(levels[k]));
+  }
+  FK_CHECK(v == "avx2" || v == "avx512" || v == "neon",
+           "FIDELITY_KLD_SIMD must be scalar, avx2, avx512 or neon, not '" << v << "'");
+  FK_CHECK(false, "FIDELITY_KLD_SIMD=" << v << " is a level of another architecture (this build "
+                                       << "has " << names << ")");
 }
 
 using RowsFn = void (*)(const LogitStatsParams&, int64_t, int64_t);
@@ -46,6 +85,9 @@ RowsFn rows_fn(SimdLevel level) {
 #endif
 #ifdef FK_HAVE_AVX2
     case SimdLevel::AVX2: return detail::logit_stats_rows_avx2;
+#endif
+#ifdef FK_HAVE_NEON
+    case SimdLevel::NEON: return detail::logit_stats_rows_neon;
 #endif
     default: return detail::logit_stats_rows_scalar;
   }
@@ -63,22 +105,19 @@ void validate(const LogitStatsParams& p) {
 }  // namespace
 
 SimdLevel active_simd_level() {
-  const SimdLevel cpu = detect_cpu_level();
-  const SimdLevel cap = env_cap();
-  SimdLevel level = static_cast<int>(cpu) < static_cast<int>(cap) ? cpu : cap;
-#ifndef FK_HAVE_AVX512
-  if (level == SimdLevel::AVX512) level = SimdLevel::AVX2;
-#endif
-#ifndef FK_HAVE_AVX2
-  if (level == SimdLevel::AVX2) level = SimdLevel::SCALAR;
-#endif
-  return level;
+  return build_levels()[std::min(cpu_position(), env_cap_position())];
+}
+
+std::vector<SimdLevel> available_simd_levels() {
+  const auto& levels = build_levels();
+  return {levels.begin(), levels.begin() + std::min(cpu_position(), env_cap_position()) + 1};
 }
 
 const char* simd_level_name(SimdLevel level) {
   switch (level) {
     case SimdLevel::AVX512: return "avx512";
     case SimdLevel::AVX2: return "avx2";
+    case SimdLevel::NEON: return "neon";
     default: return "scalar";
   }
 }
@@ -129,6 +168,9 @@ MultiRowsFn multi_rows_fn(SimdLevel level) {
 #endif
 #ifdef FK_HAVE_AVX2
     case SimdLevel::AVX2: return detail::logit_stats_rows_multi_avx2;
+#endif
+#ifdef FK_HAVE_NEON
+    case SimdLevel::NEON: return detail::logit_stats_rows_multi_neon;
 #endif
     default: return detail::logit_stats_rows_multi_scalar;
   }

@@ -251,13 +251,7 @@ void reference_row(const float* a, const float* b, int64_t vocab, double& kld, d
   lse_a = ma + la;
 }
 
-std::vector<SimdLevel> levels() {
-  std::vector<SimdLevel> out{SimdLevel::SCALAR};
-  const SimdLevel top = fk::active_simd_level();
-  if (static_cast<int>(top) >= 1) out.push_back(SimdLevel::AVX2);
-  if (static_cast<int>(top) >= 2) out.push_back(SimdLevel::AVX512);
-  return out;
-}
+std::vector<SimdLevel> levels() { return fk::available_simd_levels(); }
 
 bool close(double x, double y, double rtol, double atol) {
   if (std::isnan(x) || std::isnan(y)) return std::isnan(x) && std::isnan(y);

@@ -4,7 +4,8 @@ import numpy as np
 from numpy.typing import NDArray
 
 simd_level: str
-"""SIMD path chosen at import: 'avx512', 'avx2' or 'scalar' (FIDELITY_KLD_SIMD lowers it)."""
+"""SIMD path chosen at import: 'avx512', 'avx2' or 'scalar' on x86-64, 'neon' or 'scalar' on
+aarch64 (FIDELITY_KLD_SIMD lowers it)."""
 has_cuda: bool
 """Whether this build contains the CUDA kernels (logit_stats_cuda)."""
 
@@ -12,6 +13,8 @@ def sigbus_guard(address: int, length: int, message: str) -> int: ...
 def sigbus_unguard(slot: int) -> None: ...
 def active_simd_level() -> str:
     """SIMD path logit_stats uses now (reads FIDELITY_KLD_SIMD on every call)."""
+def available_simd_levels() -> list[str]:
+    """SIMD paths that run here, lowest first, up to active_simd_level()."""
 
 def logit_stats(
     ref: np.ndarray,

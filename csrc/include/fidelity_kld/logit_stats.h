@@ -34,6 +34,7 @@
 // -1 for top1 and the ranks: the token is invalid. KLD is +inf where p has mass and q has none.
 #pragma once
 #include <cstdint>
+#include <vector>
 
 #include "fidelity_kld/dtype.h"
 
@@ -127,10 +128,14 @@ inline bool same_extra(const LogitStatsParams& a, const LogitStatsParams& b) {
          same(a.margin_q, b.margin_q);
 }
 
-enum class SimdLevel : int32_t { SCALAR = 0, AVX2 = 1, AVX512 = 2 };
+enum class SimdLevel : int32_t { SCALAR = 0, AVX2 = 1, AVX512 = 2, NEON = 3 };
 
-// Highest level this CPU supports, lowered by FIDELITY_KLD_SIMD=scalar|avx2|avx512.
+// Highest level this CPU supports (avx512, avx2 or scalar on x86-64; neon or scalar on
+// aarch64), lowered by FIDELITY_KLD_SIMD=scalar|avx2|avx512|neon. A level of another
+// architecture is refused (std::invalid_argument): its numbers cannot be had here.
 SimdLevel active_simd_level();
+// The levels that run here, lowest first, up to active_simd_level().
+std::vector<SimdLevel> available_simd_levels();
 const char* simd_level_name(SimdLevel level);
 
 // Validates params (throws std::invalid_argument) and fills the outputs.
@@ -149,9 +154,11 @@ namespace detail {
 void logit_stats_rows_scalar(const LogitStatsParams& p, int64_t begin, int64_t end);
 void logit_stats_rows_avx2(const LogitStatsParams& p, int64_t begin, int64_t end);
 void logit_stats_rows_avx512(const LogitStatsParams& p, int64_t begin, int64_t end);
+void logit_stats_rows_neon(const LogitStatsParams& p, int64_t begin, int64_t end);
 void logit_stats_rows_multi_scalar(const LogitStatsParams* ps, int m, int64_t begin, int64_t end);
 void logit_stats_rows_multi_avx2(const LogitStatsParams* ps, int m, int64_t begin, int64_t end);
 void logit_stats_rows_multi_avx512(const LogitStatsParams* ps, int m, int64_t begin, int64_t end);
+void logit_stats_rows_multi_neon(const LogitStatsParams* ps, int m, int64_t begin, int64_t end);
 }  // namespace detail
 
 }  // namespace fk
