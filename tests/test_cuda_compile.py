@@ -83,14 +83,29 @@ def build(kernel, dt_a, dt_b, consts, num_warps):
 # defaults for 16-bit and float32 logits, llama rows, the split variant and a tiny block.
 CASES = [("*bf16", "*bf16", 0, 0, 0, 1, 0, 2048, 4, 2), ("*fp32", "*fp16", 0, 0, 0, 0, 1, 2048, 4, 2),
          ("*i16", "*fp32", 1, 0, 1, 1, 0, 4096, 16, 3), ("*i16", "*i16", 1, 1, 1, 1, 1, 16, 4, 1)]
-for dt_a, dt_b, la, lb, parity, labels, split, block, warps, stages in CASES:
-    consts = dict(A_LLAMA=bool(la), B_LLAMA=bool(lb), PARITY=bool(parity), HAS_LABELS=bool(labels),
-                  SPLIT=bool(split), BLOCK_V=block, FUSED=True, NUM_STAGES=stages)
-    build(ks._logit_stats_kernel, dt_a, dt_b, consts, warps)
-for labels in (False, True):
-    consts = dict(A_LLAMA=False, B_LLAMA=False, PARITY=False, HAS_LABELS=labels)
+# issue 16's optional outputs: (top2, rank, state) per case above, in order
+EXTRA = [(0, 0, 0), (1, 0, 1), (1, 1, 0), (0, 1, 1)]
+count = 0
+for (dt_a, dt_b, la, lb, parity, labels, split, block, warps, stages), (top2, rank, state) in zip(CASES, EXTRA):
+    base = dict(A_LLAMA=bool(la), B_LLAMA=bool(lb), PARITY=bool(parity), HAS_LABELS=bool(labels),
+                SPLIT=bool(split), BLOCK_V=block, FUSED=True, NUM_STAGES=stages)
+    for opt in ((False, False, False), (bool(top2), bool(rank and labels), bool(state))):
+        consts = dict(base, TOP2=opt[0], RANK=opt[1], STATE=opt[2])
+        build(ks._logit_stats_kernel, dt_a, dt_b, consts, warps)
+        count += 1
+for labels, opt in ((False, (False, False, False)), (True, (True, True, True))):
+    consts = dict(A_LLAMA=False, B_LLAMA=False, PARITY=False, HAS_LABELS=labels, TOP2=opt[0],
+                  RANK=opt[1], STATE=opt[2])
     build(ks._logit_stats_merge_kernel, "*bf16", "*bf16", consts, 1)
-print("compiled", len(CASES) + 2, "kernels with triton", triton.__version__)
+    count += 1
+for dt_a, dt_b, la, lb, tvd, jsd, split, block, warps in (
+        ("*bf16", "*bf16", 0, 0, 1, 1, 0, 2048, 4), ("*i16", "*fp32", 1, 0, 1, 0, 1, 16, 4)):
+    consts = dict(A_LLAMA=bool(la), B_LLAMA=bool(lb), TVD=bool(tvd), JSD=bool(jsd), SPLIT=bool(split),
+                  BLOCK_V=block, FUSED=True, NUM_STAGES=2)
+    build(ks._logit_stats_dist_kernel, dt_a, dt_b, consts, warps)
+    count += 1
+build(ks._logit_stats_dist_merge_kernel, "*bf16", "*bf16", dict(TVD=True, JSD=True), 1)
+print("compiled", count + 1, "kernels with triton", triton.__version__)
 """
 
 
