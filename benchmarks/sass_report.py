@@ -190,7 +190,7 @@ def triton_rows(configs: list[str], dtype: str, workdir: Path, extra: tuple[str,
         if dist:
             builds.append((f"triton dist {cfg} +{','.join(dist)}", ks._logit_stats_dist_kernel,
                            dict(A_LLAMA=False, B_LLAMA=False, SPLIT=False, BLOCK_V=block_v, FUSED=True,
-                                NUM_STAGES=stages, TVD="tvd" in dist, JSD="jsd" in dist)))
+                                NUM_STAGES=stages, TVD="tvd" in dist, JSD="jsd" in dist, HW_LOG=True)))
         for name, kernel, consts in builds:
             compiled = compile_sm90(kernel, TRITON_TYPES[dtype], TRITON_TYPES[dtype], consts, warps)
             cubin = workdir / "triton.cubin"
@@ -212,12 +212,23 @@ def cuda_rows(dtype: str, workdir: Path, extra: tuple[str, ...] = (),
     subprocess.run([nvcc, "-std=c++17", "-O3", "-cubin", "-arch=sm_90", "-I", str(ROOT / "csrc" / "include"),
                     "-o", str(cubin), str(ROOT / "csrc" / "cuda" / "logit_stats.cu")], check=True)
     code = DTYPE_CODES[dtype]
-    want = re.compile(rf"rows_kernelILNS_5DTypeE{code}ELS2_{code}ELb0")
+    kernel = rf"ILNS_5DTypeE{code}ELS2_{code}E"
+    # (row name, mangled name): the rows kernel <DA, DB, kParity = false, kExtra>, and the
+    # distance kernel <DA, DB, kJsd>
+    builds = [("cuda rows", rf"rows_kernel{kernel}Lb0ELb0E")]
+    tag = [g for g in ("top2", "label") if g in extra]
+    if tag:
+        builds.append((f"cuda rows +{','.join(tag)}", rf"rows_kernel{kernel}Lb0ELb1E"))
+    if "jsd" in extra or "tvd" in extra:
+        jsd = "jsd" in extra
+        builds.append((f"cuda dist +{'tvd,jsd' if jsd else 'tvd'}", rf"dist_kernel{kernel}Lb{int(jsd)}E"))
+    fns = functions(cubin)
     rows = []
-    for name, fn in functions(cubin).items():
-        if want.search(name):
-            pairs = main_loop(fn["sass"])["ex2"] // 2  # kVec x unroll_steps<DA, DB>(): two exp2 a pair
-            rows.append(_row("cuda rows", dtype, fn, pairs, sass_dir))
+    for label, pattern in builds:
+        for name, fn in fns.items():
+            if re.search(pattern, name):
+                pairs = main_loop(fn["sass"])["ex2"] // 2  # kVec x unroll_steps<DA, DB>(): two exp2 a pair
+                rows.append(_row(label, dtype, fn, pairs, sass_dir))
     return rows
 
 

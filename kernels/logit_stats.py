@@ -70,6 +70,7 @@ import os
 import numpy as np
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
 
 # Constants the kernels read must be tl.constexpr globals.
 LOG2E = tl.constexpr(1.4426950408889634)
@@ -754,7 +755,17 @@ def _logit_stats_merge_kernel(
 
 
 @triton.jit
-def _jsd_h(z):
+def _log2_f32(x, HW_LOG: tl.constexpr):
+    """log2 in float32: HW_LOG, one hardware lg2.approx (about 2^-22 absolute; compiled
+    kernels only), else tl.log2 (a libm-like polynomial of about 20 instructions)."""
+    if HW_LOG:
+        return libdevice.fast_log2f(x)
+    else:
+        return tl.log2(x)
+
+
+@triton.jit
+def _jsd_h(z, HW_LOG: tl.constexpr):
     """h(z) = (1+z) log(1+z) + (1-z) log(1-z) for |z| <= 1 (float32): p log(p/m) + q log(q/m)
     = m h(z) with m = (p+q)/2, z = (p-q)/(p+q). Below |z| = 1/4 its series in w = z^2,
     sum_k w^k / (k (2k-1)) (six terms: 1e-8 relative), all terms positive, so no cancellation
@@ -767,8 +778,8 @@ def _jsd_h(z):
     poly = poly * w + 1.0 / 15.0
     poly = poly * w + 1.0 / 6.0
     poly = poly * w + 1.0
-    direct = LN2_F32 * ((1.0 + a) * tl.log2(1.0 + a)
-                        + tl.where(a < 1.0, (1.0 - a) * tl.log2(1.0 - a), 0.0))
+    direct = LN2_F32 * ((1.0 + a) * _log2_f32(1.0 + a, HW_LOG)
+                        + tl.where(a < 1.0, (1.0 - a) * _log2_f32(1.0 - a, HW_LOG), 0.0))
     return tl.where(a < 0.25, w * poly, direct)
 
 
@@ -787,7 +798,8 @@ def _split_shift(k):
 
 
 @triton.jit
-def _dist_block(x, y, ka, la, kb, lb, ra, rb, JSD: tl.constexpr, FUSED: tl.constexpr):
+def _dist_block(x, y, ka, la, kb, lb, ra, rb, JSD: tl.constexpr, FUSED: tl.constexpr,
+                HW_LOG: tl.constexpr):
     """A block's sum |p - q| and (with JSD) sum (p + q) h(z), float32: p = 2^t_ref / S_ref with
     t exactly as the statistics pass made it, 1/S rounded to float32 once per row."""
     if (la != 0.0) | (lb != 0.0):  # rows beyond |max| ~ 5.8e6 only: a uniform branch
@@ -802,7 +814,7 @@ def _dist_block(x, y, ka, la, kb, lb, ra, rb, JSD: tl.constexpr, FUSED: tl.const
     if JSD:
         s = p + q
         # 2-ulp division: z's own error is 1e-7 relative, like p's and q's
-        js = tl.where(s > 0.0, s * _jsd_h(tl.fdiv(diff, s, ieee_rounding=False)), 0.0)
+        js = tl.where(s > 0.0, s * _jsd_h(tl.fdiv(diff, s, ieee_rounding=False), HW_LOG), 0.0)
         if FUSED:
             tv_sum, js_sum = tl.reduce((tl.abs(diff), js), 0, _add2)
         else:
@@ -829,7 +841,7 @@ def _logit_stats_dist_kernel(
     a_ptr, b_ptr, stride_a, stride_b, vocab, cols_per_split, state_ptr, tvd_ptr, jsd_ptr,
     part_ptr, A_LLAMA: tl.constexpr, B_LLAMA: tl.constexpr, TVD: tl.constexpr,
     JSD: tl.constexpr, SPLIT: tl.constexpr, BLOCK_V: tl.constexpr, FUSED: tl.constexpr,
-    NUM_STAGES: tl.constexpr,
+    NUM_STAGES: tl.constexpr, HW_LOG: tl.constexpr,
 ):
     """One program per (row, split), after the statistics pass has written each row's shifts
     and sums to state_ptr (STATE): TVD and JSD from the normalised p and q. SPLIT: each split's
@@ -858,14 +870,14 @@ def _logit_stats_dist_kernel(
         offs = start + cols
         x = _load_block(a_vals, offs, offs < end, a_scale, a_off, A_LLAMA, False)
         y = _load_block(b_vals, offs, offs < end, b_scale, b_off, B_LLAMA, False)
-        b_tv, b_js = _dist_block(x, y, ka, la, kb, lb, ra, rb, JSD, FUSED)
+        b_tv, b_js = _dist_block(x, y, ka, la, kb, lb, ra, rb, JSD, FUSED, HW_LOG)
         tv += b_tv.to(tl.float64)
         js += b_js.to(tl.float64)
     if full_end < end:
         offs = full_end + cols
         x = _load_block(a_vals, offs, offs < end, a_scale, a_off, A_LLAMA, True)
         y = _load_block(b_vals, offs, offs < end, b_scale, b_off, B_LLAMA, True)
-        b_tv, b_js = _dist_block(x, y, ka, la, kb, lb, ra, rb, JSD, FUSED)
+        b_tv, b_js = _dist_block(x, y, ka, la, kb, lb, ra, rb, JSD, FUSED, HW_LOG)
         tv += b_tv.to(tl.float64)
         js += b_js.to(tl.float64)
     if SPLIT:
@@ -1070,7 +1082,7 @@ def _distances(ref, q, vocab, cols_per_split, splits, state, tvd_out, jsd_out, a
     import torch
 
     n = int(ref.shape[0])
-    flags = dict(A_LLAMA=a_llama, B_LLAMA=b_llama, TVD=tvd, JSD=jsd)
+    flags = dict(A_LLAMA=a_llama, B_LLAMA=b_llama, TVD=tvd, JSD=jsd, HW_LOG=not _interpreting())
     args = (ref, q, ref.stride(0), q.stride(0), vocab)
     if splits == 1:
         _logit_stats_dist_kernel[(n, 1)](*args, vocab, state, tvd_out, jsd_out, state,

@@ -101,7 +101,7 @@ for labels, opt in ((False, (False, False, False)), (True, (True, True, True))):
 for dt_a, dt_b, la, lb, tvd, jsd, split, block, warps in (
         ("*bf16", "*bf16", 0, 0, 1, 1, 0, 2048, 4), ("*i16", "*fp32", 1, 0, 1, 0, 1, 16, 4)):
     consts = dict(A_LLAMA=bool(la), B_LLAMA=bool(lb), TVD=bool(tvd), JSD=bool(jsd), SPLIT=bool(split),
-                  BLOCK_V=block, FUSED=True, NUM_STAGES=2)
+                  BLOCK_V=block, FUSED=True, NUM_STAGES=2, HW_LOG=True)
     build(ks._logit_stats_dist_kernel, dt_a, dt_b, consts, warps)
     count += 1
 build(ks._logit_stats_dist_merge_kernel, "*bf16", "*bf16", dict(TVD=True, JSD=True), 1)
