@@ -58,9 +58,24 @@ Design (one pass over each input, never materialising probabilities):
   an int16 tensor and decoded as fma(code, scale, min) like the CPU's SIMD paths). Rows may have
   any row stride; elements must be contiguous within a row.
 
+- Optional outputs (issue 16, definitions in fidelity_kld.reference), each behind a constexpr
+  switch so that without them the kernel compiles to the same SASS as before (checked with
+  benchmarks/sass_report.py --sass-dir: only a parameter's constant-bank offset moves):
+  TOP2 (logp_top1/top2) and RANK (the label's rank and margin) carry the row's second largest
+  value per side (a multiset: a tied max is its own second) and the count of entries above the
+  label's value through the same blocks, one multi-operand reduction with the block max (a
+  custom top-2 combine); log p = ln2 (fma64(v, log2e, -K)) - log S avoids v - lse's
+  cancellation in huge rows; the margin is the label's value minus the row max when anything
+  beats it, else minus the second largest. STATE writes each row's float64 shifts and sums for
+  the distance pass, a kernel of its own (TVD, JSD) that reads the row pair once more, only
+  when asked: p = 2^t / S with t as the statistics pass made it, sum |p - q| and
+  sum (p + q) h((p - q)/(p + q)) with h a series for |z| < 1/4 (no cancellation for p ~ q)
+  and two hardware log2s above (HW_LOG; the interpreter uses tl.log2).
+
 Numerical contract (tests/test_triton_logit_stats.py and tests/test_gpu.py, against the float64
 reference in fidelity_kld.reference): kld within 2e-6 absolute + 2e-4 relative, lse within
-1e-6 relative, top1 exact.
+1e-6 relative, top1 exact; log-probs within 1e-6 + 1e-5 relative, tvd and jsd within 1e-6 +
+1e-4 relative, ranks and margins exact (tests/test_direction_outputs.check_extra).
 """
 
 from __future__ import annotations

@@ -38,6 +38,13 @@
 // - Built without --use_fast_math: nothing is relaxed but exp2, which is one ex2.approx.ftz
 //   (2 ulp; results below 2^-126 flush to 0, as on the CPU and in Triton).
 //
+// - Optional outputs (issue 16; reference.py defines them), computed only when their pointers
+//   are set: top-2 log-probs, label ranks and margins ride in the rows kernel's kExtra
+//   instantiation (per step the second largest value per side and the count of entries above
+//   the label's value, merged like the argmax; the kernel without them is the one before);
+//   TVD and JSD take a distance kernel over (row, split) after the statistics pass has written
+//   each row's shifts and sums to a stream-ordered workspace: a third read of the rows.
+//
 // Inputs: float32, float16, bfloat16, llama_u16 (a float32 scale and minimum, then uint16 codes
 // decoded as fma(code, scale, min), like the CPU's SIMD paths) on either side.
 //

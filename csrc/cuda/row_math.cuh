@@ -10,6 +10,9 @@
 // step of 8 elements, float64 running sums, exact rescaling by powers of two when k rises.
 // Beyond |max * log2 e| = 2^23 the shift is a pair hi + lo (shift_of), so that the rounding of
 // max * log2 e itself never reaches t.
+//
+// Issue 16's optional outputs: fold_extra (second largest values, label counts; kExtra),
+// finish_stats' log-probs and margins, and the distance pass (dist_thread_range, finish_dist).
 #pragma once
 
 #include <cuda_fp16.h>
