@@ -487,17 +487,22 @@ def test_sass_report_finds_the_main_loops(tmp_path):
     env["TRITON_CACHE_DIR"] = str(tmp_path / "cache")
     out = tmp_path / "sass.json"
     args = [sys.executable, str(ROOT / "benchmarks" / "sass_report.py"), "--triton", "2048x4x2",
-            "--json", str(out)] + ([] if NVCC else ["--no-cuda"])
+            "--extra", "all", "--json", str(out)] + ([] if NVCC else ["--no-cuda"])
     proc = subprocess.run(args, capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    rows = __import__("json").loads(out.read_text())
-    assert [r["kernel"] for r in rows] == ["triton 2048x4x2"] + (["cuda rows"] if NVCC else [])
-    for r in rows:
+    rows = {r["kernel"]: r for r in __import__("json").loads(out.read_text())}
+    names = ["triton 2048x4x2", "triton 2048x4x2 +top2,label,state", "triton dist 2048x4x2 +tvd,jsd"]
+    names += ["cuda rows", "cuda rows +top2,label", "cuda dist +tvd,jsd"] if NVCC else []
+    assert list(rows) == names  # the default kernels first, then issue 16's optional outputs
+    for r in rows.values():
         assert r["ex2"] == 2 * r["pairs_per_trip"] and r["pairs_per_trip"] % 8 == 0, r
-        assert 0 < r["common"] < r["instructions"], r
-    assert rows[0]["pairs_per_trip"] == 16  # 2048 entries over 4 warps: from the launch
+        assert 0 < r["common"] <= r["instructions"], r
+    assert rows["triton 2048x4x2"]["pairs_per_trip"] == 16  # 2048 entries over 4 warps
+    # asking for the optional outputs costs instructions in the loop, never removes any
+    assert rows["triton 2048x4x2 +top2,label,state"]["common"] > rows["triton 2048x4x2"]["common"]
     if NVCC:  # bf16 both sides: 8 entries a step, 4 steps loaded ahead (unroll_steps), 64 exp2
-        assert rows[1]["pairs_per_trip"] == 32
+        assert rows["cuda rows"]["pairs_per_trip"] == 32
+        assert rows["cuda rows +top2,label"]["common"] > rows["cuda rows"]["common"]
 
 
 # --- issue 16's optional outputs: the kExtra rows kernel and the distance pass ---------------
