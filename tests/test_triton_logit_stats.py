@@ -559,3 +559,21 @@ def test_compare_gpu_extra_on_the_interpreter():
         with pytest.raises(ValueError, match="'top3'"):
             gpu.compare_gpu(torch.from_numpy(a), torch.from_numpy(b), backend="triton",
                             extra="top3")
+
+
+def test_allocate_outputs_completes_the_groups_out_names():
+    """An output of a group passed in ``out`` asks for its whole group (a kernel writes every
+    output of a group); the label group still needs labels."""
+    from fidelity_kld import gpu
+
+    mine = torch.zeros(3, dtype=torch.float64)
+    res = gpu.allocate_outputs(3, torch.device("cpu"), False, False, {"logp_top2_q": mine}, ["tvd"])
+    assert res["logp_top2_q"] is mine
+    assert {"logp_top1_ref", "logp_top1_q", "logp_top2_ref", "tvd"} <= set(res)
+    assert "jsd" not in res and "rank_ref_y" not in res
+    with pytest.raises(ValueError, match="needs labels"):
+        gpu.allocate_outputs(3, torch.device("cpu"), False, False,
+                             {"rank_q_y": torch.zeros(3, dtype=torch.int32)})
+    with pytest.raises(ValueError, match="rank_ref_y"):
+        gpu.allocate_outputs(3, torch.device("cpu"), True, False,
+                             {"rank_ref_y": torch.zeros(3, dtype=torch.float64)})

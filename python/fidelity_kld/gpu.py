@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from . import _core
-from .ops import _INT_OUTPUTS, Logits, TokenStats, extra_outputs
+from .ops import _INT_OUTPUTS, EXTRA_GROUPS, Logits, TokenStats, extra_outputs
 
 BACKENDS = ("auto", "cuda", "triton")
 _FLOAT_OUTPUTS = ("kld", "kld_reverse", "lse_ref", "lse_q", "entropy_ref")
@@ -151,10 +151,13 @@ def allocate_outputs(n: int, device, has_labels: bool, llama_parity: bool,
     """The output tensors of n tokens on device, by name (float64, int32 for top1 and the
     ranks), taking any the caller supplies in ``out`` after checking them (both GPU backends
     use this). extra: optional output groups (ops.extra_outputs: unknown names, and "label"
-    without labels, are a ValueError); a kernel computes exactly the groups present here."""
+    without labels, are a ValueError); a group with any tensor in ``out`` is asked for too and
+    completed here, since the kernels compute (and write) whole groups."""
     torch = _torch()
     res = dict(out or {})
-    for name in extra_outputs(extra, has_labels):
+    groups = (extra,) if isinstance(extra, str) else tuple(extra)
+    groups += tuple(g for g, names in EXTRA_GROUPS.items() if any(n in res for n in names))
+    for name in extra_outputs(groups, has_labels):
         res.setdefault(name, torch.empty(
             n, dtype=torch.int32 if name in _INT_OUTPUTS else torch.float64, device=device))
     for name in _FLOAT_OUTPUTS:
