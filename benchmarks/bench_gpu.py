@@ -4,7 +4,7 @@ pass summing both inputs) measured in the same run.
 
     python benchmarks/bench_gpu.py [--dtype bfloat16 float16 float32]
         [--shape 4096x152064 8192x131072 512x152064 65536x32000]
-        [--baselines headline|all|none] [--sweep] [--budget 0.3] [--json out.json]
+        [--baselines headline|all|none] [--sweep] [--extra] [--budget 0.3] [--json out.json]
 
 Reports ms, tokens/s and TB/s of input read (N * V * (bytes per ref entry + bytes per q entry)
 per call) and the percentage of the roofline. Times come from CUDA events around a batch of
@@ -13,6 +13,9 @@ torch.compile compilation. Before timing, each backend's output on a few rows is
 against the float64 reference (fidelity_kld.reference): numbers for wrong answers are useless.
 The baselines are slow and torch.compile compiles for each shape, so by default they run on the
 headline case only (bfloat16 4096 x 152064; the issue's target there is >= 2.7 TB/s).
+--extra (issue 16) times each optional output group ("triton +top2", ..., "cuda +all") on the
+headline case, with labels, beside the default outputs with the same labels ("... labels"):
+the cost of asking for each one, each checked against the reference first.
 """
 
 from __future__ import annotations
@@ -26,10 +29,12 @@ import numpy as np
 import torch
 
 from fidelity_kld import _core, bench, gpu, reference
+from fidelity_kld.ops import EXTRA_GROUPS as OUTPUT_GROUPS
 
 SHAPES = ["4096x152064", "8192x131072", "512x152064", "65536x32000"]
 DTYPES = ["bfloat16", "float16", "float32"]
 HEADLINE = ("bfloat16", 4096, 152064)
+EXTRA_GROUPS = ("top2", "label", "tvd", "jsd", "all")
 
 
 def gpu_time(fn, budget_s: float, *, min_batches: int = 3) -> bench.Timing:
@@ -112,19 +117,62 @@ def check_rows(name, out, a, b, rows=4):
     return bool(ok)
 
 
-def cuda_runner(a, b, out, splits=0):
+def check_extra_rows(name, out, a, b, labels, rows=4):
+    """A few rows of the optional outputs in ``out`` against the float64 reference."""
+    idx = torch.linspace(0, a.shape[0] - 1, rows, device=a.device).long()
+    want = reference.logit_stats(a[idx].double().cpu().numpy(), b[idx].double().cpu().numpy(),
+                                 labels[idx].cpu().numpy())
+    ok = True
+    for key in sorted(set(out) & {k for names in OUTPUT_GROUPS.values() for k in names}):
+        g, w = out[key][idx].cpu().numpy(), want[key]
+        if key.startswith("rank"):
+            good = np.array_equal(g, w)
+        else:
+            good = np.allclose(g, w, rtol=2e-4, atol=2e-6, equal_nan=True)
+        if not good:
+            print(f"!! {name}: {key} disagrees with the float64 reference", file=sys.stderr)
+        ok &= good
+    return bool(ok)
+
+
+def cuda_runner(a, b, out, splits=0, labels=None):
     """The extension with pointers prepared once: what a harness calling it in a loop pays."""
     n, v = a.shape
     ptr = {k: t.data_ptr() for k, t in out.items()}
     dt = str(a.dtype).replace("torch.", "")
     stream = torch.cuda.current_stream().cuda_stream
     sa, sb = a.stride(0) * a.element_size(), b.stride(0) * b.element_size()
+    y = 0 if labels is None else labels.data_ptr()
 
     def run():
         _core.logit_stats_cuda(a.data_ptr(), dt, sa, b.data_ptr(), dt, sb, n, v, stream=stream,
-                               vocab_splits=splits, **ptr)
+                               vocab_splits=splits, labels=y, **ptr)
 
     return run
+
+
+def extra_cases(ks, a, b, budget, record, roof, nbytes, dtype):
+    """The cost of each optional output group: the default outputs with labels, then each group
+    asked for in turn, on both backends."""
+    n, v = a.shape
+    y = torch.from_numpy(np.random.default_rng(3).integers(0, v, n)).cuda()
+    for group in ("labels",) + EXTRA_GROUPS:
+        extra = () if group == "labels" else (group,)
+        out = gpu.allocate_outputs(n, a.device, True, False, None, extra)
+
+        def triton_run(out=out, extra=extra):
+            return ks.logit_stats(a, b, y, out=out, extra=extra)
+
+        runners = [("triton", triton_run)]
+        if _core.has_cuda:
+            runners.append(("cuda", cuda_runner(a, b, out, labels=y)))
+        for backend, run in runners:
+            label = f"{backend} {group}" if group == "labels" else f"{backend} +{group}"
+            for t in out.values():
+                t.fill_(0)
+            run()
+            ok = check_rows(label, out, a, b) and check_extra_rows(label, out, a, b, y)
+            record(label, dtype, n, v, gpu_time(run, budget), nbytes, roof, ok)
 
 
 def hidden_state_case(budget: float, n: int = 4096, h: int = 4096, v: int = 152064,
@@ -177,6 +225,8 @@ def main(argv=None):
     ap.add_argument("--baselines", choices=["headline", "all", "none"], default="headline")
     ap.add_argument("--sweep", action="store_true",
                     help="also time Triton block sizes / warps and CUDA vocabulary splits on the headline case")
+    ap.add_argument("--extra", action="store_true",
+                    help="also time each optional output group (issue 16) on the headline case")
     ap.add_argument("--budget", type=float, default=0.3, help="seconds of timed work per measurement")
     ap.add_argument("--json", help="write results here")
     ap.add_argument("--hidden", action="store_true",
@@ -245,6 +295,8 @@ def main(argv=None):
                 ok = check_rows("cuda", out, a, b)
                 record("cuda", dtype, n, v, gpu_time(run, args.budget), nbytes, roof, ok)
             headline = (dtype, n, v) == HEADLINE
+            if args.extra and headline:
+                extra_cases(ks, a, b, args.budget, record, roof, nbytes, dtype)
             if args.sweep and headline:
                 # (block_v, num_warps, num_stages, fused reductions); the default is 2048/4/2
                 # (16 entries per thread); 4096/16/3 was the default before (8 per thread).
@@ -301,8 +353,9 @@ def main(argv=None):
     # The short table: the headline numbers last.
     print("\n# summary (TB/s of input read; % of the read roofline measured in this run)")
     for r in results:
-        if r.impl in ("triton", "cuda", "torch eager", "torch.compile") and "pct_roofline" in r.extra:
-            print(f"  {r.impl:<14}{r.dtype:<9}{r.n:>6}x{r.vocab:<7}{r.extra['tb_per_s']:7.3f} TB/s"
+        if (r.impl in ("triton", "cuda", "torch eager", "torch.compile") or " +" in r.impl
+                or r.impl.endswith(" labels")) and "pct_roofline" in r.extra:
+            print(f"  {r.impl:<16}{r.dtype:<9}{r.n:>6}x{r.vocab:<7}{r.extra['tb_per_s']:7.3f} TB/s"
                   f"{r.extra['pct_roofline']:6.1f}%{'' if r.extra.get('ok') in (None, True) else '  WRONG'}")
     wrong = [r for r in results if r.extra.get("ok") is False]
     return 1 if wrong else 0

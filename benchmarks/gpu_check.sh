@@ -5,7 +5,8 @@
 #      FK_CUDA_ARCHS to change it),
 #   2. runs tests/test_gpu.py (CUDA extension and Triton on GPU tensors; the Triton interpreter
 #      tests run in CI, not here),
-#   3. runs benchmarks/bench_gpu.py with a short measurement budget,
+#   3. runs benchmarks/bench_gpu.py with a short measurement budget (and --extra: the cost of
+#      each optional output group of issue 16 on the headline case),
 #   4. profiles one launch of each kernel on the headline case with Nsight Compute (speed of
 #      light, occupancy, warp stalls: what limits it), when ncu is installed,
 # and prints a short table last. Logs and the JSON results go to $OUT (or benchmarks/out).
@@ -49,6 +50,9 @@ $PY -c "import fidelity_kld._core as c; print('has_cuda', c.has_cuda, 'simd', c.
 
 step test_gpu 80 $PY -m pytest -q --maxfail=20 -p no:cacheprovider -m gpu tests/test_gpu.py -rs
 step bench 120 $PY benchmarks/bench_gpu.py --budget 0.25 --sweep --json "$OUTDIR/bench_gpu.json"
+# issue 16: the cost of each optional output group on the headline case (bf16 4096 x 152064)
+step bench_extra 120 $PY benchmarks/bench_gpu.py --dtype bfloat16 --shape 4096x152064 --baselines none \
+  --extra --budget 0.25 --json "$OUTDIR/bench_gpu_extra.json"
 step bench_hidden 60 $PY benchmarks/bench_gpu.py --hidden --budget 0.25 --json "$OUTDIR/bench_gpu_hidden.json"
 if command -v ncu > /dev/null; then
   # One launch of each kernel (bf16, 4096 x 152064): the first matching launch is profiled, the
@@ -69,10 +73,11 @@ fi
 
 echo
 echo "=== gpu_check summary ($(( $(date +%s) - START ))s in all)"
-for s in build test_gpu bench bench_hidden profile; do
+for s in build test_gpu bench bench_extra bench_hidden profile; do
   printf '  %-14s %s\n' "$s" "${STATUS[$s]:-not run}"
 done
 grep -h -E "passed|failed|error" "$OUTDIR/test_gpu.log" 2>/dev/null | tail -1 | sed 's/^/  /'
 grep -E "^  [a-zA-Z_]*logit_stats|Duration|DRAM Throughput|Compute \(SM\) Throughput|Registers Per|Achieved Occupancy|Theoretical Occupancy|Waves Per SM" \
   "$OUTDIR/profile.log" 2>/dev/null | sed 's/^ */  /'
 sed -n '/^# summary/,$p' "$OUTDIR/bench.log" 2>/dev/null
+sed -n '/^# summary/,$p' "$OUTDIR/bench_extra.log" 2>/dev/null

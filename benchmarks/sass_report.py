@@ -131,7 +131,7 @@ def compile_sm90(kernel, dt_a: str, dt_b: str, consts: dict, num_warps: int):
             sig[name] = dt_a if name == "a_ptr" else dt_b
         elif name == "labels_ptr":
             sig[name] = "*i64"
-        elif name in ("top1_ref_ptr", "top1_q_ptr"):
+        elif name in ("top1_ref_ptr", "top1_q_ptr", "rank_ref_ptr", "rank_q_ptr"):
             sig[name] = "*i32"
         elif name.endswith("_ptr"):
             sig[name] = "*fp64"
@@ -145,26 +145,65 @@ def compile_sm90(kernel, dt_a: str, dt_b: str, consts: dict, num_warps: int):
     return compiled
 
 
-def triton_rows(configs: list[str], dtype: str, workdir: Path) -> list[dict]:
+GROUPS = ("top2", "label", "tvd", "jsd")
+
+
+def parse_extra(text: str) -> tuple[str, ...]:
+    """--extra's comma list of optional output groups ("all": every one)."""
+    names = [g for g in text.split(",") if g]
+    groups = GROUPS if "all" in names else tuple(g for g in GROUPS if g in names)
+    unknown = set(names) - set(GROUPS) - {"all"}
+    if unknown:
+        sys.exit(f"--extra: unknown group(s) {', '.join(sorted(unknown))}; expected {', '.join(GROUPS)}, all")
+    return groups
+
+
+def _row(kernel: str, dtype: str, fn: dict, pairs: int, sass_dir: Path | None) -> dict:
+    loop = main_loop(fn["sass"])
+    if sass_dir is not None:  # the full listing, to diff two builds instruction by instruction
+        (sass_dir / (kernel.replace(" ", "_").replace(",", "+") + ".sass")).write_text(
+            "\n".join(t for _, t in fn["sass"]) + "\n")
+    return {"kernel": kernel, "dtype": dtype, "regs": fn["regs"], "stack": fn["stack"],
+            "pairs_per_trip": pairs, **loop, "per_pair": round(loop["common"] / pairs, 1)}
+
+
+def triton_rows(configs: list[str], dtype: str, workdir: Path, extra: tuple[str, ...] = (),
+                sass_dir: Path | None = None) -> list[dict]:
+    """One row per launch configuration for the statistics kernel as the default outputs
+    build it; with extra groups, one row more for it as they build it ("+top2,label": its loop
+    gains the second largest value and the label counts) and, for tvd/jsd, the distance pass."""
     ks = load_triton_kernels()
     rows = []
+    top2, rank = "top2" in extra, "label" in extra
+    dist = [g for g in ("tvd", "jsd") if g in extra]
     for cfg in configs:
         block_v, warps, stages = (int(x) for x in cfg.split("x"))
-        consts = dict(A_LLAMA=False, B_LLAMA=False, PARITY=False, HAS_LABELS=False, SPLIT=False,
-                      BLOCK_V=block_v, FUSED=True, NUM_STAGES=stages)
-        compiled = compile_sm90(ks._logit_stats_kernel, TRITON_TYPES[dtype], TRITON_TYPES[dtype],
-                                consts, warps)
-        cubin = workdir / f"triton_{cfg}.cubin"
-        cubin.write_bytes(compiled.asm["cubin"])
-        (fn,) = functions(cubin).values()
-        loop = main_loop(fn["sass"])
         pairs = block_v // (warps * 32)
-        rows.append({"kernel": f"triton {cfg}", "dtype": dtype, "regs": fn["regs"], "stack": fn["stack"],
-                     "pairs_per_trip": pairs, **loop, "per_pair": round(loop["common"] / pairs, 1)})
+        base = dict(A_LLAMA=False, B_LLAMA=False, PARITY=False, SPLIT=False, BLOCK_V=block_v,
+                    FUSED=True, NUM_STAGES=stages)
+        builds = [(f"triton {cfg}", ks._logit_stats_kernel,
+                   dict(base, HAS_LABELS=False, TOP2=False, RANK=False, STATE=False))]
+        tag = [g for g in ("top2", "label") if g in extra] + (["state"] if dist else [])
+        if tag:
+            builds.append((f"triton {cfg} +{','.join(tag)}", ks._logit_stats_kernel,
+                           dict(base, HAS_LABELS=rank, TOP2=top2, RANK=rank, STATE=bool(dist))))
+        if dist:
+            builds.append((f"triton dist {cfg} +{','.join(dist)}", ks._logit_stats_dist_kernel,
+                           dict(A_LLAMA=False, B_LLAMA=False, SPLIT=False, BLOCK_V=block_v, FUSED=True,
+                                NUM_STAGES=stages, TVD="tvd" in dist, JSD="jsd" in dist, HW_LOG=True)))
+        for name, kernel, consts in builds:
+            compiled = compile_sm90(kernel, TRITON_TYPES[dtype], TRITON_TYPES[dtype], consts, warps)
+            cubin = workdir / "triton.cubin"
+            cubin.write_bytes(compiled.asm["cubin"])
+            (fn,) = functions(cubin).values()
+            # the distance loop comes out unrolled: count its pairs by their two exp2s
+            trip = main_loop(fn["sass"])["ex2"] // 2 if "dist" in name else pairs
+            rows.append(_row(name, dtype, fn, trip, sass_dir))
     return rows
 
 
-def cuda_rows(dtype: str, workdir: Path) -> list[dict]:
+def cuda_rows(dtype: str, workdir: Path, extra: tuple[str, ...] = (),
+              sass_dir: Path | None = None) -> list[dict]:
     nvcc = shutil.which("nvcc")
     if nvcc is None:
         print("nvcc not on PATH: no CUDA kernel rows", file=sys.stderr)
@@ -173,14 +212,23 @@ def cuda_rows(dtype: str, workdir: Path) -> list[dict]:
     subprocess.run([nvcc, "-std=c++17", "-O3", "-cubin", "-arch=sm_90", "-I", str(ROOT / "csrc" / "include"),
                     "-o", str(cubin), str(ROOT / "csrc" / "cuda" / "logit_stats.cu")], check=True)
     code = DTYPE_CODES[dtype]
-    want = re.compile(rf"rows_kernelILNS_5DTypeE{code}ELS2_{code}ELb0")
+    kernel = rf"ILNS_5DTypeE{code}ELS2_{code}E"
+    # (row name, mangled name): the rows kernel <DA, DB, kParity = false, kExtra>, and the
+    # distance kernel <DA, DB, kJsd>
+    builds = [("cuda rows", rf"rows_kernel{kernel}Lb0ELb0E")]
+    tag = [g for g in ("top2", "label") if g in extra]
+    if tag:
+        builds.append((f"cuda rows +{','.join(tag)}", rf"rows_kernel{kernel}Lb0ELb1E"))
+    if "jsd" in extra or "tvd" in extra:
+        jsd = "jsd" in extra
+        builds.append((f"cuda dist +{'tvd,jsd' if jsd else 'tvd'}", rf"dist_kernel{kernel}Lb{int(jsd)}E"))
+    fns = functions(cubin)
     rows = []
-    for name, fn in functions(cubin).items():
-        if want.search(name):
-            loop = main_loop(fn["sass"])
-            pairs = loop["ex2"] // 2  # kVec x unroll_steps<DA, DB>(): two exp2 per pair
-            rows.append({"kernel": "cuda rows", "dtype": dtype, "regs": fn["regs"], "stack": fn["stack"],
-                         "pairs_per_trip": pairs, **loop, "per_pair": round(loop["common"] / pairs, 1)})
+    for label, pattern in builds:
+        for name, fn in fns.items():
+            if re.search(pattern, name):
+                pairs = main_loop(fn["sass"])["ex2"] // 2  # kVec x unroll_steps<DA, DB>(): two exp2 a pair
+                rows.append(_row(label, dtype, fn, pairs, sass_dir))
     return rows
 
 
@@ -191,20 +239,29 @@ def main(argv=None) -> int:
     ap.add_argument("--dtype", choices=sorted(DTYPE_CODES), default="bfloat16")
     ap.add_argument("--no-cuda", action="store_true", help="skip the CUDA kernel")
     ap.add_argument("--json", metavar="PATH", help="also write the rows as JSON")
+    ap.add_argument("--extra", default="", metavar="GROUPS",
+                    help="also the kernels as the optional output groups build them: a comma list of "
+                         f"{', '.join(GROUPS)} or all (the default outputs' rows come first, unchanged)")
+    ap.add_argument("--sass-dir", metavar="DIR", help="write each kernel's SASS listing here")
     args = ap.parse_args(argv)
+    extra = parse_extra(args.extra)
+    sass_dir = Path(args.sass_dir) if args.sass_dir else None
+    if sass_dir is not None:
+        sass_dir.mkdir(parents=True, exist_ok=True)
     os.environ.pop("TRITON_INTERPRET", None)
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        rows = triton_rows(args.triton, args.dtype, work)
+        rows = triton_rows(args.triton, args.dtype, work, extra, sass_dir)
         if not args.no_cuda:
-            rows += cuda_rows(args.dtype, work)
+            rows += cuda_rows(args.dtype, work, extra, sass_dir)
     budget = 44 * BYTES[args.dtype] // 2
     print(f"# sm_90 main loops, {args.dtype} on both sides (budget at 2.7 TB/s on an H100: about {budget} "
           "instructions per pair)")
-    print(f"{'kernel':<18}{'regs':>5}{'stack':>6}{'pairs/trip':>11}{'loop':>6}{'common':>7}{'per pair':>9}"
+    width = max([18] + [len(r["kernel"]) + 2 for r in rows])
+    print(f"{'kernel':<{width}}{'regs':>5}{'stack':>6}{'pairs/trip':>11}{'loop':>6}{'common':>7}{'per pair':>9}"
           f"{'ex2':>5}{'bar':>5}{'shfl':>6}")
     for r in rows:
-        print(f"{r['kernel']:<18}{r['regs']:>5}{r['stack']:>6}{r['pairs_per_trip']:>11}{r['instructions']:>6}"
+        print(f"{r['kernel']:<{width}}{r['regs']:>5}{r['stack']:>6}{r['pairs_per_trip']:>11}{r['instructions']:>6}"
               f"{r['common']:>7}{r['per_pair']:>9}{r['ex2']:>5}{r['barriers']:>5}{r['shuffles']:>6}")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1) + "\n")

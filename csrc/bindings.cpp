@@ -255,7 +255,10 @@ void register_logit_stats_cuda(py::module_& m) {
          std::uintptr_t entropy_ref, std::uintptr_t top1_ref, std::uintptr_t top1_q,
          std::uintptr_t nll_ref, std::uintptr_t nll_q, std::uintptr_t p_ref_y,
          std::uintptr_t p_q_y, std::uintptr_t kld_llama, std::uintptr_t stream,
-         int vocab_splits) {
+         int vocab_splits, std::uintptr_t logp_top1_ref, std::uintptr_t logp_top1_q,
+         std::uintptr_t logp_top2_ref, std::uintptr_t logp_top2_q, std::uintptr_t tvd,
+         std::uintptr_t jsd, std::uintptr_t rank_ref_y, std::uintptr_t rank_q_y,
+         std::uintptr_t margin_ref, std::uintptr_t margin_q) {
         fk::LogitStatsParams p;
         p.ref = reinterpret_cast<const void*>(ref);
         p.q = reinterpret_cast<const void*>(q);
@@ -279,6 +282,16 @@ void register_logit_stats_cuda(py::module_& m) {
         p.p_ref_y = reinterpret_cast<double*>(p_ref_y);
         p.p_q_y = reinterpret_cast<double*>(p_q_y);
         p.kld_llama = reinterpret_cast<double*>(kld_llama);
+        p.logp_top1_ref = reinterpret_cast<double*>(logp_top1_ref);
+        p.logp_top1_q = reinterpret_cast<double*>(logp_top1_q);
+        p.logp_top2_ref = reinterpret_cast<double*>(logp_top2_ref);
+        p.logp_top2_q = reinterpret_cast<double*>(logp_top2_q);
+        p.tvd = reinterpret_cast<double*>(tvd);
+        p.jsd = reinterpret_cast<double*>(jsd);
+        p.rank_ref_y = reinterpret_cast<int32_t*>(rank_ref_y);
+        p.rank_q_y = reinterpret_cast<int32_t*>(rank_q_y);
+        p.margin_ref = reinterpret_cast<double*>(margin_ref);
+        p.margin_q = reinterpret_cast<double*>(margin_q);
         // Safe without the GIL: only device memory and a stream handle are touched, and the
         // call returns once the kernels are queued; the caller keeps the tensors alive.
         py::gil_scoped_release release;
@@ -290,9 +303,13 @@ void register_logit_stats_cuda(py::module_& m) {
       py::arg("kld_reverse"), py::arg("lse_ref"), py::arg("lse_q"), py::arg("entropy_ref"),
       py::arg("top1_ref"), py::arg("top1_q"), py::arg("nll_ref") = 0, py::arg("nll_q") = 0,
       py::arg("p_ref_y") = 0, py::arg("p_q_y") = 0, py::arg("kld_llama") = 0,
-      py::arg("stream") = 0, py::arg("vocab_splits") = 0,
+      py::arg("stream") = 0, py::arg("vocab_splits") = 0, py::arg("logp_top1_ref") = 0,
+      py::arg("logp_top1_q") = 0, py::arg("logp_top2_ref") = 0, py::arg("logp_top2_q") = 0,
+      py::arg("tvd") = 0, py::arg("jsd") = 0, py::arg("rank_ref_y") = 0,
+      py::arg("rank_q_y") = 0, py::arg("margin_ref") = 0, py::arg("margin_q") = 0,
       "Queue the fused statistics on a CUDA stream: integer device pointers, byte row strides, "
-      "float64/int32 device outputs. Returns without synchronising.");
+      "float64/int32 device outputs (the optional ones, issue 16: 0 = not computed). Returns "
+      "without synchronising.");
 }
 #endif
 

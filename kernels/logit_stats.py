@@ -58,9 +58,24 @@ Design (one pass over each input, never materialising probabilities):
   an int16 tensor and decoded as fma(code, scale, min) like the CPU's SIMD paths). Rows may have
   any row stride; elements must be contiguous within a row.
 
+- Optional outputs (issue 16, definitions in fidelity_kld.reference), each behind a constexpr
+  switch so that without them the kernel compiles to the same SASS as before (checked with
+  benchmarks/sass_report.py --sass-dir: only a parameter's constant-bank offset moves):
+  TOP2 (logp_top1/top2) and RANK (the label's rank and margin) carry the row's second largest
+  value per side (a multiset: a tied max is its own second) and the count of entries above the
+  label's value through the same blocks, one multi-operand reduction with the block max (a
+  custom top-2 combine); log p = ln2 (fma64(v, log2e, -K)) - log S avoids v - lse's
+  cancellation in huge rows; the margin is the label's value minus the row max when anything
+  beats it, else minus the second largest. STATE writes each row's float64 shifts and sums for
+  the distance pass, a kernel of its own (TVD, JSD) that reads the row pair once more, only
+  when asked: p = 2^t / S with t as the statistics pass made it, sum |p - q| and
+  sum (p + q) h((p - q)/(p + q)) with h a series for |z| < 1/4 (no cancellation for p ~ q)
+  and two hardware log2s above (HW_LOG; the interpreter uses tl.log2).
+
 Numerical contract (tests/test_triton_logit_stats.py and tests/test_gpu.py, against the float64
 reference in fidelity_kld.reference): kld within 2e-6 absolute + 2e-4 relative, lse within
-1e-6 relative, top1 exact.
+1e-6 relative, top1 exact; log-probs within 1e-6 + 1e-5 relative, tvd and jsd within 1e-6 +
+1e-4 relative, ranks and margins exact (tests/test_direction_outputs.check_extra).
 """
 
 from __future__ import annotations
@@ -70,6 +85,7 @@ import os
 import numpy as np
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
 
 # Constants the kernels read must be tl.constexpr globals.
 LOG2E = tl.constexpr(1.4426950408889634)
@@ -90,6 +106,12 @@ BIG_SHIFT = tl.constexpr(8388608.0)
 LLAMA_WINDOW = tl.constexpr(-16.0)
 BIG_INDEX = tl.constexpr(2147483647)
 N_PART = tl.constexpr(16)  # float64 words of split state per (row, split)
+N_PART_SECOND = tl.constexpr(20)  # ... with the second largest values and the label ranks
+N_STATE = tl.constexpr(4)  # float64 words per row handed to the distance pass: K_ref, K_q, S_ref, S_q
+# float32(log2 e) as a float64: fma(x, LOG2E_F32, -K) in float64 is t exactly as the kernel's
+# float32 fma makes it, before its rounding.
+LOG2E_F32 = tl.constexpr(float(np.float32(1.4426950408889634)))
+LN2_F32 = tl.constexpr(0.6931471805599453)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -239,6 +261,62 @@ def _block_max2(x, y, FUSED: tl.constexpr):
 
 
 @triton.jit
+def _top2(a1, a2, b1, b2):
+    """The two largest values (as a multiset) of two (largest, second largest) pairs."""
+    return tl.maximum(a1, b1), tl.maximum(tl.minimum(a1, b1), tl.maximum(a2, b2))
+
+
+@triton.jit
+def _top2_2(a1, a2, b1, b2, c1, c2, d1, d2):
+    x1, x2 = _top2(a1, a2, c1, c2)
+    y1, y2 = _top2(b1, b2, d1, d2)
+    return x1, x2, y1, y2
+
+
+@triton.jit
+def _top2_2_count2(a1, a2, b1, b2, ca, cb, c1, c2, d1, d2, ea, eb):
+    x1, x2 = _top2(a1, a2, c1, c2)
+    y1, y2 = _top2(b1, b2, d1, d2)
+    return x1, x2, y1, y2, ca + ea, cb + eb
+
+
+@triton.jit
+def _second_of(x, mx):
+    """The second largest value of x as a multiset (mx when the max mx is tied), one tl.max and
+    one tl.sum: what the interpreter runs instead of a custom combine."""
+    ties = tl.sum((x == mx).to(tl.int32), 0)
+    below = tl.max(tl.where(x < mx, x, float("-inf")), 0)
+    return tl.where(ties > 1, mx, below)
+
+
+@triton.jit
+def _block_top2(x, y, ya, yb, RANK: tl.constexpr, FUSED: tl.constexpr):
+    """A block's (max, second largest) per side and, with RANK, how many entries per side lie
+    strictly above the label's value (ya, yb); one multi-operand reduction when FUSED."""
+    if FUSED:
+        lo = tl.full(x.shape, float("-inf"), tl.float32)
+        if RANK:
+            mx, sx, my, sy, ca, cb = tl.reduce(
+                (x, lo, y, lo, (x > ya).to(tl.int32), (y > yb).to(tl.int32)), 0, _top2_2_count2)
+        else:
+            mx, sx, my, sy = tl.reduce((x, lo, y, lo), 0, _top2_2)
+            ca = 0
+            cb = 0
+    else:
+        mx = tl.max(x, 0)
+        my = tl.max(y, 0)
+        sx = _second_of(x, mx)
+        sy = _second_of(y, my)
+        if RANK:
+            ca = tl.sum((x > ya).to(tl.int32), 0)
+            cb = tl.sum((y > yb).to(tl.int32), 0)
+        else:
+            ca = 0
+            cb = 0
+    return mx, sx, my, sy, ca, cb
+
+
+@triton.jit
 def _block_sum5(a, b, c, d, e, FUSED: tl.constexpr):
     if FUSED:
         sa, sb, sc, sd, se = tl.reduce((a, b, c, d, e), 0, _add5)
@@ -304,9 +382,20 @@ def _rescale(ka, kb, na, nb, sa, sb, trq, tqr, h, wt, ws):
 
 @triton.jit
 def _block(x, y, offs, ka, la, kb, lb, sa, sb, trq, tqr, h, wt, ws, best_a, ia, best_b, ib, bad,
-           PARITY: tl.constexpr, FUSED: tl.constexpr):
-    """Fold one vocabulary block (x: ref, y: q, float32, -inf padded) into the running state."""
-    mx_a, mx_b = _block_max2(x, y, FUSED)
+           sec_a, sec_b, ya, yb, cnt_a, cnt_b, PARITY: tl.constexpr, FUSED: tl.constexpr,
+           SECOND: tl.constexpr, RANK: tl.constexpr):
+    """Fold one vocabulary block (x: ref, y: q, float32, -inf padded) into the running state.
+    SECOND: also the second largest value per side (sec_a, sec_b); RANK: also the count of
+    entries above the label's values ya, yb (cnt_a, cnt_b). Both off: the kernel of before."""
+    if SECOND:
+        mx_a, s_a, mx_b, s_b, c_a, c_b = _block_top2(x, y, ya, yb, RANK, FUSED)
+        # the row's second largest so far: the block's, or the smaller of the two maxima
+        sec_a = tl.maximum(sec_a, tl.maximum(tl.minimum(best_a, mx_a), s_a))
+        sec_b = tl.maximum(sec_b, tl.maximum(tl.minimum(best_b, mx_b), s_b))
+        cnt_a += c_a
+        cnt_b += c_b
+    else:
+        mx_a, mx_b = _block_max2(x, y, FUSED)
     if mx_a > best_a:  # strictly: an earlier block keeps a tie
         ia = tl.min(tl.where(x == mx_a, offs, BIG_INDEX), 0)
         best_a = mx_a
@@ -361,20 +450,23 @@ def _block(x, y, offs, ka, la, kb, lb, sa, sb, trq, tqr, h, wt, ws, best_a, ia, 
     trq += b_rq.to(tl.float64)
     tqr += b_qr.to(tl.float64)
     h += b_h.to(tl.float64)
-    return ka, la, kb, lb, sa, sb, trq, tqr, h, wt, ws, best_a, ia, best_b, ib, bad
+    return (ka, la, kb, lb, sa, sb, trq, tqr, h, wt, ws, best_a, ia, best_b, ib, bad,
+            sec_a, sec_b, cnt_a, cnt_b)
 
 
 @triton.jit
 def _load_fold(a_vals, b_vals, offs, end, a_scale, a_off, b_scale, b_off,
                ka, la, kb, lb, sa, sb, trq, tqr, h, wt, ws, best_a, ia, best_b, ib, bad,
+               sec_a, sec_b, ya, yb, cnt_a, cnt_b,
                A_LLAMA: tl.constexpr, B_LLAMA: tl.constexpr, PARITY: tl.constexpr,
-               FUSED: tl.constexpr, MASKED: tl.constexpr):
+               FUSED: tl.constexpr, MASKED: tl.constexpr, SECOND: tl.constexpr,
+               RANK: tl.constexpr):
     """Load the block at offs (masked at end when MASKED) on both sides and fold it in."""
     mask = offs < end
     x = _load_block(a_vals, offs, mask, a_scale, a_off, A_LLAMA, MASKED)
     y = _load_block(b_vals, offs, mask, b_scale, b_off, B_LLAMA, MASKED)
     return _block(x, y, offs, ka, la, kb, lb, sa, sb, trq, tqr, h, wt, ws, best_a, ia, best_b,
-                  ib, bad, PARITY, FUSED)
+                  ib, bad, sec_a, sec_b, ya, yb, cnt_a, cnt_b, PARITY, FUSED, SECOND, RANK)
 
 
 @triton.jit
@@ -382,9 +474,14 @@ def _finish(row, ka, kb, sa, sb, trq, tqr, h, wt, ws, ia, ib, bad,
             a_vals, b_vals, a_scale, a_off, b_scale, b_off, labels_ptr, vocab,
             kld_ptr, kld_rev_ptr, lse_ref_ptr, lse_q_ptr, entropy_ptr, top1_ref_ptr, top1_q_ptr,
             nll_ref_ptr, nll_q_ptr, p_ref_y_ptr, p_q_y_ptr, kld_llama_ptr,
+            best_a, best_b, sec_a, sec_b, cnt_a, cnt_b,
+            top1_lp_ref_ptr, top1_lp_q_ptr, top2_lp_ref_ptr, top2_lp_q_ptr,
+            rank_ref_ptr, rank_q_ptr, margin_ref_ptr, margin_q_ptr, state_ptr,
             A_LLAMA: tl.constexpr, B_LLAMA: tl.constexpr, PARITY: tl.constexpr,
-            HAS_LABELS: tl.constexpr):
-    """Write one row's outputs from its merged state (float64 shifts ka, kb), in float64."""
+            HAS_LABELS: tl.constexpr, TOP2: tl.constexpr, RANK: tl.constexpr,
+            STATE: tl.constexpr):
+    """Write one row's outputs from its merged state (float64 shifts ka, kb), in float64.
+    TOP2, RANK (with labels), STATE: the optional outputs (_finish_extra)."""
     valid = ((bad == 0) & (sa > 0.0) & (sb > 0.0) & (sa < float("inf")) & (sb < float("inf"))
              & (ka < float("inf")) & (kb < float("inf")))
     sa_s = tl.where(valid, sa, 1.0)
@@ -402,10 +499,10 @@ def _finish(row, ka, kb, sa, sb, trq, tqr, h, wt, ws, ia, ib, bad,
     tl.store(top1_ref_ptr + row, tl.where(valid, ia, -1))
     tl.store(top1_q_ptr + row, tl.where(valid, ib, -1))
     if HAS_LABELS:
-        y = tl.load(labels_ptr + row)
-        y = tl.minimum(tl.maximum(y, 0), vocab - 1)  # the launcher checked the range
-        ay = _load_one(a_vals, y, a_scale, a_off, A_LLAMA).to(tl.float64)
-        by = _load_one(b_vals, y, b_scale, b_off, B_LLAMA).to(tl.float64)
+        ay, by = _label_values(labels_ptr, row, vocab, a_vals, b_vals, a_scale, a_off, b_scale,
+                               b_off, A_LLAMA, B_LLAMA)
+        ay = ay.to(tl.float64)
+        by = by.to(tl.float64)
         if PARITY:  # the reference row already holds log-probs: not renormalised
             nll_a = -ay
         else:
@@ -418,6 +515,21 @@ def _finish(row, ka, kb, sa, sb, trq, tqr, h, wt, ws, ia, ib, bad,
         tl.store(nll_q_ptr + row, tl.where(valid, nll_b, nan))
         tl.store(p_ref_y_ptr + row, tl.where(valid, _exp_f64(-nll_a), nan))
         tl.store(p_q_y_ptr + row, tl.where(valid, _exp_f64(-nll_b), nan))
+        if RANK:
+            _finish_label(row, valid, ay, by, best_a, best_b, sec_a, sec_b, cnt_a, cnt_b,
+                          rank_ref_ptr, rank_q_ptr, margin_ref_ptr, margin_q_ptr)
+    if TOP2:
+        # log p of a value v: LN2_EFF (v log2e - K) - log S, the float64 fma exact where the
+        # float32 one rounds (v - lse would cancel two huge numbers in rows near 1e37)
+        tl.store(top1_lp_ref_ptr + row, tl.where(valid, _logp_of(best_a, ka, log_sa), nan))
+        tl.store(top1_lp_q_ptr + row, tl.where(valid, _logp_of(best_b, kb, log_sb), nan))
+        tl.store(top2_lp_ref_ptr + row, tl.where(valid, _logp_of(sec_a, ka, log_sa), nan))
+        tl.store(top2_lp_q_ptr + row, tl.where(valid, _logp_of(sec_b, kb, log_sb), nan))
+    if STATE:  # for the distance pass: the shifts and sums that normalise p and q (NaN: invalid)
+        tl.store(state_ptr + row * N_STATE, ka)
+        tl.store(state_ptr + row * N_STATE + 1, kb)
+        tl.store(state_ptr + row * N_STATE + 2, tl.where(valid, sa, nan))
+        tl.store(state_ptr + row * N_STATE + 3, tl.where(valid, sb, nan))
     if PARITY:
         # p_i(llama) = exp(x_i) = exp(lse_a) e_i / S_ref; log p_i - log q_i = ln2 d_i + ln2 k_a
         # + log S_q (see row_kernel.h), less lse_q when q's rows are log-probs as they are.
@@ -426,6 +538,35 @@ def _finish(row, ka, kb, sa, sb, trq, tqr, h, wt, ws, ia, ib, bad,
             q_offset -= lse_b
         kl = _exp_f64(lse_a) / sa_s * (LN2_EFF * wt + q_offset * ws)
         tl.store(kld_llama_ptr + row, tl.where(valid, kl, nan))
+
+
+@triton.jit
+def _label_values(labels_ptr, row, vocab, a_vals, b_vals, a_scale, a_off, b_scale, b_off,
+                  A_LLAMA: tl.constexpr, B_LLAMA: tl.constexpr):
+    """The label's float32 values on both sides (the label clamped: the launcher checked it)."""
+    y = tl.load(labels_ptr + row)
+    y = tl.minimum(tl.maximum(y, 0), vocab - 1)
+    return (_load_one(a_vals, y, a_scale, a_off, A_LLAMA),
+            _load_one(b_vals, y, b_scale, b_off, B_LLAMA))
+
+
+@triton.jit
+def _logp_of(v, k, log_s):
+    """log p of the float32 value v (as float64) in a row with float64 shift k and sum S."""
+    return LN2_EFF * tl.fma(v, LOG2E_F32, -k) - log_s
+
+
+@triton.jit
+def _finish_label(row, valid, ay, by, best_a, best_b, sec_a, sec_b, cnt_a, cnt_b,
+                  rank_ref_ptr, rank_q_ptr, margin_ref_ptr, margin_q_ptr):
+    """The label's rank (entries strictly above it) and margin over the best other entry: the
+    row max when something beats the label, else (the label is a max) the second largest."""
+    tl.store(rank_ref_ptr + row, tl.where(valid, cnt_a, -1))
+    tl.store(rank_q_ptr + row, tl.where(valid, cnt_b, -1))
+    other_a = tl.where(cnt_a > 0, best_a, sec_a)
+    other_b = tl.where(cnt_b > 0, best_b, sec_b)
+    tl.store(margin_ref_ptr + row, tl.where(valid, ay - other_a, float("nan")))
+    tl.store(margin_q_ptr + row, tl.where(valid, by - other_b, float("nan")))
 
 
 @triton.jit
@@ -454,12 +595,18 @@ def _row_pointers(a_ptr, b_ptr, row, stride_a, stride_b, A_LLAMA: tl.constexpr,
 def _logit_stats_kernel(
     a_ptr, b_ptr, stride_a, stride_b, vocab, cols_per_split, labels_ptr,
     kld_ptr, kld_rev_ptr, lse_ref_ptr, lse_q_ptr, entropy_ptr, top1_ref_ptr, top1_q_ptr,
-    nll_ref_ptr, nll_q_ptr, p_ref_y_ptr, p_q_y_ptr, kld_llama_ptr, part_ptr,
+    nll_ref_ptr, nll_q_ptr, p_ref_y_ptr, p_q_y_ptr, kld_llama_ptr,
+    top1_lp_ref_ptr, top1_lp_q_ptr, top2_lp_ref_ptr, top2_lp_q_ptr,
+    rank_ref_ptr, rank_q_ptr, margin_ref_ptr, margin_q_ptr, state_ptr, part_ptr,
     A_LLAMA: tl.constexpr, B_LLAMA: tl.constexpr, PARITY: tl.constexpr,
     HAS_LABELS: tl.constexpr, SPLIT: tl.constexpr, BLOCK_V: tl.constexpr,
-    FUSED: tl.constexpr, NUM_STAGES: tl.constexpr,
+    FUSED: tl.constexpr, NUM_STAGES: tl.constexpr, TOP2: tl.constexpr, RANK: tl.constexpr,
+    STATE: tl.constexpr,
 ):
-    """One program per (row, split). SPLIT=False: the whole row, outputs written here."""
+    """One program per (row, split). SPLIT=False: the whole row, outputs written here.
+    Optional outputs: TOP2 (top-1/top-2 log-probs), RANK (the label's ranks and margins; needs
+    labels), STATE (the row's shifts and sums for _logit_stats_dist_kernel)."""
+    SECOND: tl.constexpr = TOP2 or RANK
     row = tl.program_id(0).to(tl.int64)
     split = tl.program_id(1)
     a_vals, b_vals, a_scale, a_off, b_scale, b_off = _row_pointers(
@@ -482,21 +629,42 @@ def _logit_stats_kernel(
     ia = tl.full((), -1, tl.int32)
     ib = tl.full((), -1, tl.int32)
     bad = tl.zeros((), tl.int1)
+    sec_a = tl.full((), float("-inf"), tl.float32)
+    sec_b = tl.full((), float("-inf"), tl.float32)
+    cnt_a = tl.zeros((), tl.int32)
+    cnt_b = tl.zeros((), tl.int32)
+    if RANK:  # the label's values, which the rank counts compare every entry with
+        ya, yb = _label_values(labels_ptr, row, vocab, a_vals, b_vals, a_scale, a_off, b_scale,
+                               b_off, A_LLAMA, B_LLAMA)
+    else:
+        ya = tl.zeros((), tl.float32)
+        yb = tl.zeros((), tl.float32)
     cols = tl.arange(0, BLOCK_V)
     # Whole blocks without masks, then the tail with them (MASKED is a compile-time switch).
     for start in tl.range(begin, full_end, BLOCK_V, num_stages=NUM_STAGES):
-        ka, la, kb, lb, sa, sb, trq, tqr, h, wt, ws, best_a, ia, best_b, ib, bad = _load_fold(
+        (ka, la, kb, lb, sa, sb, trq, tqr, h, wt, ws, best_a, ia, best_b, ib, bad,
+         sec_a, sec_b, cnt_a, cnt_b) = _load_fold(
             a_vals, b_vals, start + cols, end, a_scale, a_off, b_scale, b_off,
             ka, la, kb, lb, sa, sb, trq, tqr, h, wt, ws, best_a, ia, best_b, ib, bad,
-            A_LLAMA, B_LLAMA, PARITY, FUSED, False)
+            sec_a, sec_b, ya, yb, cnt_a, cnt_b, A_LLAMA, B_LLAMA, PARITY, FUSED, False,
+            SECOND, RANK)
     if full_end < end:
-        ka, la, kb, lb, sa, sb, trq, tqr, h, wt, ws, best_a, ia, best_b, ib, bad = _load_fold(
+        (ka, la, kb, lb, sa, sb, trq, tqr, h, wt, ws, best_a, ia, best_b, ib, bad,
+         sec_a, sec_b, cnt_a, cnt_b) = _load_fold(
             a_vals, b_vals, full_end + cols, end, a_scale, a_off, b_scale, b_off,
             ka, la, kb, lb, sa, sb, trq, tqr, h, wt, ws, best_a, ia, best_b, ib, bad,
-            A_LLAMA, B_LLAMA, PARITY, FUSED, True)
+            sec_a, sec_b, ya, yb, cnt_a, cnt_b, A_LLAMA, B_LLAMA, PARITY, FUSED, True,
+            SECOND, RANK)
 
     if SPLIT:
-        p = part_ptr + (row * tl.num_programs(1) + split) * N_PART
+        if SECOND:
+            p = part_ptr + (row * tl.num_programs(1) + split) * N_PART_SECOND
+            tl.store(p + 14, sec_a.to(tl.float64))
+            tl.store(p + 15, sec_b.to(tl.float64))
+            tl.store(p + 16, cnt_a.to(tl.float64))
+            tl.store(p + 17, cnt_b.to(tl.float64))
+        else:
+            p = part_ptr + (row * tl.num_programs(1) + split) * N_PART
         tl.store(p + 0, _shift64(ka, la))
         tl.store(p + 1, _shift64(kb, lb))
         tl.store(p + 2, sa)
@@ -516,18 +684,25 @@ def _logit_stats_kernel(
                 a_vals, b_vals, a_scale, a_off, b_scale, b_off, labels_ptr, vocab,
                 kld_ptr, kld_rev_ptr, lse_ref_ptr, lse_q_ptr, entropy_ptr, top1_ref_ptr,
                 top1_q_ptr, nll_ref_ptr, nll_q_ptr, p_ref_y_ptr, p_q_y_ptr, kld_llama_ptr,
-                A_LLAMA, B_LLAMA, PARITY, HAS_LABELS)
+                best_a.to(tl.float64), best_b.to(tl.float64), sec_a.to(tl.float64),
+                sec_b.to(tl.float64), cnt_a, cnt_b,
+                top1_lp_ref_ptr, top1_lp_q_ptr, top2_lp_ref_ptr, top2_lp_q_ptr,
+                rank_ref_ptr, rank_q_ptr, margin_ref_ptr, margin_q_ptr, state_ptr,
+                A_LLAMA, B_LLAMA, PARITY, HAS_LABELS, TOP2, RANK, STATE)
 
 
 @triton.jit
 def _logit_stats_merge_kernel(
     a_ptr, b_ptr, stride_a, stride_b, vocab, n_splits, labels_ptr,
     kld_ptr, kld_rev_ptr, lse_ref_ptr, lse_q_ptr, entropy_ptr, top1_ref_ptr, top1_q_ptr,
-    nll_ref_ptr, nll_q_ptr, p_ref_y_ptr, p_q_y_ptr, kld_llama_ptr, part_ptr,
+    nll_ref_ptr, nll_q_ptr, p_ref_y_ptr, p_q_y_ptr, kld_llama_ptr,
+    top1_lp_ref_ptr, top1_lp_q_ptr, top2_lp_ref_ptr, top2_lp_q_ptr,
+    rank_ref_ptr, rank_q_ptr, margin_ref_ptr, margin_q_ptr, state_ptr, part_ptr,
     A_LLAMA: tl.constexpr, B_LLAMA: tl.constexpr, PARITY: tl.constexpr,
-    HAS_LABELS: tl.constexpr,
+    HAS_LABELS: tl.constexpr, TOP2: tl.constexpr, RANK: tl.constexpr, STATE: tl.constexpr,
 ):
     """Second pass of the split variant: merge a row's splits in vocabulary order, finish it."""
+    SECOND: tl.constexpr = TOP2 or RANK
     row = tl.program_id(0).to(tl.int64)
     a_vals, b_vals, a_scale, a_off, b_scale, b_off = _row_pointers(
         a_ptr, b_ptr, row, stride_a, stride_b, A_LLAMA, B_LLAMA)
@@ -539,8 +714,15 @@ def _logit_stats_merge_kernel(
     ia = tl.full((), -1, tl.int32)
     ib = tl.full((), -1, tl.int32)
     bad = tl.zeros((), tl.int1)
+    sec_a = tl.full((), float("-inf"), tl.float64)
+    sec_b = tl.full((), float("-inf"), tl.float64)
+    cnt_a = tl.zeros((), tl.int32)
+    cnt_b = tl.zeros((), tl.int32)
     for s in range(0, n_splits):
-        p = part_ptr + (row * n_splits + s) * N_PART
+        if SECOND:
+            p = part_ptr + (row * n_splits + s) * N_PART_SECOND
+        else:
+            p = part_ptr + (row * n_splits + s) * N_PART
         ka_s = tl.load(p + 0)
         kb_s = tl.load(p + 1)
         na = tl.maximum(ka, ka_s)
@@ -560,6 +742,11 @@ def _logit_stats_merge_kernel(
         ws += ws_s
         bv_a = tl.load(p + 9)
         bv_b = tl.load(p + 10)
+        if SECOND:
+            sec_a = tl.maximum(sec_a, tl.maximum(tl.minimum(best_a, bv_a), tl.load(p + 14)))
+            sec_b = tl.maximum(sec_b, tl.maximum(tl.minimum(best_b, bv_b), tl.load(p + 15)))
+            cnt_a += tl.load(p + 16).to(tl.int32)
+            cnt_b += tl.load(p + 17).to(tl.int32)
         if bv_a > best_a:  # splits come in vocabulary order: strict keeps the lowest index
             best_a = bv_a
             ia = tl.load(p + 11).to(tl.int32)
@@ -571,7 +758,163 @@ def _logit_stats_merge_kernel(
             a_vals, b_vals, a_scale, a_off, b_scale, b_off, labels_ptr, vocab,
             kld_ptr, kld_rev_ptr, lse_ref_ptr, lse_q_ptr, entropy_ptr, top1_ref_ptr,
             top1_q_ptr, nll_ref_ptr, nll_q_ptr, p_ref_y_ptr, p_q_y_ptr, kld_llama_ptr,
-            A_LLAMA, B_LLAMA, PARITY, HAS_LABELS)
+            best_a, best_b, sec_a, sec_b, cnt_a, cnt_b,
+            top1_lp_ref_ptr, top1_lp_q_ptr, top2_lp_ref_ptr, top2_lp_q_ptr,
+            rank_ref_ptr, rank_q_ptr, margin_ref_ptr, margin_q_ptr, state_ptr,
+            A_LLAMA, B_LLAMA, PARITY, HAS_LABELS, TOP2, RANK, STATE)
+
+
+# ---------------------------------------------------------------------------------------------
+# the distance pass (tvd, jsd): a third read of each row pair, only when asked for
+# ---------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _log2_f32(x, HW_LOG: tl.constexpr):
+    """log2 in float32: HW_LOG, one hardware lg2.approx (about 2^-22 absolute; compiled
+    kernels only), else tl.log2 (a libm-like polynomial of about 20 instructions)."""
+    if HW_LOG:
+        return libdevice.fast_log2f(x)
+    else:
+        return tl.log2(x)
+
+
+@triton.jit
+def _jsd_h(z, HW_LOG: tl.constexpr):
+    """h(z) = (1+z) log(1+z) + (1-z) log(1-z) for |z| <= 1 (float32): p log(p/m) + q log(q/m)
+    = m h(z) with m = (p+q)/2, z = (p-q)/(p+q). Below |z| = 1/4 its series in w = z^2,
+    sum_k w^k / (k (2k-1)) (six terms: 1e-8 relative), all terms positive, so no cancellation
+    when p ~ q; above, two hardware log2s (about 2^-22 absolute each, against h >= 0.06)."""
+    a = tl.abs(z)
+    w = a * a
+    poly = 1.0 / 66.0
+    poly = poly * w + 1.0 / 45.0
+    poly = poly * w + 1.0 / 28.0
+    poly = poly * w + 1.0 / 15.0
+    poly = poly * w + 1.0 / 6.0
+    poly = poly * w + 1.0
+    direct = LN2_F32 * ((1.0 + a) * _log2_f32(1.0 + a, HW_LOG)
+                        + tl.where(a < 1.0, (1.0 - a) * _log2_f32(1.0 - a, HW_LOG), 0.0))
+    return tl.where(a < 0.25, w * poly, direct)
+
+
+@triton.jit
+def _add2(a0, a1, b0, b1):
+    return a0 + b0, a1 + b1
+
+
+@triton.jit
+def _split_shift(k):
+    """The float32 pair (hi, lo) of an exact float64 shift k = hi + lo (what _shift_of made)."""
+    hi = k.to(tl.float32)
+    lo = tl.where((k < float("inf")) & (k > float("-inf")), (k - hi.to(tl.float64)).to(tl.float32),
+                  0.0)
+    return hi, lo
+
+
+@triton.jit
+def _dist_block(x, y, ka, la, kb, lb, ra, rb, JSD: tl.constexpr, FUSED: tl.constexpr,
+                HW_LOG: tl.constexpr):
+    """A block's sum |p - q| and (with JSD) sum (p + q) h(z), float32: p = 2^t_ref / S_ref with
+    t exactly as the statistics pass made it, 1/S rounded to float32 once per row."""
+    if (la != 0.0) | (lb != 0.0):  # rows beyond |max| ~ 5.8e6 only: a uniform branch
+        ta = tl.fma(x, LOG2E, -ka) - la
+        tb = tl.fma(y, LOG2E, -kb) - lb
+    else:
+        ta = tl.fma(x, LOG2E, -ka)
+        tb = tl.fma(y, LOG2E, -kb)
+    p = tl.exp2(ta) * ra
+    q = tl.exp2(tb) * rb
+    diff = p - q
+    if JSD:
+        s = p + q
+        # 2-ulp division: z's own error is 1e-7 relative, like p's and q's
+        js = tl.where(s > 0.0, s * _jsd_h(tl.fdiv(diff, s, ieee_rounding=False), HW_LOG), 0.0)
+        if FUSED:
+            tv_sum, js_sum = tl.reduce((tl.abs(diff), js), 0, _add2)
+        else:
+            tv_sum = tl.sum(tl.abs(diff), 0)
+            js_sum = tl.sum(js, 0)
+    else:
+        tv_sum = tl.sum(tl.abs(diff), 0)
+        js_sum = 0.0
+    return tv_sum, js_sum
+
+
+@triton.jit
+def _finish_dist(row, tv, js, s_a, s_b, tvd_ptr, jsd_ptr, TVD: tl.constexpr, JSD: tl.constexpr):
+    """tvd = 1/2 sum |p - q|, jsd = 1/4 sum (p + q) h(z); NaN where the row is invalid."""
+    valid = (s_a == s_a) & (s_b == s_b)
+    if TVD:
+        tl.store(tvd_ptr + row, tl.where(valid, 0.5 * tv, float("nan")))
+    if JSD:
+        tl.store(jsd_ptr + row, tl.where(valid, 0.25 * js, float("nan")))
+
+
+@triton.jit
+def _logit_stats_dist_kernel(
+    a_ptr, b_ptr, stride_a, stride_b, vocab, cols_per_split, state_ptr, tvd_ptr, jsd_ptr,
+    part_ptr, A_LLAMA: tl.constexpr, B_LLAMA: tl.constexpr, TVD: tl.constexpr,
+    JSD: tl.constexpr, SPLIT: tl.constexpr, BLOCK_V: tl.constexpr, FUSED: tl.constexpr,
+    NUM_STAGES: tl.constexpr, HW_LOG: tl.constexpr,
+):
+    """One program per (row, split), after the statistics pass has written each row's shifts
+    and sums to state_ptr (STATE): TVD and JSD from the normalised p and q. SPLIT: each split's
+    two float64 sums to part_ptr for _logit_stats_dist_merge_kernel."""
+    row = tl.program_id(0).to(tl.int64)
+    split = tl.program_id(1)
+    a_vals, b_vals, a_scale, a_off, b_scale, b_off = _row_pointers(
+        a_ptr, b_ptr, row, stride_a, stride_b, A_LLAMA, B_LLAMA)
+    if SPLIT:
+        begin = split * cols_per_split
+        end = tl.minimum(begin + cols_per_split, vocab)
+    else:
+        begin = 0
+        end = vocab
+    full_end = begin + ((end - begin) // BLOCK_V) * BLOCK_V
+    ka, la = _split_shift(tl.load(state_ptr + row * N_STATE))
+    kb, lb = _split_shift(tl.load(state_ptr + row * N_STATE + 1))
+    s_a = tl.load(state_ptr + row * N_STATE + 2)
+    s_b = tl.load(state_ptr + row * N_STATE + 3)
+    ra = (1.0 / s_a).to(tl.float32)
+    rb = (1.0 / s_b).to(tl.float32)
+    tv = tl.zeros((), tl.float64)
+    js = tl.zeros((), tl.float64)
+    cols = tl.arange(0, BLOCK_V)
+    for start in tl.range(begin, full_end, BLOCK_V, num_stages=NUM_STAGES):
+        offs = start + cols
+        x = _load_block(a_vals, offs, offs < end, a_scale, a_off, A_LLAMA, False)
+        y = _load_block(b_vals, offs, offs < end, b_scale, b_off, B_LLAMA, False)
+        b_tv, b_js = _dist_block(x, y, ka, la, kb, lb, ra, rb, JSD, FUSED, HW_LOG)
+        tv += b_tv.to(tl.float64)
+        js += b_js.to(tl.float64)
+    if full_end < end:
+        offs = full_end + cols
+        x = _load_block(a_vals, offs, offs < end, a_scale, a_off, A_LLAMA, True)
+        y = _load_block(b_vals, offs, offs < end, b_scale, b_off, B_LLAMA, True)
+        b_tv, b_js = _dist_block(x, y, ka, la, kb, lb, ra, rb, JSD, FUSED, HW_LOG)
+        tv += b_tv.to(tl.float64)
+        js += b_js.to(tl.float64)
+    if SPLIT:
+        p = part_ptr + (row * tl.num_programs(1) + split) * 2
+        tl.store(p, tv)
+        tl.store(p + 1, js)
+    else:
+        _finish_dist(row, tv, js, s_a, s_b, tvd_ptr, jsd_ptr, TVD, JSD)
+
+
+@triton.jit
+def _logit_stats_dist_merge_kernel(state_ptr, n_splits, tvd_ptr, jsd_ptr, part_ptr,
+                                   TVD: tl.constexpr, JSD: tl.constexpr):
+    """The split distance pass's sums of a row, added in vocabulary order, and finished."""
+    row = tl.program_id(0).to(tl.int64)
+    tv = tl.zeros((), tl.float64)
+    js = tl.zeros((), tl.float64)
+    for s in range(0, n_splits):
+        tv += tl.load(part_ptr + (row * n_splits + s) * 2)
+        js += tl.load(part_ptr + (row * n_splits + s) * 2 + 1)
+    _finish_dist(row, tv, js, tl.load(state_ptr + row * N_STATE + 2),
+                 tl.load(state_ptr + row * N_STATE + 3), tvd_ptr, jsd_ptr, TVD, JSD)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -629,6 +972,7 @@ def logit_stats(
     num_stages: int | None = None,
     splits: int | None = None,
     fused_reduce: bool | None = None,
+    extra=(),
 ) -> dict:
     """Per-token statistics of ``ref`` against ``q`` as torch tensors on their device.
 
@@ -638,7 +982,10 @@ def logit_stats(
     [0, vocab) (the caller checks the range; out-of-range labels are clamped, never read out of
     bounds). Returns {name: tensor}: float64 kld (KL(P_ref || P_q), nats), kld_reverse, lse_ref,
     lse_q, entropy_ref; int32 top1_ref, top1_q; with labels float64 nll_ref, nll_q, p_ref_y,
-    p_q_y; with llama_parity float64 kld_llama. ``out`` may supply any of these tensors.
+    p_q_y; with llama_parity float64 kld_llama. extra: the optional output groups
+    (fidelity_kld.ops.EXTRA_GROUPS: "top2", "label" with labels, "tvd", "jsd", "all"), as
+    reference.py defines them: float64 logp_top1_*/logp_top2_*, margin_*, tvd, jsd, int32
+    rank_*_y. ``out`` may supply any of these tensors.
     block_v / num_warps / num_stages / splits / fused_reduce override the launch heuristic
     (tests and benchmarks).
     """
@@ -688,7 +1035,7 @@ def logit_stats(
             raise ValueError(f"labels has {labels.shape[0]} entries for {n} tokens")
     from fidelity_kld.gpu import allocate_outputs  # the wheel ships this module inside fidelity_kld
 
-    out = allocate_outputs(n, device, labels is not None, llama_parity, out)
+    out = allocate_outputs(n, device, labels is not None, llama_parity, out, extra)
     if n == 0:
         return out
 
@@ -704,32 +1051,63 @@ def logit_stats(
     fused = (not _interpreting()) if fused_reduce is None else bool(fused_reduce)
 
     dummy_f = out["kld"]
+    dummy_i = out["top1_ref"]
+    top2 = "logp_top1_ref" in out
+    rank = "rank_ref_y" in out
+    tvd, jsd = "tvd" in out, "jsd" in out
+    state = (torch.empty((n, N_STATE.value), dtype=torch.float64, device=device)
+             if tvd or jsd else dummy_f)
     ptrs = [
         out["kld"], out["kld_reverse"], out["lse_ref"], out["lse_q"], out["entropy_ref"],
         out["top1_ref"], out["top1_q"],
-        out.get("nll_ref", dummy_f), out.get("nll_q", dummy_f), out.get("p_ref_y", dummy_f),
-        out.get("p_q_y", dummy_f), out.get("kld_llama", dummy_f),
+        *(out.get(name, dummy_f) for name in ("nll_ref", "nll_q", "p_ref_y", "p_q_y", "kld_llama",
+                                               "logp_top1_ref", "logp_top1_q", "logp_top2_ref",
+                                               "logp_top2_q")),
+        out.get("rank_ref_y", dummy_i), out.get("rank_q_y", dummy_i),
+        out.get("margin_ref", dummy_f), out.get("margin_q", dummy_f), state,
     ]
     labels_arg = labels if labels is not None else out["top1_ref"]
     flags = dict(A_LLAMA=a_llama, B_LLAMA=b_llama, PARITY=bool(llama_parity),
-                 HAS_LABELS=labels is not None)
+                 HAS_LABELS=labels is not None, TOP2=top2, RANK=rank, STATE=tvd or jsd)
+    launch = dict(BLOCK_V=block_v, FUSED=fused, NUM_STAGES=num_stages, num_warps=num_warps)
     stride_a, stride_b = ref.stride(0), q.stride(0)
     with torch.cuda.device(device) if device.type == "cuda" else _nullcontext():
         if splits == 1:
             _logit_stats_kernel[(n, 1)](
-                ref, q, stride_a, stride_b, v, v, labels_arg, *ptrs, dummy_f,
-                SPLIT=False, BLOCK_V=block_v, FUSED=fused, NUM_STAGES=num_stages,
-                num_warps=num_warps, **flags)
+                ref, q, stride_a, stride_b, v, v, labels_arg, *ptrs, dummy_f, SPLIT=False,
+                **launch, **flags)
         else:
-            part = torch.empty((n, splits, N_PART.value), dtype=torch.float64, device=device)
+            words = (N_PART_SECOND if top2 or rank else N_PART).value
+            part = torch.empty((n, splits, words), dtype=torch.float64, device=device)
             _logit_stats_kernel[(n, splits)](
                 ref, q, stride_a, stride_b, v, cols_per_split, labels_arg, *ptrs, part,
-                SPLIT=True, BLOCK_V=block_v, FUSED=fused, NUM_STAGES=num_stages,
-                num_warps=num_warps, **flags)
+                SPLIT=True, **launch, **flags)
             _logit_stats_merge_kernel[(n,)](
                 ref, q, stride_a, stride_b, v, splits, labels_arg, *ptrs, part,
                 num_warps=1, **flags)
+        if tvd or jsd:  # the third pass, once every row's lse is known
+            _distances(ref, q, v, cols_per_split, splits, state, out.get("tvd", dummy_f),
+                       out.get("jsd", dummy_f), a_llama, b_llama, tvd, jsd, launch)
     return out
+
+
+def _distances(ref, q, vocab, cols_per_split, splits, state, tvd_out, jsd_out, a_llama, b_llama,
+               tvd, jsd, launch):
+    """Queue the distance pass (tvd, jsd) over the rows, split like the statistics pass."""
+    import torch
+
+    n = int(ref.shape[0])
+    flags = dict(A_LLAMA=a_llama, B_LLAMA=b_llama, TVD=tvd, JSD=jsd, HW_LOG=not _interpreting())
+    args = (ref, q, ref.stride(0), q.stride(0), vocab)
+    if splits == 1:
+        _logit_stats_dist_kernel[(n, 1)](*args, vocab, state, tvd_out, jsd_out, state,
+                                         SPLIT=False, **launch, **flags)
+        return
+    part = torch.empty((n, splits, 2), dtype=torch.float64, device=ref.device)
+    _logit_stats_dist_kernel[(n, splits)](*args, cols_per_split, state, tvd_out, jsd_out, part,
+                                          SPLIT=True, **launch, **flags)
+    _logit_stats_dist_merge_kernel[(n,)](state, splits, tvd_out, jsd_out, part, TVD=tvd, JSD=jsd,
+                                         num_warps=1)
 
 
 class _nullcontext:

@@ -83,14 +83,29 @@ def build(kernel, dt_a, dt_b, consts, num_warps):
 # defaults for 16-bit and float32 logits, llama rows, the split variant and a tiny block.
 CASES = [("*bf16", "*bf16", 0, 0, 0, 1, 0, 2048, 4, 2), ("*fp32", "*fp16", 0, 0, 0, 0, 1, 2048, 4, 2),
          ("*i16", "*fp32", 1, 0, 1, 1, 0, 4096, 16, 3), ("*i16", "*i16", 1, 1, 1, 1, 1, 16, 4, 1)]
-for dt_a, dt_b, la, lb, parity, labels, split, block, warps, stages in CASES:
-    consts = dict(A_LLAMA=bool(la), B_LLAMA=bool(lb), PARITY=bool(parity), HAS_LABELS=bool(labels),
-                  SPLIT=bool(split), BLOCK_V=block, FUSED=True, NUM_STAGES=stages)
-    build(ks._logit_stats_kernel, dt_a, dt_b, consts, warps)
-for labels in (False, True):
-    consts = dict(A_LLAMA=False, B_LLAMA=False, PARITY=False, HAS_LABELS=labels)
+# issue 16's optional outputs: (top2, rank, state) per case above, in order
+EXTRA = [(0, 0, 0), (1, 0, 1), (1, 1, 0), (0, 1, 1)]
+count = 0
+for (dt_a, dt_b, la, lb, parity, labels, split, block, warps, stages), (top2, rank, state) in zip(CASES, EXTRA):
+    base = dict(A_LLAMA=bool(la), B_LLAMA=bool(lb), PARITY=bool(parity), HAS_LABELS=bool(labels),
+                SPLIT=bool(split), BLOCK_V=block, FUSED=True, NUM_STAGES=stages)
+    for opt in ((False, False, False), (bool(top2), bool(rank and labels), bool(state))):
+        consts = dict(base, TOP2=opt[0], RANK=opt[1], STATE=opt[2])
+        build(ks._logit_stats_kernel, dt_a, dt_b, consts, warps)
+        count += 1
+for labels, opt in ((False, (False, False, False)), (True, (True, True, True))):
+    consts = dict(A_LLAMA=False, B_LLAMA=False, PARITY=False, HAS_LABELS=labels, TOP2=opt[0],
+                  RANK=opt[1], STATE=opt[2])
     build(ks._logit_stats_merge_kernel, "*bf16", "*bf16", consts, 1)
-print("compiled", len(CASES) + 2, "kernels with triton", triton.__version__)
+    count += 1
+for dt_a, dt_b, la, lb, tvd, jsd, split, block, warps in (
+        ("*bf16", "*bf16", 0, 0, 1, 1, 0, 2048, 4), ("*i16", "*fp32", 1, 0, 1, 0, 1, 16, 4)):
+    consts = dict(A_LLAMA=bool(la), B_LLAMA=bool(lb), TVD=bool(tvd), JSD=bool(jsd), SPLIT=bool(split),
+                  BLOCK_V=block, FUSED=True, NUM_STAGES=2, HW_LOG=True)
+    build(ks._logit_stats_dist_kernel, dt_a, dt_b, consts, warps)
+    count += 1
+build(ks._logit_stats_dist_merge_kernel, "*bf16", "*bf16", dict(TVD=True, JSD=True), 1)
+print("compiled", count + 1, "kernels with triton", triton.__version__)
 """
 
 
@@ -125,9 +140,11 @@ using namespace fk;
 using namespace fk::cuda_detail;
 
 struct Job {
-  int ref_dtype, q_dtype, has_labels, parity, splits;
+  int ref_dtype, q_dtype, has_labels, parity, splits, extra, dist;
   int64_t n, vocab, ref_stride, q_stride, ref_offset, q_offset;
 };
+
+constexpr int kOut = 22;  // values per row written to the output file
 
 static std::vector<uint8_t> read_file(const char* path, size_t* size) {
   FILE* f = std::fopen(path, "rb");
@@ -149,7 +166,33 @@ static uint8_t* aligned_copy(const std::vector<uint8_t>& buf, size_t size) {
   return static_cast<uint8_t*>(p);
 }
 
-template <DType DA, DType DB, bool kParity>
+// The distance pass of one row: every split's CTA, its threads in order, then the splits.
+template <DType DA, DType DB>
+void distances(const Job& g, const uint8_t* a_vals, const uint8_t* b_vals, const Decode& da,
+               const Decode& db, int splits, int64_t cols, const double* state, double& tvd,
+               double& jsd) {
+  constexpr int kUnroll = unroll_steps<DA, DB>();
+  const DistRow row = read_dist_state(state);
+  DistSums total{0.0, 0.0};
+  for (int sp = 0; sp < splits; ++sp) {
+    const int64_t begin = sp * cols;
+    const int64_t end = begin + cols < g.vocab ? begin + cols : g.vocab;
+    const Traversal t = plan_traversal<DA, DB>(a_vals, b_vals, begin, end);
+    DistSums cta{0.0, 0.0};
+    for (int tid = 0; tid < kThreads; ++tid) {
+      DistSums d{0.0, 0.0};
+      dist_thread_range<DA, DB, true, kUnroll>(d, row, tid, kThreads, a_vals, b_vals, da, db,
+                                               begin, end, t);
+      cta.tv += d.tv;
+      cta.js += d.js;
+    }
+    total.tv += cta.tv;
+    total.js += cta.js;
+  }
+  finish_dist(total, state, tvd, jsd);
+}
+
+template <DType DA, DType DB, bool kParity, bool kExtra>
 void run(const Job& g, const uint8_t* ref, const uint8_t* q, const int64_t* labels, double* out) {
   constexpr int kUnroll = unroll_steps<DA, DB>();
   int64_t cols = g.vocab;
@@ -163,14 +206,23 @@ void run(const Job& g, const uint8_t* ref, const uint8_t* q, const int64_t* labe
     const uint8_t* b_vals = b_row + Storage<DB>::kHeader;
     State m;
     init_state(m);
+    float ya = INFINITY, yb = INFINITY;  // the rows kernel's label values (kExtra)
+    if (kExtra && g.has_labels) {
+      int64_t y = labels[r];
+      y = y < 0 ? 0 : (y >= g.vocab ? g.vocab - 1 : y);
+      ya = load_one<DA>(a_vals, y, da);
+      yb = load_one<DB>(b_vals, y, db);
+    }
     for (int sp = 0; sp < splits; ++sp) {
       const int64_t begin = sp * cols;
       const int64_t end = begin + cols < g.vocab ? begin + cols : g.vocab;
       const Traversal t = plan_traversal<DA, DB>(a_vals, b_vals, begin, end);
       for (int tid = 0; tid < kThreads; ++tid) {
         init_state(threads[tid]);
-        fold_thread_range<DA, DB, kParity, kUnroll>(threads[tid], tid, kThreads, a_vals, b_vals,
-                                                    da, db, begin, end, t);
+        threads[tid].ya = ya;
+        threads[tid].yb = yb;
+        fold_thread_range<DA, DB, kParity, kExtra, kUnroll>(threads[tid], tid, kThreads, a_vals,
+                                                            b_vals, da, db, begin, end, t);
       }
       const State blk = merge_block_states(threads.data(), kThreads);
       if (splits == 1) {
@@ -190,17 +242,31 @@ void run(const Job& g, const uint8_t* ref, const uint8_t* q, const int64_t* labe
     }
     const RowOut o =
         finish_stats(m, kParity, kParity && DB == DType::LLAMA_U16, g.has_labels != 0, ay, by);
-    const double vals[12] = {o.kld, o.kld_reverse, o.lse_ref, o.lse_q, o.entropy_ref,
-                             static_cast<double>(o.top1_ref), static_cast<double>(o.top1_q),
-                             o.nll_ref, o.nll_q, o.p_ref_y, o.p_q_y, o.kld_llama};
-    std::memcpy(out + 12 * r, vals, sizeof(vals));
+    double state[kState], tvd = 0.0, jsd = 0.0;
+    if (g.dist) {
+      write_dist_state(m, state);
+      distances<DA, DB>(g, a_vals, b_vals, da, db, splits, cols, state, tvd, jsd);
+    }
+    const double vals[kOut] = {o.kld, o.kld_reverse, o.lse_ref, o.lse_q, o.entropy_ref,
+                               static_cast<double>(o.top1_ref), static_cast<double>(o.top1_q),
+                               o.nll_ref, o.nll_q, o.p_ref_y, o.p_q_y, o.kld_llama,
+                               o.logp_top1_ref, o.logp_top1_q, o.logp_top2_ref, o.logp_top2_q,
+                               static_cast<double>(o.rank_ref), static_cast<double>(o.rank_q),
+                               o.margin_ref, o.margin_q, tvd, jsd};
+    std::memcpy(out + kOut * r, vals, sizeof(vals));
   }
 }
 
+template <DType DA, DType DB, bool kParity>
+void run(const Job& g, const uint8_t* ref, const uint8_t* q, const int64_t* labels, double* out) {
+  if (g.extra) return run<DA, DB, kParity, true>(g, ref, q, labels, out);
+  run<DA, DB, kParity, false>(g, ref, q, labels, out);
+}
+
 int main(int argc, char** argv) {
-  if (argc != 16) {
+  if (argc != 18) {
     std::fprintf(stderr, "usage: ref q labels out ref_dtype q_dtype n vocab ref_stride q_stride "
-                         "ref_offset q_offset has_labels parity splits\n");
+                         "ref_offset q_offset has_labels parity splits extra dist\n");
     return 1;
   }
   Job g;
@@ -215,13 +281,15 @@ int main(int argc, char** argv) {
   g.has_labels = std::atoi(argv[13]);
   g.parity = std::atoi(argv[14]);
   g.splits = std::atoi(argv[15]);
+  g.extra = std::atoi(argv[16]);
+  g.dist = std::atoi(argv[17]);
   size_t na, nb, nl;
   const auto ra = read_file(argv[1], &na), rb = read_file(argv[2], &nb), rl = read_file(argv[3], &nl);
   const uint8_t* ref = aligned_copy(ra, na);
   const uint8_t* q = aligned_copy(rb, nb);
   std::vector<int64_t> labels(g.n + 1);
   std::memcpy(labels.data(), rl.data(), nl < labels.size() * 8 ? nl : labels.size() * 8);
-  std::vector<double> out(12 * g.n + 1);
+  std::vector<double> out(kOut * g.n + 1);
   dispatch_dtype(static_cast<DType>(g.ref_dtype), [&](auto ta) {
     constexpr DType DA = decltype(ta)::value;
     dispatch_dtype(static_cast<DType>(g.q_dtype), [&](auto tb) {
@@ -233,7 +301,7 @@ int main(int argc, char** argv) {
     });
   });
   FILE* f = std::fopen(argv[4], "wb");
-  std::fwrite(out.data(), sizeof(double), 12 * g.n, f);
+  std::fwrite(out.data(), sizeof(double), kOut * g.n, f);
   std::fclose(f);
   return 0;
 }
@@ -268,9 +336,11 @@ def llama_bytes(logprobs, scale=2.0**-10, offset=-60.0):
 
 
 def emulate(driver, a_bytes, a_dtype, b_bytes, b_dtype, vocab, labels=None, *, parity=False,
-            splits=1, pad_a=0, pad_b=0, offset_a=0, offset_b=0):
+            splits=1, pad_a=0, pad_b=0, offset_a=0, offset_b=0, extra=False):
     """Run the host emulation on rows given as uint8 [n, row_bytes]; rows are laid out with
-    `pad` extra bytes each (the stride) after `offset` leading bytes (the alignment)."""
+    `pad` extra bytes each (the stride) after `offset` leading bytes (the alignment). extra:
+    also issue 16's optional outputs (the kExtra rows kernel and the distance pass), by the
+    names of fidelity_kld.ops.EXTRA_GROUPS (the label group with labels)."""
     n = a_bytes.shape[0]
     files = {}
     for name, rows, pad, off in (("ref", a_bytes, pad_a, offset_a), ("q", b_bytes, pad_b, offset_b)):
@@ -287,14 +357,21 @@ def emulate(driver, a_bytes, a_dtype, b_bytes, b_dtype, vocab, labels=None, *, p
     cmd = [str(driver / "driver"), str(files["ref"][0]), str(files["q"][0]), str(driver / "labels.bin"),
            str(out), str(a_dtype), str(b_dtype), str(n), str(vocab), str(files["ref"][1]),
            str(files["q"][1]), str(offset_a), str(offset_b), str(int(labels is not None)),
-           str(int(parity)), str(splits)]
+           str(int(parity)), str(splits), str(int(extra)), str(int(extra))]
     subprocess.run(cmd, check=True)
-    vals = np.fromfile(out, dtype=np.float64).reshape(n, 12)
+    vals = np.fromfile(out, dtype=np.float64).reshape(n, 22)
     keys = ["kld", "kld_reverse", "lse_ref", "lse_q", "entropy_ref", "top1_ref", "top1_q",
-            "nll_ref", "nll_q", "p_ref_y", "p_q_y", "kld_llama"]
+            "nll_ref", "nll_q", "p_ref_y", "p_q_y", "kld_llama", "logp_top1_ref", "logp_top1_q",
+            "logp_top2_ref", "logp_top2_q", "rank_ref_y", "rank_q_y", "margin_ref", "margin_q",
+            "tvd", "jsd"]
     got = {k: vals[:, i] for i, k in enumerate(keys)}
     got["top1_ref"] = got["top1_ref"].astype(np.int64)
     got["top1_q"] = got["top1_q"].astype(np.int64)
+    for key in keys[12:]:
+        if not extra or (labels is None and key.startswith(("rank", "margin"))):
+            del got[key]
+        elif key.startswith("rank"):
+            got[key] = got[key].astype(np.int32)
     return got
 
 
@@ -410,14 +487,120 @@ def test_sass_report_finds_the_main_loops(tmp_path):
     env["TRITON_CACHE_DIR"] = str(tmp_path / "cache")
     out = tmp_path / "sass.json"
     args = [sys.executable, str(ROOT / "benchmarks" / "sass_report.py"), "--triton", "2048x4x2",
-            "--json", str(out)] + ([] if NVCC else ["--no-cuda"])
+            "--extra", "all", "--json", str(out)] + ([] if NVCC else ["--no-cuda"])
     proc = subprocess.run(args, capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    rows = __import__("json").loads(out.read_text())
-    assert [r["kernel"] for r in rows] == ["triton 2048x4x2"] + (["cuda rows"] if NVCC else [])
-    for r in rows:
+    rows = {r["kernel"]: r for r in __import__("json").loads(out.read_text())}
+    names = ["triton 2048x4x2", "triton 2048x4x2 +top2,label,state", "triton dist 2048x4x2 +tvd,jsd"]
+    names += ["cuda rows", "cuda rows +top2,label", "cuda dist +tvd,jsd"] if NVCC else []
+    assert list(rows) == names  # the default kernels first, then issue 16's optional outputs
+    for r in rows.values():
         assert r["ex2"] == 2 * r["pairs_per_trip"] and r["pairs_per_trip"] % 8 == 0, r
-        assert 0 < r["common"] < r["instructions"], r
-    assert rows[0]["pairs_per_trip"] == 16  # 2048 entries over 4 warps: from the launch
+        assert 0 < r["common"] <= r["instructions"], r
+    assert rows["triton 2048x4x2"]["pairs_per_trip"] == 16  # 2048 entries over 4 warps
+    # asking for the optional outputs costs instructions in the loop, never removes any
+    assert rows["triton 2048x4x2 +top2,label,state"]["common"] > rows["triton 2048x4x2"]["common"]
     if NVCC:  # bf16 both sides: 8 entries a step, 4 steps loaded ahead (unroll_steps), 64 exp2
-        assert rows[1]["pairs_per_trip"] == 32
+        assert rows["cuda rows"]["pairs_per_trip"] == 32
+        assert rows["cuda rows +top2,label"]["common"] > rows["cuda rows"]["common"]
+
+
+# --- issue 16's optional outputs: the kExtra rows kernel and the distance pass ---------------
+
+from test_direction_outputs import check_extra, special_rows  # noqa: E402
+
+
+@pytest.mark.parametrize("a_dtype,b_dtype", [(F32, F32), (F16, BF16), (BF16, BF16)])
+@pytest.mark.parametrize("v,splits", [(1, 1), (7, 1), (1271, 1), (4099, 3)])
+@pytest.mark.parametrize("with_labels", [True, False])
+def test_emulated_extra_outputs_match_reference(driver, a_dtype, b_dtype, v, splits, with_labels):
+    """special_rows: ties for the max, the label tied, alone on top or masked, one finite
+    entry, uniform and invalid rows; across threads, steps, head/tail and splits."""
+    rng = np.random.default_rng([a_dtype, b_dtype, v, splits, with_labels])
+    a32, b32, y = special_rows(rng, v)
+    a, a64 = _storage(a32, a_dtype)
+    b, b64 = _storage(b32, b_dtype)
+    labels = y if with_labels else None
+    got = emulate(driver, a, a_dtype, b, b_dtype, v, labels, splits=splits, extra=True)
+    check(got, a64, b64, labels)
+    check_extra(got, reference.logit_stats(a64, b64, labels), with_labels)
+
+
+def test_emulated_extra_ties_across_threads_and_splits(driver):
+    """The max tied between two threads (and two splits): top2 == top1, margin 0 at either."""
+    rng = np.random.default_rng(23)
+    n, v = 4, 5000
+    a = (rng.standard_normal((n, v)) * 3).astype(np.float32)
+    b = (a + 0.2 * rng.standard_normal((n, v))).astype(np.float32)
+    a[0, [3, 2050]] = 30.0
+    a[1, [8, 4999]] = 30.0
+    b[2, [0, 7]] = 30.0  # two entries of one step
+    labels = np.array([2050, 8, 7, 0])
+    for splits in (1, 4):
+        got = emulate(driver, a.view(np.uint8), F32, b.view(np.uint8), F32, v, labels,
+                      splits=splits, extra=True)
+        check_extra(got, reference.logit_stats(a, b, labels), True)
+        assert got["logp_top2_ref"][0] == got["logp_top1_ref"][0] and got["margin_ref"][0] == 0.0
+        assert got["margin_q"][2] == 0.0 and got["rank_q_y"][2] == 0
+
+
+@pytest.mark.parametrize("noise", [1e-5, 1e-3])
+def test_emulated_distances_of_near_identical_rows(driver, noise):
+    """TVD ~ noise and JSD ~ noise^2: the series branch of JSD, no cancellation."""
+    rng = np.random.default_rng(11)
+    a = (rng.standard_normal((8, 32000)) * 4 + 10).astype(np.float32)
+    b = (a + noise * rng.standard_normal(a.shape)).astype(np.float32)
+    got = emulate(driver, a.view(np.uint8), F32, b.view(np.uint8), F32, 32000, extra=True)
+    want = reference.logit_stats(a, b)
+    check_extra(got, want, False)
+    assert np.max(np.abs(got["tvd"] - want["tvd"])) < 1e-7 + 1e-3 * want["tvd"].max()
+    assert np.max(np.abs(got["jsd"] - want["jsd"])) < 2e-13 + 1e-3 * want["jsd"].max()
+
+
+def test_emulated_distances_of_disjoint_and_far_apart_rows(driver):
+    v = 1000
+    a = np.full((3, v), -np.inf, np.float32)
+    b = np.full((3, v), -np.inf, np.float32)
+    a[0, :500], b[0, 500:] = 0.0, 0.0
+    rng = np.random.default_rng(5)
+    a[1], b[1] = rng.standard_normal(v) * 8, rng.standard_normal(v) * 8
+    a[2], b[2] = 0.0, np.linspace(-30, 0, v)
+    got = emulate(driver, a.view(np.uint8), F32, b.view(np.uint8), F32, v, extra=True)
+    check_extra(got, reference.logit_stats(a, b), False)
+    assert abs(got["tvd"][0] - 1.0) < 1e-6 and abs(got["jsd"][0] - np.log(2)) < 1e-6
+
+
+@pytest.mark.parametrize("splits", [1, 3])
+def test_emulated_extra_outputs_huge_logits(driver, splits):
+    """Rows up to 1e37: log-probs against the oracle's shift-free log-softmax (its max - lse
+    loses log S beyond ~1e17), distances against the oracle."""
+    a, b = huge_logit_rows()
+    got = emulate(driver, a.view(np.uint8), F32, b.view(np.uint8), F32, a.shape[1],
+                  splits=splits, extra=True)
+    want = reference.logit_stats(a.astype(np.float64), b.astype(np.float64))
+    valid = ~np.isnan(want["kld"])
+    for side, x in (("ref", a), ("q", b)):
+        _, logp = reference._log_softmax(np.where(valid[:, None], x.astype(np.float64), 0.0))
+        want[f"logp_top1_{side}"] = np.where(valid, logp.max(axis=1), np.nan)
+        want[f"logp_top2_{side}"] = np.where(valid, reference._top2(logp), np.nan)
+    check_extra(got, want, False)
+
+
+@pytest.mark.parametrize("q_dtype,splits", [(BF16, 1), (LLAMA, 3)])
+def test_emulated_extra_outputs_in_llama_parity_mode(driver, q_dtype, splits):
+    """In llama parity mode too the optional outputs use each row's own renormalisation."""
+    rng = np.random.default_rng(24 + q_dtype)
+    n, v = 5, 3001
+    ref, ref64 = llama_bytes(random_logprobs(rng, n, v))
+    noisy = (ref64 + 0.3 * rng.standard_normal((n, v))).astype(np.float32)
+    if q_dtype == LLAMA:
+        q, q64 = llama_bytes(np.minimum(noisy.astype(np.float64), 0.0))
+    else:
+        q, q64 = _storage(noisy, q_dtype)
+    labels = rng.integers(0, v, n)
+    got = emulate(driver, ref, LLAMA, q, q_dtype, v, labels, parity=True, splits=splits,
+                  extra=True)
+    want = reference.logit_stats(ref64, q64, labels, llama_parity=True,
+                                 q_logprobs=q_dtype == LLAMA)
+    check(got, ref64, q64, labels, llama_parity=True, q_logprobs=q_dtype == LLAMA)
+    check_extra(got, want, True)

@@ -118,6 +118,32 @@ def test_compare_extra_matches_reference(simd, dtype, v, with_labels):
 
 @pytest.mark.parametrize("simd", AVAILABLE)
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("v", [37, 1271])
+def test_ties_in_every_lane_and_chain(simd, dtype, v):
+    """Small-integer logits (ties everywhere) and rows whose max occurs exactly twice, at
+    random positions: the same lane, the other chain, the scalar tail; labels anywhere."""
+    rng = np.random.default_rng([v, DTYPES.index(dtype), 3])
+    n = 64
+    a32 = rng.integers(-4, 4, (n, v)).astype(np.float32)
+    b32 = rng.integers(-4, 4, (n, v)).astype(np.float32)
+    for r in range(n // 2, n):  # exactly two maxima, and a unique second on the other side
+        a32[r] = rng.standard_normal(v).astype(np.float32)
+        a32[r, rng.choice(v, 2, replace=False)] = 10.0
+        b32[r] = rng.standard_normal(v).astype(np.float32)
+        b32[r, rng.integers(0, v)] = 10.0
+    y = rng.integers(0, v, n)
+    y[n // 2::2] = np.argmax(a32[n // 2::2] == 10.0, axis=1)  # the label on a tied max
+    a, a64 = encode(a32, dtype)
+    b, b64 = encode(b32, dtype)
+    got = fk.compare(a, b, y, simd=simd, extra="all")
+    check_extra(got, reference.logit_stats(a64, b64, y), with_labels=True)
+    for st in fk.compare_many(a, [b, a, b, b, a], y, simd=simd, extra=["top2", "label"]):
+        np.testing.assert_array_equal(st.rank_ref_y, got.rank_ref_y)
+        np.testing.assert_array_equal(st.logp_top2_ref, got.logp_top2_ref)
+
+
+@pytest.mark.parametrize("simd", AVAILABLE)
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("m", [1, 2, 3, 5])
 @pytest.mark.parametrize("with_labels", [True, False])
 def test_compare_many_extra_matches_reference_and_compare(simd, dtype, m, with_labels):

@@ -287,3 +287,105 @@ def test_cli_device_cuda_matches_llama_cpp(tmp_path):
                "-o", str(out), "-q"])
     assert rc == 0
     assert_matches_llama_printout(json.loads(out.read_text())["models"][0]["summary"])
+
+
+# --- issue 16's optional outputs (extra=...) ---------------------------------------------------
+
+from test_direction_outputs import EXTRA_NAMES, check_extra, special_rows  # noqa: E402
+
+
+def run_extra(ref, q, labels=None, *, backend, extra="all", **kw):
+    """run() with the optional outputs too, every one poisoned first to catch unwritten rows."""
+    n = ref.shape[0]
+    names = gpu().extra_outputs(extra, labels is not None)
+    out = {k: torch.full((n,), 12345, dtype=torch.int32 if k.startswith("rank") else torch.float64,
+                         device="cuda") for k in names}
+    res = gpu().compare_gpu_tensors(ref, q, labels, backend=backend, out=out, extra=extra, **kw)
+    torch.cuda.synchronize()
+    host = {k: v.cpu().numpy() for k, v in res.items()}
+    for k in names:
+        assert not np.any(host[k] == 12345), f"{k} not written everywhere"
+    return host
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("v,splits", [(1, 0), (7, 0), (1271, 0), (32000, 1), (32000, 5), (152064, 0)])
+@pytest.mark.parametrize("with_labels", [True, False])
+def test_extra_outputs_match_reference(backend, dtype, v, splits, with_labels):
+    """special_rows (ties, label tied/alone/masked, one finite entry, uniform, invalid rows)."""
+    rng = np.random.default_rng([v, splits, DTYPES.index(dtype), with_labels])
+    a32, b32, y = special_rows(rng, v)
+    a, a64 = encode(a32, dtype)
+    b, b64 = encode(b32, dtype)
+    labels = y if with_labels else None
+    got = run_extra(a, b, None if labels is None else torch.from_numpy(labels).cuda(),
+                    backend=backend, vocab_splits=splits)
+    check(got, a64, b64, labels)
+    check_extra(got, reference.logit_stats(a64, b64, labels), with_labels)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_extra_outputs_leave_the_default_outputs_bitwise_unchanged(backend):
+    rng = np.random.default_rng(25)
+    a32, b32 = make_pair(rng, 300, 32000)
+    a, _ = encode(a32, "bfloat16")
+    b, _ = encode(b32, "bfloat16")
+    y = torch.from_numpy(rng.integers(0, 32000, 300)).cuda()
+    for splits in (1, 4):
+        plain = run(a, b, y, backend=backend, vocab_splits=splits)
+        full = run_extra(a, b, y, backend=backend, vocab_splits=splits)
+        assert set(full) == set(plain) | set(EXTRA_NAMES)
+        for key, val in plain.items():
+            np.testing.assert_array_equal(full[key], val, err_msg=key)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("noise", [1e-5, 1e-3])
+def test_extra_distances_of_near_identical_rows(backend, noise):
+    """TVD ~ noise, JSD ~ noise^2 (the series branch): the hardware exp2 (2 ulp) is the limit."""
+    rng = np.random.default_rng(11)
+    a = (rng.standard_normal((64, 32000)) * 4 + 10).astype(np.float32)
+    b = (a + noise * rng.standard_normal(a.shape)).astype(np.float32)
+    got = run_extra(torch.from_numpy(a).cuda(), torch.from_numpy(b).cuda(), backend=backend,
+                    extra=("tvd", "jsd"))
+    want = reference.logit_stats(a, b)
+    check_extra(got, want, False, groups=("tvd", "jsd"))
+    assert np.max(np.abs(got["tvd"] - want["tvd"])) < 5e-7 + 1e-3 * want["tvd"].max()
+    assert np.max(np.abs(got["jsd"] - want["jsd"])) < 1e-12 + 1e-2 * want["jsd"].max()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_extra_outputs_huge_logits(backend):
+    """Rows up to 1e37: log-probs against the oracle's shift-free log-softmax (its max - lse
+    loses log S beyond ~1e17)."""
+    a, b = huge_logit_rows(3000)
+    got = run_extra(torch.from_numpy(a).cuda(), torch.from_numpy(b).cuda(), backend=backend)
+    want = reference.logit_stats(a.astype(np.float64), b.astype(np.float64))
+    valid = ~np.isnan(want["kld"])
+    for side, x in (("ref", a), ("q", b)):
+        _, logp = reference._log_softmax(np.where(valid[:, None], x.astype(np.float64), 0.0))
+        want[f"logp_top1_{side}"] = np.where(valid, logp.max(axis=1), np.nan)
+        want[f"logp_top2_{side}"] = np.where(valid, reference._top2(logp), np.nan)
+    check_extra(got, want, False)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("q_kind", ["float32", "llama_u16"])
+def test_extra_outputs_in_llama_parity_mode(backend, q_kind):
+    rng = np.random.default_rng(26)
+    n, v = 6, 32001
+    raw, ref64 = llama_rows(random_logprobs(rng, n, v), 2.0**-10, -60.0)
+    noisy = (ref64 + 0.3 * rng.standard_normal((n, v))).astype(np.float32)
+    if q_kind == "llama_u16":
+        q_raw, q64 = llama_rows(np.minimum(noisy.astype(np.float64), 0.0), 2.0**-10, -60.0)
+        q = torch.from_numpy(q_raw.view(np.int16)).cuda()
+    else:
+        q, q64 = torch.from_numpy(noisy).cuda(), noisy.astype(np.float64)
+    labels = rng.integers(0, v, n)
+    got = run_extra(torch.from_numpy(raw.view(np.int16)).cuda(), q, torch.from_numpy(labels).cuda(),
+                    backend=backend, ref_dtype="llama_u16", q_dtype=q_kind, vocab=v,
+                    llama_parity=True)
+    want = reference.logit_stats(ref64, q64, labels, llama_parity=True,
+                                 q_logprobs=q_kind == "llama_u16")
+    check_extra(got, want, True)

@@ -420,3 +420,160 @@ def test_pinned_stager_bookkeeping_on_the_interpreter(monkeypatch):
             check(st.as_dict(), ref64, q64, labels, llama_parity=True, q_logprobs=True)
             np.testing.assert_array_equal(st.labels, labels)
         assert len(allocations) == 2 * (1 + models)  # two slots per side, reused throughout
+
+
+# --- issue 16's optional outputs (extra=...) --------------------------------------------------
+
+from test_direction_outputs import EXTRA_NAMES, check_extra, special_rows  # noqa: E402
+
+
+@pytest.mark.parametrize("dtype,v,block_v,splits,with_labels", [
+    ("float32", 7, None, None, True), ("bfloat16", 7, None, None, False),
+    ("float16", 301, 64, 1, True), ("float32", 301, 64, 1, False),
+    ("bfloat16", 301, 64, 3, True), ("float16", 301, 64, 3, False)])
+def test_extra_outputs_match_reference(dtype, v, block_v, splits, with_labels):
+    """Ties for the max, the label tied or alone on top or masked, one finite entry, uniform
+    and invalid rows (special_rows), odd V, several blocks and a split merge."""
+    rng = np.random.default_rng([v, len(dtype), with_labels])
+    a32, b32, y = special_rows(rng, v)
+    a, a64 = encode(a32, dtype)
+    b, b64 = encode(b32, dtype)
+    labels = y if with_labels else None
+    got = run(a, b, None if labels is None else torch.from_numpy(labels), block_v=block_v,
+              splits=splits, extra="all")
+    check(got, a64, b64, labels)
+    check_extra(got, reference.logit_stats(a64, b64, labels), with_labels)
+
+
+@pytest.mark.parametrize("splits", [1, 3])
+def test_extra_outputs_fused_reductions(splits):
+    """The GPU's multi-operand reductions (a custom top-2 combine, the label counts beside it,
+    the distance sums), here on the interpreter: ties across blocks, masked entries."""
+    rng = np.random.default_rng(18)
+    a, b = make_pair(rng, 4, 200)
+    a[1, 40:150] = -np.inf
+    a[3, [10, 190]] = 40.0  # the max tied across blocks: top2 == top1
+    b[2, 50:60] = -np.inf
+    labels = np.array([5, 7, 55, 190])
+    got = run(torch.from_numpy(a), torch.from_numpy(b), torch.from_numpy(labels), block_v=64,
+              splits=splits, fused_reduce=True, extra="all")
+    check_extra(got, reference.logit_stats(a, b, labels), True)
+    assert got["logp_top2_ref"][3] == got["logp_top1_ref"][3] and got["margin_ref"][3] == 0.0
+
+
+def test_extra_outputs_leave_the_default_outputs_bitwise_unchanged():
+    rng = np.random.default_rng(19)
+    a32, b32, y = (x[:12] for x in special_rows(rng, 301))  # ties, masks, invalid rows
+    a, b = torch.from_numpy(a32).to(torch.bfloat16), torch.from_numpy(b32).to(torch.bfloat16)
+    for splits in (1, 3):
+        plain = run(a, b, torch.from_numpy(y), block_v=64, splits=splits)
+        full = run(a, b, torch.from_numpy(y), block_v=64, splits=splits, extra="all")
+        assert set(full) == set(plain) | set(EXTRA_NAMES)
+        for key, val in plain.items():
+            np.testing.assert_array_equal(full[key], val, err_msg=key)
+    tvd_only = run(a, b, block_v=64, extra=["tvd"])
+    assert "tvd" in tvd_only and "jsd" not in tvd_only and "logp_top1_ref" not in tvd_only
+
+
+@pytest.mark.parametrize("noise", [1e-5, 1e-3])
+def test_extra_distances_of_near_identical_rows(noise):
+    """TVD ~ noise and JSD ~ noise^2: the series branch of JSD, no cancellation."""
+    rng = np.random.default_rng(11)
+    a = (rng.standard_normal((4, 2000)) * 4 + 10).astype(np.float32)
+    b = (a + noise * rng.standard_normal(a.shape)).astype(np.float32)
+    got = run(torch.from_numpy(a), torch.from_numpy(b), block_v=512, extra=("tvd", "jsd"))
+    want = reference.logit_stats(a, b)
+    check_extra(got, want, False, groups=("tvd", "jsd"))
+    assert np.max(np.abs(got["tvd"] - want["tvd"])) < 1e-7 + 1e-3 * want["tvd"].max()
+    assert np.max(np.abs(got["jsd"] - want["jsd"])) < 2e-13 + 1e-3 * want["jsd"].max()
+
+
+def test_extra_distances_of_disjoint_and_far_apart_rows():
+    """The log branch of JSD up to z = 1: disjoint supports give JSD = ln 2 and TVD = 1."""
+    v = 300
+    a = np.full((3, v), -np.inf, np.float32)
+    b = np.full((3, v), -np.inf, np.float32)
+    a[0, :150], b[0, 150:] = 0.0, 0.0
+    rng = np.random.default_rng(5)
+    a[1], b[1] = rng.standard_normal(v) * 8, rng.standard_normal(v) * 8
+    a[2], b[2] = 0.0, np.linspace(-30, 0, v)
+    got = run(torch.from_numpy(a), torch.from_numpy(b), block_v=64, extra="all")
+    check_extra(got, reference.logit_stats(a, b), False)
+    assert abs(got["tvd"][0] - 1.0) < 1e-6 and abs(got["jsd"][0] - np.log(2)) < 1e-6
+
+
+@pytest.mark.parametrize("splits", [1, 3])
+def test_extra_outputs_huge_logits(splits):
+    """Rows up to 1e37 (shifts with a low part): log-probs and distances stay exact. The
+    oracle's log-probs are taken from its shift-free log-softmax here: its max - lse loses the
+    log S of rows beyond ~1e17 (a uniform row at 1e30 has log p = -log V, not 0)."""
+    a, b = huge_logit_rows(400)
+    got = run(torch.from_numpy(a), torch.from_numpy(b), block_v=128, splits=splits, extra="all")
+    want = reference.logit_stats(a.astype(np.float64), b.astype(np.float64))
+    valid = ~np.isnan(want["kld"])
+    for side, x in (("ref", a), ("q", b)):
+        _, logp = reference._log_softmax(np.where(valid[:, None], x.astype(np.float64), 0.0))
+        want[f"logp_top1_{side}"] = np.where(valid, logp.max(axis=1), np.nan)
+        want[f"logp_top2_{side}"] = np.where(valid, reference._top2(logp), np.nan)
+    check_extra(got, want, False)
+
+
+@pytest.mark.parametrize("q_kind", ["float32", "llama_u16"])
+def test_extra_outputs_in_llama_parity_mode(q_kind):
+    """In llama parity mode too the optional outputs use each row's own renormalisation."""
+    rng = np.random.default_rng(20)
+    n, v = 5, 401
+    ref, ref64 = llama_tensor(random_logprobs(rng, n, v))
+    noisy = (ref64 + 0.3 * rng.standard_normal((n, v))).astype(np.float32)
+    if q_kind == "llama_u16":
+        q, q64 = llama_tensor(np.minimum(noisy.astype(np.float64), 0.0))
+    else:
+        q, q64 = torch.from_numpy(noisy), noisy.astype(np.float64)
+    labels = rng.integers(0, v, n)
+    for splits in (1, 2):
+        got = run(ref, q, torch.from_numpy(labels), ref_dtype="llama_u16", q_dtype=q_kind,
+                  vocab=v, llama_parity=True, block_v=128, splits=splits, extra="all")
+        want = reference.logit_stats(ref64, q64, labels, llama_parity=True,
+                                     q_logprobs=q_kind == "llama_u16")
+        check_extra(got, want, True)
+
+
+def test_compare_gpu_extra_on_the_interpreter():
+    """compare_gpu(extra=...) fills the TokenStats fields of the groups asked for, and the
+    group errors are ops.compare's."""
+    from fidelity_kld import gpu
+
+    if "Interpreted" not in type(gpu.triton_kernels()._logit_stats_kernel).__name__:
+        pytest.skip("fidelity_kld.kernels was loaded for a GPU earlier in this process")
+    rng = np.random.default_rng(22)
+    a, b = make_pair(rng, 4, 200)
+    y = rng.integers(0, 200, 4)
+    with np.errstate(all="ignore"):
+        got = gpu.compare_gpu(torch.from_numpy(a), torch.from_numpy(b), y, backend="triton",
+                              extra=("label", "jsd"))
+        check_extra(got, reference.logit_stats(a, b, y), True, groups=("label", "jsd"))
+        assert got.rank_ref_y.dtype == np.int32 and got.tvd is None and got.logp_top1_q is None
+        with pytest.raises(ValueError, match="needs labels"):
+            gpu.compare_gpu(torch.from_numpy(a), torch.from_numpy(b), backend="triton",
+                            extra="label")
+        with pytest.raises(ValueError, match="'top3'"):
+            gpu.compare_gpu(torch.from_numpy(a), torch.from_numpy(b), backend="triton",
+                            extra="top3")
+
+
+def test_allocate_outputs_completes_the_groups_out_names():
+    """An output of a group passed in ``out`` asks for its whole group (a kernel writes every
+    output of a group); the label group still needs labels."""
+    from fidelity_kld import gpu
+
+    mine = torch.zeros(3, dtype=torch.float64)
+    res = gpu.allocate_outputs(3, torch.device("cpu"), False, False, {"logp_top2_q": mine}, ["tvd"])
+    assert res["logp_top2_q"] is mine
+    assert {"logp_top1_ref", "logp_top1_q", "logp_top2_ref", "tvd"} <= set(res)
+    assert "jsd" not in res and "rank_ref_y" not in res
+    with pytest.raises(ValueError, match="needs labels"):
+        gpu.allocate_outputs(3, torch.device("cpu"), False, False,
+                             {"rank_q_y": torch.zeros(3, dtype=torch.int32)})
+    with pytest.raises(ValueError, match="rank_ref_y"):
+        gpu.allocate_outputs(3, torch.device("cpu"), True, False,
+                             {"rank_ref_y": torch.zeros(3, dtype=torch.float64)})

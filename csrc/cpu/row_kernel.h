@@ -17,14 +17,15 @@
 //   lse = max + log(S) - ln2*c, entropy = log(S_ref) - ln2*H/S_ref.
 // Optional outputs (issue 16), in an instantiation of their own (rows<true>, chosen once per
 // call), so the default path's code is what it was:
-//   3. per side, a compare-only pass: the largest entry below the max, how many entries equal
-//      the max (two or more: top2 == top1) and, with labels, how many exceed the label's value
-//      (its rank); the reference's once per row when several models share it.
-//   4. tvd/jsd only: p_i = 2^((x_i - max)*log2e) * 2^c/S_ref (and q_i likewise), summed as
+//   in pass 1, per side and lane: the second largest entry as a multiset (m2 = max(m2,
+//      min(x, m1)) before m1 takes x; lanes merged at the end) and, with labels, how many
+//      entries exceed the label's value (its rank); top2 and the label's margin follow.
+//   3. tvd/jsd only: p_i = 2^((x_i - max)*log2e) * 2^c/S_ref (and q_i likewise), summed as
 //      |p - q| and, for jsd, s*g(r) with s = p + q, r = |p - q|/s, g(r) = (1+r)ln(1+r) +
 //      (1-r)ln(1-r) (JSD = sum s*g/4): a series in r^2 where r is small (no cancellation for
 //      near-identical rows), the logs where it is not.
 #pragma once
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <limits>
@@ -102,13 +103,62 @@ struct RowKernel {
     double s_ref = 0, s_q = 0, t_rq = 0, t_qr = 0, h = 0, w_t = 0, w_s = 0;
   };
 
+  // Pass 1's optional part (issue 16), per side: the second largest entry as a multiset and
+  // how many entries exceed the label's value.
+  struct Top {
+    float second = -std::numeric_limits<float>::infinity();
+    int64_t n_gt = 0;
+  };
+
+  // Lane state of one chain of pass 1's optional part: m2 is the lane's second largest as a
+  // multiset (the smaller of x and the lane max before x), n_gt its count above the label.
+  template <bool kSecond, bool kRank>
+  struct TopLanes {
+    V m2 = S::set1(-std::numeric_limits<float>::infinity());
+    typename S::I n_gt = S::count_zero();
+    // Before the max takes x (m1: the lane max so far).
+    void step(V x, V m1, V label) {
+      if constexpr (kSecond) m2 = S::max(S::min(x, m1), m2);
+      if constexpr (kRank) n_gt = S::count_gt(x, label, n_gt);
+    }
+    // Both chains' lanes (lane maxima m1, m1b) into one side's Top, before the scalar tail.
+    Top reduce(V m1, const TopLanes& b, V m1b) const {
+      Top t;
+      if constexpr (kSecond) {
+        alignas(64) float hi[S::W], lo[S::W];
+        S::store(hi, S::max(m1, m1b));
+        S::store(lo, S::max(S::min(m1, m1b), S::max(m2, b.m2)));
+        float top = -std::numeric_limits<float>::infinity();
+        for (int l = 0; l < S::W; ++l) {
+          t.second = std::max(t.second, std::max(std::min(top, hi[l]), lo[l]));
+          top = std::max(top, hi[l]);
+        }
+      }
+      if constexpr (kRank) t.n_gt = S::hsum_count(n_gt) + S::hsum_count(b.n_gt);
+      return t;
+    }
+  };
+
+  // One scalar tail entry x into a side's Top, before its max takes x.
+  template <bool kSecond, bool kRank>
+  static void top_tail(Top& t, float x, float max, float label) {
+    if constexpr (kSecond) t.second = std::max(t.second, std::min(x, max));
+    if constexpr (kRank) t.n_gt += x > label;
+  }
+
   // Two vectors a step, each into its own max and min (the max/min chains' latency, not the
   // loads, would set the pace); max and min are exact, so the split changes no result.
+  // kSecond/kRank (the optional outputs) also fill top_a/top_b, with the labels' values.
+  template <bool kSecond = false, bool kRank = false>
   static void pass1(const RowInput& a, const RowInput& b, int64_t vocab, MaxMin& ma,
-                    MaxMin& mb) {
+                    MaxMin& mb, Top* top_a = nullptr, Top* top_b = nullptr, float label_a = 0,
+                    float label_b = 0) {
     const float inf = std::numeric_limits<float>::infinity();
     V mxa = S::set1(-inf), mna = S::set1(inf), mxb = S::set1(-inf), mnb = S::set1(inf);
     V mxa2 = mxa, mna2 = mna, mxb2 = mxb, mnb2 = mnb;
+    constexpr bool kTop = kSecond || kRank;
+    [[maybe_unused]] TopLanes<kSecond, kRank> la, la2, lb, lb2;
+    [[maybe_unused]] const V label_av = S::set1(label_a), label_bv = S::set1(label_b);
     const int64_t pair_end = vocab - vocab % (2 * S::W);
     const int64_t vec_end = vocab - vocab % S::W;
     int64_t i = 0;
@@ -117,6 +167,12 @@ struct RowKernel {
       const V y = S::template load<DB>(b.values, i, b.dec);
       const V x2 = S::template load<DA>(a.values, i + S::W, a.dec);
       const V y2 = S::template load<DB>(b.values, i + S::W, b.dec);
+      if constexpr (kTop) {
+        la.step(x, mxa, label_av);
+        lb.step(y, mxb, label_bv);
+        la2.step(x2, mxa2, label_av);
+        lb2.step(y2, mxb2, label_bv);
+      }
       mxa = S::max(x, mxa);
       mna = S::min(x, mna);
       mxb = S::max(y, mxb);
@@ -129,6 +185,10 @@ struct RowKernel {
     for (; i < vec_end; i += S::W) {
       const V x = S::template load<DA>(a.values, i, a.dec);
       const V y = S::template load<DB>(b.values, i, b.dec);
+      if constexpr (kTop) {
+        la.step(x, mxa, label_av);
+        lb.step(y, mxb, label_bv);
+      }
       mxa = S::max(x, mxa);
       mna = S::min(x, mna);
       mxb = S::max(y, mxb);
@@ -136,9 +196,17 @@ struct RowKernel {
     }
     ma = {S::hmax(S::max(mxa2, mxa)), S::hmin(S::min(mna2, mna))};
     mb = {S::hmax(S::max(mxb2, mxb)), S::hmin(S::min(mnb2, mnb))};
+    if constexpr (kTop) {
+      *top_a = la.reduce(mxa, la2, mxa2);
+      *top_b = lb.reduce(mxb, lb2, mxb2);
+    }
     for (; i < vocab; ++i) {
       const float x = load_scalar<DA>(a.values, i, a.dec);
       const float y = load_scalar<DB>(b.values, i, b.dec);
+      if constexpr (kTop) {
+        top_tail<kSecond, kRank>(*top_a, x, ma.max, label_a);
+        top_tail<kSecond, kRank>(*top_b, y, mb.max, label_b);
+      }
       if (x > ma.max) ma.max = x;
       if (x < ma.min) ma.min = x;
       if (y > mb.max) mb.max = y;
@@ -147,17 +215,24 @@ struct RowKernel {
   }
 
   // One side's max and min (pass 1 for the reference when several models share it); the
-  // same values pass1 gives, which reduces both sides in one loop.
-  template <DType D>
-  static MaxMin maxmin(const RowInput& a, int64_t vocab) {
+  // same values pass1 gives, which reduces both sides in one loop (and the same Top).
+  template <DType D, bool kSecond = false, bool kRank = false>
+  static MaxMin maxmin(const RowInput& a, int64_t vocab, Top* top = nullptr, float label = 0) {
     const float inf = std::numeric_limits<float>::infinity();
     V mx = S::set1(-inf), mn = S::set1(inf), mx2 = mx, mn2 = mn;
+    constexpr bool kTop = kSecond || kRank;
+    [[maybe_unused]] TopLanes<kSecond, kRank> l, l2;
+    [[maybe_unused]] const V label_v = S::set1(label);
     const int64_t pair_end = vocab - vocab % (2 * S::W);
     const int64_t vec_end = vocab - vocab % S::W;
     int64_t i = 0;
     for (; i < pair_end; i += 2 * S::W) {
       const V x = S::template load<D>(a.values, i, a.dec);
       const V x2 = S::template load<D>(a.values, i + S::W, a.dec);
+      if constexpr (kTop) {
+        l.step(x, mx, label_v);
+        l2.step(x2, mx2, label_v);
+      }
       mx = S::max(x, mx);
       mn = S::min(x, mn);
       mx2 = S::max(x2, mx2);
@@ -165,12 +240,15 @@ struct RowKernel {
     }
     for (; i < vec_end; i += S::W) {
       const V x = S::template load<D>(a.values, i, a.dec);
+      if constexpr (kTop) l.step(x, mx, label_v);
       mx = S::max(x, mx);
       mn = S::min(x, mn);
     }
     MaxMin m{S::hmax(S::max(mx2, mx)), S::hmin(S::min(mn2, mn))};
+    if constexpr (kTop) *top = l.reduce(mx, l2, mx2);
     for (; i < vocab; ++i) {
       const float x = load_scalar<D>(a.values, i, a.dec);
+      if constexpr (kTop) top_tail<kSecond, kRank>(*top, x, m.max, label);
       if (x > m.max) m.max = x;
       if (x < m.min) m.min = x;
     }
@@ -372,7 +450,16 @@ struct RowKernel {
         has_next ? base_b + (r + 1) * p.q_row_stride + dtype_row_header(DB) : nullptr;
 
     MaxMin ma, mb;
-    pass1(a, b, p.vocab, ma, mb);
+    [[maybe_unused]] Top top_a, top_b;
+    if constexpr (kExtra) {
+      const float label_a = label_value<DA>(p, a, r), label_b = label_value<DB>(p, b, r);
+      with_top_flags(p, [&](auto second, auto rank) {
+        pass1<decltype(second)::value, decltype(rank)::value>(a, b, p.vocab, ma, mb, &top_a,
+                                                              &top_b, label_a, label_b);
+      });
+    } else {
+      pass1(a, b, p.vocab, ma, mb);
+    }
     if (!std::isfinite(ma.max) || !std::isfinite(mb.max)) {  // +inf, all -inf, or all NaN
       write_invalid(p, r);
       if constexpr (kExtra) write_invalid_extra(p, r);
@@ -382,7 +469,7 @@ struct RowKernel {
     Sums s;
     run_pass2<1>(p.llama_parity, masked, a, &b, p.vocab, ma, &mb, next_a, &next_b, &s);
     finish(p, r, a, b, ma, mb, masked, s);
-    if constexpr (kExtra) extras(p, r, a, b, ma, mb, masked, s, nullptr);
+    if constexpr (kExtra) extras(p, r, a, b, ma, mb, masked, s, top_a, top_b);
   }
 
   // Several models against one reference (the same ref, labels and mode in every params):
@@ -400,7 +487,8 @@ struct RowKernel {
     const bool has_next = r + 1 < r_end;
     const uint8_t* next_a =
         has_next ? base_a + (r + 1) * p0.ref_row_stride + dtype_row_header(DA) : nullptr;
-    const MaxMin ma = maxmin<DA>(a, p0.vocab);
+    [[maybe_unused]] Top top_a;
+    const MaxMin ma = side_maxmin<DA, kExtra>(p0, a, r, top_a);
     if (!std::isfinite(ma.max)) {  // the reference row is invalid: so is every model's
       for (int j = 0; j < m; ++j) {
         write_invalid(ps[j], r);
@@ -408,11 +496,10 @@ struct RowKernel {
       }
       return;
     }
-    Order order_a{};  // the reference's pass 3, once for every model
-    if constexpr (kExtra) order_a = side_order<DA>(ref_side(p0), a, p0.vocab, ma.max, p0.labels, r);
     int idx[kGroup];
     RowInput b[kGroup];
     MaxMin mb[kGroup];
+    [[maybe_unused]] Top top_b[kGroup];
     const uint8_t* next_b[kGroup];
     int g = 0;
     const auto flush_group = [&](int count) {
@@ -431,7 +518,7 @@ struct RowKernel {
       }
       for (int j = 0; j < count; ++j) {
         finish(ps[idx[j]], r, a, b[j], ma, mb[j], false, s[j]);
-        if constexpr (kExtra) extras(ps[idx[j]], r, a, b[j], ma, mb[j], false, s[j], &order_a);
+        if constexpr (kExtra) extras(ps[idx[j]], r, a, b[j], ma, mb[j], false, s[j], top_a, top_b[j]);
       }
     };
     for (int j = 0; j < m; ++j) {
@@ -440,7 +527,8 @@ struct RowKernel {
       const RowInput bj = row_input<S, DB>(base_b, p.q_row_stride, r);
       const uint8_t* nb =
           has_next ? base_b + (r + 1) * p.q_row_stride + dtype_row_header(DB) : nullptr;
-      const MaxMin mbj = maxmin<DB>(bj, p.vocab);
+      [[maybe_unused]] Top top_bj;
+      const MaxMin mbj = side_maxmin<DB, kExtra>(p, bj, r, top_bj);
       if (!std::isfinite(mbj.max)) {
         write_invalid(p, r);
         if constexpr (kExtra) write_invalid_extra(p, r);
@@ -450,12 +538,13 @@ struct RowKernel {
         Sums s;
         run_pass2<1>(p.llama_parity, true, a, &bj, p.vocab, ma, &mbj, next_a, &nb, &s);
         finish(p, r, a, bj, ma, mbj, true, s);
-        if constexpr (kExtra) extras(p, r, a, bj, ma, mbj, true, s, &order_a);
+        if constexpr (kExtra) extras(p, r, a, bj, ma, mbj, true, s, top_a, top_bj);
         continue;
       }
       idx[g] = j;
       b[g] = bj;
       mb[g] = mbj;
+      if constexpr (kExtra) top_b[g] = top_bj;
       next_b[g] = nb;
       if (++g == kGroup) {
         flush_group(g);
@@ -534,7 +623,6 @@ struct RowKernel {
     double* logp_top2;
     int32_t* rank;
     double* margin;
-    bool needs_order() const { return logp_top2 || rank || margin; }
   };
   static SideOut ref_side(const LogitStatsParams& p) {
     return {p.logp_top1_ref, p.logp_top2_ref, p.rank_ref_y, p.margin_ref};
@@ -543,64 +631,54 @@ struct RowKernel {
     return {p.logp_top1_q, p.logp_top2_q, p.rank_q_y, p.margin_q};
   }
 
-  // What pass 3 finds in a row with maximum `max`.
-  struct Order {
-    float below = -std::numeric_limits<float>::infinity();  // largest entry < max
-    int64_t n_max = 0;  // entries == max
-    int64_t n_gt = 0;   // entries > the label's value (when ranks are asked for)
-    // The second largest entry as a multiset.
-    float top2(float max) const { return n_max >= 2 ? max : below; }
-  };
-
-  // Pass 3 over one side: compares and counts only, exact in float32.
-  template <DType D, bool kRank>
-  static Order order_stats(const RowInput& in, int64_t vocab, float max, float label_value) {
-    const V max_v = S::set1(max), label_v = S::set1(label_value);
-    V below = S::set1(-std::numeric_limits<float>::infinity());
-    typename S::I n_max = S::count_zero(), n_gt = S::count_zero();
-    const int64_t vec_end = vocab - vocab % S::W;
-    int64_t i = 0;
-    for (; i < vec_end; i += S::W) {
-      const V x = S::template load<D>(in.values, i, in.dec);
-      below = S::max_below(x, max_v, below);
-      n_max = S::count_eq(x, max_v, n_max);
-      if constexpr (kRank) n_gt = S::count_gt(x, label_v, n_gt);
-    }
-    Order o;
-    o.below = S::hmax(below);
-    o.n_max = S::hsum_count(n_max);
-    if constexpr (kRank) o.n_gt = S::hsum_count(n_gt);
-    for (; i < vocab; ++i) {
-      const float x = load_scalar<D>(in.values, i, in.dec);
-      if (x < max && x > o.below) o.below = x;
-      o.n_max += x == max;
-      if constexpr (kRank) o.n_gt += x > label_value;
-    }
-    return o;
+  // The label's value on one side (0 without labels: no rank is counted then).
+  template <DType D>
+  static float label_value(const LogitStatsParams& p, const RowInput& in, int64_t r) {
+    return p.labels ? load_scalar<D>(in.values, p.labels[r], in.dec) : 0.0f;
   }
 
-  // Pass 3 for one side when its outputs need it (else an empty Order).
-  template <DType D>
-  static Order side_order(const SideOut& out, const RowInput& in, int64_t vocab, float max,
-                          const int64_t* labels, int64_t r) {
-    if (!out.needs_order()) return Order{};
-    const float label_value = labels ? load_scalar<D>(in.values, labels[r], in.dec) : 0.0f;
-    return out.rank ? order_stats<D, true>(in, vocab, max, label_value)
-                    : order_stats<D, false>(in, vocab, max, label_value);
+  // Calls f(bool_constant kSecond, bool_constant kRank) with what p's optional outputs need
+  // of pass 1: the second largest entries (top2, margins) and the labels' ranks.
+  template <class F>
+  static void with_top_flags(const LogitStatsParams& p, const F& f) {
+    const bool second = p.logp_top2_ref || p.logp_top2_q || p.margin_ref || p.margin_q;
+    const bool rank = p.rank_ref_y || p.rank_q_y;
+    using Yes = std::true_type;
+    using No = std::false_type;
+    if (second && rank) f(Yes{}, Yes{});
+    else if (second) f(Yes{}, No{});
+    else if (rank) f(No{}, Yes{});
+    else f(No{}, No{});
+  }
+
+  // maxmin, with the optional part (into top) when kExtra.
+  template <DType D, bool kExtra>
+  static MaxMin side_maxmin(const LogitStatsParams& p, const RowInput& in, int64_t r, Top& top) {
+    if constexpr (!kExtra) {
+      return maxmin<D>(in, p.vocab);
+    } else {
+      MaxMin m;
+      const float label = label_value<D>(p, in, r);
+      with_top_flags(p, [&](auto second, auto rank) {
+        m = maxmin<D, decltype(second)::value, decltype(rank)::value>(in, p.vocab, &top, label);
+      });
+      return m;
+    }
   }
 
   // One side's logp_top1/top2 (lse: that side's renormalising log-sum-exp), rank and margin.
   template <DType D>
-  static void write_side(const SideOut& out, const Order& o, const RowInput& in, float max,
+  static void write_side(const SideOut& out, const Top& t, const RowInput& in, float max,
                          double lse, const int64_t* labels, int64_t r) {
     if (out.logp_top1) out.logp_top1[r] = static_cast<double>(max) - lse;
-    if (out.logp_top2) out.logp_top2[r] = static_cast<double>(o.top2(max)) - lse;
-    if (out.rank) out.rank[r] = static_cast<int32_t>(o.n_gt);
+    if (out.logp_top2) out.logp_top2[r] = static_cast<double>(t.second) - lse;
+    if (out.rank) out.rank[r] = static_cast<int32_t>(t.n_gt);
     if (out.margin) {
-      const float label_value = load_scalar<D>(in.values, labels[r], in.dec);
-      // The best other entry: the max, unless the label is the only entry holding it.
-      const float other = label_value == max && o.n_max < 2 ? o.below : max;
-      out.margin[r] = static_cast<double>(label_value) - static_cast<double>(other);
+      const float label = load_scalar<D>(in.values, labels[r], in.dec);
+      // The best other entry: the max, or the second largest (== max on a tie) if the label
+      // holds the max.
+      const float other = label == max ? t.second : max;
+      out.margin[r] = static_cast<double>(label) - static_cast<double>(other);
     }
   }
 
@@ -630,7 +708,7 @@ struct RowKernel {
     return (1 + r) * std::log1p(r) + (r < 1 ? (1 - r) * std::log1p(-r) : 0.0);
   }
 
-  // Pass 4: sum |p - q| and (kJsd) sum (p + q) g(r), with p_i = 2^((a_i - max_a)*log2e) *
+  // Pass 3: sum |p - q| and (kJsd) sum (p + q) g(r), with p_i = 2^((a_i - max_a)*log2e) *
   // scale_a, q_i likewise; float32 lanes flushed to float64 like pass 2.
   template <bool kJsd>
   static void dist_pass(const RowInput& a, const RowInput& b, int64_t vocab, float max_a,
@@ -692,20 +770,16 @@ struct RowKernel {
   }
 
   // The optional outputs of row r, after finish (which wrote lse_ref/lse_q, or NaN for a row
-  // with a NaN). order_a: the reference's pass 3 when already done (several models), or null.
+  // with a NaN); top_a/top_b: pass 1's optional part.
   static void extras(const LogitStatsParams& p, int64_t r, const RowInput& a, const RowInput& b,
                      const MaxMin& ma, const MaxMin& mb, bool masked, const Sums& s,
-                     const Order* order_a) {
+                     const Top& top_a, const Top& top_b) {
     if (std::isnan(p.lse_ref[r])) {
       write_invalid_extra(p, r);
       return;
     }
-    const SideOut out_a = ref_side(p), out_b = q_side(p);
-    const Order oa =
-        order_a ? *order_a : side_order<DA>(out_a, a, p.vocab, ma.max, p.labels, r);
-    write_side<DA>(out_a, oa, a, ma.max, p.lse_ref[r], p.labels, r);
-    const Order ob = side_order<DB>(out_b, b, p.vocab, mb.max, p.labels, r);
-    write_side<DB>(out_b, ob, b, mb.max, p.lse_q[r], p.labels, r);
+    write_side<DA>(ref_side(p), top_a, a, ma.max, p.lse_ref[r], p.labels, r);
+    write_side<DB>(q_side(p), top_b, b, mb.max, p.lse_q[r], p.labels, r);
     if (!p.tvd && !p.jsd) return;
     // p_i = 2^(t_i)/S_ref with pass 2's t_i = (a_i - max)*log2e + c: 2^((a_i - max)*log2e) * 2^c/S.
     const float c_a = masked ? 0.0f : std::fma(ma.max, kLog2eF, -(ma.max * kLog2eF));

@@ -66,13 +66,12 @@ struct ScalarOps {
   static float hmax(V v) { return v; }
   static float hmin(V v) { return v; }
 
-  // For the optional passes (issue 16). Counts of lanes, and the largest entry below m.
+  // For the optional outputs (issue 16): lane counts, lanes to memory, and the JSD pass.
   using I = int64_t;
   static I count_zero() { return 0; }
-  static I count_eq(V x, V m, I acc) { return acc + (x == m); }
   static I count_gt(V x, V m, I acc) { return acc + (x > m); }
   static int64_t hsum_count(I c) { return c; }
-  static V max_below(V x, V m, V acc) { return x < m && x > acc ? x : acc; }
+  static void store(float* out, V v) { *out = v; }
   static V mul(V a, V b) { return a * b; }
   static V div(V a, V b) { return a / b; }
   static V abs(V a) { return std::fabs(a); }
@@ -155,13 +154,10 @@ struct Avx2Ops {
     return _mm_cvtss_f32(m);
   }
 
-  // For the optional passes (issue 16). A compare's all-ones lanes are -1: subtracting them
+  // For the optional outputs (issue 16). A compare's all-ones lanes are -1: subtracting them
   // counts (int32 lanes: at most vocab / 8 each).
   using I = __m256i;
   static I count_zero() { return _mm256_setzero_si256(); }
-  static I count_eq(V x, V m, I acc) {
-    return _mm256_sub_epi32(acc, _mm256_castps_si256(_mm256_cmp_ps(x, m, _CMP_EQ_OQ)));
-  }
   static I count_gt(V x, V m, I acc) {
     return _mm256_sub_epi32(acc, _mm256_castps_si256(_mm256_cmp_ps(x, m, _CMP_GT_OQ)));
   }
@@ -172,11 +168,7 @@ struct Avx2Ops {
     for (int32_t x : t) sum += x;
     return sum;
   }
-  static V max_below(V x, V m, V acc) {
-    const V below = _mm256_blendv_ps(_mm256_set1_ps(-std::numeric_limits<float>::infinity()), x,
-                                     _mm256_cmp_ps(x, m, _CMP_LT_OQ));
-    return _mm256_max_ps(below, acc);
-  }
+  static void store(float* out, V v) { _mm256_storeu_ps(out, v); }
   static V mul(V a, V b) { return _mm256_mul_ps(a, b); }
   static V div(V a, V b) { return _mm256_div_ps(a, b); }
   static V abs(V a) { return _mm256_andnot_ps(_mm256_set1_ps(-0.0f), a); }
@@ -283,21 +275,15 @@ struct Avx512Ops {
   static float hmax(V v) { return _mm512_reduce_max_ps(v); }
   static float hmin(V v) { return _mm512_reduce_min_ps(v); }
 
-  // For the optional passes (issue 16): counts in int32 lanes (at most vocab / 16 each).
+  // For the optional outputs (issue 16): counts in int32 lanes (at most vocab / 16 each).
   using I = __m512i;
   static I count_zero() { return _mm512_setzero_si512(); }
-  static I count_eq(V x, V m, I acc) {
-    return _mm512_mask_sub_epi32(acc, _mm512_cmp_ps_mask(x, m, _CMP_EQ_OQ), acc,
-                                 _mm512_set1_epi32(-1));
-  }
   static I count_gt(V x, V m, I acc) {
     return _mm512_mask_sub_epi32(acc, _mm512_cmp_ps_mask(x, m, _CMP_GT_OQ), acc,
                                  _mm512_set1_epi32(-1));
   }
   static int64_t hsum_count(I c) { return _mm512_reduce_add_epi32(c); }
-  static V max_below(V x, V m, V acc) {
-    return _mm512_mask_max_ps(acc, _mm512_cmp_ps_mask(x, m, _CMP_LT_OQ), x, acc);
-  }
+  static void store(float* out, V v) { _mm512_storeu_ps(out, v); }
   static V mul(V a, V b) { return _mm512_mul_ps(a, b); }
   static V div(V a, V b) { return _mm512_div_ps(a, b); }
   static V abs(V a) { return _mm512_abs_ps(a); }

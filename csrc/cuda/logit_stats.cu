@@ -38,6 +38,13 @@
 // - Built without --use_fast_math: nothing is relaxed but exp2, which is one ex2.approx.ftz
 //   (2 ulp; results below 2^-126 flush to 0, as on the CPU and in Triton).
 //
+// - Optional outputs (issue 16; reference.py defines them), computed only when their pointers
+//   are set: top-2 log-probs, label ranks and margins ride in the rows kernel's kExtra
+//   instantiation (per step the second largest value per side and the count of entries above
+//   the label's value, merged like the argmax; the kernel without them is the one before);
+//   TVD and JSD take a distance kernel over (row, split) after the statistics pass has written
+//   each row's shifts and sums to a stream-ordered workspace: a third read of the rows.
+//
 // Inputs: float32, float16, bfloat16, llama_u16 (a float32 scale and minimum, then uint16 codes
 // decoded as fma(code, scale, min), like the CPU's SIMD paths) on either side.
 //
@@ -75,9 +82,14 @@ struct Shared {
   double shifts[2][kWarps];
   float best[2][kWarps];
   int index[2][kWarps];
+  float second[2][kWarps];  // kExtra only
+  int count[2][kWarps];
 };
 
-// The block's state, reduced from every thread's `s`; returned in every thread.
+// The block's state, reduced from every thread's `s`; returned in every thread. kExtra: also
+// the second largest values (multiset: a max that two threads share is also the second) and
+// the label counts.
+template <bool kExtra>
 __device__ State block_merge(State s, Shared& sh) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   // 1. The block's shifts (exact float64 sums of each thread's hi + lo).
@@ -102,14 +114,20 @@ __device__ State block_merge(State s, Shared& sh) {
   // 2. Every thread's sums against them, then one sum and one argmax per side.
   rescale(s, ka, kb);
   double v[7] = {s.sa, s.sb, s.trq, s.tqr, s.h, s.wt, s.ws};
-  float ba = s.best_a, bb = s.best_b;
-  int ia = s.ia, ib = s.ib;
+  float ba = s.best_a, bb = s.best_b, sa2 = s.sec_a, sb2 = s.sec_b;
+  int ia = s.ia, ib = s.ib, ca = s.cnt_a, cb = s.cnt_b;
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) {
 #pragma unroll
     for (int k = 0; k < 7; ++k) v[k] += __shfl_xor_sync(0xffffffffu, v[k], o);
     const float oba = __shfl_xor_sync(0xffffffffu, ba, o), obb = __shfl_xor_sync(0xffffffffu, bb, o);
     const int oia = __shfl_xor_sync(0xffffffffu, ia, o), oib = __shfl_xor_sync(0xffffffffu, ib, o);
+    if constexpr (kExtra) {
+      sa2 = fmaxf(fmaxf(sa2, __shfl_xor_sync(0xffffffffu, sa2, o)), fminf(ba, oba));
+      sb2 = fmaxf(fmaxf(sb2, __shfl_xor_sync(0xffffffffu, sb2, o)), fminf(bb, obb));
+      ca += __shfl_xor_sync(0xffffffffu, ca, o);
+      cb += __shfl_xor_sync(0xffffffffu, cb, o);
+    }
     if (better(oba, oia, ba, ia)) {
       ba = oba;
       ia = oia;
@@ -126,6 +144,12 @@ __device__ State block_merge(State s, Shared& sh) {
     sh.best[1][warp] = bb;
     sh.index[0][warp] = ia;
     sh.index[1][warp] = ib;
+    if constexpr (kExtra) {
+      sh.second[0][warp] = sa2;
+      sh.second[1][warp] = sb2;
+      sh.count[0][warp] = ca;
+      sh.count[1][warp] = cb;
+    }
   }
   const bool bad = __syncthreads_or(s.bad);  // also the barrier for the stores above
   // The block's state in the split workspace's encoding (write_part), then decoded.
@@ -141,6 +165,19 @@ __device__ State block_merge(State s, Shared& sh) {
   int index[2] = {sh.index[0][0], sh.index[1][0]};
 #pragma unroll
   for (int side = 0; side < 2; ++side) {
+    if constexpr (kExtra) {
+      float second = sh.second[side][0];
+      int count = sh.count[side][0];
+#pragma unroll
+      for (int w = 1; w < kWarps; ++w) {
+        second = fmaxf(fmaxf(second, sh.second[side][w]), fminf(best[side], sh.best[side][w]));
+        best[side] = fmaxf(best[side], sh.best[side][w]);
+        count += sh.count[side][w];
+      }
+      words[14 + side] = second;
+      words[16 + side] = count;
+      best[side] = sh.best[side][0];
+    }
 #pragma unroll
     for (int w = 1; w < kWarps; ++w) {
       if (better(sh.best[side][w], sh.index[side][w], best[side], index[side])) {
@@ -167,10 +204,27 @@ __device__ __forceinline__ void row_start(const void* base, int64_t stride, int6
   vals = row + Storage<D>::kHeader;
 }
 
+// The label's values (clamped: the caller checked the range).
+template <DType DA, DType DB>
+__device__ void label_values(const LogitStatsParams& p, int64_t r, const uint8_t* a_vals,
+                             const uint8_t* b_vals, const Decode& da, const Decode& db,
+                             float& ay, float& by) {
+  int64_t y = p.labels[r];
+  y = y < 0 ? 0 : (y >= p.vocab ? p.vocab - 1 : y);
+  ay = load_one<DA>(a_vals, y, da);
+  by = load_one<DB>(b_vals, y, db);
+}
+
+template <typename T>
+__device__ __forceinline__ void store_if(T* out, int64_t r, T v) {
+  if (out) out[r] = v;
+}
+
+// Every output of row r from its merged state; `state`: the distance pass's words, or null.
 template <DType DA, DType DB, bool kParity>
 __device__ void finish_row(const LogitStatsParams& p, int64_t r, const State& s,
                            const uint8_t* a_vals, const uint8_t* b_vals, const Decode& da,
-                           const Decode& db) {
+                           const Decode& db, double* state) {
   double ay = 0.0, by = 0.0;
   if (p.labels) {
     int64_t y = p.labels[r];
@@ -194,11 +248,22 @@ __device__ void finish_row(const LogitStatsParams& p, int64_t r, const State& s,
     p.p_q_y[r] = o.p_q_y;
   }
   if (kParity) p.kld_llama[r] = o.kld_llama;
+  store_if(p.logp_top1_ref, r, o.logp_top1_ref);
+  store_if(p.logp_top1_q, r, o.logp_top1_q);
+  store_if(p.logp_top2_ref, r, o.logp_top2_ref);
+  store_if(p.logp_top2_q, r, o.logp_top2_q);
+  store_if(p.rank_ref_y, r, static_cast<int32_t>(o.rank_ref));
+  store_if(p.rank_q_y, r, static_cast<int32_t>(o.rank_q));
+  store_if(p.margin_ref, r, o.margin_ref);
+  store_if(p.margin_q, r, o.margin_q);
+  if (state) write_dist_state(s, state + r * kState);
 }
 
-template <DType DA, DType DB, bool kParity>
+// kExtra: the optional outputs' second largest values and label counts ride along.
+template <DType DA, DType DB, bool kParity, bool kExtra>
 __global__ void __launch_bounds__(kThreads, 2)
-    logit_stats_rows_kernel(LogitStatsParams p, int64_t cols_per_split, double* part) {
+    logit_stats_rows_kernel(LogitStatsParams p, int64_t cols_per_split, double* part,
+                            double* state) {
   constexpr int kUnroll = unroll_steps<DA, DB>();
   __shared__ Shared sh;
   const int64_t r = blockIdx.x;
@@ -212,19 +277,21 @@ __global__ void __launch_bounds__(kThreads, 2)
   const Traversal t = plan_traversal<DA, DB>(a_vals, b_vals, begin, end);
   State s;
   init_state(s);
-  fold_thread_range<DA, DB, kParity, kUnroll>(s, threadIdx.x, kThreads, a_vals, b_vals, da, db,
-                                              begin, end, t);
-  const State m = block_merge(s, sh);
+  if (kExtra && p.labels) label_values<DA, DB>(p, r, a_vals, b_vals, da, db, s.ya, s.yb);
+  fold_thread_range<DA, DB, kParity, kExtra, kUnroll>(s, threadIdx.x, kThreads, a_vals, b_vals,
+                                                      da, db, begin, end, t);
+  const State m = block_merge<kExtra>(s, sh);
   if (threadIdx.x != 0) return;
   if (part) {
     write_part(m, part + (r * gridDim.y + split) * kPart);
   } else {
-    finish_row<DA, DB, kParity>(p, r, m, a_vals, b_vals, da, db);
+    finish_row<DA, DB, kParity>(p, r, m, a_vals, b_vals, da, db, state);
   }
 }
 
 template <DType DA, DType DB, bool kParity>
-__global__ void logit_stats_merge_kernel(LogitStatsParams p, const double* part, int splits) {
+__global__ void logit_stats_merge_kernel(LogitStatsParams p, const double* part, int splits,
+                                         double* state) {
   const int64_t r = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (r >= p.n_rows) return;
   State m;
@@ -234,7 +301,72 @@ __global__ void logit_stats_merge_kernel(LogitStatsParams p, const double* part,
   Decode da, db;
   row_start<DA>(p.ref, p.ref_row_stride, r, a_vals, da);
   row_start<DB>(p.q, p.q_row_stride, r, b_vals, db);
-  finish_row<DA, DB, kParity>(p, r, m, a_vals, b_vals, da, db);
+  finish_row<DA, DB, kParity>(p, r, m, a_vals, b_vals, da, db, state);
+}
+
+// The distance pass (tvd, jsd) over (row, split), once the rows' states are written: the same
+// traversal as the rows kernel; one block sum of two float64s. part: each split's two sums,
+// for logit_stats_dist_merge_kernel; null: the outputs written here.
+template <DType DA, DType DB, bool kJsd>
+__global__ void __launch_bounds__(kThreads, 2)
+    logit_stats_dist_kernel(LogitStatsParams p, int64_t cols_per_split, const double* state,
+                            double* part) {
+  constexpr int kUnroll = unroll_steps<DA, DB>();
+  __shared__ double sums[2][kWarps];
+  const int64_t r = blockIdx.x;
+  const int split = blockIdx.y;
+  const uint8_t *a_vals, *b_vals;
+  Decode da, db;
+  row_start<DA>(p.ref, p.ref_row_stride, r, a_vals, da);
+  row_start<DB>(p.q, p.q_row_stride, r, b_vals, db);
+  const int64_t begin = split * cols_per_split;
+  const int64_t end = begin + cols_per_split < p.vocab ? begin + cols_per_split : p.vocab;
+  const Traversal t = plan_traversal<DA, DB>(a_vals, b_vals, begin, end);
+  const DistRow row = read_dist_state(state + r * kState);
+  DistSums d{0.0, 0.0};
+  dist_thread_range<DA, DB, kJsd, kUnroll>(d, row, threadIdx.x, kThreads, a_vals, b_vals, da, db,
+                                           begin, end, t);
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) {
+    d.tv += __shfl_xor_sync(0xffffffffu, d.tv, o);
+    d.js += __shfl_xor_sync(0xffffffffu, d.js, o);
+  }
+  if (lane == 0) {
+    sums[0][warp] = d.tv;
+    sums[1][warp] = d.js;
+  }
+  __syncthreads();
+  if (threadIdx.x != 0) return;
+  DistSums total{0.0, 0.0};
+  for (int w = 0; w < kWarps; ++w) {
+    total.tv += sums[0][w];
+    total.js += sums[1][w];
+  }
+  if (part) {
+    part[(r * gridDim.y + split) * 2] = total.tv;
+    part[(r * gridDim.y + split) * 2 + 1] = total.js;
+    return;
+  }
+  double tvd, jsd;
+  finish_dist(total, state + r * kState, tvd, jsd);
+  store_if(p.tvd, r, tvd);
+  store_if(p.jsd, r, jsd);
+}
+
+__global__ void logit_stats_dist_merge_kernel(LogitStatsParams p, const double* state,
+                                              const double* part, int splits) {
+  const int64_t r = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (r >= p.n_rows) return;
+  DistSums total{0.0, 0.0};
+  for (int k = 0; k < splits; ++k) {  // in vocabulary order: the same sums on every run
+    total.tv += part[(r * splits + k) * 2];
+    total.js += part[(r * splits + k) * 2 + 1];
+  }
+  double tvd, jsd;
+  finish_dist(total, state + r * kState, tvd, jsd);
+  store_if(p.tvd, r, tvd);
+  store_if(p.jsd, r, jsd);
 }
 
 // ----------------------------------------------------------------------------------------------
@@ -273,31 +405,85 @@ int pick_splits(const LogitStatsParams& p, int num_sms) {
   return k < 1 ? 1 : static_cast<int>(k);
 }
 
-template <DType DA, DType DB, bool kParity>
-void launch(const LogitStatsParams& p, cudaStream_t stream, int splits) {
-  int64_t cols = p.vocab;
-  if (splits > 1) splits = split_columns(p.vocab, splits, &cols);
+// Queue the distance pass (tvd, jsd) after the statistics pass has written `state`.
+template <DType DA, DType DB, bool kJsd>
+cudaError_t launch_dist(const LogitStatsParams& p, cudaStream_t stream, int splits, int64_t cols,
+                        const double* state) {
   if (splits <= 1) {
-    logit_stats_rows_kernel<DA, DB, kParity>
-        <<<dim3(static_cast<unsigned>(p.n_rows), 1), kThreads, 0, stream>>>(p, p.vocab, nullptr);
-    FK_CUDA_CHECK(cudaGetLastError());
-    return;
+    logit_stats_dist_kernel<DA, DB, kJsd>
+        <<<dim3(static_cast<unsigned>(p.n_rows), 1), kThreads, 0, stream>>>(p, p.vocab, state,
+                                                                               nullptr);
+    return cudaGetLastError();
   }
   double* part = nullptr;
-  const size_t bytes = static_cast<size_t>(p.n_rows) * splits * kPart * sizeof(double);
-  FK_CUDA_CHECK(cudaMallocAsync(reinterpret_cast<void**>(&part), bytes, stream));
-  logit_stats_rows_kernel<DA, DB, kParity>
+  cudaError_t err = cudaMallocAsync(reinterpret_cast<void**>(&part),
+                                    static_cast<size_t>(p.n_rows) * splits * 2 * sizeof(double),
+                                    stream);
+  if (err != cudaSuccess) return err;
+  logit_stats_dist_kernel<DA, DB, kJsd>
       <<<dim3(static_cast<unsigned>(p.n_rows), static_cast<unsigned>(splits)), kThreads, 0,
-         stream>>>(p, cols, part);
-  cudaError_t err = cudaGetLastError();
+         stream>>>(p, cols, state, part);
+  err = cudaGetLastError();
   if (err == cudaSuccess) {
     const int threads = 128;
     const unsigned blocks = static_cast<unsigned>((p.n_rows + threads - 1) / threads);
-    logit_stats_merge_kernel<DA, DB, kParity><<<blocks, threads, 0, stream>>>(p, part, splits);
+    logit_stats_dist_merge_kernel<<<blocks, threads, 0, stream>>>(p, state, part, splits);
     err = cudaGetLastError();
   }
-  cudaFreeAsync(part, stream);  // stream-ordered: after the merge kernel has read it
+  cudaFreeAsync(part, stream);
+  return err;
+}
+
+// The statistics pass (kExtra when a top-2, rank or margin output is asked for), then, for
+// tvd or jsd, the distance pass; workspaces are stream-ordered allocations freed behind them.
+template <DType DA, DType DB, bool kParity, bool kExtra>
+void launch(const LogitStatsParams& p, cudaStream_t stream, int splits) {
+  int64_t cols = p.vocab;
+  if (splits > 1) splits = split_columns(p.vocab, splits, &cols);
+  double* state = nullptr;
+  if (p.tvd || p.jsd) {
+    FK_CUDA_CHECK(cudaMallocAsync(reinterpret_cast<void**>(&state),
+                                  static_cast<size_t>(p.n_rows) * kState * sizeof(double), stream));
+  }
+  double* part = nullptr;
+  cudaError_t err = cudaSuccess;
+  if (splits <= 1) {
+    logit_stats_rows_kernel<DA, DB, kParity, kExtra>
+        <<<dim3(static_cast<unsigned>(p.n_rows), 1), kThreads, 0, stream>>>(p, p.vocab, nullptr,
+                                                                               state);
+    err = cudaGetLastError();
+  } else {
+    const size_t bytes = static_cast<size_t>(p.n_rows) * splits * kPart * sizeof(double);
+    err = cudaMallocAsync(reinterpret_cast<void**>(&part), bytes, stream);
+    if (err == cudaSuccess) {
+      logit_stats_rows_kernel<DA, DB, kParity, kExtra>
+          <<<dim3(static_cast<unsigned>(p.n_rows), static_cast<unsigned>(splits)), kThreads, 0,
+             stream>>>(p, cols, part, nullptr);
+      err = cudaGetLastError();
+    }
+    if (err == cudaSuccess) {
+      const int threads = 128;
+      const unsigned blocks = static_cast<unsigned>((p.n_rows + threads - 1) / threads);
+      logit_stats_merge_kernel<DA, DB, kParity>
+          <<<blocks, threads, 0, stream>>>(p, part, splits, state);
+      err = cudaGetLastError();
+    }
+    if (part) cudaFreeAsync(part, stream);  // stream-ordered: after the merge kernel has read it
+  }
+  if (err == cudaSuccess && state) {
+    err = p.jsd ? launch_dist<DA, DB, true>(p, stream, splits, cols, state)
+                : launch_dist<DA, DB, false>(p, stream, splits, cols, state);
+  }
+  if (state) cudaFreeAsync(state, stream);
   FK_RUNTIME_CHECK(err == cudaSuccess, "CUDA kernel launch failed: " << cudaGetErrorString(err));
+}
+
+template <DType DA, DType DB, bool kParity>
+void launch(const LogitStatsParams& p, cudaStream_t stream, int splits) {
+  const bool extra = p.logp_top1_ref || p.logp_top1_q || p.logp_top2_ref || p.logp_top2_q ||
+                     p.rank_ref_y || p.rank_q_y || p.margin_ref || p.margin_q;
+  if (extra) return launch<DA, DB, kParity, true>(p, stream, splits);
+  launch<DA, DB, kParity, false>(p, stream, splits);
 }
 
 }  // namespace

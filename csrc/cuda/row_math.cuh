@@ -10,6 +10,9 @@
 // step of 8 elements, float64 running sums, exact rescaling by powers of two when k rises.
 // Beyond |max * log2 e| = 2^23 the shift is a pair hi + lo (shift_of), so that the rounding of
 // max * log2 e itself never reaches t.
+//
+// Issue 16's optional outputs: fold_extra (second largest values, label counts; kExtra),
+// finish_stats' log-probs and margins, and the distance pass (dist_thread_range, finish_dist).
 #pragma once
 
 #include <cuda_fp16.h>
@@ -37,7 +40,8 @@ constexpr float kKFloor = -3.40282346638528859812e38f;  // the most negative flo
 constexpr float kBigShift = 8388608.0f;
 constexpr float kLlamaWindow = -16.0f;
 constexpr int kVec = 8;    // elements per thread per step
-constexpr int kPart = 16;  // float64 words of split state per (row, split)
+constexpr int kPart = 18;  // float64 words of split state per (row, split)
+constexpr int kState = 4;  // float64 words per row for the distance pass: K_ref, K_q, S_ref, S_q
 constexpr int kThreads = 256;  // threads per CTA (one CTA per row or per (row, split))
 
 template <DType D>
@@ -202,6 +206,10 @@ struct State {
   float best_a, best_b;
   int ia, ib;  // first index of best (INT_MAX: none yet)
   bool bad;
+  // Optional outputs (kExtra): second largest value per side (as a multiset), the count of
+  // entries strictly above the label's values ya, yb (+inf without labels: counts stay 0).
+  float sec_a, sec_b, ya, yb;
+  int cnt_a, cnt_b;
 };
 
 FK_HD void init_state(State& s) {
@@ -211,6 +219,9 @@ FK_HD void init_state(State& s) {
   s.best_a = s.best_b = -INFINITY;
   s.ia = s.ib = INT_MAX;
   s.bad = false;
+  s.sec_a = s.sec_b = -INFINITY;
+  s.ya = s.yb = INFINITY;
+  s.cnt_a = s.cnt_b = 0;
 }
 
 // 2^-delta for an integer-valued delta >= 0, exact; 0 below 2^-1022 (and for NaN).
@@ -329,8 +340,36 @@ FK_HD void fold_terms(State& s, const float (&x)[kVec], const float (&y)[kVec]) 
   s.h += p_h;
 }
 
+// The second largest value of one step as a multiset (its max tied: the max).
+FK_HD float step_second(const float (&x)[kVec]) {
+  float m1 = x[0], m2 = -INFINITY;
+#pragma unroll
+  for (int j = 1; j < kVec; ++j) {
+    m2 = fmaxf(m2, fminf(m1, x[j]));
+    m1 = fmaxf(m1, x[j]);
+  }
+  return m2;
+}
+
+// kExtra: the second largest values and the label counts of one step (mx: its maxima), before
+// best_a/best_b move: the row's second largest is the step's, or the smaller of the two maxima.
+FK_HD void fold_extra(State& s, const float (&x)[kVec], const float (&y)[kVec], float mx_a,
+                      float mx_b) {
+  s.sec_a = fmaxf(s.sec_a, fmaxf(fminf(s.best_a, mx_a), step_second(x)));
+  s.sec_b = fmaxf(s.sec_b, fmaxf(fminf(s.best_b, mx_b), step_second(y)));
+  int ca = 0, cb = 0;
+#pragma unroll
+  for (int j = 0; j < kVec; ++j) {
+    ca += x[j] > s.ya;
+    cb += y[j] > s.yb;
+  }
+  s.cnt_a += ca;
+  s.cnt_b += cb;
+}
+
 // Fold one step of kVec elements (x: ref, y: q; -inf where absent) starting at index i0.
-template <bool kParity>
+// kExtra: also the optional outputs' second largest values and label counts.
+template <bool kParity, bool kExtra>
 FK_HD void fold_step(State& s, const float (&x)[kVec], const float (&y)[kVec], int64_t i0) {
   float mx_a = x[0], mx_b = y[0];
 #pragma unroll
@@ -338,6 +377,7 @@ FK_HD void fold_step(State& s, const float (&x)[kVec], const float (&y)[kVec], i
     mx_a = fmaxf(mx_a, x[j]);
     mx_b = fmaxf(mx_b, y[j]);
   }
+  if constexpr (kExtra) fold_extra(s, x, y, mx_a, mx_b);
   if (mx_a > s.best_a) {  // strictly: an earlier step keeps a tie
     int j = 0;
     while (j < kVec - 1 && !(x[j] == mx_a)) ++j;
@@ -370,7 +410,7 @@ FK_HD void fold_step(State& s, const float (&x)[kVec], const float (&y)[kVec], i
 }
 
 // Elements [lo, hi) (fewer than kVec) through scalar loads, padded with -inf.
-template <DType DA, DType DB, bool kParity>
+template <DType DA, DType DB, bool kParity, bool kExtra>
 FK_HD void fold_partial(State& s, const uint8_t* a_vals, const uint8_t* b_vals, const Decode& da,
                         const Decode& db, int64_t lo, int64_t hi) {
   float x[kVec], y[kVec];
@@ -380,7 +420,7 @@ FK_HD void fold_partial(State& s, const uint8_t* a_vals, const uint8_t* b_vals, 
     x[j] = in ? load_one<DA>(a_vals, lo + j, da) : -INFINITY;
     y[j] = in ? load_one<DB>(b_vals, lo + j, db) : -INFINITY;
   }
-  fold_step<kParity>(s, x, y, lo);
+  fold_step<kParity, kExtra>(s, x, y, lo);
 }
 
 template <DType DA, DType DB>
@@ -427,11 +467,12 @@ FK_HD Traversal plan_traversal(const uint8_t* a_vals, const uint8_t* b_vals, int
 
 // Thread `tid` of `n_threads`: its share of [begin, end) in increasing index order (the strict
 // tie rule in fold_step relies on it). kUnroll steps are loaded before the first is folded.
-template <DType DA, DType DB, bool kParity, int kUnroll>
+template <DType DA, DType DB, bool kParity, bool kExtra, int kUnroll>
 FK_HD void fold_thread_range(State& s, int tid, int n_threads, const uint8_t* a_vals,
                              const uint8_t* b_vals, const Decode& da, const Decode& db,
                              int64_t begin, int64_t end, const Traversal& t) {
-  if (tid == 0 && t.head > 0) fold_partial<DA, DB, kParity>(s, a_vals, b_vals, da, db, begin, t.body);
+  if (tid == 0 && t.head > 0)
+    fold_partial<DA, DB, kParity, kExtra>(s, a_vals, b_vals, da, db, begin, t.body);
   int64_t st = tid;
   for (; st + (kUnroll - 1) * static_cast<int64_t>(n_threads) < t.n_steps;
        st += kUnroll * static_cast<int64_t>(n_threads)) {
@@ -442,16 +483,16 @@ FK_HD void fold_thread_range(State& s, int tid, int n_threads, const uint8_t* a_
                         t.align_b, da, db, x[u], y[u]);
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u)
-      fold_step<kParity>(s, x[u], y[u], t.body + (st + u * n_threads) * kVec);
+      fold_step<kParity, kExtra>(s, x[u], y[u], t.body + (st + u * n_threads) * kVec);
   }
   for (; st < t.n_steps; st += n_threads) {
     float x[kVec], y[kVec];
     load_pair<DA, DB>(a_vals, b_vals, t.body + st * kVec, t.align_a, t.align_b, da, db, x, y);
-    fold_step<kParity>(s, x, y, t.body + st * kVec);
+    fold_step<kParity, kExtra>(s, x, y, t.body + st * kVec);
   }
   // The tail indices exceed every step's: folding them last keeps this thread's order.
   if (tid == n_threads - 1 && t.tail < end)
-    fold_partial<DA, DB, kParity>(s, a_vals, b_vals, da, db, t.tail, end);
+    fold_partial<DA, DB, kParity, kExtra>(s, a_vals, b_vals, da, db, t.tail, end);
 }
 
 FK_HD bool better(float v, int i, float bv, int bi) { return v > bv || (v == bv && i < bi); }
@@ -467,6 +508,10 @@ FK_HD void add_state(State& s, State o) {
   s.h += o.h;
   s.wt += o.wt;
   s.ws += o.ws;
+  s.sec_a = fmaxf(fmaxf(s.sec_a, o.sec_a), fminf(s.best_a, o.best_a));
+  s.sec_b = fmaxf(fmaxf(s.sec_b, o.sec_b), fminf(s.best_b, o.best_b));
+  s.cnt_a += o.cnt_a;
+  s.cnt_b += o.cnt_b;
   if (better(o.best_a, o.ia, s.best_a, s.ia)) {
     s.best_a = o.best_a;
     s.ia = o.ia;
@@ -500,10 +545,12 @@ FK_HD State merge_block_states(const State* threads, int n) {
 // A CTA's merged state in the split workspace (kPart float64 words) and back: what the rows
 // kernel writes for one (row, split) and the merge kernel reads.
 FK_HD void write_part(const State& m, double* o) {
-  const double words[14] = {shift64(m.ka, m.la), shift64(m.kb, m.lb), m.sa, m.sb, m.trq, m.tqr,
-                            m.h, m.wt, m.ws, m.best_a, m.best_b, static_cast<double>(m.ia),
-                            static_cast<double>(m.ib), m.bad ? 1.0 : 0.0};
-  for (int k = 0; k < 14; ++k) o[k] = words[k];
+  const double words[kPart] = {shift64(m.ka, m.la), shift64(m.kb, m.lb), m.sa, m.sb, m.trq,
+                               m.tqr, m.h, m.wt, m.ws, m.best_a, m.best_b,
+                               static_cast<double>(m.ia), static_cast<double>(m.ib),
+                               m.bad ? 1.0 : 0.0, m.sec_a, m.sec_b,
+                               static_cast<double>(m.cnt_a), static_cast<double>(m.cnt_b)};
+  for (int k = 0; k < kPart; ++k) o[k] = words[k];
 }
 
 FK_HD State read_part(const double* o) {
@@ -522,6 +569,11 @@ FK_HD State read_part(const double* o) {
   s.ia = static_cast<int>(o[11]);
   s.ib = static_cast<int>(o[12]);
   s.bad = o[13] != 0.0;
+  s.sec_a = static_cast<float>(o[14]);
+  s.sec_b = static_cast<float>(o[15]);
+  s.ya = s.yb = INFINITY;
+  s.cnt_a = static_cast<int>(o[16]);
+  s.cnt_b = static_cast<int>(o[17]);
   return s;
 }
 
@@ -532,21 +584,36 @@ FK_HD State read_part(const double* o) {
 struct RowOut {
   double kld, kld_reverse, lse_ref, lse_q, entropy_ref, nll_ref, nll_q, p_ref_y, p_q_y, kld_llama;
   int top1_ref, top1_q;
+  // optional outputs (reference.py): valid only from a kExtra state (ranks and margins: with
+  // labels); the distances come from the distance pass (finish_dist)
+  double logp_top1_ref, logp_top1_q, logp_top2_ref, logp_top2_q, margin_ref, margin_q;
+  int rank_ref, rank_q;
 };
+
+// log p of the float32 value v in a row with shift k (hi + lo, exact) and log S: the float64
+// fma is exact where v - lse would cancel two huge numbers (rows near 1e37).
+FK_HD double logp_of(float v, double k, double log_s) {
+  return kLn2Eff * fma(static_cast<double>(v), static_cast<double>(kLog2eF), -k) - log_s;
+}
 
 // ay, by: the label's logits (when has_label). q_logprobs (parity mode with a llama.cpp quant
 // file): q's rows are log-probs and, as in llama.cpp, used as they are for nll_q and kld_llama.
+FK_HD bool row_valid(const State& s) {
+  return !s.bad && s.sa > 0.0 && s.sb > 0.0 && s.sa < INFINITY && s.sb < INFINITY &&
+         shift64(s.ka, s.la) < INFINITY && shift64(s.kb, s.lb) < INFINITY;
+}
+
 FK_HD RowOut finish_stats(const State& s, bool parity, bool q_logprobs, bool has_label, double ay,
                           double by) {
   RowOut o;
   const double ka = shift64(s.ka, s.la), kb = shift64(s.kb, s.lb);
-  const bool valid = !s.bad && s.sa > 0.0 && s.sb > 0.0 && s.sa < INFINITY && s.sb < INFINITY &&
-                     ka < INFINITY && kb < INFINITY;
-  if (!valid) {
+  if (!row_valid(s)) {
     const double nan = NAN;
     o.kld = o.kld_reverse = o.lse_ref = o.lse_q = o.entropy_ref = nan;
     o.nll_ref = o.nll_q = o.p_ref_y = o.p_q_y = o.kld_llama = nan;
-    o.top1_ref = o.top1_q = -1;
+    o.logp_top1_ref = o.logp_top1_q = o.logp_top2_ref = o.logp_top2_q = nan;
+    o.margin_ref = o.margin_q = nan;
+    o.top1_ref = o.top1_q = o.rank_ref = o.rank_q = -1;
     return o;
   }
   const double log_sa = log(s.sa), log_sb = log(s.sb);
@@ -559,12 +626,23 @@ FK_HD RowOut finish_stats(const State& s, bool parity, bool q_logprobs, bool has
   o.top1_ref = s.ia;
   o.top1_q = s.ib;
   o.nll_ref = o.nll_q = o.p_ref_y = o.p_q_y = o.kld_llama = 0.0;
+  o.logp_top1_ref = logp_of(s.best_a, ka, log_sa);
+  o.logp_top1_q = logp_of(s.best_b, kb, log_sb);
+  o.logp_top2_ref = logp_of(s.sec_a, ka, log_sa);
+  o.logp_top2_q = logp_of(s.sec_b, kb, log_sb);
+  o.rank_ref = s.cnt_a;
+  o.rank_q = s.cnt_b;
+  o.margin_ref = o.margin_q = 0.0;
   if (has_label) {
     // In llama parity mode the reference row already holds log-probs (not renormalised).
     o.nll_ref = parity ? -ay : lse_a - ay;
     o.nll_q = q_logprobs ? -by : lse_b - by;
     o.p_ref_y = exp(-o.nll_ref);
     o.p_q_y = exp(-o.nll_q);
+    // The best other entry: the row max when something beats the label, else (the label is a
+    // max) the second largest, which equals the max when it is tied.
+    o.margin_ref = ay - static_cast<double>(s.cnt_a > 0 ? s.best_a : s.sec_a);
+    o.margin_q = by - static_cast<double>(s.cnt_b > 0 ? s.best_b : s.sec_b);
   }
   if (parity) {
     // p_i(llama) = exp(x_i) = exp(lse_a) e_i / S_ref; log p_i - log q_i = ln2 d_i + ln2 k_a +
@@ -573,6 +651,146 @@ FK_HD RowOut finish_stats(const State& s, bool parity, bool q_logprobs, bool has
     o.kld_llama = exp(lse_a) / s.sa * (kLn2Eff * s.wt + q_offset * s.ws);
   }
   return o;
+}
+
+// ----------------------------------------------------------------------------------------------
+// the distance pass (tvd, jsd): a third read of each row pair, only when asked for
+// ----------------------------------------------------------------------------------------------
+
+// What the distance pass needs of a finished row (kState words, written by the rows or merge
+// kernel): the shifts and sums that normalise p and q; S is NaN for an invalid row.
+FK_HD void write_dist_state(const State& m, double* st) {
+  const bool valid = row_valid(m);
+  st[0] = shift64(m.ka, m.la);
+  st[1] = shift64(m.kb, m.lb);
+  st[2] = valid ? m.sa : NAN;
+  st[3] = valid ? m.sb : NAN;
+}
+
+// p_i = 2^t_i / S_ref with t exactly as the statistics pass made it; 1/S in float32 once a row.
+struct DistRow {
+  float ka, la, kb, lb, ra, rb;
+};
+
+FK_HD DistRow read_dist_state(const double* st) {
+  DistRow r;
+  split_shift(st[0], r.ka, r.la);
+  split_shift(st[1], r.kb, r.lb);
+  r.ra = static_cast<float>(1.0 / st[2]);
+  r.rb = static_cast<float>(1.0 / st[3]);
+  return r;
+}
+
+FK_HD float log2_f32(float x) {
+#ifdef __CUDA_ARCH__
+  return __log2f(x);  // one MUFU.LG2, about 2^-22 absolute
+#else
+  return std::log2(x);
+#endif
+}
+
+FK_HD float div_f32(float a, float b) {
+#ifdef __CUDA_ARCH__
+  return __fdividef(a, b);  // 2 ulp; b = p + q <= 2 is far from its 2^126 limit
+#else
+  return a / b;
+#endif
+}
+
+// h(z) = (1+z) log(1+z) + (1-z) log(1-z) for |z| <= 1: p log(p/m) + q log(q/m) = m h(z) with
+// m = (p+q)/2, z = (p-q)/(p+q). Below |z| = 1/4 its series in w = z^2, sum_k w^k / (k (2k-1))
+// (six terms: 1e-8 relative), all positive, so no cancellation when p ~ q; above, two log2s.
+FK_HD float jsd_h(float z) {
+  const float a = fabsf(z), w = a * a;
+  if (a < 0.25f) {
+    float poly = 1.0f / 66.0f;
+    poly = fmaf(poly, w, 1.0f / 45.0f);
+    poly = fmaf(poly, w, 1.0f / 28.0f);
+    poly = fmaf(poly, w, 1.0f / 15.0f);
+    poly = fmaf(poly, w, 1.0f / 6.0f);
+    poly = fmaf(poly, w, 1.0f);
+    return w * poly;
+  }
+  const float lo = a < 1.0f ? (1.0f - a) * log2_f32(1.0f - a) : 0.0f;
+  return 0.69314718055994531f * fmaf(1.0f + a, log2_f32(1.0f + a), lo);
+}
+
+struct DistSums {
+  double tv, js;  // sum |p - q|, sum (p + q) h(z)
+};
+
+// One step's sums in float32, added to the float64 ones; kLow: a shift has a low part.
+template <bool kJsd, bool kLow>
+FK_HD void dist_terms(DistSums& d, const DistRow& r, const float (&x)[kVec],
+                      const float (&y)[kVec]) {
+  float tv = 0.f, js = 0.f;
+#pragma unroll
+  for (int j = 0; j < kVec; ++j) {
+    float ta = fmaf(x[j], kLog2eF, -r.ka), tb = fmaf(y[j], kLog2eF, -r.kb);
+    if constexpr (kLow) {
+      ta -= r.la;
+      tb -= r.lb;
+    }
+    const float p = exp2_f32(ta) * r.ra, q = exp2_f32(tb) * r.rb, diff = p - q;
+    tv += fabsf(diff);
+    if constexpr (kJsd) {
+      const float sum = p + q;
+      js += sum > 0.f ? sum * jsd_h(div_f32(diff, sum)) : 0.f;
+    }
+  }
+  d.tv += tv;
+  d.js += js;
+}
+
+template <bool kJsd>
+FK_HD void dist_step(DistSums& d, const DistRow& r, const float (&x)[kVec],
+                     const float (&y)[kVec]) {
+  if (r.la != 0.f || r.lb != 0.f)
+    dist_terms<kJsd, true>(d, r, x, y);
+  else
+    dist_terms<kJsd, false>(d, r, x, y);
+}
+
+// Thread `tid`'s share of [begin, end) for the distance pass: fold_thread_range's traversal.
+template <DType DA, DType DB, bool kJsd, int kUnroll>
+FK_HD void dist_thread_range(DistSums& d, const DistRow& r, int tid, int n_threads,
+                             const uint8_t* a_vals, const uint8_t* b_vals, const Decode& da,
+                             const Decode& db, int64_t begin, int64_t end, const Traversal& t) {
+  const auto partial = [&](int64_t lo, int64_t hi) {
+    float x[kVec], y[kVec];
+#pragma unroll
+    for (int j = 0; j < kVec; ++j) {
+      const bool in = lo + j < hi;
+      x[j] = in ? load_one<DA>(a_vals, lo + j, da) : -INFINITY;
+      y[j] = in ? load_one<DB>(b_vals, lo + j, db) : -INFINITY;
+    }
+    dist_step<kJsd>(d, r, x, y);
+  };
+  if (tid == 0 && t.head > 0) partial(begin, t.body);
+  int64_t st = tid;
+  for (; st + (kUnroll - 1) * static_cast<int64_t>(n_threads) < t.n_steps;
+       st += kUnroll * static_cast<int64_t>(n_threads)) {
+    float x[kUnroll][kVec], y[kUnroll][kVec];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u)
+      load_pair<DA, DB>(a_vals, b_vals, t.body + (st + u * n_threads) * kVec, t.align_a,
+                        t.align_b, da, db, x[u], y[u]);
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) dist_step<kJsd>(d, r, x[u], y[u]);
+  }
+  for (; st < t.n_steps; st += n_threads) {
+    float x[kVec], y[kVec];
+    load_pair<DA, DB>(a_vals, b_vals, t.body + st * kVec, t.align_a, t.align_b, da, db, x, y);
+    dist_step<kJsd>(d, r, x, y);
+  }
+  if (tid == n_threads - 1 && t.tail < end) partial(t.tail, end);
+}
+
+// tvd = 1/2 sum |p - q|, jsd = 1/4 sum (p + q) h(z); NaN for an invalid row (st: its state).
+FK_HD void finish_dist(const DistSums& d, const double* st, double& tvd, double& jsd) {
+  const bool valid = !is_nan(st[2]) && !is_nan(st[3]);
+  tvd = valid ? 0.5 * d.tv : NAN;
+  jsd = valid ? 0.25 * d.js : NAN;
 }
 
 }  // namespace cuda_detail

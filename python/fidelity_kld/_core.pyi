@@ -90,5 +90,16 @@ def logit_stats_cuda(
     kld_llama: int = 0,
     stream: int = 0,
     vocab_splits: int = 0,
+    logp_top1_ref: int = 0,
+    logp_top1_q: int = 0,
+    logp_top2_ref: int = 0,
+    logp_top2_q: int = 0,
+    tvd: int = 0,
+    jsd: int = 0,
+    rank_ref_y: int = 0,
+    rank_q_y: int = 0,
+    margin_ref: int = 0,
+    margin_q: int = 0,
 ) -> None:
-    """CUDA builds only: the same statistics from raw device pointers (ints) on `stream`."""
+    """CUDA builds only: the same statistics from raw device pointers (ints) on `stream`; the
+    optional outputs (issue 16) are computed where their pointer is not 0."""

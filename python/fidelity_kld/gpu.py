@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from . import _core
-from .ops import Logits, TokenStats
+from .ops import _INT_OUTPUTS, EXTRA_GROUPS, Logits, TokenStats, extra_outputs
 
 BACKENDS = ("auto", "cuda", "triton")
 _FLOAT_OUTPUTS = ("kld", "kld_reverse", "lse_ref", "lse_q", "entropy_ref")
@@ -147,11 +147,19 @@ def _pick_device(ref, q, device):
 
 
 def allocate_outputs(n: int, device, has_labels: bool, llama_parity: bool,
-                     out: dict | None = None) -> dict:
-    """The output tensors of n tokens on device, by name (float64, int32 for top1), taking any
-    the caller supplies in ``out`` after checking them (both GPU backends use this)."""
+                     out: dict | None = None, extra=()) -> dict:
+    """The output tensors of n tokens on device, by name (float64, int32 for top1 and the
+    ranks), taking any the caller supplies in ``out`` after checking them (both GPU backends
+    use this). extra: optional output groups (ops.extra_outputs: unknown names, and "label"
+    without labels, are a ValueError); a group with any tensor in ``out`` is asked for too and
+    completed here, since the kernels compute (and write) whole groups."""
     torch = _torch()
     res = dict(out or {})
+    groups = (extra,) if isinstance(extra, str) else tuple(extra)
+    groups += tuple(g for g, names in EXTRA_GROUPS.items() if any(n in res for n in names))
+    for name in extra_outputs(groups, has_labels):
+        res.setdefault(name, torch.empty(
+            n, dtype=torch.int32 if name in _INT_OUTPUTS else torch.float64, device=device))
     for name in _FLOAT_OUTPUTS:
         res.setdefault(name, torch.empty(n, dtype=torch.float64, device=device))
     for name in ("top1_ref", "top1_q"):
@@ -162,7 +170,7 @@ def allocate_outputs(n: int, device, has_labels: bool, llama_parity: bool,
     if llama_parity:
         res.setdefault("kld_llama", torch.empty(n, dtype=torch.float64, device=device))
     for name, t in res.items():
-        want = torch.int32 if name.startswith("top1") else torch.float64
+        want = torch.int32 if name in _INT_OUTPUTS else torch.float64
         if t.dtype != want or tuple(t.shape) != (n,) or t.device != device or not t.is_contiguous():
             raise ValueError(f"out[{name!r}] must be a contiguous {want} tensor of shape ({n},) on {device}")
     return res
@@ -181,6 +189,7 @@ def compare_gpu_tensors(
     device: Any = None,
     out: dict | None = None,
     vocab_splits: int = 0,
+    extra=(),
 ) -> dict:
     """Per-token statistics of ``ref`` against ``q`` as torch tensors on the GPU.
 
@@ -191,8 +200,10 @@ def compare_gpu_tensors(
     device-to-host sync for CUDA tensors.
     Returns {name: tensor}: float64 kld (KL(P_ref || P_q), nats), kld_reverse, lse_ref, lse_q,
     entropy_ref; int32 top1_ref, top1_q (-1 for invalid tokens); with labels float64 nll_ref,
-    nll_q, p_ref_y, p_q_y; with llama_parity float64 kld_llama. Work is queued on the current
-    torch stream and not synchronised, except for the label check.
+    nll_q, p_ref_y, p_q_y; with llama_parity float64 kld_llama; the optional outputs of the
+    groups in ``extra`` (ops.compare's: "top2", "label" with labels, "tvd", "jsd", "all"; int32
+    ranks). Work is queued on the current torch stream and not synchronised, except for the
+    label check.
     vocab_splits: 0 = heuristic; 1 = one CTA/program per row; k > 1 = split each row k ways.
     """
     torch = _torch()
@@ -242,9 +253,9 @@ def compare_gpu_tensors(
     if which == "triton":
         return triton_kernels().logit_stats(
             a, b, y, vocab=v, ref_dtype=a_dtype, q_dtype=b_dtype, llama_parity=llama_parity,
-            out=out, splits=vocab_splits or None)
+            out=out, splits=vocab_splits or None, extra=extra)
 
-    res = allocate_outputs(n, dev, y is not None, llama_parity, out)
+    res = allocate_outputs(n, dev, y is not None, llama_parity, out, extra)
     if n == 0:
         return res
     ptr = {name: t.data_ptr() for name, t in res.items()}
@@ -270,16 +281,18 @@ def compare_gpu(
     vocab: int | None = None,
     device: Any = None,
     vocab_splits: int = 0,
+    extra=(),
 ) -> TokenStats:
     """Per-token statistics of ``ref`` (the reference) against ``q`` on a CUDA GPU.
 
     Same inputs as compare_gpu_tensors; returns a numpy TokenStats exactly like
     fidelity_kld.compare (KLD is KL(P_ref || P_q) in nats). backend: 'auto' (the CUDA extension
-    when this build has it, else Triton), 'cuda' or 'triton'.
+    when this build has it, else Triton), 'cuda' or 'triton'. extra: optional output groups,
+    as in fidelity_kld.compare (the TokenStats fields of the other groups stay None).
     """
     out = compare_gpu_tensors(
         ref, q, labels, backend=backend, llama_parity=llama_parity, ref_dtype=ref_dtype,
-        q_dtype=q_dtype, vocab=vocab, device=device, vocab_splits=vocab_splits)
+        q_dtype=q_dtype, vocab=vocab, device=device, vocab_splits=vocab_splits, extra=extra)
     host = {name: t.cpu().numpy() for name, t in out.items()}
     y = None
     if labels is not None:
@@ -343,11 +356,13 @@ class PinnedStager:
             torch.float16 if rows.dtype == np.float16 else torch.int16)
         return dev.view(torch_dtype).view(shape)
 
-    def compare(self, ref, q, labels=None, *, threads=None, llama_parity=False) -> TokenStats:
-        return self.compare_many(ref, [q], labels, threads=threads, llama_parity=llama_parity)[0]
+    def compare(self, ref, q, labels=None, *, threads=None, llama_parity=False,
+                extra=()) -> TokenStats:
+        return self.compare_many(ref, [q], labels, threads=threads, llama_parity=llama_parity,
+                                 extra=extra)[0]
 
-    def compare_many(self, ref, qs, labels=None, *, threads=None,
-                     llama_parity=False) -> list[TokenStats]:
+    def compare_many(self, ref, qs, labels=None, *, threads=None, llama_parity=False,
+                     extra=()) -> list[TokenStats]:
         """compare for several models: each sub-chunk of the reference is staged once, then
         compared with every model's (stream.compare_sources calls this for several models)."""
         torch = self.torch
@@ -357,7 +372,7 @@ class PinnedStager:
         if n == 0 or not qs:  # nothing to stage: the CPU core's empty results, with its checks
             from .ops import compare
 
-            return [compare(ref, q, labels, llama_parity=llama_parity) for q in qs]
+            return [compare(ref, q, labels, llama_parity=llama_parity, extra=extra) for q in qs]
         sides = (ref, *qs)
         row_bytes = sum(x.data[:1].nbytes for x in sides)
         sub = max(1, self.sub_chunk_bytes // max(row_bytes, 1))
@@ -388,7 +403,7 @@ class PinnedStager:
                     parts[j].append(compare_gpu_tensors(
                         tensors[0], tensors[1 + j], y, backend=self.backend,
                         llama_parity=llama_parity, ref_dtype=ref.dtype, q_dtype=q.dtype,
-                        vocab=ref.vocab, device=self.device))
+                        vocab=ref.vocab, device=self.device, extra=extra))
             staged = None if start is None else (*nxt, event)
         compute.synchronize()
         y = None if labels is None else np.ascontiguousarray(labels, dtype=np.int64)
