@@ -106,7 +106,7 @@ def logit_stats(ref, q, labels=None, *, llama_parity: bool = False,
         w = np.where(a_ok > LLAMA_WINDOW, np.exp(a_ok), 0.0)
         with np.errstate(invalid="ignore"):
             out["kld_llama"] = _xlogy_terms(w, a_ok - (b_ok if q_logprobs else logq)).sum(axis=1)
-    out.update(_direction_stats(a_ok, b_ok, lse_a, lse_b, logp, logq, p, qq,
+    out.update(_direction_stats(a_ok, b_ok, logp, logq, p, qq,
                                 None if labels is None else np.asarray(labels, dtype=np.int64)))
     for key, val in out.items():
         if key.startswith(("top1", "rank")):
@@ -123,7 +123,7 @@ def _top2(x: np.ndarray) -> np.ndarray:
     return np.partition(x, x.shape[1] - 2, axis=1)[:, -2]
 
 
-def _direction_stats(a, b, lse_a, lse_b, logp, logq, p, q, y) -> dict[str, np.ndarray]:
+def _direction_stats(a, b, logp, logq, p, q, y) -> dict[str, np.ndarray]:
     """The optional outputs (module docstring) of valid-masked float64 rows a, b."""
     with np.errstate(invalid="ignore", over="ignore"):
         m = 0.5 * (p + q)
@@ -131,10 +131,11 @@ def _direction_stats(a, b, lse_a, lse_b, logp, logq, p, q, y) -> dict[str, np.nd
         jsd = 0.5 * (_xlogy_terms(p, logp - log_m).sum(axis=1)
                      + _xlogy_terms(q, logq - log_m).sum(axis=1))
         out = {
-            "logp_top1_ref": a.max(axis=1) - lse_a,
-            "logp_top1_q": b.max(axis=1) - lse_b,
-            "logp_top2_ref": _top2(a) - lse_a,
-            "logp_top2_q": _top2(b) - lse_b,
+            # from log p, not x - lse: next to a huge max, lse has lost log S (_log_softmax)
+            "logp_top1_ref": logp.max(axis=1),
+            "logp_top1_q": logq.max(axis=1),
+            "logp_top2_ref": _top2(logp),
+            "logp_top2_q": _top2(logq),
             "tvd": 0.5 * np.abs(p - q).sum(axis=1),
             "jsd": jsd,
         }
