@@ -108,10 +108,10 @@ def main(argv=None):
                 timings = measure_pair(fns, args.repeats)
                 if args.extra:
                     off = timings[-1 - len(args.extra)]
-                    rows.append(bench.row("logit_stats", f"fidelity_kld/{simd}+labels", dtype,
+                    rows.append(bench.row("logit_stats", f"{simd}+labels", dtype,
                                           args.n, v, threads, off, nbytes))
                     for g, t in zip(args.extra, timings[-len(args.extra):]):
-                        rows.append(bench.row("logit_stats", f"fidelity_kld/{simd}+labels+{g}",
+                        rows.append(bench.row("logit_stats", f"{simd}+labels+{g}",
                                               dtype, args.n, v, threads, t, nbytes))
                         costs.append((dtype, v, threads, g, t.median_s / off.median_s))
                 r = bench.row("logit_stats", f"fidelity_kld/{simd}", dtype, args.n, v, threads,
