@@ -3,12 +3,16 @@ numpy baseline and a read-bandwidth roofline, all measured in this process.
 
     python benchmarks/bench_logit_stats.py [--n 2048] [--vocab 32000 128256 152064]
         [--dtype float32 float16 bfloat16] [--threads 1 2] [--simd auto|scalar|avx2|avx512|neon]
-        [--other-core OLD/_core.so] [--json out.json]
+        [--other-core OLD/_core.so] [--extra top2 label tvd jsd all] [--json out.json]
 
 --other-core loads a second build of the compiled core (say, the previous commit's, built
 with `cmake -S OLD -B OLD/build -DSKBUILD=ON ...`) into the same process and times it on the
 same inputs, its runs alternating with this build's, so that both see the same machine load:
 the `x other` column is this build's rate over that one's.
+
+--extra also times the call with each optional output group on (issue 16; compare's
+`extra=`), alternating with the same call with them off, every call with labels (the
+"label" group needs them): the `cost` lines are each group's time over the off call's.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import time
 import numpy as np
 
 from fidelity_kld import _core, bench
+from fidelity_kld.ops import _new_extra, extra_outputs
 
 
 def load_core(path: str):
@@ -63,6 +68,8 @@ def main(argv=None):
     ap.add_argument("--other-core", help="path of another build's _core*.so, timed alongside")
     ap.add_argument("--baseline-rows", type=int, default=128,
                     help="rows the (slow) numpy baseline runs on; its rate is per byte")
+    ap.add_argument("--extra", nargs="+", default=[],
+                    help="optional output groups to time, each against the call without them")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--json", help="write results here")
     args = ap.parse_args(argv)
@@ -77,7 +84,7 @@ def main(argv=None):
     roof = {t: bench.read_roofline(1 << 30, t) for t in threads_list}
     print("# read roofline: " + ", ".join(f"{t} thread(s) {g:.1f} GB/s" for t, g in roof.items()))
     rng = np.random.default_rng(0)
-    rows, base, ratios = [], {}, []
+    rows, base, ratios, costs = [], {}, [], []
     for dtype in args.dtype:
         for v in args.vocab:
             a, b = bench.random_logits(rng, args.n, v, dtype)
@@ -89,7 +96,24 @@ def main(argv=None):
                 if other:
                     fns.append(lambda: other.logit_stats(a, dtype, b, dtype, v, threads=threads,
                                                          simd=args.simd, **out))
+                if args.extra:  # off with labels, then each group on, all alternating
+                    y = rng.integers(0, v, args.n)
+                    extras = {g: _new_extra(args.n, extra_outputs(g, True)) for g in args.extra}
+                    out_y = {**out, **{k: np.empty(args.n) for k in ("nll_ref", "nll_q", "p_ref_y", "p_q_y")}}
+                    fns.append(lambda: _core.logit_stats(a, dtype, b, dtype, v, labels=y, threads=threads,
+                                                         simd=args.simd, **out_y))
+                    fns += [lambda e=e: _core.logit_stats(a, dtype, b, dtype, v, labels=y, threads=threads,
+                                                          simd=args.simd, **out_y, extra=e)
+                            for e in extras.values()]
                 timings = measure_pair(fns, args.repeats)
+                if args.extra:
+                    off = timings[-1 - len(args.extra)]
+                    rows.append(bench.row("logit_stats", f"{simd}+labels", dtype,
+                                          args.n, v, threads, off, nbytes))
+                    for g, t in zip(args.extra, timings[-len(args.extra):]):
+                        rows.append(bench.row("logit_stats", f"{simd}+labels+{g}",
+                                              dtype, args.n, v, threads, t, nbytes))
+                        costs.append((dtype, v, threads, g, t.median_s / off.median_s))
                 r = bench.row("logit_stats", f"fidelity_kld/{simd}", dtype, args.n, v, threads,
                               timings[0], nbytes, roofline_pct=100 * nbytes / timings[0].median_s / 1e9 / roof[threads])
                 rows.append(r)
@@ -118,12 +142,18 @@ def main(argv=None):
                   f"{roof[r.threads]:.1f} GB/s")
     for dtype, v, threads, x in ratios:
         print(f"# this build / other: {dtype:<9}V={v:<7} {threads} thread(s): {x:.2f}x")
+    for dtype, v, threads, g, x in costs:
+        print(f"# cost of extra={g!r}: {dtype:<9}V={v:<7} {threads} thread(s): {x:.2f}x the time "
+              "of the same call without it")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"machine": info, "simd": simd, "other_core": args.other_core,
                        "roofline_gb_s": roof, "rows": [r.as_dict() for r in rows],
                        "ratio_vs_other": [{"dtype": d, "vocab": v, "threads": t, "ratio": x}
-                                          for d, v, t, x in ratios]}, f, indent=2)
+                                          for d, v, t, x in ratios],
+                       "extra_cost": [{"dtype": d, "vocab": v, "threads": t, "group": g,
+                                       "time_ratio": x} for d, v, t, g, x in costs]},
+                      f, indent=2)
 
 
 if __name__ == "__main__":

@@ -13,9 +13,9 @@
 // float16, bfloat16, llama_u16 on either side), every SIMD level this CPU runs, vocabularies
 // around each vector width (1, 7, 15, 16, 17, 31, 33, 1271), padded row strides, -inf masks,
 // NaN/+inf and all -inf rows, huge finite values, labels, llama parity, 1 and 3 threads,
-// zero rows, and the parameter checks. The driver also checks the results: invalid rows are
-// NaN with top1 -1; valid rows agree across SIMD levels and, for float32, with a float64
-// reference computed here. Exit status 0 only if every check passed and nothing was reported.
+// zero rows, the parameter checks, and (in every case with labels) the optional outputs.
+// The driver also checks the results: invalid rows are NaN with top1 -1; valid rows agree
+// across SIMD levels and, for float32, with a float64 reference computed here. Exit status 0 only if every check passed and nothing was reported.
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
@@ -150,10 +150,13 @@ Matrix make_matrix(const std::vector<float>& logits, int64_t rows, int64_t vocab
 struct Outputs {
   explicit Outputs(int64_t n)
       : kld(n), kld_reverse(n), lse_ref(n), lse_q(n), entropy_ref(n), nll_ref(n), nll_q(n),
-        p_ref_y(n), p_q_y(n), kld_llama(n), top1_ref(n), top1_q(n) {}
+        p_ref_y(n), p_q_y(n), kld_llama(n), top1_ref(n), top1_q(n), extra_f(8 * n),
+        extra_i(2 * n) {}
   std::vector<double> kld, kld_reverse, lse_ref, lse_q, entropy_ref, nll_ref, nll_q, p_ref_y,
       p_q_y, kld_llama;
   std::vector<int32_t> top1_ref, top1_q;
+  std::vector<double> extra_f;  // the optional outputs (issue 16), asked for with labels
+  std::vector<int32_t> extra_i;
   void attach(fk::LogitStatsParams& p, bool labels, bool llama) {
     p.kld = kld.data();
     p.kld_reverse = kld_reverse.data();
@@ -167,6 +170,12 @@ struct Outputs {
       p.nll_q = nll_q.data();
       p.p_ref_y = p_ref_y.data();
       p.p_q_y = p_q_y.data();
+      const int64_t n = static_cast<int64_t>(kld.size());
+      double* f = extra_f.data();
+      p.logp_top1_ref = f, p.logp_top1_q = f + n, p.logp_top2_ref = f + 2 * n;
+      p.logp_top2_q = f + 3 * n, p.tvd = f + 4 * n, p.jsd = f + 5 * n;
+      p.margin_ref = f + 6 * n, p.margin_q = f + 7 * n;
+      p.rank_ref_y = extra_i.data(), p.rank_q_y = extra_i.data() + n;
     }
     if (llama) p.kld_llama = kld_llama.data();
   }
@@ -363,8 +372,12 @@ void parameter_checks() {
   base.n_rows = 4;
   base.vocab = 5;
   out.attach(base, true, true);
-  std::vector<int64_t> y{0, 1, 2, 5};
   auto p = base;
+  expect_throw([&] { fk::logit_stats(p); }, "label ranks and margins without labels");
+  base.rank_ref_y = base.rank_q_y = nullptr;
+  base.margin_ref = base.margin_q = nullptr;
+  std::vector<int64_t> y{0, 1, 2, 5};
+  p = base;
   p.labels = y.data();
   expect_throw([&] { fk::logit_stats(p); }, "a label outside the vocabulary");
   p = base;

@@ -252,6 +252,22 @@ def run_suite(*, quick: bool = False, log=print, torch_baselines: bool = True,
             progress(f"  measured logit_stats {dtype} V={v} ({len(rows) - first} rows)")
             del a, b, ref, q
 
+    # 1b. the optional outputs (issue 16): each group against the same call without it, with
+    # labels (the "label" group needs them), V = 152064
+    v = 152064
+    for dtype in ("float32", "float16"):
+        n = _pair_rows(v, dtype, pair_bytes)
+        a, b = random_logits(rng, n, v, dtype)
+        y = rng.integers(0, v, n)
+        nbytes = a.nbytes + b.nbytes
+        groups = ((), "all") if quick else ((), "top2", "label", "tvd", "jsd", "all")
+        for group in groups:
+            t = measure(lambda: fk.compare(a, b, y, extra=group), repeats=repeats)
+            rows.append(row("extra_outputs", f"core/{info['simd']}+{group or 'none'}", dtype, n, v,
+                            cores, t, nbytes))
+        progress(f"  measured extra_outputs {dtype} V={v}")
+        del a, b
+
     # 2. the llama.cpp uint16 decode path (fused decode + statistics)
     v = 152064
     n = _pair_rows(v, "float16", pair_bytes)
