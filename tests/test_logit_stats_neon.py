@@ -33,6 +33,8 @@ pytestmark = [
 
 FIELDS = ["kld", "kld_reverse", "lse_ref", "lse_q", "entropy_ref", "top1_ref", "top1_q",
           "nll_ref", "nll_q", "p_ref_y", "p_q_y", "kld_llama"]
+EXTRA_FIELDS = ["logp_top1_ref", "logp_top1_q", "logp_top2_ref", "logp_top2_q", "tvd", "jsd",
+                "rank_ref_y", "rank_q_y", "margin_ref", "margin_q"]
 THREADS = (1, 2, 3)  # the driver's order
 LEVELS = ["scalar", "neon"]
 
@@ -55,8 +57,10 @@ def drivers(tmp_path_factory) -> Path:
     return build / "csrc" / "tests"
 
 
-def qemu(drivers: Path, name: str, *args, simd: str | None = None, check=True):
-    env = {k: v for k, v in os.environ.items() if k != "FIDELITY_KLD_SIMD"}
+def qemu(drivers: Path, name: str, *args, simd: str | None = None, check=True, extra=False):
+    env = {k: v for k, v in os.environ.items() if k not in ("FIDELITY_KLD_SIMD", "FK_DRIVER_EXTRA")}
+    if extra:
+        env["FK_DRIVER_EXTRA"] = "1"
     if simd is not None:
         env["FIDELITY_KLD_SIMD"] = simd
     cmd = [QEMU, "-L", SYSROOT, drivers / name, *args]
@@ -66,7 +70,7 @@ def qemu(drivers: Path, name: str, *args, simd: str | None = None, check=True):
 
 
 def run_driver(drivers, tmp_path, ref_raw, ref_dtype, q_raws, q_dtype, vocab, labels=None,
-               llama=False):
+               llama=False, extra=False):
     """Every output of the driver: [level, threads, (single, multi), model, field, row]."""
     n = ref_raw.shape[0]
     paths = []
@@ -79,9 +83,10 @@ def run_driver(drivers, tmp_path, ref_raw, ref_dtype, q_raws, q_dtype, vocab, la
         np.asarray(labels, dtype="<i8").tofile(lab)
     out = tmp_path / "out.bin"
     qemu(drivers, "logit_stats_driver", out, n, vocab, lab, int(llama), paths[0], ref_dtype,
-         q_dtype, *paths[1:])
+         q_dtype, *paths[1:], extra=extra)
     got = np.fromfile(out, dtype="<f8")
-    return got.reshape(len(LEVELS), len(THREADS), 2, len(q_raws), len(FIELDS), n)
+    fields = len(FIELDS) + (len(EXTRA_FIELDS) if extra else 0)
+    return got.reshape(len(LEVELS), len(THREADS), 2, len(q_raws), fields, n)
 
 
 def as_dict(arr) -> dict:
@@ -230,3 +235,37 @@ def test_llama_parity(drivers, tmp_path, q_kind):
     labels = rng.integers(0, v, n)
     got = run_driver(drivers, tmp_path, raw, "llama_u16", qs, q_kind, v, labels, llama=True)
     check_all(got, ref64, q64s, labels, llama=True, q_logprobs=q_kind == "llama_u16")
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+@pytest.mark.parametrize("with_labels", [True, False])
+def test_optional_outputs(drivers, tmp_path, dtype, with_labels):
+    """Issue 16's optional outputs on the NEON path (its count, max-below, log and blend ops):
+    against the oracle, bitwise across threads and single/multi."""
+    from test_direction_outputs import check_extra, special_rows
+    rng = np.random.default_rng([len(dtype), with_labels])
+    v = 1271
+    a32, b32, y = special_rows(rng, v)
+    labels = y if with_labels else None
+    a_raw, a64 = encode(a32, dtype)
+    b_raw, b64 = encode(b32, dtype)
+    got = run_driver(drivers, tmp_path, a_raw, dtype, [b_raw, a_raw.copy()], dtype, v, labels,
+                     extra=True)
+    check_all(got[:, :, :, :, : len(FIELDS)], a64, [b64, a64], labels)
+    bits = got.view(np.uint64)
+    for t in range(1, len(THREADS)):
+        assert np.array_equal(bits[:, t], bits[:, 0])
+    assert np.array_equal(bits[:, :, 1], bits[:, :, 0])
+    for lv, level in enumerate(LEVELS):
+        for j, q64 in enumerate([b64, a64]):
+            out = {name: got[lv, 0, 0, j, len(FIELDS) + k] for k, name in enumerate(EXTRA_FIELDS)}
+            for key in ("rank_ref_y", "rank_q_y"):
+                out[key] = out[key].astype(np.int32)
+            if not with_labels:
+                for key in ("rank_ref_y", "rank_q_y", "margin_ref", "margin_q"):
+                    del out[key]
+            want = reference.logit_stats(a64, q64, labels)
+            try:
+                check_extra(out, want, with_labels)
+            except AssertionError as e:
+                raise AssertionError(f"{level}, model {j}: {e}") from None

@@ -61,6 +61,41 @@ struct NeonOps {
   static float hmax(V v) { return vmaxnmvq_f32(v); }
   static float hmin(V v) { return vminnmvq_f32(v); }
 
+  // For the optional outputs (issue 16). A compare's all-ones lanes are -1: subtracting them
+  // counts (uint32 lanes: at most vocab / 4 each).
+  using I = uint32x4_t;
+  static I count_zero() { return vdupq_n_u32(0); }
+  static I count_gt(V x, V m, I acc) { return vsubq_u32(acc, vcgtq_f32(x, m)); }
+  static int64_t hsum_count(I c) { return static_cast<int64_t>(vaddlvq_u32(c)); }
+  static void store(float* out, V v) { vst1q_f32(out, v); }
+  static V mul(V a, V b) { return vmulq_f32(a, b); }
+  static V div(V a, V b) { return vdivq_f32(a, b); }
+  static V abs(V a) { return vabsq_f32(a); }
+  // Natural log of positive normal floats, as Avx2Ops::log: exponent and mantissa from the
+  // bits, the mantissa brought into [sqrt(1/2), sqrt(2)), then the atanh series (kLogC*).
+  static V log(V x) {
+    const uint32x4_t bits = vreinterpretq_u32_f32(x);
+    int32x4_t e = vsubq_s32(vreinterpretq_s32_u32(vshrq_n_u32(bits, 23)), vdupq_n_s32(127));
+    V m = vreinterpretq_f32_u32(
+        vorrq_u32(vandq_u32(bits, vdupq_n_u32(0x007fffffu)), vdupq_n_u32(0x3f800000u)));
+    const uint32x4_t big = vcgtq_f32(m, vdupq_n_f32(kSqrt2F));
+    m = vbslq_f32(big, vmulq_f32(m, vdupq_n_f32(0.5f)), m);
+    e = vsubq_s32(e, vreinterpretq_s32_u32(big));
+    const V one = vdupq_n_f32(1.0f);
+    const V s = vdivq_f32(vsubq_f32(m, one), vaddq_f32(m, one));
+    const V s2 = vmulq_f32(s, s);
+    V p = vfmaq_f32(vdupq_n_f32(kLogC7), vdupq_n_f32(kLogC9), s2);
+    p = vfmaq_f32(vdupq_n_f32(kLogC5), p, s2);
+    p = vfmaq_f32(vdupq_n_f32(kLogC3), p, s2);
+    p = vfmaq_f32(one, p, s2);
+    const V log_m = vmulq_f32(vaddq_f32(s, s), p);
+    return vfmaq_f32(log_m, vcvtq_f32_s32(e), vdupq_n_f32(kLn2F));
+  }
+  static bool any_gt(V v, float c) { return vmaxvq_u32(vcgtq_f32(v, vdupq_n_f32(c))) != 0; }
+  static V blend_gt(V x, float c, V a, V b) {  // x > c ? a : b
+    return vbslq_f32(vcgtq_f32(x, vdupq_n_f32(c)), a, b);
+  }
+
   template <DType D>
   static V load(const uint8_t* values, int64_t i, const RowDecode& dec) {
     if constexpr (D == DType::F32) {

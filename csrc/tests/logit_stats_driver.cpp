@@ -10,9 +10,12 @@
 // padding); LABELS is a file of ROWS int64 or '-'; LLAMA is 0 or 1. For each level that runs
 // here, each thread count 1, 2, 3 and each of logit_stats (model by model) and
 // logit_stats_multi (all models at once), OUT gets, per model, the 12 outputs below as
-// float64 [ROWS] each (top1 converted exactly), in that nesting order.
+// float64 [ROWS] each (top1 converted exactly), in that nesting order. With FK_DRIVER_EXTRA=1
+// in the environment, each model's 12 are followed by issue 16's optional outputs
+// (kExtraFields; the label ones 0 without labels).
 #include <cstdint>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <fstream>
 #include <iterator>
@@ -26,6 +29,8 @@ namespace {
 constexpr int kFields = 12;  // kld, kld_reverse, lse_ref, lse_q, entropy_ref, top1_ref,
                              // top1_q, nll_ref, nll_q, p_ref_y, p_q_y, kld_llama
 const int kThreads[] = {1, 2, 3};
+constexpr int kExtraFields = 10;  // logp_top1_ref, logp_top1_q, logp_top2_ref, logp_top2_q, tvd,
+                                  // jsd, rank_ref_y, rank_q_y, margin_ref, margin_q
 
 std::vector<uint8_t> read_file(const std::string& path) {
   std::ifstream f(path, std::ios::binary);
@@ -41,9 +46,29 @@ fk::DType parse_dtype(const std::string& name) {
 
 // One model's outputs, attached to its params.
 struct Outputs {
-  explicit Outputs(int64_t n) : f(kFields - 2, std::vector<double>(n)), top1(2, std::vector<int32_t>(n)) {}
+  explicit Outputs(int64_t n)
+      : f(kFields - 2, std::vector<double>(n)), top1(2, std::vector<int32_t>(n)),
+        extra(kExtraFields - 2, std::vector<double>(n)), rank(2, std::vector<int32_t>(n)) {}
   std::vector<std::vector<double>> f;  // the float fields, in kFields order without top1
   std::vector<std::vector<int32_t>> top1;
+  std::vector<std::vector<double>> extra;  // kExtraFields without the ranks
+  std::vector<std::vector<int32_t>> rank;
+  bool with_extra = false;
+  void attach_extra(fk::LogitStatsParams& p) {
+    with_extra = true;
+    p.logp_top1_ref = extra[0].data();
+    p.logp_top1_q = extra[1].data();
+    p.logp_top2_ref = extra[2].data();
+    p.logp_top2_q = extra[3].data();
+    p.tvd = extra[4].data();
+    p.jsd = extra[5].data();
+    if (p.labels) {
+      p.rank_ref_y = rank[0].data();
+      p.rank_q_y = rank[1].data();
+      p.margin_ref = extra[6].data();
+      p.margin_q = extra[7].data();
+    }
+  }
   void attach(fk::LogitStatsParams& p) {
     p.kld = f[0].data();
     p.kld_reverse = f[1].data();
@@ -65,6 +90,10 @@ struct Outputs {
     for (int k = 0; k < 5; ++k) put(f[k]);
     for (const auto& t : top1) put(std::vector<double>(t.begin(), t.end()));
     for (int k = 5; k < 10; ++k) put(f[k]);
+    if (!with_extra) return;
+    for (int k = 0; k < 6; ++k) put(extra[k]);
+    for (const auto& r : rank) put(std::vector<double>(r.begin(), r.end()));
+    for (int k = 6; k < 8; ++k) put(extra[k]);
   }
 };
 
@@ -99,6 +128,8 @@ int run(int argc, char** argv) {
   std::FILE* out = std::fopen(out_path.c_str(), "wb");
   FK_RUNTIME_CHECK(out, "cannot write " << out_path);
   const int m = static_cast<int>(qs.size());
+  const char* extra_env = std::getenv("FK_DRIVER_EXTRA");
+  const bool extra = extra_env && std::string(extra_env) == "1";
   for (fk::SimdLevel level : fk::available_simd_levels()) {
     for (int threads : kThreads) {
       for (bool multi : {false, true}) {
@@ -108,6 +139,7 @@ int run(int argc, char** argv) {
           ps[j].q = qs[j].data();
           ps[j].threads = threads;
           outs[j].attach(ps[j]);
+          if (extra) outs[j].attach_extra(ps[j]);
           if (!multi) fk::logit_stats(ps[j], level);
         }
         if (multi) fk::logit_stats_multi(ps.data(), m, level);
