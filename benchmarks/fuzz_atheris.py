@@ -274,7 +274,8 @@ class Harness:
                     return "refused"
                 assert lg.data.shape[0] == stop - start
                 y = None if src.labels is None else src.labels[start:stop]
-                st = self.fk.compare(lg, lg, y, llama_parity=src.dtype == "llama_u16")
+                st = self.fk.compare(lg, lg, y, llama_parity=src.dtype == "llama_u16",
+                                     bad_rows="keep")  # screened below, as the CLI does
                 assert st.n_tokens == stop - start
                 parts.append(st)
             if src.dtype == "llama_u16":  # the CLI's corrupt-row screen, both modes

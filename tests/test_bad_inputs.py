@@ -817,6 +817,27 @@ def _accumulate(**kw):
     return lambda: fk.Accumulator().add(a.reshape(4, 6, V), b.reshape(4, 6, V), **kw)
 
 
+def _llama_logits(damage=None, row=0, seed=0):
+    """pair()'s sides as llama.cpp rows (Logits 'llama_u16'); damage(rows, row) alters one."""
+    out = []
+    for x in pair(seed=seed):
+        rows = llama_rows(x.astype(np.float64))
+        out.append(rows)
+    if damage is not None:
+        damage(out[1], row)
+    return [fk.Logits(r, "llama_u16", V) for r in out]
+
+
+def _row_float(word, value):
+    def damage(rows, row):
+        rows[row, 2 * word : 2 * word + 2] = np.array([value], "<f4").view("<u2")
+    return damage
+
+
+def _row_zeroed(rows, row):
+    rows[row] = 0
+
+
 def _on_the_cpu_only(fn):
     """fn run as on a machine without a GPU: TRITON_INTERPRET (which other tests in the same
     process may have set) would make ops take Triton's CPU interpreter for the GPU."""
@@ -894,6 +915,21 @@ ISSUE12 = {
     "llama min_log_prob > 0": (lambda t: _llama_cli(t, _set_float(3, 1, 0.5)),
                                "row 3 is corrupt (min_log_prob 0.5 > 0"),
     "llama corrupt row in a shard directory": (_llama_shard_dir, "row 3 is corrupt"),
+    # 4, in the API: the CLI's check on llama_u16 Logits, the argument and row named
+    "compare on a zeroed llama.cpp reference row": (
+        lambda t: _api(lambda: fk.compare(_llama_logits(_row_zeroed, 4)[1], _llama_logits()[1])),
+        "ref: row 4 is corrupt (its log-probabilities sum to exp(3.611)"),
+    "compare on a llama.cpp row with a negative scale": (
+        lambda t: _api(lambda: fk.compare(*_llama_logits(_row_float(0, -1e-4), 5), llama_parity=True)),
+        "q: row 5 is corrupt (scale -0.0001"),
+    "compare_many on a llama.cpp row with min_log_prob > 0": (
+        lambda t: _api(lambda: fk.compare_many(_llama_logits()[0], [_llama_logits()[1],
+                                                                    _llama_logits(_row_float(1, 0.5), 3)[1]])),
+        "q[1]: row 3 is corrupt (min_log_prob 0.5 > 0"),
+    "Accumulator.add on a llama.cpp row with scale 1e30": (
+        lambda t: _api(lambda: fk.Accumulator(llama_parity=True).add(*_llama_logits(_row_float(0, 1e30), 7))),
+        "q: row 7 is corrupt (scale 1e+30, outside [0, 32/65535]; 1 of 24 rows are corrupt); "
+        "bad_rows='invalid'"),
     # 7: companion .npy headers with impossible sizes, refused before np.load
     "labels companion with a negative dimension": (lambda t: _companion(t, "q.labels.npy", (-1,)),
                                                    "negative dimension in shape (-1,)"),
@@ -1037,6 +1073,26 @@ def test_bad_rows_invalid_counts_them_and_keeps_the_rest_exact(tmp_path, capsys)
     got_mean = float(np.mean(clean.kld_llama[keep]))
     assert s["kld"]["mean"] == pytest.approx(got_mean, rel=1e-12)
     assert want.n_invalid == 0 and s["kld"]["mean"] != pytest.approx(want.kld.mean, rel=1e-6)
+
+
+def test_api_bad_rows_invalid_and_keep():
+    """compare(bad_rows='invalid') marks the corrupt rows' tokens invalid (a reference row's
+    for every model) and leaves the others bitwise as they were; 'keep' uses them as stored."""
+    ref, q = _llama_logits(_row_zeroed, 6)
+    clean = fk.compare(ref, _llama_logits()[1], llama_parity=True)
+    got = fk.compare(ref, q, llama_parity=True, bad_rows="invalid")
+    assert np.flatnonzero(~got.valid).tolist() == [6]
+    keep = np.arange(24) != 6
+    for name in ("kld", "kld_llama", "lse_q", "top1_q"):
+        np.testing.assert_array_equal(getattr(got, name)[keep], getattr(clean, name)[keep])
+    assert fk.summarize(got).n_invalid == 1
+    kept = fk.compare(ref, q, llama_parity=True, bad_rows="keep")
+    assert kept.valid.all() and abs(kept.lse_q[6] - math.log(V)) < 1e-3  # a zeroed row: ln V
+    bad_ref = _llama_logits(_row_zeroed, 2)[1]
+    many = fk.compare_many(bad_ref, [q, _llama_logits()[1]], bad_rows="invalid")
+    assert [np.flatnonzero(~st.valid).tolist() for st in many] == [[2, 6], [2]]
+    with pytest.raises(ValueError, match="bad_rows must be one of"):
+        fk.compare(ref, q, bad_rows="ignore")
 
 
 def test_override_labels_uses_the_given_ones(tmp_path, capsys):

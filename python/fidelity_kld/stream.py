@@ -14,6 +14,7 @@ from __future__ import annotations
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from typing import Callable, Sequence
 
 import numpy as np
@@ -83,11 +84,13 @@ def compare_sources(
     labels: token ids per row; default: the reference's, else the first model's.
     llama_parity: apply llama.cpp's definitions (default: when the reference is a llama.cpp
     file). compare_fn compares one model's chunk; compare_many_fn, when given, all models' at
-    once (the default compare_fn comes with ops.compare_many). Returns one TokenStats per
-    model, in order.
+    once (the default compare_fn comes with ops.compare_many). Corrupt llama.cpp rows are not
+    screened here (bad_rows='keep'): the caller checks each file (io.llama.check_rows, as the
+    CLI does). Returns one TokenStats per model, in order.
     """
-    if compare_many_fn is None and compare_fn is compare:
-        compare_many_fn = compare_many
+    if compare_fn is compare:  # llama.cpp rows: callers screen each file (io.llama.check_rows)
+        compare_fn = partial(compare, bad_rows="keep")
+        compare_many_fn = compare_many_fn or partial(compare_many, bad_rows="keep")
     if llama_parity is None:
         llama_parity = ref.dtype == "llama_u16"
     if labels is None:

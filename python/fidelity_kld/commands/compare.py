@@ -391,10 +391,13 @@ def _compare_fns(device: str):
     """(compare one model's chunk, compare all models' chunks): the CPU core, or for
     --device cuda the GPU with host chunks staged through pinned buffers
     (fidelity_kld.gpu.PinnedStager; the reference staged once for all models)."""
+    from functools import partial
+
     from ..ops import compare, compare_many
 
     if device != "cuda":  # 'auto': file chunks are on the host, so the CPU core
-        return compare, compare_many
+        # corrupt llama.cpp rows are screened per file after the stream (check_rows)
+        return partial(compare, bad_rows="keep"), partial(compare_many, bad_rows="keep")
     try:
         from ..gpu import PinnedStager
         stager = PinnedStager()
