@@ -817,6 +817,19 @@ def _accumulate(**kw):
     return lambda: fk.Accumulator().add(a.reshape(4, 6, V), b.reshape(4, 6, V), **kw)
 
 
+def _cohort_cli(tmp_path, *args, path=None):
+    """`cohort m.toml ARGS` on a manifest naming a summary, per-prompt files, an lm-eval
+    output directory and an outcomes table (placeholders: the outputs are checked first)."""
+    for name in ("summary.json", "pp/q4.parquet", "lm/results.json", "tables/q4.csv"):
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).write_text("not read")
+    (tmp_path / "m.toml").write_text(
+        'fidelity = "summary.json"\n[reference]\nname = "BF16"\noutcomes = ["lm"]\n'
+        '[[models]]\nname = "Q4"\nper_prompt = { gsm8k = "pp/q4.parquet" }\n'
+        'outcomes = [{ path = "tables/q4.csv", format = "table" }]\n')
+    return ("cli", ["cohort", tmp_path / "m.toml", *args], path or args[-1])
+
+
 def _llama_logits(damage=None, row=0, seed=0):
     """pair()'s sides as llama.cpp rows (Logits 'llama_u16'); damage(rows, row) alters one."""
     out = []
@@ -903,6 +916,15 @@ ISSUE12 = {
         lambda t: ((t / "rep").mkdir(), (t / "rep" / "m.toml").write_text("not read"),
                    ("cli", ["cohort", t / "rep" / "m.toml", "--report", t / "rep"], t / "rep"))[2],
         "--report replaces this directory"),
+    "cohort --output is a per-prompt file the manifest names": (
+        lambda t: _cohort_cli(t, "-o", t / "pp" / "q4.parquet"), "--output would overwrite the input"),
+    "cohort --output is a file of an outcome directory": (
+        lambda t: _cohort_cli(t, "-o", t / "lm" / "results.json"), "--output would overwrite the input"),
+    "cohort --output is the fidelity summary": (
+        lambda t: _cohort_cli(t, "-o", t / "summary.json"), "--output would overwrite the input"),
+    "cohort --report replaces a directory holding an outcomes table": (
+        lambda t: _cohort_cli(t, "--report", t / "tables", path=t / "tables"),
+        "--report replaces this directory, which holds"),
     # 4: corrupt llama.cpp rows are refused, naming the file and the first bad row
     "llama rows zeroed (q)": (lambda t: _llama_cli(t, _zero_rows(100, 50)),
                               "row 100 is corrupt (its log-probabilities sum to exp(8.987)"),
