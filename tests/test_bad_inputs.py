@@ -817,6 +817,19 @@ def _accumulate(**kw):
     return lambda: fk.Accumulator().add(a.reshape(4, 6, V), b.reshape(4, 6, V), **kw)
 
 
+def _topk_cli(tmp_path, damage, *args):
+    """`compare base.kld q.topk.parquet ARGS`: a llama.cpp reference (damaged by `damage`)
+    against a top-k dump of Q4_K_M.kld."""
+    top = tmp_path / "q.topk.parquet"
+    assert main(["convert", os.path.join(DATA, "Q4_K_M.kld"), str(top), "--top-k", "4"]) in (None, 0)
+    if damage is None:
+        base = tmp_path / "base.kld"
+        base.write_bytes(open(os.path.join(DATA, "base.kld"), "rb").read())
+    else:
+        base = _corrupt_llama(tmp_path, "base.kld", damage, source="base.kld")
+    return ("cli", ["compare", base, top, "-q", *args], base)
+
+
 def _cohort_cli(tmp_path, *args, path=None):
     """`cohort m.toml ARGS` on a manifest naming a summary, per-prompt files, an lm-eval
     output directory and an outcomes table (placeholders: the outputs are checked first)."""
@@ -952,6 +965,12 @@ ISSUE12 = {
         lambda t: _api(lambda: fk.Accumulator(llama_parity=True).add(*_llama_logits(_row_float(0, 1e30), 7))),
         "q: row 7 is corrupt (scale 1e+30, outside [0, 32/65535]; 1 of 24 rows are corrupt); "
         "bad_rows='invalid'"),
+    # 4, with a top-k dump on the other side: the same check on the full llama.cpp side
+    "top-k compare, corrupt llama.cpp row on the full side": (
+        lambda t: _topk_cli(t, _zero_rows(40, 1)), "base.kld: row 40 is corrupt (its log-probabilities"),
+    "top-k compare, --bad-rows invalid with a llama.cpp side": (
+        lambda t: _topk_cli(t, None, "--bad-rows", "invalid"),
+        "--bad-rows invalid does not apply to a comparison with a top-k dump"),
     # 7: companion .npy headers with impossible sizes, refused before np.load
     "labels companion with a negative dimension": (lambda t: _companion(t, "q.labels.npy", (-1,)),
                                                    "negative dimension in shape (-1,)"),

@@ -91,7 +91,8 @@ def _term_handler(signum, frame):
 @click.option("--quiet", "-q", is_flag=True, help="No progress on stderr.")
 @click.option("--bad-rows", type=click.Choice(["refuse", "invalid"]), default="refuse",
               show_default=True, help="Corrupt llama.cpp rows: refuse the file, or count them "
-                                      "as invalid tokens.")
+                                      "as invalid tokens (against a top-k dump they are "
+                                      "always refused).")
 @click.option("--override-labels", is_flag=True,
               help="Use --labels even where the dumps carry different labels.")
 @click.option("--gap-threshold", type=float, default=0.01, show_default=True,
@@ -158,7 +159,8 @@ def command(ref, quants, example, labels_path, prompt_ids_path, fmt, names_given
 
         return run_topk_compare(ref, quants, fmt=fmt, output=output, per_token=per_token,
                                 per_prompt=per_prompt, gap_threshold=gap_threshold,
-                                dtype_override=dtype_override, labels_path=labels_path)
+                                dtype_override=dtype_override, labels_path=labels_path,
+                                bad_rows=bad_rows)
     if ray_tasks and not ray_address:
         raise click.UsageError("--ray-tasks needs --ray")
     previous = signal.signal(signal.SIGTERM, _term_handler)

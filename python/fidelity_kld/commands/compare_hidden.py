@@ -18,6 +18,8 @@ from ..cli import InputError
 
 def run_hidden_compare(ref, quants, *, fmt, output, per_token, per_prompt, threads, device,
                        shared_lm_head, lm_head):
+    """compare's path for hidden-state dumps. Every side must be one (a llama.cpp file is
+    refused here), so --bad-rows has no llama.cpp rows to act on, as for .npy dumps."""
     from ..hidden import compare_hidden, heads_for
     from ..io import DumpError
     from ..io.hidden import HiddenDump, is_hidden_file

@@ -69,12 +69,14 @@ def _describe(side, path) -> dict:
 
 
 def run_topk_compare(ref, quants, *, fmt, output, per_token, per_prompt, gap_threshold,
-                     dtype_override, labels_path=None):
-    """compare's path when REF or a QUANT is a top-k dump."""
+                     dtype_override, labels_path=None, bad_rows="refuse"):
+    """compare's path when REF or a QUANT is a top-k dump. Corrupt rows of a llama.cpp file
+    on the full side are refused, as compare refuses them; --bad-rows invalid cannot apply
+    (the bounds have no invalid tokens) and is refused when a side holds llama.cpp rows."""
     from ..io import DumpError
     from ..stats.summary import json_ready
     from ..stats.topk_bounds import summarize_topk
-    from ..topk_compare import check_pair, compare_topk, open_side
+    from ..topk_compare import check_pair, compare_topk, has_llama_rows, open_side
     from .compare import _model_names
 
     if per_prompt or labels_path:
@@ -87,6 +89,11 @@ def run_topk_compare(ref, quants, *, fmt, output, per_token, per_prompt, gap_thr
                 if hasattr(s, "close"):
                     stack.callback(s.close)
                 sides.append(s)
+            llama = next((p for p, s in zip((ref, *quants), sides) if has_llama_rows(s)), None)
+            if bad_rows == "invalid" and llama is not None:
+                raise InputError(f"{llama}: --bad-rows invalid does not apply to a comparison "
+                                 "with a top-k dump (its KLD bounds count no invalid tokens); "
+                                 "corrupt llama.cpp rows are refused")
             vocabs = [check_pair(sides[0], q, ref, qp) for q, qp in zip(sides[1:], quants)]
             results = [compare_topk(sides[0], q, vocab=v) for q, v in zip(sides[1:], vocabs)]
         except ValueError as e:  # DumpError included

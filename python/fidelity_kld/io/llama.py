@@ -231,17 +231,17 @@ def screen_rows(x, lse: np.ndarray, name: str = "") -> np.ndarray | None:
 
 
 def refuse_corrupt_rows(x, mask: np.ndarray, lse: np.ndarray, name: str = "",
-                        instead: str = "--bad-rows invalid") -> None:
+                        instead: str | None = "--bad-rows invalid") -> None:
     """DumpError (a ValueError) naming the file (the shard), or `name` for Logits, and its
-    first corrupt row; `instead`: the option that counts such rows as invalid."""
+    first corrupt row; `instead`: the option that counts such rows as invalid (None: none)."""
     first, start = int(np.flatnonzero(mask)[0]), 0
+    hint = f"; {instead} counts them as invalid tokens instead" if instead else ""
     for where, rows, n_vocab in _row_blocks(x, name):
         if first < start + rows.shape[0]:
             row = first - start
             raise DumpError(
                 f"{where}: row {row} is corrupt ({_why(rows, row, float(lse[first]), n_vocab)}; "
-                f"{int(mask.sum())} of {mask.size} rows are corrupt); {instead} counts "
-                "them as invalid tokens instead")
+                f"{int(mask.sum())} of {mask.size} rows are corrupt){hint}")
         start += rows.shape[0]
 
 
