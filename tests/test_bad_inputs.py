@@ -817,6 +817,11 @@ def _accumulate(**kw):
     return lambda: fk.Accumulator().add(a.reshape(4, 6, V), b.reshape(4, 6, V), **kw)
 
 
+def _copy_data(tmp_path, name):
+    (tmp_path / name).write_bytes(open(os.path.join(DATA, name), "rb").read())
+    return tmp_path / name
+
+
 def _topk_cli(tmp_path, damage, *args):
     """`compare base.kld q.topk.parquet ARGS`: a llama.cpp reference (damaged by `damage`)
     against a top-k dump of Q4_K_M.kld."""
@@ -971,6 +976,11 @@ ISSUE12 = {
     "top-k compare, --bad-rows invalid with a llama.cpp side": (
         lambda t: _topk_cli(t, None, "--bad-rows", "invalid"),
         "--bad-rows invalid does not apply to a comparison with a top-k dump"),
+    # found by benchmarks/fuzz_atheris.py: a Parquet schema whose fixed list size (1879048197)
+    # the stored values cannot fill; read() would have sized its buffer on that word (15 GB)
+    "Parquet list size far above the stored values": (
+        lambda t: ("dump", _copy_data(t, "fuzz_list_size_claim.parquet")),
+        "the logits column stores 30 values, too few for 6 rows of 1879048197"),
     # 7: companion .npy headers with impossible sizes, refused before np.load
     "labels companion with a negative dimension": (lambda t: _companion(t, "q.labels.npy", (-1,)),
                                                    "negative dimension in shape (-1,)"),

@@ -309,6 +309,7 @@ class ParquetSource(LogitSource):
                 vocab = len(first.column(0)[0].values) if first.column(0)[0].is_valid else 0
                 if not vocab:
                     raise DumpError(f"{path}: logits row 0 is null or empty")
+            _check_value_count(path, md, n, vocab)
             lab = self._read_ids(path, info["label"], n) if info["label"] else None
             pro = self._read_ids(path, info["prompt"], n) if info["prompt"] else None
         except (pa.ArrowException, OSError) as e:
@@ -385,6 +386,19 @@ class ParquetSource(LogitSource):
         if getattr(self, "_pf", None) is not None:
             self._pf.close()
             self._pf = None
+
+
+def _check_value_count(path: str, md, n: int, vocab: int) -> None:
+    """DumpError when the metadata's count of stored logit values is far short of n rows of
+    vocab (a damaged list size or row count), before a read allocates rows x vocab on its
+    word: each row holds vocab values, a null row one (refused when decoded, as is a short
+    row), so at least (n - 1) x vocab values are stored."""
+    leaves = [i for i in range(md.num_columns) if md.schema.column(i).path.split(".")[0] == "logits"]
+    stored = sum(md.row_group(g).column(i).num_values
+                 for g in range(md.num_row_groups) for i in leaves)
+    if stored < (n - 1) * vocab:
+        raise DumpError(f"{path}: the logits column stores {stored} values, too few for {n} rows "
+                        f"of {vocab} (a damaged list size or row count)")
 
 
 def _meta(schema) -> dict:

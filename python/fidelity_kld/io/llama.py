@@ -204,7 +204,7 @@ def _row_blocks(x, name: str) -> list[tuple[str, np.ndarray, int]]:
             return []
         rows = x.data
         if type(rows).__module__.startswith("torch"):
-            rows = rows[:, :4].cpu().numpy()
+            rows = rows[:, :4].contiguous().cpu().numpy().view(np.uint16)  # int16 on torch
         return [(name, rows, x.vocab)]
     blocks = []
     for f in _llama_files(x):
