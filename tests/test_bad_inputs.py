@@ -817,6 +817,14 @@ def _accumulate(**kw):
     return lambda: fk.Accumulator().add(a.reshape(4, 6, V), b.reshape(4, 6, V), **kw)
 
 
+def _raw_npy_header(path, header: str):
+    """A version 1.0 .npy file with this header text (padded as numpy pads) and 24 int64s."""
+    text = header.encode("latin1")
+    text += b" " * (-(10 + len(text) + 1) % 64) + b"\n"
+    path.write_bytes(b"\x93NUMPY\x01\x00" + struct.pack("<H", len(text)) + text + bytes(24 * 8))
+    return path
+
+
 def _copy_data(tmp_path, name):
     (tmp_path / name).write_bytes(open(os.path.join(DATA, name), "rb").read())
     return tmp_path / name
@@ -981,6 +989,12 @@ ISSUE12 = {
     "Parquet list size far above the stored values": (
         lambda t: ("dump", _copy_data(t, "fuzz_list_size_claim.parquet")),
         "the logits column stores 30 values, too few for 6 rows of 1879048197"),
+    # found by benchmarks/fuzz_atheris.py: numpy sorts the header's keys (TypeError)
+    "prompt ids companion whose .npy header mixes bytes and str keys": (
+        lambda t: (_raw_npy_header(t / "ref.prompt_ids.npy",
+                                   "{b'x': 1, 'descr': '<i8', 'fortran_order': False, 'shape': (24,), }"),
+                   ("dump", _npy_pair(t)[0], t / "ref.prompt_ids.npy"))[1],
+        "bad .npy header"),
     # 7: companion .npy headers with impossible sizes, refused before np.load
     "labels companion with a negative dimension": (lambda t: _companion(t, "q.labels.npy", (-1,)),
                                                    "negative dimension in shape (-1,)"),
