@@ -417,21 +417,3 @@ def test_table_writers_declare_logit_values_non_null(tmp_path, fmt):
     with open_source(path) as src:
         np.testing.assert_array_equal(src.read(0, 5).data, x)
 
-
-def test_stream_reads_the_sources_in_parallel():
-    """Each chunk's sources are read at the same time, one thread each (a Parquet reference
-    and model decode at once): the second source's read starts before the first's ends."""
-    import threading
-
-    from fidelity_kld.stream import compare_sources
-
-    x = np.random.default_rng(5).normal(size=(6, 9)).astype(np.float32)
-    both = threading.Barrier(2, timeout=10)
-
-    class Meeting(ArraySource):
-        def read(self, start, stop):
-            both.wait()  # raises BrokenBarrierError if the other source is not read meanwhile
-            return super().read(start, stop)
-
-    st, = compare_sources(Meeting(x), [Meeting(x + 1)], chunk_bytes=2 * 2 * 9 * 4)
-    np.testing.assert_allclose(st.kld, 0, atol=1e-6)  # a constant shift: the same softmax

@@ -3,16 +3,14 @@
 Data path: LogitSource.read_into (a view of a memory map where the format allows, else rows
 decoded or assembled into one of two reused buffers per source) -> the compiled core, chunk
 by chunk; each reference chunk is read once and compared with every model. A background
-thread maps in the next chunk (io.base.populate; the sources in parallel, a thread each)
-while the core works on the current one, and pages already used are dropped from the
-process (io.base.release: MADV_DONTNEED; they stay in the page cache), so resident memory
-does not grow with file size. A file cut short mid-run is an error naming it: from
-populate, or from the core's SIGBUS guard (exit 1).
+thread maps in the next chunk (io.base.populate) while the core works on the current one,
+and pages already used are dropped from the process (io.base.release: MADV_DONTNEED; they
+stay in the page cache), so resident memory does not grow with file size. A file cut short
+mid-run is an error naming it: from populate, or from the core's SIGBUS guard (exit 1).
 """
 
 from __future__ import annotations
 
-import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -116,14 +114,9 @@ def compare_sources(
         for lg in done:  # dropping used pages costs about as much as mapping new ones
             release(lg.data)
         start, stop = bounds[k]
-        return list(readers.map(lambda sb: sb[0].read_into(start, stop, sb[1]),
-                                zip(sources, buffers.take())))
+        return [src.read_into(start, stop, buf) for src, buf in zip(sources, buffers.take())]
 
-    # one reader per source: each source is read by one thread at a time, the sources in
-    # parallel (Parquet is decoded at ~0.5 GB/s a thread; a map is populated in the kernel)
-    n_readers = max(1, min(len(sources), os.cpu_count() or 1))
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="fidelity-kld-read") as pool, \
-            ThreadPoolExecutor(max_workers=n_readers, thread_name_prefix="fidelity-kld-source") as readers:
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="fidelity-kld-read") as pool:
         pending = pool.submit(fetch, 0, [])
         previous: list[Logits] = []  # the chunk compared last: its pages can go now
         for k, (start, stop) in enumerate(bounds):
