@@ -296,7 +296,7 @@ class Harness:
 
     def check_stream(self, src, whole) -> None:
         """compare_sources on the source against a second opening of it, in chunks of three
-        rows cut at shard boundaries and read in parallel: bitwise the per-read results."""
+        rows cut at shard boundaries: bitwise the per-read results."""
         from fidelity_kld.stream import chunk_bounds, compare_sources
 
         with self.open_source(self.open_path) as other:
