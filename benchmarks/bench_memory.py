@@ -3,8 +3,10 @@
 For each format (npy, safetensors, llama.cpp .kld, Arrow IPC, Parquet) and each as a
 directory of shards, writes a reference and a quantized dump of --gb GB each (float16, or
 llama.cpp's 16-bit rows), runs the CLI on them under /usr/bin/time -v, prints the peak RSS,
-the wall time and GB/s of input (wall clock, the CLI's start included), deletes the dumps and
-goes on to the next format: one format's files on disk at a time. A shard directory holds
+the wall time and GB/s of input (wall clock, the CLI's start included) and the CPU seconds
+(user + system, every thread) per GB of input (less sensitive to a loaded machine than the
+wall clock), deletes the dumps and goes on to the next format: one format's files on disk
+at a time. A shard directory holds
 --shards links to one shard file per side (the same bytes under several names: what the
 process holds is measured as for distinct files, for a fraction of the writing).
 
@@ -147,10 +149,13 @@ def run_case(work: Path, fmt: str, shards: int, args) -> dict:
     peak_kb = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", r.stderr).group(1))
     wall = re.search(r"Elapsed \(wall clock\) time \(h:mm:ss or m:ss\): ([\d:.]+)", r.stderr).group(1)
     seconds = sum(float(x) * 60**i for i, x in enumerate(reversed(wall.split(":"))))
+    cpu = sum(float(re.search(rf"{what} time \(seconds\): ([\d.]+)", r.stderr).group(1))
+              for what in ("User", "System"))
     summary = json.loads(r.stdout)["models"][0]["summary"]
     return {"format": fmt, "shards": shards, "input_bytes": size, "tokens": summary["n_tokens"],
             "vocab": args.vocab, "peak_rss_mib": peak_kb / 1024, "wall_s": seconds,
-            "input_gb_per_s": size / seconds / 1e9, "write_s": written}
+            "input_gb_per_s": size / seconds / 1e9, "cpu_s": cpu,
+            "cpu_s_per_gb": cpu / (size / 1e9), "write_s": written}
 
 
 def main() -> int:
@@ -165,7 +170,8 @@ def main() -> int:
 
     cases = [(f, s) for f in args.formats.split(",") for s in ((0, args.shards) if args.shards else (0,))]
     results = []
-    print(f"{'format':<22} {'input GB':>9} {'peak RSS MiB':>13} {'wall s':>7} {'GB/s':>6}", flush=True)
+    print(f"{'format':<22} {'input GB':>9} {'peak RSS MiB':>13} {'wall s':>7} {'GB/s':>6} "
+          f"{'CPU s/GB':>9}", flush=True)
     for fmt, shards in cases:
         work = Path(args.dir) / f"fk_bench_memory_{os.getpid()}"
         work.mkdir(parents=True)
@@ -176,7 +182,7 @@ def main() -> int:
         results.append(res)
         name = fmt + (f", {shards} shards" if shards else "")
         print(f"{name:<22} {res['input_bytes'] / 1e9:9.2f} {res['peak_rss_mib']:13.0f} "
-              f"{res['wall_s']:7.1f} {res['input_gb_per_s']:6.2f}", flush=True)
+              f"{res['wall_s']:7.1f} {res['input_gb_per_s']:6.2f} {res['cpu_s_per_gb']:9.3f}", flush=True)
         print(json.dumps(res), flush=True)
     base = next((r["peak_rss_mib"] for r in results if r["format"] == "npy" and not r["shards"]), None)
     if base:

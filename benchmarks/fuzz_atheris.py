@@ -17,7 +17,9 @@ x.npy), npy-sidecar (a fuzzed x.npy.json beside a valid uint16 x.npy), ids-file 
 --labels file, .npy or text, through io.ids.read_ids_file), safetensors, arrow (IPC file),
 parquet, shards (a directory of shards: the input is split into files, each with a name
 drawn from a list of shard, companion, temporary and hidden names and its own bytes; seeds
-are valid .npy and llama.cpp shard directories). Seeds are small valid files made here.
+are valid .npy and llama.cpp shard directories; a directory that opens is also streamed,
+stream.compare_sources in 3-row chunks cut at shard boundaries, and must give the per-read
+results bitwise). Seeds are small valid files made here.
 
     pip install atheris
     python benchmarks/fuzz_atheris.py --all --runs 25000          # every reader, in turn
@@ -274,9 +276,12 @@ class Harness:
                     return "refused"
                 assert lg.data.shape[0] == stop - start
                 y = None if src.labels is None else src.labels[start:stop]
-                st = self.fk.compare(lg, lg, y, llama_parity=src.dtype == "llama_u16")
+                st = self.fk.compare(lg, lg, y, llama_parity=src.dtype == "llama_u16",
+                                     bad_rows="keep")  # screened below, as the CLI does
                 assert st.n_tokens == stop - start
                 parts.append(st)
+            if self.reader == "shards":  # the stream: chunks end at shard boundaries
+                self.check_stream(src, self.fk.TokenStats.concat(parts))
             if src.dtype == "llama_u16":  # the CLI's corrupt-row screen, both modes
                 results = [self.fk.TokenStats.concat(parts)]
                 [screened] = self.check_rows(src, [src], results, "invalid")
@@ -288,6 +293,20 @@ class Harness:
                         raise AssertionError(f"error does not name the file: {e!r}") from None
                     return "refused"
         return "read"
+
+    def check_stream(self, src, whole) -> None:
+        """compare_sources on the source against a second opening of it, in chunks of three
+        rows cut at shard boundaries: bitwise the per-read results."""
+        from fidelity_kld.stream import chunk_bounds, compare_sources
+
+        with self.open_source(self.open_path) as other:
+            bounds = chunk_bounds((src, other), 3)
+            assert bounds[0][0] == 0 and bounds[-1][1] == src.n_tokens
+            assert all(a < b for a, b in bounds) and all(b == c for (_, b), (c, _) in zip(bounds, bounds[1:]))
+            [streamed] = compare_sources(src, [other], chunk_bytes=3 * 2 * src.bytes_per_token)
+        for name in ("kld", "lse_ref", "top1_q"):
+            a, b = getattr(streamed, name), getattr(whole, name)
+            assert a.shape == b.shape and self.np.array_equal(a, b, equal_nan=a.dtype.kind == "f"), name
 
 
 # ----------------------------------------------------------------------------- drivers

@@ -816,6 +816,66 @@ def _accumulate(**kw):
     return lambda: fk.Accumulator().add(a.reshape(4, 6, V), b.reshape(4, 6, V), **kw)
 
 
+def _raw_npy_header(path, header: str):
+    """A version 1.0 .npy file with this header text (padded as numpy pads) and 24 int64s."""
+    text = header.encode("latin1")
+    text += b" " * (-(10 + len(text) + 1) % 64) + b"\n"
+    path.write_bytes(b"\x93NUMPY\x01\x00" + struct.pack("<H", len(text)) + text + bytes(24 * 8))
+    return path
+
+
+def _copy_data(tmp_path, name):
+    (tmp_path / name).write_bytes(open(os.path.join(DATA, name), "rb").read())
+    return tmp_path / name
+
+
+def _topk_cli(tmp_path, damage, *args):
+    """`compare base.kld q.topk.parquet ARGS`: a llama.cpp reference (damaged by `damage`)
+    against a top-k dump of Q4_K_M.kld."""
+    top = tmp_path / "q.topk.parquet"
+    assert main(["convert", os.path.join(DATA, "Q4_K_M.kld"), str(top), "--top-k", "4"]) in (None, 0)
+    if damage is None:
+        base = tmp_path / "base.kld"
+        base.write_bytes(open(os.path.join(DATA, "base.kld"), "rb").read())
+    else:
+        base = _corrupt_llama(tmp_path, "base.kld", damage, source="base.kld")
+    return ("cli", ["compare", base, top, "-q", *args], base)
+
+
+def _cohort_cli(tmp_path, *args, path=None):
+    """`cohort m.toml ARGS` on a manifest naming a summary, per-prompt files, an lm-eval
+    output directory and an outcomes table (placeholders: the outputs are checked first)."""
+    for name in ("summary.json", "pp/q4.parquet", "lm/results.json", "tables/q4.csv"):
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).write_text("not read")
+    (tmp_path / "m.toml").write_text(
+        'fidelity = "summary.json"\n[reference]\nname = "BF16"\noutcomes = ["lm"]\n'
+        '[[models]]\nname = "Q4"\nper_prompt = { gsm8k = "pp/q4.parquet" }\n'
+        'outcomes = [{ path = "tables/q4.csv", format = "table" }]\n')
+    return ("cli", ["cohort", tmp_path / "m.toml", *args], path or args[-1])
+
+
+def _llama_logits(damage=None, row=0, seed=0):
+    """pair()'s sides as llama.cpp rows (Logits 'llama_u16'); damage(rows, row) alters one."""
+    out = []
+    for x in pair(seed=seed):
+        rows = llama_rows(x.astype(np.float64))
+        out.append(rows)
+    if damage is not None:
+        damage(out[1], row)
+    return [fk.Logits(r, "llama_u16", V) for r in out]
+
+
+def _row_float(word, value):
+    def damage(rows, row):
+        rows[row, 2 * word : 2 * word + 2] = np.array([value], "<f4").view("<u2")
+    return damage
+
+
+def _row_zeroed(rows, row):
+    rows[row] = 0
+
+
 def _on_the_cpu_only(fn):
     """fn run as on a machine without a GPU: TRITON_INTERPRET (which other tests in the same
     process may have set) would make ops take Triton's CPU interpreter for the GPU."""
@@ -881,6 +941,15 @@ ISSUE12 = {
         lambda t: ((t / "rep").mkdir(), (t / "rep" / "m.toml").write_text("not read"),
                    ("cli", ["cohort", t / "rep" / "m.toml", "--report", t / "rep"], t / "rep"))[2],
         "--report replaces this directory"),
+    "cohort --output is a per-prompt file the manifest names": (
+        lambda t: _cohort_cli(t, "-o", t / "pp" / "q4.parquet"), "--output would overwrite the input"),
+    "cohort --output is a file of an outcome directory": (
+        lambda t: _cohort_cli(t, "-o", t / "lm" / "results.json"), "--output would overwrite the input"),
+    "cohort --output is the fidelity summary": (
+        lambda t: _cohort_cli(t, "-o", t / "summary.json"), "--output would overwrite the input"),
+    "cohort --report replaces a directory holding an outcomes table": (
+        lambda t: _cohort_cli(t, "--report", t / "tables", path=t / "tables"),
+        "--report replaces this directory, which holds"),
     # 4: corrupt llama.cpp rows are refused, naming the file and the first bad row
     "llama rows zeroed (q)": (lambda t: _llama_cli(t, _zero_rows(100, 50)),
                               "row 100 is corrupt (its log-probabilities sum to exp(8.987)"),
@@ -893,6 +962,38 @@ ISSUE12 = {
     "llama min_log_prob > 0": (lambda t: _llama_cli(t, _set_float(3, 1, 0.5)),
                                "row 3 is corrupt (min_log_prob 0.5 > 0"),
     "llama corrupt row in a shard directory": (_llama_shard_dir, "row 3 is corrupt"),
+    # 4, in the API: the CLI's check on llama_u16 Logits, the argument and row named
+    "compare on a zeroed llama.cpp reference row": (
+        lambda t: _api(lambda: fk.compare(_llama_logits(_row_zeroed, 4)[1], _llama_logits()[1])),
+        "ref: row 4 is corrupt (its log-probabilities sum to exp(3.611)"),
+    "compare on a llama.cpp row with a negative scale": (
+        lambda t: _api(lambda: fk.compare(*_llama_logits(_row_float(0, -1e-4), 5), llama_parity=True)),
+        "q: row 5 is corrupt (scale -0.0001"),
+    "compare_many on a llama.cpp row with min_log_prob > 0": (
+        lambda t: _api(lambda: fk.compare_many(_llama_logits()[0], [_llama_logits()[1],
+                                                                    _llama_logits(_row_float(1, 0.5), 3)[1]])),
+        "q[1]: row 3 is corrupt (min_log_prob 0.5 > 0"),
+    "Accumulator.add on a llama.cpp row with scale 1e30": (
+        lambda t: _api(lambda: fk.Accumulator(llama_parity=True).add(*_llama_logits(_row_float(0, 1e30), 7))),
+        "q: row 7 is corrupt (scale 1e+30, outside [0, 32/65535]; 1 of 24 rows are corrupt); "
+        "bad_rows='invalid'"),
+    # 4, with a top-k dump on the other side: the same check on the full llama.cpp side
+    "top-k compare, corrupt llama.cpp row on the full side": (
+        lambda t: _topk_cli(t, _zero_rows(40, 1)), "base.kld: row 40 is corrupt (its log-probabilities"),
+    "top-k compare, --bad-rows invalid with a llama.cpp side": (
+        lambda t: _topk_cli(t, None, "--bad-rows", "invalid"),
+        "--bad-rows invalid does not apply to a comparison with a top-k dump"),
+    # found by benchmarks/fuzz_atheris.py: a Parquet schema whose fixed list size (1879048197)
+    # the stored values cannot fill; read() would have sized its buffer on that word (15 GB)
+    "Parquet list size far above the stored values": (
+        lambda t: ("dump", _copy_data(t, "fuzz_list_size_claim.parquet")),
+        "the logits column stores 30 values, too few for 6 rows of 1879048197"),
+    # found by benchmarks/fuzz_atheris.py: numpy sorts the header's keys (TypeError)
+    "prompt ids companion whose .npy header mixes bytes and str keys": (
+        lambda t: (_raw_npy_header(t / "ref.prompt_ids.npy",
+                                   "{b'x': 1, 'descr': '<i8', 'fortran_order': False, 'shape': (24,), }"),
+                   ("dump", _npy_pair(t)[0], t / "ref.prompt_ids.npy"))[1],
+        "bad .npy header"),
     # 7: companion .npy headers with impossible sizes, refused before np.load
     "labels companion with a negative dimension": (lambda t: _companion(t, "q.labels.npy", (-1,)),
                                                    "negative dimension in shape (-1,)"),
@@ -1036,6 +1137,26 @@ def test_bad_rows_invalid_counts_them_and_keeps_the_rest_exact(tmp_path, capsys)
     got_mean = float(np.mean(clean.kld_llama[keep]))
     assert s["kld"]["mean"] == pytest.approx(got_mean, rel=1e-12)
     assert want.n_invalid == 0 and s["kld"]["mean"] != pytest.approx(want.kld.mean, rel=1e-6)
+
+
+def test_api_bad_rows_invalid_and_keep():
+    """compare(bad_rows='invalid') marks the corrupt rows' tokens invalid (a reference row's
+    for every model) and leaves the others bitwise as they were; 'keep' uses them as stored."""
+    ref, q = _llama_logits(_row_zeroed, 6)
+    clean = fk.compare(ref, _llama_logits()[1], llama_parity=True)
+    got = fk.compare(ref, q, llama_parity=True, bad_rows="invalid")
+    assert np.flatnonzero(~got.valid).tolist() == [6]
+    keep = np.arange(24) != 6
+    for name in ("kld", "kld_llama", "lse_q", "top1_q"):
+        np.testing.assert_array_equal(getattr(got, name)[keep], getattr(clean, name)[keep])
+    assert fk.summarize(got).n_invalid == 1
+    kept = fk.compare(ref, q, llama_parity=True, bad_rows="keep")
+    assert kept.valid.all() and abs(kept.lse_q[6] - math.log(V)) < 1e-3  # a zeroed row: ln V
+    bad_ref = _llama_logits(_row_zeroed, 2)[1]
+    many = fk.compare_many(bad_ref, [q, _llama_logits()[1]], bad_rows="invalid")
+    assert [np.flatnonzero(~st.valid).tolist() for st in many] == [[2, 6], [2]]
+    with pytest.raises(ValueError, match="bad_rows must be one of"):
+        fk.compare(ref, q, bad_rows="ignore")
 
 
 def test_override_labels_uses_the_given_ones(tmp_path, capsys):

@@ -141,3 +141,27 @@ def test_consistent_numbered_shards_still_open(tmp_path):
     _numbered_shards(tmp_path, [f"shard-{i:05d}-of-00003.npy" for i in (1, 2, 3)])
     src = open_source(tmp_path)
     np.testing.assert_array_equal(src.read(0, 6).data[:, 0], [0, 0, 1, 1, 2, 2])
+
+
+def test_stream_chunks_end_at_shard_boundaries(tmp_path):
+    """The stream reads a directory of mapped shards one shard's view at a time: its chunks
+    end at every shard boundary of either side (no chunk is assembled from two shards' pages),
+    and the statistics are those of the same rows as one file."""
+    from fidelity_kld import reference
+    from fidelity_kld.stream import chunk_bounds, compare_sources
+
+    (tmp_path / "ref").mkdir()
+    (tmp_path / "q").mkdir()
+    x, y = make_shards(tmp_path / "ref", "npy", sizes=(5, 9, 4), names=("a", "b", "c"))
+    rng = np.random.default_rng(8)
+    xq = (x + rng.normal(scale=0.3, size=x.shape)).astype(np.float32)
+    for name, (a, b) in zip("ab", ((0, 11), (11, 18))):  # other boundaries: 11 and 18
+        convert(ArraySource(xq[a:b], labels=y[a:b]), tmp_path / "q" / f"{name}.npy")
+    ref, q = open_source(tmp_path / "ref"), open_source(tmp_path / "q")
+    assert [ref.piece_end(r) for r in (0, 4, 5, 13, 14, 17)] == [5, 5, 14, 14, 18, 18]
+    bounds = chunk_bounds((ref, q), rows=4)
+    assert bounds == [(0, 4), (4, 5), (5, 9), (9, 11), (11, 14), (14, 18)]
+    (st,) = compare_sources(ref, [q], chunk_bytes=4 * (ref.bytes_per_token + q.bytes_per_token))
+    want = reference.logit_stats(x, xq, y)
+    np.testing.assert_allclose(st.kld, want["kld"], rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(st.nll_q, want["nll_q"], rtol=1e-5, atol=1e-6)

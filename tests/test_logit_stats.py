@@ -160,7 +160,10 @@ def test_llama_parity_mode(simd, q_kind):
     else:
         q, q64 = encode(noisy, q_kind)
     labels = rng.integers(0, v, n)
-    got = fk.compare(fk.Logits(raw, "llama_u16", v), q, labels, llama_parity=True, simd=simd)
+    # scale 2^-10 spans a wider window than llama.cpp writes (the corrupt-row screen would
+    # refuse it): the core's decode arithmetic is what is tested here
+    got = fk.compare(fk.Logits(raw, "llama_u16", v), q, labels, llama_parity=True, simd=simd,
+                     bad_rows="keep")
     check_stats(got, ref64, q64, labels, llama_parity=True, q_logprobs=q_kind == "llama_u16",
                 **CPU_TOL)
 
@@ -326,9 +329,9 @@ def test_compare_many_llama_parity(simd):
                               2.0**-10, -60.0)
         qs.append(fk.Logits(q_raw, "llama_u16", v))
     labels = rng.integers(0, v, n)
-    many = fk.compare_many(ref, qs, labels, llama_parity=True, simd=simd)
-    for q, got in zip(qs, many):
-        want = fk.compare(ref, q, labels, llama_parity=True, simd=simd)
+    many = fk.compare_many(ref, qs, labels, llama_parity=True, simd=simd, bad_rows="keep")
+    for q, got in zip(qs, many):  # (rows of scale 2^-10: see test_llama_parity_mode)
+        want = fk.compare(ref, q, labels, llama_parity=True, simd=simd, bad_rows="keep")
         for key, w in want.as_dict().items():
             np.testing.assert_array_equal(got.as_dict()[key], w, err_msg=key)
 

@@ -1,8 +1,8 @@
 """Peak resident memory of `fidelity-kld compare` does not grow with the input, in every
 format: 2 x 64 MB and 2 x 224 MB float16 .npy dumps give about the same peak, and two
-224 MB dumps of every other format (safetensors, llama.cpp, Arrow IPC, Parquet, and a
-directory of shards of each) peak within 1.5x of the .npy figure measured in the same run
-(the 2 x 4 GB and 2 x 8 GB figures are benchmarks/bench_memory.py's).
+224 MB dumps of every other format (safetensors, llama.cpp, Arrow IPC, Parquet), and two
+directories of four 224 MB shards of each, peak within 1.5x of the .npy figure measured in
+the same run (the 2 x 4 GB and 2 x 8 GB figures are benchmarks/bench_memory.py's).
 
 The peak is VmHWM from /proc/self/status, read by the CLI process itself when it exits.
 Not ru_maxrss: on Linux a child's ru_maxrss starts at its parent's RSS when it forked (the
@@ -33,6 +33,9 @@ FORMAT_DUMP_MB = 224
 SMALL_DUMP_MB = 64
 EXT = {"npy": ".npy", "safetensors": ".safetensors", "arrow": ".arrow", "parquet": ".parquet",
        "llama": ".kld"}
+# Shards of FORMAT_DUMP_MB each: larger than a chunk, so that chunks inside a shard (views
+# of its map) and chunks across two shards (assembled, in the stream's buffers before the
+# fix) both occur, and both buffer sets are used (what held ~256 MiB more at 2 x 4 GB)
 N_SHARDS = 4
 
 
@@ -120,8 +123,8 @@ def link(src, dst) -> None:
 
 def write_pair(directory, fmt: str, sharded: bool, mb: int = FORMAT_DUMP_MB) -> tuple:
     """(ref, q): two dumps of `mb` MB each (q another name of ref: only reading is measured),
-    or two directories of N_SHARDS shards (chunks span shards: a shard is not a whole number
-    of chunks)."""
+    or two directories of N_SHARDS shards of `mb` MB each (a shard is not a whole number of
+    chunks: some chunks span two shards)."""
     n = mb * MB // (2 * VOCAB)
     if not sharded:
         ref, q = directory / f"ref{EXT[fmt]}", directory / f"q{EXT[fmt]}"
@@ -129,7 +132,7 @@ def write_pair(directory, fmt: str, sharded: bool, mb: int = FORMAT_DUMP_MB) -> 
         link(ref, q)
         return ref, q
     one = directory / f"shard{EXT[fmt]}"
-    write_dump(one, fmt, n // N_SHARDS, 0)
+    write_dump(one, fmt, n, 0)
     sides = []
     for side in ("ref", "q"):
         d = directory / side

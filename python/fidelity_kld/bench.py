@@ -280,7 +280,8 @@ def run_suite(*, quick: bool = False, log=print, torch_baselines: bool = True,
     codes2 = codes.copy()
     codes2[:, 4:] ^= rng.integers(0, 8, (n, words - 4), dtype=np.uint16)
     ref, q = fk.Logits(codes, "llama_u16", v), fk.Logits(codes2, "llama_u16", v)
-    t = measure(lambda: fk.compare(ref, q, llama_parity=True), repeats=repeats)
+    # random codes: not rows llama.cpp writes, so unscreened (the core's rate is measured)
+    t = measure(lambda: fk.compare(ref, q, llama_parity=True, bad_rows="keep"), repeats=repeats)
     rows.append(row("llama_u16", f"core/{info['simd']}", "llama_u16", n, v, cores, t,
                     codes.nbytes + codes2.nbytes))
     del codes, codes2, ref, q

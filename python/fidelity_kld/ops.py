@@ -28,6 +28,10 @@ EXTRA_GROUPS = {
 }
 _INT_OUTPUTS = ("top1_ref", "top1_q", "rank_ref_y", "rank_q_y")
 
+# what compare does with corrupt llama.cpp rows (io.llama.corrupt_row_mask): raise, count them
+# as invalid tokens, or use them as they are (for callers that screen them per file: the CLI)
+BAD_ROWS = ("refuse", "invalid", "keep")
+
 
 @dataclass(frozen=True)
 class Logits:
@@ -292,6 +296,7 @@ def compare(
     device: str = "auto",
     backend: str = "auto",
     extra: Sequence[str] | str = (),
+    bad_rows: str = "refuse",
 ) -> TokenStats:
     """Per-token statistics of ``ref`` (the reference) against ``q`` (the quantized model).
 
@@ -304,18 +309,24 @@ def compare(
     'auto' (the CUDA extension when built, else Triton), 'cuda' or 'triton'.
     extra: optional outputs by group (EXTRA_GROUPS): "top2", "label" (needs labels), "tvd",
     "jsd", or "all"; a group costs extra passes over each row only when asked for.
+    bad_rows: llama.cpp rows (Logits 'llama_u16') no llama.cpp run writes (a negative, zero
+    or non-finite scale, min_log_prob > 0, a decoded distribution that does not sum to 1:
+    io.llama.corrupt_row_mask, the CLI's check) are 'refuse'd (ValueError naming the first),
+    counted as 'invalid' tokens, or used as they are ('keep').
     Returns a TokenStats (see its docstring for definitions; KLD is KL(P_ref || P_q) in nats).
     """
     if device not in ("auto", "cpu", "cuda"):
         raise ValueError(f"device must be auto, cpu or cuda, not {device!r}")
+    _check_bad_rows(bad_rows)
     if device == "cuda" or (device == "auto" and (_on_cuda(ref) or _on_cuda(q))):
         _require_gpu()
         from .gpu import compare_gpu  # torch and triton are imported only on this path
 
         # extra only when asked for: a GPU entry without the parameter still serves the rest
         gpu_kw = {"extra": extra} if extra else {}
-        return compare_gpu(ref, q, labels, llama_parity=llama_parity, ref_dtype=ref_dtype,
-                           q_dtype=q_dtype, backend=backend, **gpu_kw)
+        st = compare_gpu(ref, q, labels, llama_parity=llama_parity, ref_dtype=ref_dtype,
+                         q_dtype=q_dtype, backend=backend, **gpu_kw)
+        return _screen_llama(ref, [q], [st], bad_rows, ["q"])[0]
     a = as_logits(ref, ref_dtype, name="ref")
     b = as_logits(q, q_dtype, name="q")
     _check_pair(a, b)
@@ -334,7 +345,7 @@ def compare(
     out.update(more)  # log-probs, margins, tvd and jsd are shift-free: lse and logits move together
     _unshift(out, "lse_ref", shift_a)
     _unshift(out, "lse_q", shift_b)
-    return TokenStats(labels=y, **out)
+    return _screen_llama(a, [b], [TokenStats(labels=y, **out)], bad_rows, ["q"])[0]
 
 
 def compare_many(
@@ -348,17 +359,21 @@ def compare_many(
     llama_parity: bool = False,
     simd: str = "auto",
     extra: Sequence[str] | str = (),
+    bad_rows: str = "refuse",
 ) -> list[TokenStats]:
     """``[compare(ref, q, labels, ...) for q in qs]`` on the CPU, with the reference's half of
     the work done once: models of the same dtype go through the core together, up to four at a
     time, reading each reference row once and computing its softmax terms once. Each model's
     TokenStats is bitwise what compare gives it alone. CUDA tensors go to compare's GPU path,
-    one model at a time.
+    one model at a time. bad_rows: as for compare (a corrupt reference row is refused, or
+    invalidates its token for every model).
     """
     qs = list(qs)  # an iterator would be used up by the CUDA check below
+    _check_bad_rows(bad_rows)
     if _on_cuda(ref) or any(_on_cuda(q) for q in qs):
         return [compare(ref, q, labels, threads=threads, ref_dtype=ref_dtype, q_dtype=q_dtype,
-                        llama_parity=llama_parity, simd=simd, extra=extra) for q in qs]
+                        llama_parity=llama_parity, simd=simd, extra=extra,
+                        bad_rows=bad_rows) for q in qs]
     a = as_logits(ref, ref_dtype, name="ref")
     bs = [as_logits(q, q_dtype, name=f"q[{j}]") for j, q in enumerate(qs)]
     for b in bs:
@@ -384,7 +399,27 @@ def compare_many(
     for out, (_, shift_b) in zip(outs, shifted):
         _unshift(out, "lse_ref", shift_a)
         _unshift(out, "lse_q", shift_b)
-    return [TokenStats(labels=y, **out) for out in outs]
+    return _screen_llama(a, bs, [TokenStats(labels=y, **out) for out in outs], bad_rows,
+                         [f"q[{j}]" for j in range(len(bs))])
+
+
+def _check_bad_rows(bad_rows: str) -> None:
+    if bad_rows not in BAD_ROWS:
+        raise ValueError(f"bad_rows must be one of {BAD_ROWS}, not {bad_rows!r}")
+
+
+def _screen_llama(ref: Any, qs: list, results: list[TokenStats], bad_rows: str,
+                  q_names: list[str]) -> list[TokenStats]:
+    """results with corrupt llama.cpp rows of ref / qs (llama_u16 Logits) refused or counted
+    as invalid: the CLI's check (io.llama.check_rows), a row named by its argument ('ref',
+    q_names) and its index."""
+    if bad_rows == "keep" or not any(isinstance(x, Logits) and x.dtype == "llama_u16"
+                                     for x in (ref, *qs)):
+        return results
+    from .io.llama import check_rows
+
+    return check_rows(ref, qs, results, bad_rows, names=("ref", q_names),
+                      instead="bad_rows='invalid'")
 
 
 def _unshift(out: dict, name: str, shift: np.ndarray | None) -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from typing import Callable, Sequence
 
 import numpy as np
@@ -27,8 +28,8 @@ DEFAULT_CHUNK_BYTES = 128 << 20
 class _Buffers:
     """Two byte buffers per source, used in turn: the chunk the core compares sits in one
     while the reading thread fills the other, so memory is two chunks whatever the input
-    size. Only readers that decode (Parquet) or assemble a chunk (one spanning shards or
-    record batches) write them; pages never written cost nothing."""
+    size. Only readers that decode (Parquet) or assemble a chunk (one spanning record
+    batches) write them; pages never written cost nothing."""
 
     def __init__(self, sources: Sequence[LogitSource], rows: int):
         self._sets = [[np.empty(rows * src.bytes_per_token, np.uint8) for src in sources]
@@ -39,6 +40,21 @@ class _Buffers:
         bufs = self._sets[self._next]
         self._next ^= 1
         return bufs
+
+
+def chunk_bounds(sources: Sequence[LogitSource], rows: int) -> list[tuple[int, int]]:
+    """[start, stop) of each chunk: `rows` rows, cut short where a source's stored piece ends
+    (LogitSource.piece_end: a shard boundary), so that a chunk of mapped shards is a view of
+    one shard's map whose pages the stream drops after use, never a copy assembled in a
+    buffer (written buffers stay resident: two chunks' more memory)."""
+    n = sources[0].n_tokens
+    bounds, start = [], 0
+    while start < n:
+        ends = (src.piece_end(start) for src in sources)
+        stop = min([start + rows, n, *(e for e in ends if e > start)])
+        bounds.append((start, stop))
+        start = stop
+    return bounds
 
 
 @dataclass
@@ -71,12 +87,14 @@ def compare_sources(
     file). compare_fn compares one model's chunk; compare_many_fn, when given, all models' at
     once (the default compare_fn comes with ops.compare_many). extra: optional output groups
     (ops.compare's), passed on to compare_fn / compare_many_fn only when not empty, so a
-    function without the parameter still serves the default outputs. Returns one TokenStats
-    per model, in order.
+    function without the parameter still serves the default outputs. Corrupt llama.cpp rows
+    are not screened here (bad_rows='keep'): the caller checks each file (io.llama.check_rows,
+    as the CLI does). Returns one TokenStats per model, in order.
     """
     extra_kw = {"extra": extra} if extra else {}
-    if compare_many_fn is None and compare_fn is compare:
-        compare_many_fn = compare_many
+    if compare_fn is compare:  # llama.cpp rows: callers screen each file (io.llama.check_rows)
+        compare_fn = partial(compare, bad_rows="keep")
+        compare_many_fn = compare_many_fn or partial(compare_many, bad_rows="keep")
     if llama_parity is None:
         llama_parity = ref.dtype == "llama_u16"
     if labels is None:
@@ -94,20 +112,21 @@ def compare_sources(
     sources = (ref, *quants)
     buffers = _Buffers(sources, min(rows, n))
 
-    def fetch(start: int, done: list[Logits]) -> list[Logits]:
+    bounds = chunk_bounds(sources, rows)
+
+    def fetch(k: int, done: list[Logits]) -> list[Logits]:
         for lg in done:  # dropping used pages costs about as much as mapping new ones
             release(lg.data)
-        stop = min(start + rows, n)
+        start, stop = bounds[k]
         return [src.read_into(start, stop, buf) for src, buf in zip(sources, buffers.take())]
 
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="fidelity-kld-read") as pool:
         pending = pool.submit(fetch, 0, [])
         previous: list[Logits] = []  # the chunk compared last: its pages can go now
-        for start in range(0, n, rows):
+        for k, (start, stop) in enumerate(bounds):
             chunk = pending.result()
-            stop = min(start + rows, n)
             # Not `chunk`: the core has yet to read it (and its buffers: the other set is used)
-            pending = pool.submit(fetch, stop, previous) if stop < n else None
+            pending = pool.submit(fetch, k + 1, previous) if stop < n else None
             ref_chunk, q_chunks = chunk[0], chunk[1:]
             y = None if labels is None else labels[start:stop]
             if compare_many_fn is not None and len(q_chunks) > 1:  # the reference read once

@@ -68,15 +68,28 @@ def check_pair(ref, q, ref_path: str, q_path: str) -> int | None:
     return vocab
 
 
-def _full_block(src, start: int, stop: int) -> np.ndarray:
+def _full_block(src, start: int, stop: int, lse: list | None = None) -> np.ndarray:
+    """Rows [start, stop) of a full source as float64 log-probs; for llama.cpp rows, the
+    log-sum-exp of the decoded rows is appended to `lse` (for the corrupt-row screen)."""
     from .io.conversion import cast_block
 
-    return full_logprobs(cast_block(src.read(start, stop), "float32", start, src.path))
+    block = cast_block(src.read(start, stop), "float32", start, src.path)
+    if lse is not None:
+        from scipy.special import logsumexp
+
+        lse.append(logsumexp(block.astype(np.float64), axis=1))
+    return full_logprobs(block)
+
+
+def has_llama_rows(side) -> bool:
+    return not isinstance(side, TOPK) and side.dtype == "llama_u16"
 
 
 def compare_topk(ref, q, *, vocab: int | None = None, labels=None) -> TopKTokenStats:
     """Per-token bounds of ref against q; each a TopKLogprobs or an open LogitSource (at
-    least one top-k). Full sources are read in blocks of about DENSE_ELEMENTS entries."""
+    least one top-k). Full sources are read in blocks of about DENSE_ELEMENTS entries. A
+    llama.cpp file with corrupt rows is refused (the CLI's check, io.llama.corrupt_row_mask:
+    the bounds have no invalid tokens to count them as)."""
     if labels is None:
         labels = _labels(ref) if _labels(ref) is not None else _labels(q)
     return bounds_by_block(ref, q, block_rows(ref, q), vocab=vocab, labels=labels)
@@ -93,14 +106,25 @@ def block_rows(ref, q) -> int | None:
 
 def bounds_by_block(ref, q, rows: int | None, *, vocab: int | None, labels) -> TopKTokenStats:
     """compare_topk's loop: blocks of `rows` rows (None: one block) from the first row of
-    ref and q (TopKLogprobs or LogitSource), labels for them or None."""
+    ref and q (TopKLogprobs or LogitSource), labels for them or None; a llama.cpp side's
+    corrupt rows refused (rows numbered from the first row given)."""
+    from .io.llama import refuse_corrupt_rows, screen_rows
+
     n = _n_rows(ref)
     rows = rows or max(n, 1)
+    full = [s for s in (ref, q) if not isinstance(s, TopKLogprobs)]
+    lse = {id(s): [] for s in full if has_llama_rows(s)}
     parts = []
     for start in range(0, n, rows):
         stop = min(start + rows, n)
-        sides = [s.rows(start, stop) if isinstance(s, TopKLogprobs) else _full_block(s, start, stop)
-                 for s in (ref, q)]
+        sides = [s.rows(start, stop) if isinstance(s, TopKLogprobs)
+                 else _full_block(s, start, stop, lse.get(id(s))) for s in (ref, q)]
         parts.append(token_bounds(*sides, vocab=vocab,
                                   labels=None if labels is None else labels[start:stop]))
+    for s in full:
+        if has_llama_rows(s) and n:
+            side_lse = np.concatenate(lse[id(s)])
+            mask = screen_rows(s, side_lse)
+            if mask is not None:
+                refuse_corrupt_rows(s, mask, side_lse, instead=None)
     return TopKTokenStats.concat(parts)

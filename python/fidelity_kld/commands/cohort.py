@@ -94,11 +94,7 @@ def command(manifest, example, zone_threshold, thresholds, fmt, output, report_d
     if example == bool(manifest):
         raise click.UsageError("give a MANIFEST or --example (one of them)")
     path = example_manifest() if example else Path(manifest)
-    from ..io.paths import check_outputs
-    try:
-        check_outputs({"--output": output}, [path], directories={"--report": report_dir})
-    except ValueError as e:
-        raise InputError(str(e)) from None
+    _check_outputs(path, output, report_dir)
     try:
         report = analyze(path, zone_threshold=zone_threshold, thresholds=thresholds, seed=seed,
                          n_bootstrap=n_bootstrap, holdout_reps=holdout_reps, primary=primary,
@@ -121,6 +117,22 @@ def command(manifest, example, zone_threshold, thresholds, fmt, output, report_d
         _write_atomic(Path(output), text)
     if report_dir is not None:
         click.echo(f"report written to {report_dir}", err=True)
+
+
+def _check_outputs(manifest: Path, output, report_dir) -> None:
+    """InputError unless --output and --report leave the manifest and every file it names
+    (summaries, per-prompt files, outcomes) alone: the manifest first, then what it names
+    (a manifest that does not parse is an error either way)."""
+    from ..io.paths import check_outputs
+    from ..stats.manifest import ManifestError, manifest_inputs
+
+    outputs, directories = {"--output": output}, {"--report": report_dir}
+    try:
+        check_outputs(outputs, [manifest], directories=directories)
+        if output is not None or report_dir is not None:
+            check_outputs(outputs, [manifest, *manifest_inputs(manifest)], directories=directories)
+    except ValueError as e:  # DumpError and ManifestError included
+        raise InputError(str(e)) from None
 
 
 def _write_atomic(path: Path, text: str) -> None:

@@ -101,7 +101,8 @@ def _term_handler(signum, frame):
 @click.option("--quiet", "-q", is_flag=True, help="No progress on stderr.")
 @click.option("--bad-rows", type=click.Choice(["refuse", "invalid"]), default="refuse",
               show_default=True, help="Corrupt llama.cpp rows: refuse the file, or count them "
-                                      "as invalid tokens.")
+                                      "as invalid tokens (against a top-k dump they are "
+                                      "always refused).")
 @click.option("--override-labels", is_flag=True,
               help="Use --labels even where the dumps carry different labels.")
 @click.option("--gap-threshold", type=float, default=0.01, show_default=True,
@@ -179,7 +180,7 @@ def command(ref, quants, example, labels_path, prompt_ids_path, fmt, names_given
         return run_topk_compare(ref, quants, fmt=fmt, output=output, per_token=per_token,
                                 per_prompt=per_prompt, gap_threshold=gap_threshold,
                                 dtype_override=dtype_override, labels_path=labels_path,
-                                view=view, **ray)
+                                view=view, bad_rows=bad_rows, **ray)
     previous = signal.signal(signal.SIGTERM, _term_handler)
     try:
         _run(ref, quants, labels_path, prompt_ids_path, output, per_token, per_prompt,
@@ -389,10 +390,13 @@ def _compare_fns(device: str):
     """(compare one model's chunk, compare all models' chunks): the CPU core, or for
     --device cuda the GPU with host chunks staged through pinned buffers
     (fidelity_kld.gpu.PinnedStager; the reference staged once for all models)."""
+    from functools import partial
+
     from ..ops import compare, compare_many
 
     if device != "cuda":  # 'auto': file chunks are on the host, so the CPU core
-        return compare, compare_many
+        # corrupt llama.cpp rows are screened per file after the stream (check_rows)
+        return partial(compare, bad_rows="keep"), partial(compare_many, bad_rows="keep")
     try:
         from ..gpu import PinnedStager
         stager = PinnedStager()

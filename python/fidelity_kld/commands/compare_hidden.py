@@ -21,7 +21,9 @@ def run_hidden_compare(ref, quants, *, fmt, output, per_token, per_prompt, threa
                        quiet=False):
     """compare's path for hidden-state dumps (with ray_address: scored by Ray tasks,
     fidelity_kld.distributed.compare_hidden_dumps); view: compare's output options (names,
-    compact table, paired, listings, running lines), applied as for full-logit dumps."""
+    compact table, paired, listings, running lines), applied as for full-logit dumps. Every
+    side must be a hidden-state dump (a llama.cpp file is refused here), so --bad-rows has no
+    llama.cpp rows to act on, as for .npy dumps."""
     from ..hidden import compare_hidden, heads_for
     from ..io.hidden import HiddenDump, is_hidden_file
     from ..stats.per_prompt import per_prompt as per_prompt_table

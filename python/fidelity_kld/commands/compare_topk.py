@@ -77,12 +77,14 @@ UNSUPPORTED = {"paired": "--paired/--baseline", "top_tokens": "--top-tokens",
 
 
 def run_topk_compare(ref, quants, *, fmt, output, per_token, per_prompt, gap_threshold,
-                     dtype_override, labels_path=None, view=None, ray_address=None,
-                     ray_tasks=None, quiet=False):
+                     dtype_override, labels_path=None, view=None, bad_rows="refuse",
+                     ray_address=None, ray_tasks=None, quiet=False):
     """compare's path when REF or a QUANT is a top-k dump (with ray_address: the bounds
     computed by Ray tasks, fidelity_kld.distributed.compare_topk_sides). view: compare's output
     options; models are labelled by its names, and options this path lacks are refused, not
-    ignored."""
+    ignored. Corrupt rows of a llama.cpp file on the full side are refused, as compare refuses
+    them; --bad-rows invalid cannot apply (the bounds have no invalid tokens) and is refused
+    when a side holds llama.cpp rows."""
     if view is not None:
         given = [flag for key, flag in UNSUPPORTED.items() if view.get(key)]
         if view.get("sort", "given") != "given":
@@ -94,7 +96,7 @@ def run_topk_compare(ref, quants, *, fmt, output, per_token, per_prompt, gap_thr
                                    "dump (its KLD is known only as bounds)")
     from ..stats.summary import json_ready
     from ..stats.topk_bounds import summarize_topk
-    from ..topk_compare import check_pair, compare_topk, open_side
+    from ..topk_compare import check_pair, compare_topk, has_llama_rows, open_side
     from .compare import _model_names
 
     if per_prompt or labels_path:
@@ -107,6 +109,11 @@ def run_topk_compare(ref, quants, *, fmt, output, per_token, per_prompt, gap_thr
                 if hasattr(s, "close"):
                     stack.callback(s.close)
                 sides.append(s)
+            llama = next((p for p, s in zip((ref, *quants), sides) if has_llama_rows(s)), None)
+            if bad_rows == "invalid" and llama is not None:
+                raise InputError(f"{llama}: --bad-rows invalid does not apply to a comparison "
+                                 "with a top-k dump (its KLD bounds count no invalid tokens); "
+                                 "corrupt llama.cpp rows are refused")
             vocabs = [check_pair(sides[0], q, ref, qp) for q, qp in zip(sides[1:], quants)]
             if ray_address:
                 from .. import distributed

@@ -309,6 +309,7 @@ class ParquetSource(LogitSource):
                 vocab = len(first.column(0)[0].values) if first.column(0)[0].is_valid else 0
                 if not vocab:
                     raise DumpError(f"{path}: logits row 0 is null or empty")
+            _check_value_count(path, md, n, vocab)
             lab = self._read_ids(path, info["label"], n) if info["label"] else None
             pro = self._read_ids(path, info["prompt"], n) if info["prompt"] else None
         except (pa.ArrowException, OSError) as e:
@@ -387,6 +388,19 @@ class ParquetSource(LogitSource):
             self._pf = None
 
 
+def _check_value_count(path: str, md, n: int, vocab: int) -> None:
+    """DumpError when the metadata's count of stored logit values is far short of n rows of
+    vocab (a damaged list size or row count), before a read allocates rows x vocab on its
+    word: each row holds vocab values, a null row one (refused when decoded, as is a short
+    row), so at least (n - 1) x vocab values are stored."""
+    leaves = [i for i in range(md.num_columns) if md.schema.column(i).path.split(".")[0] == "logits"]
+    stored = sum(md.row_group(g).column(i).num_values
+                 for g in range(md.num_row_groups) for i in leaves)
+    if stored < (n - 1) * vocab:
+        raise DumpError(f"{path}: the logits column stores {stored} values, too few for {n} rows "
+                        f"of {vocab} (a damaged list size or row count)")
+
+
 def _meta(schema) -> dict:
     return {k.decode(errors="replace"): v.decode(errors="replace") for k, v in (schema.metadata or {}).items()
             if not k.startswith(b"ARROW:")}
@@ -404,7 +418,10 @@ class _TableWriter:
         self._expected, self._written = n_tokens, 0
         self._labels, self._prompts = labels, prompt_ids
         value_type = {"float32": pa.float32(), "float16": pa.float16(), "bfloat16": pa.uint16()}[dtype]
-        fields = [pa.field("logits", pa.list_(value_type, vocab), nullable=False)]
+        # non-nullable values: Parquet then stores no definition level per logit, and
+        # decoding a list of 128k float16 costs a third less (benchmarks/RESULTS.md)
+        item = pa.field("item", value_type, nullable=False)
+        fields = [pa.field("logits", pa.list_(item, vocab), nullable=False)]
         if labels is not None:
             fields.append(pa.field("label", pa.int64(), nullable=False))
         if prompt_ids is not None:
@@ -420,7 +437,7 @@ class _TableWriter:
         pa = _pa()
         r0, r1 = self._written, self._written + block.shape[0]
         flat = np.ascontiguousarray(block, dtype=STORAGE[self.dtype]).reshape(-1)
-        cols = [pa.FixedSizeListArray.from_arrays(pa.array(flat), self.vocab)]
+        cols = [pa.FixedSizeListArray.from_arrays(pa.array(flat), type=self.schema.field("logits").type)]
         if self._labels is not None:
             cols.append(pa.array(self._labels[r0:r1], type=pa.int64()))
         if self._prompts is not None:

@@ -63,6 +63,11 @@ class LogitSource:
         """Every file this source reads (for sizes on disk); shards and sidecars included."""
         return [self.path]
 
+    def piece_end(self, row: int) -> int:
+        """The end of the stored piece holding `row`: the next shard boundary of a directory,
+        n_tokens for one file. Reads that stay inside a piece need no assembling."""
+        return self.n_tokens
+
     def _check_range(self, start: int, stop: int) -> tuple[int, int]:
         start, stop = int(start), int(stop)
         if not 0 <= start <= stop <= self.n_tokens:

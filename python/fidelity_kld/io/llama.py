@@ -17,6 +17,7 @@ import math
 
 import numpy as np
 
+from ..ops import Logits
 from ._util import file_size, read_prefix
 from .base import DumpError, MappedSource
 
@@ -193,50 +194,78 @@ def _llama_files(src) -> list:
     return parts if all(isinstance(p, LlamaSource) for p in parts) else []
 
 
-def screen_rows(src, lse: np.ndarray) -> np.ndarray | None:
-    """[n_tokens] bool mask of corrupt rows of a llama.cpp source (or directory of them), None
-    when it has none or is no llama.cpp file. `lse`: the core's log-sum-exp of its rows."""
-    files = _llama_files(src)
-    if not files:
-        return None
-    masks, start = [], 0
-    for f in files:
+def _row_blocks(x, name: str) -> list[tuple[str, np.ndarray, int]]:
+    """(name, rows, n_vocab) of each block of llama.cpp rows in x, in token order: one per
+    file of a llama.cpp source (or directory of them), one for llama_u16 Logits given to the
+    API (called `name`; a GPU tensor's four header words are copied to the host, all the
+    check reads); [] for anything else."""
+    if isinstance(x, Logits):
+        if x.dtype != "llama_u16":
+            return []
+        rows = x.data
+        if type(rows).__module__.startswith("torch"):
+            rows = rows[:, :4].contiguous().cpu().numpy().view(np.uint16)  # int16 on torch
+        return [(name, rows, x.vocab)]
+    blocks = []
+    for f in _llama_files(x):
         if f._data is None:
             raise DumpError(f"{f.path}: source is closed")
-        masks.append(corrupt_row_mask(f._data, lse[start : start + f.n_tokens], f.vocab))
-        start += f.n_tokens
+        blocks.append((f.path, f._data, f.vocab))
+    return blocks
+
+
+def screen_rows(x, lse: np.ndarray, name: str = "") -> np.ndarray | None:
+    """[n_tokens] bool mask of corrupt rows of llama.cpp rows x (a source or llama_u16
+    Logits, see _row_blocks), None when it has none or holds no llama.cpp rows. `lse`: the
+    core's log-sum-exp of its rows."""
+    blocks = _row_blocks(x, name)
+    if not blocks:
+        return None
+    masks, start = [], 0
+    for _, rows, n_vocab in blocks:
+        n = rows.shape[0]
+        masks.append(corrupt_row_mask(rows, lse[start : start + n], n_vocab))
+        start += n
     mask = np.concatenate(masks)
     return mask if mask.any() else None
 
 
-def refuse_corrupt_rows(src, mask: np.ndarray, lse: np.ndarray) -> None:
-    """DumpError naming the file (the shard) and its first corrupt row."""
+def refuse_corrupt_rows(x, mask: np.ndarray, lse: np.ndarray, name: str = "",
+                        instead: str | None = "--bad-rows invalid") -> None:
+    """DumpError (a ValueError) naming the file (the shard), or `name` for Logits, and its
+    first corrupt row; `instead`: the option that counts such rows as invalid (None: none)."""
     first, start = int(np.flatnonzero(mask)[0]), 0
-    for f in _llama_files(src):
-        if first < start + f.n_tokens:
+    hint = f"; {instead} counts them as invalid tokens instead" if instead else ""
+    for where, rows, n_vocab in _row_blocks(x, name):
+        if first < start + rows.shape[0]:
             row = first - start
             raise DumpError(
-                f"{f.path}: row {row} is corrupt ({_why(f._data, row, float(lse[first]), f.vocab)}; "
-                f"{int(mask.sum())} of {src.n_tokens} rows are corrupt); --bad-rows invalid counts "
-                "them as invalid tokens instead")
-        start += f.n_tokens
+                f"{where}: row {row} is corrupt ({_why(rows, row, float(lse[first]), n_vocab)}; "
+                f"{int(mask.sum())} of {mask.size} rows are corrupt){hint}")
+        start += rows.shape[0]
 
 
-def check_rows(ref, quants, results: list, mode: str = "refuse") -> list:
-    """Per-token results of llama.cpp sources, with corrupt rows (corrupt_row_mask) refused
-    (mode 'refuse': DumpError naming the file and the first bad row) or counted as invalid
-    tokens (mode 'invalid': a bad reference row invalidates that token for every model)."""
+def check_rows(ref, quants, results: list, mode: str = "refuse", *,
+               names: tuple[str, list[str]] | None = None,
+               instead: str = "--bad-rows invalid") -> list:
+    """Per-token results of llama.cpp rows (sources, or llama_u16 Logits given to the API
+    under `names`: (the reference's, the models')), with corrupt rows (corrupt_row_mask)
+    refused (mode 'refuse': DumpError naming the file and the first bad row) or counted as
+    invalid tokens (mode 'invalid': a bad reference row invalidates that token for every
+    model)."""
     if mode not in BAD_ROW_MODES:
         raise ValueError(f"bad-rows mode must be one of {BAD_ROW_MODES}, not {mode!r}")
     if not results:
         return results
-    bad_ref = screen_rows(ref, results[0].lse_ref)
-    bad_q = [screen_rows(q, st.lse_q) for q, st in zip(quants, results)]
+    ref_name, q_names = names if names is not None else ("", [""] * len(quants))
+    bad_ref = screen_rows(ref, results[0].lse_ref, ref_name)
+    bad_q = [screen_rows(q, st.lse_q, nm) for q, st, nm in zip(quants, results, q_names)]
     if mode == "refuse":
-        for src, mask, lse in ((ref, bad_ref, results[0].lse_ref),
-                               *((q, m, st.lse_q) for q, m, st in zip(quants, bad_q, results))):
+        for src, mask, lse, nm in ((ref, bad_ref, results[0].lse_ref, ref_name),
+                                   *((q, m, st.lse_q, nm) for q, m, st, nm
+                                     in zip(quants, bad_q, results, q_names))):
             if mask is not None:
-                refuse_corrupt_rows(src, mask, lse)
+                refuse_corrupt_rows(src, mask, lse, nm, instead)
         return results
     out = []
     for st, mask in zip(results, bad_q):

@@ -71,9 +71,10 @@ def read_header(path: str, size: int) -> tuple[tuple, np.dtype, bool, int, tuple
     except OSError as e:
         raise DumpError(f"{path}: cannot read ({e.strerror})") from None
     except (ValueError, SyntaxError, EOFError, tokenize.TokenError, RecursionError,
-            MemoryError) as e:
+            MemoryError, TypeError) as e:
         # (numpy tokenizes the header: an unterminated bracket raises TokenError; it parses
-        # it with ast.literal_eval: deep nesting raises RecursionError or MemoryError)
+        # it with ast.literal_eval: deep nesting raises RecursionError or MemoryError, and
+        # it sorts the dict's keys: a bytes key beside str ones raises TypeError)
         problem = str(e).splitlines()[0] if str(e) else type(e).__name__
         if size < 10 or "EOF" in problem or "truncat" in problem.lower():
             raise DumpError(f"{path}: truncated in the .npy header ({size} bytes)") from None

@@ -13,7 +13,8 @@ class ShardedSource(LogitSource):
     and prompt ids are kept only if every shard has them (a mix is an error). Prompt ids are
     concatenated as stored (give each shard its own ids if prompts must stay distinct), except
     llama.cpp files' chunk numbers, which continue from one shard to the next.
-    A read that spans shards fills one buffer part by part (read_into)."""
+    A read that spans shards fills one buffer part by part (read_into); the stream cuts its
+    chunks at shard boundaries (piece_end) so that it reads views of one shard at a time."""
 
     def __init__(self, path: str, shards: list[LogitSource]):
         if not shards:
@@ -59,6 +60,11 @@ class ShardedSource(LogitSource):
 
     def files(self) -> list[str]:
         return [f for s in self.shards for f in s.files()]
+
+    def piece_end(self, row: int) -> int:
+        """The first shard start after `row` (n_tokens in the last shard)."""
+        i = int(np.searchsorted(self._starts, row, side="right"))
+        return int(self._starts[min(i, len(self._starts) - 1)])
 
     def read(self, start: int, stop: int) -> Logits:
         return self.read_into(start, stop, None)

@@ -88,6 +88,34 @@ class LoadedManifest:
 def load_manifest(path, *, intersect: bool = False) -> LoadedManifest:
     """Read a manifest file and everything it names into a Cohort."""
     path = Path(path)
+    data = _parse_manifest(path)
+    return manifest_from_dict(data, base_dir=path.parent, source=str(path), intersect=intersect)
+
+
+def manifest_inputs(path) -> list[Path]:
+    """Every file a manifest names (fidelity summaries, per-prompt files, outcome files and
+    the files inside outcome directories), resolved as the loader resolves them, none of
+    them read: what a command writing outputs must not overwrite (io.paths.check_outputs)."""
+    path = Path(path)
+    data = _parse_manifest(path)
+    loader = _Loader(path.parent, str(path), data)
+    models = data.get("models")
+    holders = [data, data.get("reference"), *(models if isinstance(models, list) else [])]
+    named = []
+    for holder in (h for h in holders if isinstance(h, dict)):
+        per_prompt, outcomes = holder.get("per_prompt"), holder.get("outcomes")
+        values = [holder.get("fidelity"),
+                  *(per_prompt.values() if isinstance(per_prompt, dict) else [per_prompt]),
+                  *(o.get("path") if isinstance(o, dict) else o
+                    for o in (outcomes if isinstance(outcomes, list) else [outcomes]))]
+        named += [loader.path(v) for v in values if isinstance(v, str) and v.strip()]
+    files = []
+    for p in named:
+        files += sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else [p]
+    return files
+
+
+def _parse_manifest(path: Path) -> dict:
     if not path.is_file():
         raise ManifestError(f"{path}: no such manifest")
     suffix = path.suffix.lower()
@@ -104,7 +132,9 @@ def load_manifest(path, *, intersect: bool = False) -> LoadedManifest:
             raise ManifestError(f"{path}: a manifest is .toml, .json or .csv")
     except (tomllib.TOMLDecodeError, json.JSONDecodeError) as e:
         raise ManifestError(f"{path}: {e}") from None
-    return manifest_from_dict(data, base_dir=path.parent, source=str(path), intersect=intersect)
+    if not isinstance(data, dict):
+        raise ManifestError(f"{path}: a manifest is a table of keys, not {type(data).__name__}")
+    return data
 
 
 def _csv_manifest(path: Path) -> dict:
