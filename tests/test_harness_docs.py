@@ -100,6 +100,8 @@ def test_transformers_example_with_a_llama_sentencepiece_tokenizer(tmp_path, mon
 @pytest.mark.skipif(not Path("/work/shared/fixtures/tiny-llama").is_dir(),
                     reason="the shared fixture model is not on this machine")
 def test_transformers_example_on_the_fixture_model(tmp_path, monkeypatch, capsys):
+    pytest.importorskip("torch")  # the hf extra's, not the test extra's
+    pytest.importorskip("transformers")
     pytest.importorskip("sentencepiece")
     monkeypatch.chdir(tmp_path)
     ns = run("transformers", MODEL="/work/shared/fixtures/tiny-llama")
