@@ -592,6 +592,20 @@ def _row_pointers(a_ptr, b_ptr, row, stride_a, stride_b, A_LLAMA: tl.constexpr,
 
 
 @triton.jit
+def _split_columns(split, cols_per_split, vocab, SPLIT: tl.constexpr, BLOCK_V: tl.constexpr):
+    """The columns [begin, end) a program covers (the whole row unless SPLIT), and full_end:
+    where its last whole block of BLOCK_V ends (the masked tail starts there)."""
+    if SPLIT:
+        begin = split * cols_per_split
+        end = tl.minimum(begin + cols_per_split, vocab)
+    else:
+        begin = 0
+        end = vocab
+    full_end = begin + ((end - begin) // BLOCK_V) * BLOCK_V
+    return begin, end, full_end
+
+
+@triton.jit
 def _logit_stats_kernel(
     a_ptr, b_ptr, stride_a, stride_b, vocab, cols_per_split, labels_ptr,
     kld_ptr, kld_rev_ptr, lse_ref_ptr, lse_q_ptr, entropy_ptr, top1_ref_ptr, top1_q_ptr,
@@ -611,13 +625,7 @@ def _logit_stats_kernel(
     split = tl.program_id(1)
     a_vals, b_vals, a_scale, a_off, b_scale, b_off = _row_pointers(
         a_ptr, b_ptr, row, stride_a, stride_b, A_LLAMA, B_LLAMA)
-    if SPLIT:
-        begin = split * cols_per_split
-        end = tl.minimum(begin + cols_per_split, vocab)
-    else:
-        begin = 0
-        end = vocab
-    full_end = begin + ((end - begin) // BLOCK_V) * BLOCK_V
+    begin, end, full_end = _split_columns(split, cols_per_split, vocab, SPLIT, BLOCK_V)
 
     ka = tl.full((), K_FLOOR, tl.float32)
     kb = tl.full((), K_FLOOR, tl.float32)
@@ -865,13 +873,7 @@ def _logit_stats_dist_kernel(
     split = tl.program_id(1)
     a_vals, b_vals, a_scale, a_off, b_scale, b_off = _row_pointers(
         a_ptr, b_ptr, row, stride_a, stride_b, A_LLAMA, B_LLAMA)
-    if SPLIT:
-        begin = split * cols_per_split
-        end = tl.minimum(begin + cols_per_split, vocab)
-    else:
-        begin = 0
-        end = vocab
-    full_end = begin + ((end - begin) // BLOCK_V) * BLOCK_V
+    begin, end, full_end = _split_columns(split, cols_per_split, vocab, SPLIT, BLOCK_V)
     ka, la = _split_shift(tl.load(state_ptr + row * N_STATE))
     kb, lb = _split_shift(tl.load(state_ptr + row * N_STATE + 1))
     s_a = tl.load(state_ptr + row * N_STATE + 2)
