@@ -1,8 +1,8 @@
 """Peak resident memory of `fidelity-kld compare` does not grow with the input, in every
 format: 2 x 64 MB and 2 x 224 MB float16 .npy dumps give about the same peak, and two
 224 MB dumps of every other format (safetensors, llama.cpp, Arrow IPC, Parquet), and two
-directories of four 224 MB shards of each, peak within 1.5x of the .npy figure measured in
-the same run (the 2 x 4 GB and 2 x 8 GB figures are benchmarks/bench_memory.py's).
+directories of four 224 MB shards of each, peak within 1.4x of the .npy figure measured in
+the same run (the issue's bound is 1.5x) (the 2 x 4 GB and 2 x 8 GB figures are benchmarks/bench_memory.py's).
 
 The peak is VmHWM from /proc/self/status, read by the CLI process itself when it exits.
 Not ru_maxrss: on Linux a child's ru_maxrss starts at its parent's RSS when it forked (the
@@ -177,5 +177,7 @@ def test_every_format_peaks_like_npy(workdir, npy_peak, fmt, sharded):
     print(f"2 x {FORMAT_DUMP_MB} MB {fmt}{' shards' if sharded else ''}: {peak / MB:.0f} MiB "
           f"(.npy {npy_peak / MB:.0f} MiB)")
     # Holding the dumps (their pages, a decoded copy, or Parquet's row-group cache) would add
-    # up to 450 MB to a peak of ~300 MB.
-    assert peak < 1.5 * npy_peak, (peak / MB, npy_peak / MB)
+    # up to 450 MB to a peak of ~300 MB. The issue's bound is 1.5x; 1.4x here, because
+    # Parquet decoded in 2 MB batches from pyarrow's default pool sat at 1.43x (415 MiB
+    # against 290) and is now at 1.26x: pyarrow's import alone is ~47 MiB of the margin.
+    assert peak < 1.4 * npy_peak, (peak / MB, npy_peak / MB)

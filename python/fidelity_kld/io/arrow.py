@@ -33,8 +33,10 @@ ARROW_MAGIC = b"ARROW1"
 PARQUET_MAGIC = b"PAR1"
 # Parquet is decoded in batches of about this size (copied into the caller's buffer): the
 # reader holds a batch and the pages under it, not the row group (which a writer may have
-# made a GB or more)
-TARGET_BATCH_BYTES = 2 << 20
+# made a GB or more). pyarrow's list decoding holds several times the batch while it works
+# (levels, offsets, the builder's growth): at 2 x 224 MB fp16 a 2 MB batch peaked 27 MiB
+# above a 512 KB one; smaller gains little and costs time per batch (benchmarks/RESULTS.md)
+TARGET_BATCH_BYTES = 512 << 10
 
 
 def _first_line(e: BaseException) -> str:
@@ -286,9 +288,8 @@ class ParquetSource(LogitSource):
 
         file_size(path)
         try:
-            # pre_buffer=False: with it, each seek (iter_batches) fetches and caches every
-            # row group from there to the end of the file, the whole file in memory
-            self._pf = pq.ParquetFile(path, buffer_size=1 << 22, pre_buffer=False)
+            # metadata and id columns; the logits are read by _logits_reader
+            self._pf = pq.ParquetFile(path, buffer_size=1 << 20, pre_buffer=False)
         except (pa.ArrowException, OSError) as e:
             raise DumpError(f"{path}: unreadable Parquet file ({_first_line(e)})") from None
         schema = self._pf.schema_arrow
@@ -323,6 +324,8 @@ class ParquetSource(LogitSource):
         )
         self._starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
         self._iter = None
+        self._reader = None
+        self._logits_leaves = _leaves(md, "logits")
         self._pos = -1  # absolute row of the next row self._buf/_iter will yield
         self._buf: np.ndarray | None = None
 
@@ -332,8 +335,14 @@ class ParquetSource(LogitSource):
     def _seek(self, start: int, rows: int) -> None:
         g = int(np.searchsorted(self._starts, start, side="right") - 1)
         batch = max(1, min(rows, TARGET_BATCH_BYTES // max(1, self.bytes_per_token)))
-        self._iter = self._pf.iter_batches(batch_size=batch, columns=["logits"], use_threads=False,
-                                           row_groups=list(range(g, len(self._starts) - 1)))
+        pa = _pa()
+        try:
+            if self._reader is None:
+                self._reader = _logits_reader(self.path)
+            self._iter = self._reader.iter_batches(batch, list(range(g, len(self._starts) - 1)),
+                                                   self._logits_leaves, use_threads=False)
+        except (pa.ArrowException, OSError) as e:
+            raise DumpError(f"{self.path}: unreadable Parquet file ({_first_line(e)})") from None
         self._pos = int(self._starts[g])
         self._buf = None
         while self._pos < start:  # skip inside the row group, one batch at a time
@@ -376,16 +385,38 @@ class ParquetSource(LogitSource):
             self._pos += take
             row += take
         if self._pos == self.n_tokens:  # read to the end (a finished shard): free the reader
-            self._iter = self._buf = None
+            self._close_reader()
             self._pos = -1
         return Logits(block, self.dtype, self.vocab)
 
+    def _close_reader(self) -> None:
+        self._iter = self._buf = None
+        if getattr(self, "_reader", None) is not None:
+            self._reader.close()
+            self._reader = None
+
     def close(self) -> None:
-        self._iter = None
-        self._buf = None
+        self._close_reader()
         if getattr(self, "_pf", None) is not None:
             self._pf.close()
             self._pf = None
+
+
+def _logits_reader(path: str):
+    """A Parquet reader for the logits batches, allocating from the system allocator:
+    pyarrow's default pool (mimalloc) keeps the pages of freed batches (compare on 2 x 224
+    MB fp16 peaked at 381 MiB with it, 365 MiB without). pre_buffer=False: with it, each seek (iter_batches) fetches and
+    caches every row group from there to the end of the file, the whole file in memory."""
+    pa = _pa()
+    import pyarrow.parquet as pq
+
+    reader = pq.ParquetReader(memory_pool=pa.system_memory_pool())
+    reader.open(path, buffer_size=1 << 20, pre_buffer=False)
+    return reader
+
+
+def _leaves(md, column: str) -> list[int]:
+    return [i for i in range(md.num_columns) if md.schema.column(i).path.split(".")[0] == column]
 
 
 def _check_value_count(path: str, md, n: int, vocab: int) -> None:
@@ -393,7 +424,7 @@ def _check_value_count(path: str, md, n: int, vocab: int) -> None:
     vocab (a damaged list size or row count), before a read allocates rows x vocab on its
     word: each row holds vocab values, a null row one (refused when decoded, as is a short
     row), so at least (n - 1) x vocab values are stored."""
-    leaves = [i for i in range(md.num_columns) if md.schema.column(i).path.split(".")[0] == "logits"]
+    leaves = _leaves(md, "logits")
     stored = sum(md.row_group(g).column(i).num_values
                  for g in range(md.num_row_groups) for i in leaves)
     if stored < (n - 1) * vocab:
