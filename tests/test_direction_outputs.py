@@ -18,6 +18,7 @@ EXTRA_NAMES = [n for names in EXTRA_GROUPS.values() for n in names]
 # |got - want| <= atol + rtol * |want|; log-probs carry lse's error (float32 sums of 2^t)
 LOGP_ATOL, LOGP_RTOL = 1e-6, 1e-5
 DIST_ATOL, DIST_RTOL = CPU_TOL["kld_atol"], CPU_TOL["kld_rtol"]
+TILED_V = 67 * 1024 + 37  # rows the CPU kernel takes in vocabulary tiles (test_logit_stats.py)
 
 
 def encode(x32: np.ndarray, dtype: str):
@@ -102,7 +103,7 @@ def check_extra(got, want: dict, with_labels: bool, groups=tuple(EXTRA_GROUPS)):
 
 @pytest.mark.parametrize("simd", AVAILABLE)
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("v", [1, 2, 7, 37, 1271])
+@pytest.mark.parametrize("v", [1, 2, 7, 37, 1271, TILED_V])
 @pytest.mark.parametrize("with_labels", [True, False])
 def test_compare_extra_matches_reference(simd, dtype, v, with_labels):
     rng = np.random.default_rng([v, DTYPES.index(dtype), with_labels])
@@ -146,11 +147,11 @@ def test_ties_in_every_lane_and_chain(simd, dtype, v):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("m", [1, 2, 3, 5])
 @pytest.mark.parametrize("with_labels", [True, False])
-def test_compare_many_extra_matches_reference_and_compare(simd, dtype, m, with_labels):
+@pytest.mark.parametrize("v", [1271, TILED_V])
+def test_compare_many_extra_matches_reference_and_compare(simd, dtype, m, with_labels, v):
     """Groups of 4, 2 and 1 models, masked and invalid rows among them: each model's optional
     outputs match the oracle and are bitwise those compare gives it alone."""
     rng = np.random.default_rng([m, DTYPES.index(dtype), with_labels, 16])
-    v = 1271
     a32, b32, y = special_rows(rng, v)
     labels = y if with_labels else None
     a, a64 = encode(a32, dtype)

@@ -39,6 +39,11 @@ def encode(x32: np.ndarray, dtype: str):
 
 
 SHAPES = [(1, 1), (3, 7), (1000, 7), (3, 1271), (1000, 1271), (3, 32000), (1, 152064), (3, 152064)]
+# The CPU kernel takes a row pair larger than 256 KB a vocabulary tile of 1024 entries at a
+# time (csrc/cpu/row_kernel.h): 67 whole tiles and a short last one with a scalar tail, a
+# 274 KB pair in float16 or bfloat16.
+TILE = 1024
+TILED_V = 67 * TILE + 37
 
 
 @pytest.mark.parametrize("simd", AVAILABLE)
@@ -56,10 +61,12 @@ def test_matches_reference(simd, dtype, n, v):
 
 @pytest.mark.parametrize("simd", AVAILABLE)
 @pytest.mark.parametrize("noise", [1e-4, 1e-3, 1e-2])
-def test_near_identical_rows(simd, noise):
-    """KLD ~ 1e-8..1e-4, where sum p*(a-b) - lse_a + lse_b in float32 cancels badly."""
+@pytest.mark.parametrize("v", [8000, 32000, 152064])
+def test_near_identical_rows(simd, noise, v):
+    """KLD ~ 1e-8..1e-4, where sum p*(a-b) - lse_a + lse_b in float32 cancels badly (one
+    tile, four, nineteen)."""
     rng = np.random.default_rng(7)
-    a = (rng.standard_normal((64, 32000)) * 8 + 20).astype(np.float32)  # lse ~ 60
+    a = (rng.standard_normal((64 if v < 100000 else 16, v)) * 8 + 20).astype(np.float32)  # lse ~ 60
     b = (a + rng.standard_normal(a.shape).astype(np.float32) * noise).astype(np.float32)
     got = fk.compare(a, b, simd=simd)
     want = reference.logit_stats(a, b)
@@ -124,10 +131,15 @@ def test_ties_go_to_lowest_index(simd):
 
 
 @pytest.mark.parametrize("simd", AVAILABLE)
-def test_masked_vocab_and_invalid_rows(simd):
-    v = 1000
+@pytest.mark.parametrize("v", [1000, TILED_V])
+def test_masked_vocab_and_invalid_rows(simd, v):
+    """(With v = TILED_V the masked spans cover whole tiles: the first tiles all -inf on one
+    side or both, a masked tile between fast ones, the max in the last tile.)"""
     a, b = masked_and_invalid_rows(v)
     got = fk.compare(a, b, np.random.default_rng(9).integers(0, v, a.shape[0]), simd=simd)
+    for threads in (1, 3):  # rows taken whole and tiled alike on every thread count
+        again = fk.compare(a, b, got.labels, simd=simd, threads=threads)
+        np.testing.assert_array_equal(again.kld, got.kld)
     check_against_reference(got, a.astype(np.float64), b.astype(np.float64), got.labels)
     assert np.isfinite(got.kld[0]) and np.isinf(got.kld_reverse[0])
     assert np.isposinf(got.kld[1]) and np.isfinite(got.kld_reverse[1])
@@ -138,20 +150,65 @@ def test_masked_vocab_and_invalid_rows(simd):
 
 
 @pytest.mark.parametrize("simd", AVAILABLE)
-def test_huge_logits(simd):
+@pytest.mark.parametrize("v", [3000, TILED_V])
+def test_huge_logits(simd, v):
     """Finite rows up to 1e37 stay finite and exact (the shift's rounding must not reach 2^t)."""
-    a, b = huge_logit_rows()
+    a, b = huge_logit_rows(v)
     got = fk.compare(a, b, simd=simd)
     check_against_reference(got, a.astype(np.float64), b.astype(np.float64))
 
 
 @pytest.mark.parametrize("simd", AVAILABLE)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_maxima_growing_across_tiles(simd, dtype):
+    """Rows whose running max grows from tile to tile, the sums so far carried to each new
+    shift: by a few nats, by 800 nats (the earlier tiles' weights underflow to 0), only on one
+    side, in the scalar tail; a max tied across tiles (top-1 is the first); a masked tile
+    after a jump; labels in early tiles (their probability rescaled)."""
+    rng = np.random.default_rng([TILE, DTYPES.index(dtype)])
+    n, v = 10, TILED_V
+    a32 = (rng.standard_normal((n, v)) * 3).astype(np.float32)
+    b32 = (a32 + 0.3 * rng.standard_normal((n, v))).astype(np.float32)
+    starts = np.arange(0, v, TILE)
+    for k, lo in enumerate(starts[:9]):
+        a32[0, lo + 5] = 4.0 * k + 10  # both sides grow in every tile
+        b32[0, lo + 9] = 4.0 * k + 11
+        a32[1, lo + 3] = 4.0 * k + 10  # the reference grows, the model's max stays in tile 0
+    b32[1, 100] = 40.0
+    a32[2, :4 * TILE] -= 800.0  # the last tiles 800 nats above the first ones
+    b32[2, :4 * TILE] -= 790.0
+    a32[3, -1] = 30.0  # the max in the scalar tail
+    b32[3, -2] = 30.0
+    a32[4, [3, 2 * TILE + 3, 4 * TILE]] = 25.0  # a tie across tiles
+    b32[4, [4 * TILE + 7, TILE + 1]] = 25.0
+    a32[5, 3 * TILE:] += 20.0  # a jump, then a masked tile on both sides
+    b32[5, 3 * TILE:] += 20.0
+    a32[5, 4 * TILE: 5 * TILE] = -np.inf
+    b32[5, 4 * TILE: 5 * TILE] = -np.inf
+    big = 1e6 if dtype != "float16" else 0.0  # (beyond float16's range)
+    a32[6, 2 * TILE:] += big  # past 2^20 from tile 2 on: the masked path's convention
+    b32[6, 2 * TILE:] += big
+    a32[7, :TILE] -= big  # the other way: a first tile past -2^20, later ones normal
+    b32[7, :TILE] -= big
+    a32[8, :TILE] -= 800.0  # q masked where p's weight, once the max has grown, is 0 even
+    b32[8, 10:20] = -np.inf  # in float64: an infinite first tile's term must vanish, not NaN
+    a, a64 = encode(a32, dtype)
+    b, b64 = encode(b32, dtype)
+    labels = rng.integers(0, TILE, n)  # in the first tile
+    got = fk.compare(a, b, labels, simd=simd)
+    check_against_reference(got, a64, b64, labels)
+    assert got.top1_ref[4] == 3 and got.top1_q[4] == TILE + 1
+    assert np.isfinite(got.kld[8])
+
+
+@pytest.mark.parametrize("simd", AVAILABLE)
 @pytest.mark.parametrize("q_kind", ["bfloat16", "llama_u16"])
-def test_llama_parity_mode(simd, q_kind):
+@pytest.mark.parametrize("v", [3001, TILED_V])
+def test_llama_parity_mode(simd, q_kind, v):
     """A llama.cpp reference in parity mode: nll_ref = -logprob(y) as stored, kld_llama over
     logprob > -16; a llama.cpp quant file's rows are log-probs used as they are."""
     rng = np.random.default_rng(17)
-    n, v = 7, 3001
+    n = 7
     raw, ref64 = llama_rows(random_logprobs(rng, n, v), 2.0**-10, -60.0)
     noisy = (ref64 + 0.3 * rng.standard_normal((n, v))).astype(np.float32)
     if q_kind == "llama_u16":
@@ -169,11 +226,12 @@ def test_llama_parity_mode(simd, q_kind):
 
 
 @pytest.mark.parametrize("simd", AVAILABLE)
-def test_bitwise_identical_across_thread_counts(simd):
+@pytest.mark.parametrize("v", [32000, TILED_V])
+def test_bitwise_identical_across_thread_counts(simd, v):
     rng = np.random.default_rng(4)
-    a, b = make_pair(rng, 97, 32000)
+    a, b = make_pair(rng, 97, v)
     a, b = a.astype(np.float16), b.astype(np.float16)
-    y = rng.integers(0, 32000, 97)
+    y = rng.integers(0, v, 97)
     base = fk.compare(a, b, y, threads=1, simd=simd).as_dict()
     for threads in (2, 3, 8):
         other = fk.compare(a, b, y, threads=threads, simd=simd).as_dict()
@@ -293,16 +351,18 @@ def _multi_cases(rng, n, v):
     models[2][5, 100:200] = -np.inf  # q masked where p has mass: KLD +inf on that row
     models[3][6] *= 1e7  # a huge row for one model
     models[4] = a.copy()  # identical to the reference
+    models[0][3, : v // 2] = -np.inf  # one model's first half masked (tiled: its first tiles)
     return a, models
 
 
 @pytest.mark.parametrize("simd", AVAILABLE)
 @pytest.mark.parametrize("m", [1, 2, 3, 5, 7])
-def test_compare_many_is_compare_bitwise(simd, m):
+@pytest.mark.parametrize("v", [1271, TILED_V])
+def test_compare_many_is_compare_bitwise(simd, m, v):
     """Each model's results from compare_many are bitwise those of compare alone, for every
     group size (groups of 4, 2, 1), masked and invalid rows, and models of other dtypes."""
     rng = np.random.default_rng([m, ("scalar", "avx2", "avx512", "neon").index(simd)])
-    n, v = 9, 1271
+    n = 9
     a, models = _multi_cases(rng, n, v)
     qs = models + [encode(models[0], "float16")[0], encode(models[1], "bfloat16")[0]]
     qs = qs[:m]
@@ -318,9 +378,10 @@ def test_compare_many_is_compare_bitwise(simd, m):
 
 
 @pytest.mark.parametrize("simd", AVAILABLE)
-def test_compare_many_llama_parity(simd):
+@pytest.mark.parametrize("v", [2001, TILED_V])
+def test_compare_many_llama_parity(simd, v):
     rng = np.random.default_rng(23)
-    n, v = 6, 2001
+    n = 6
     raw, ref64 = llama_rows(random_logprobs(rng, n, v), 2.0**-10, -60.0)
     ref = fk.Logits(raw, "llama_u16", v)
     qs = []

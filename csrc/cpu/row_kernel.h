@@ -1,8 +1,9 @@
 // The row kernel, written once over a vector-ops struct S (simd_ops.h) and instantiated in
 // one translation unit per instruction set.
 //
-// Per row, two passes over the pair (the row stays in L2; the next row is prefetched during
-// the second pass):
+// Per row, two passes over the pair, whole when the pair is at most 256 KB (it stays in L2;
+// the next row is prefetched during the second pass), else one vocabulary tile of 1024
+// entries at a time (both passes on a tile while it is in L1; see "Vocabulary tiles"):
 //   1. max and min of each side (the max is the softmax shift; the min says whether the fast
 //      path is safe: no -inf, no overflow of x*log2(e) - shift).
 //   2. with t = x*log2(e) - shift in float32 lanes (exact at the max up to the rounding c of
@@ -71,6 +72,12 @@ inline RowInput row_input(const uint8_t* base, int64_t stride, int64_t r) {
 struct MaxMin {
   float max;
   float min;
+};
+
+// Entries [lo, hi) of a row for pass 2, and how many entries of the rows it prefetches into
+// L2 meanwhile (next_len from each next pointer: the next tile, or the next row's first).
+struct Span {
+  int64_t lo, hi, next_len;
 };
 
 // Index of the first entry equal to the row's max m. Four vectors at a time: their lane-wise
@@ -262,7 +269,7 @@ struct RowKernel {
   // t = fma(x, log2e, -shift), which is off by the residual c of the shift.
   // kNarrow (not with kMasked): every t is in S::exp2_in_range's range (narrow).
   template <bool kMasked, bool kLlama, bool kNarrow, int G>
-  static void pass2(const RowInput& a, const RowInput* b, int64_t vocab, float shift_a,
+  static void pass2(const RowInput& a, const RowInput* b, const Span& span, float shift_a,
                     const float* shift_b, float max_a, const float* max_b, const uint8_t* next_a,
                     const uint8_t* const* next_b, Sums* out) {
     const V log2e = S::set1(kLog2eF), neg_sa = S::set1(-shift_a), max_av = S::set1(max_a),
@@ -321,13 +328,15 @@ struct RowKernel {
     // branch to the flush, no per-vector prefetch); the next row's lines for the block are
     // prefetched once per cache line, before the block.
     constexpr int64_t kBlock = int64_t{kFlushEvery} * S::W;
-    const int64_t vec_end = vocab - vocab % S::W;
-    const int64_t block_end = vocab - vocab % kBlock;
-    int64_t i = 0;
+    const int64_t n = span.hi - span.lo;
+    const int64_t vec_end = span.lo + (n - n % S::W);
+    const int64_t block_end = span.lo + (n - n % kBlock);
+    int64_t i = span.lo;
     for (; i < block_end; i += kBlock) {
-      if (next_a) {
-        prefetch_lines<S>(next_a + i * dtype_size(DA), kBlock * dtype_size(DA));
-        for (int j = 0; j < G; ++j) prefetch_lines<S>(next_b[j] + i * dtype_size(DB), kBlock * dtype_size(DB));
+      const int64_t at = i - span.lo;
+      if (next_a && at < span.next_len) {
+        prefetch_lines<S>(next_a + at * dtype_size(DA), kBlock * dtype_size(DA));
+        for (int j = 0; j < G; ++j) prefetch_lines<S>(next_b[j] + at * dtype_size(DB), kBlock * dtype_size(DB));
       }
       for (int64_t k = 0; k < kBlock; k += S::W) step(i + k);
       flush_all();
@@ -347,7 +356,7 @@ struct RowKernel {
       }
     }
     // Tail: scalar, straight into float64, same formulas.
-    for (; i < vocab; ++i) {
+    for (; i < span.hi; ++i) {
       const float x = load_scalar<DA>(a.values, i, a.dec);
       const float ta = kMasked ? (x - max_a) * kLog2eF : std::fma(x, kLog2eF, -shift_a);
       const float ta_c = ta < kMaskedFloor ? kMaskedFloor : ta;
@@ -397,10 +406,11 @@ struct RowKernel {
   static bool narrow(const MaxMin& m) { return m.max - m.min <= kNarrowRange; }
 
   // pass2 for G models with finite maxima; masked only with G = 1.
+  // ma/mb: the maxima for the shift and the minima of the entries of span (narrow).
   template <int G>
   static void run_pass2(bool llama, bool masked, const RowInput& a, const RowInput* b,
-                        int64_t vocab, const MaxMin& ma, const MaxMin* mb, const uint8_t* next_a,
-                        const uint8_t* const* next_b, Sums* out) {
+                        const Span& span, const MaxMin& ma, const MaxMin* mb,
+                        const uint8_t* next_a, const uint8_t* const* next_b, Sums* out) {
     float shift_b[G], max_b[G];
     bool in_range = S::kExp2Clamps && !masked && narrow(ma);
     for (int j = 0; j < G; ++j) {
@@ -412,17 +422,17 @@ struct RowKernel {
     if constexpr (G == 1) {
       if (masked) {
         if (llama)
-          pass2<true, true, false, 1>(a, b, vocab, shift_a, shift_b, ma.max, max_b, next_a,
+          pass2<true, true, false, 1>(a, b, span, shift_a, shift_b, ma.max, max_b, next_a,
                                       next_b, out);
         else
-          pass2<true, false, false, 1>(a, b, vocab, shift_a, shift_b, ma.max, max_b, next_a,
+          pass2<true, false, false, 1>(a, b, span, shift_a, shift_b, ma.max, max_b, next_a,
                                        next_b, out);
         return;
       }
     }
     const auto run = [&](auto llama_tag, auto narrow_tag) {
       pass2<false, decltype(llama_tag)::value, decltype(narrow_tag)::value, G>(
-          a, b, vocab, shift_a, shift_b, ma.max, max_b, next_a, next_b, out);
+          a, b, span, shift_a, shift_b, ma.max, max_b, next_a, next_b, out);
     };
     using Yes = std::true_type;
     using No = std::false_type;
@@ -438,7 +448,7 @@ struct RowKernel {
   }
 
   template <bool kExtra>
-  static void row(const LogitStatsParams& p, int64_t r, int64_t r_end) {
+  static void row_untiled(const LogitStatsParams& p, int64_t r, int64_t r_end) {
     const auto* base_a = static_cast<const uint8_t*>(p.ref);
     const auto* base_b = static_cast<const uint8_t*>(p.q);
     const RowInput a = row_input<S, DA>(base_a, p.ref_row_stride, r);
@@ -467,7 +477,8 @@ struct RowKernel {
     }
     const bool masked = needs_mask(ma, mb);
     Sums s;
-    run_pass2<1>(p.llama_parity, masked, a, &b, p.vocab, ma, &mb, next_a, &next_b, &s);
+    run_pass2<1>(p.llama_parity, masked, a, &b, Span{0, p.vocab, p.vocab}, ma, &mb, next_a,
+                 &next_b, &s);
     finish(p, r, a, b, ma, mb, masked, s);
     if constexpr (kExtra) extras(p, r, a, b, ma, mb, masked, s, top_a, top_b);
   }
@@ -480,7 +491,7 @@ struct RowKernel {
   static constexpr int kGroup = 4;
 
   template <bool kExtra>
-  static void row_multi(const LogitStatsParams* ps, int m, int64_t r, int64_t r_end) {
+  static void row_multi_untiled(const LogitStatsParams* ps, int m, int64_t r, int64_t r_end) {
     const LogitStatsParams& p0 = ps[0];
     const auto* base_a = static_cast<const uint8_t*>(p0.ref);
     const RowInput a = row_input<S, DA>(base_a, p0.ref_row_stride, r);
@@ -505,15 +516,15 @@ struct RowKernel {
     const auto flush_group = [&](int count) {
       Sums s[kGroup];
       const bool llama = p0.llama_parity;
-      const int64_t vocab = p0.vocab;
+      const Span span{0, p0.vocab, p0.vocab};
       for (int i = 0; i < count;) {  // groups of 4, then 2, then 1
         const int k = count - i >= 4 ? 4 : (count - i >= 2 ? 2 : 1);
         if (k == 4)
-          run_pass2<4>(llama, false, a, b + i, vocab, ma, mb + i, next_a, next_b + i, s + i);
+          run_pass2<4>(llama, false, a, b + i, span, ma, mb + i, next_a, next_b + i, s + i);
         else if (k == 2)
-          run_pass2<2>(llama, false, a, b + i, vocab, ma, mb + i, next_a, next_b + i, s + i);
+          run_pass2<2>(llama, false, a, b + i, span, ma, mb + i, next_a, next_b + i, s + i);
         else
-          run_pass2<1>(llama, false, a, b + i, vocab, ma, mb + i, next_a, next_b + i, s + i);
+          run_pass2<1>(llama, false, a, b + i, span, ma, mb + i, next_a, next_b + i, s + i);
         i += k;
       }
       for (int j = 0; j < count; ++j) {
@@ -536,7 +547,8 @@ struct RowKernel {
       }
       if (needs_mask(ma, mbj)) {
         Sums s;
-        run_pass2<1>(p.llama_parity, true, a, &bj, p.vocab, ma, &mbj, next_a, &nb, &s);
+        run_pass2<1>(p.llama_parity, true, a, &bj, Span{0, p.vocab, p.vocab}, ma, &mbj, next_a,
+                     &nb, &s);
         finish(p, r, a, bj, ma, mbj, true, s);
         if constexpr (kExtra) extras(p, r, a, bj, ma, mbj, true, s, top_a, top_bj);
         continue;
@@ -554,14 +566,299 @@ struct RowKernel {
     if (g) flush_group(g);
   }
 
+
+  // ---- Vocabulary tiles (issue 17) ------------------------------------------------------
+  //
+  // A row pair larger than kWholePairBytes is taken a tile of kTile entries at a time: pass
+  // 1 then pass 2 on each tile while it is in L1, instead of pass 1 over the whole row and
+  // pass 2 over it again, from L3 or memory once the rows are larger than L2 (a float16 pair
+  // at V = 152064 is 608 KB, more than Zen 3's 512 KB L2; a float32 pair with the next row
+  // prefetched is 2.4 MB). Measured (benchmarks/RESULTS.md, issue 17): at V = 152064 on the
+  // AVX2 path 1.13x (float16) and 1.8x (float32) the rate of the untiled rows; tiles of 1024
+  // beat 2048, 4096, 8192 and 16384 there (a float32 pair's tile is 8 KB, five rows of
+  // compare_many's group 20 KB: L1 on any x86 or Arm core). Each tile's pass 2 uses the running maxima (over the tiles so far) as its shift
+  // and decides the masked/fast path from them and the tile's own minima; the float64 sums so
+  // far are carried to the new shift when a maximum grows (Acc). Pass 1's results (maxima,
+  // second largest, ranks) are exact, so they are those of the untiled row. A reference or
+  // model whose running max is not finite after some tile (+inf, or all -inf so far) takes
+  // the untiled path for that pair: the result depends on the row alone, never on threads or
+  // on the other models of compare_many.
+  static constexpr int64_t kTile = 1024;
+  // A pair of rows at most this large is taken whole: it stays in any L2 between its passes,
+  // and tiles would only add their overhead (5% at V = 32000 in float16 with tiles of 8192).
+  // Decided per pair, so a model's path is the same in compare and compare_many.
+  static constexpr int64_t kWholePairBytes = 256 << 10;
+  static bool tiles(int64_t vocab) {
+    return vocab > kTile && vocab * (dtype_size(DA) + dtype_size(DB)) > kWholePairBytes;
+  }
+
+  // Pass 1 of one side, tile by tile: lane maxima (and the optional part) carried across
+  // tiles, minima per tile.
+  template <DType D, bool kSecond, bool kRank>
+  struct Scan {
+    static constexpr bool kTop = kSecond || kRank;
+    V mx = S::set1(-std::numeric_limits<float>::infinity()), mx2 = mx;
+    [[maybe_unused]] TopLanes<kSecond, kRank> l, l2;
+    V label_v = S::set1(0.0f);
+    float label = 0.0f;
+    float max = -std::numeric_limits<float>::infinity();  // over the tiles so far
+    Top top;                                               // after the last tile
+
+    void set_label(float y) {
+      label = y;
+      label_v = S::set1(y);
+    }
+
+    // Entries [lo, hi); hi - lo is a multiple of 2W except in the last tile, which also
+    // reduces Top and takes the scalar tail. Returns the tile's min; max becomes the running max.
+    float tile(const RowInput& in, int64_t lo, int64_t hi, bool last) {
+      const float inf = std::numeric_limits<float>::infinity();
+      V mn = S::set1(inf), mn2 = mn;
+      const int64_t n = hi - lo;
+      const int64_t pair_end = lo + (n - n % (2 * S::W));
+      const int64_t vec_end = lo + (n - n % S::W);
+      int64_t i = lo;
+      for (; i < pair_end; i += 2 * S::W) {
+        const V x = S::template load<D>(in.values, i, in.dec);
+        const V x2 = S::template load<D>(in.values, i + S::W, in.dec);
+        if constexpr (kTop) {
+          l.step(x, mx, label_v);
+          l2.step(x2, mx2, label_v);
+        }
+        mx = S::max(x, mx);
+        mn = S::min(x, mn);
+        mx2 = S::max(x2, mx2);
+        mn2 = S::min(x2, mn2);
+      }
+      for (; i < vec_end; i += S::W) {
+        const V x = S::template load<D>(in.values, i, in.dec);
+        if constexpr (kTop) l.step(x, mx, label_v);
+        mx = S::max(x, mx);
+        mn = S::min(x, mn);
+      }
+      float tile_min = S::hmin(S::min(mn2, mn));
+      max = S::hmax(S::max(mx2, mx));
+      if (last) {
+        if constexpr (kTop) top = l.reduce(mx, l2, mx2);
+        for (; i < hi; ++i) {
+          const float x = load_scalar<D>(in.values, i, in.dec);
+          if constexpr (kTop) top_tail<kSecond, kRank>(top, x, max, label);
+          if (x > max) max = x;
+          if (x < tile_min) tile_min = x;
+        }
+      }
+      return tile_min;
+    }
+  };
+
+  // What t = x*log2e - o subtracts on a side with max m: float(m*log2e) on the fast path,
+  // m*log2e exactly (a float product is exact in double) on the masked one, t = (x - m)*log2e.
+  static double offset(float m, bool masked) {
+    return masked ? static_cast<double>(m) * static_cast<double>(kLog2eF)
+                  : static_cast<double>(m * kLog2eF);
+  }
+
+  // f*v, except that a weight factor of 0 (a max grown by more than ~744 nats since) drops
+  // an infinite term as pass 2 drops entries whose weight is 0; a NaN stays NaN.
+  static double scaled(double f, double v) { return f == 0.0 && !std::isnan(v) ? 0.0 : f * v; }
+
+  // One pair's float64 sums over the tiles so far, in the convention (offsets o_a, o_b and
+  // masked or not) of the last tile.
+  struct Acc {
+    Sums s;
+    double o_a = 0, o_b = 0;
+    bool masked = false, any = false;
+
+    void add(const Sums& t, bool t_masked, float max_a, float max_b) {
+      const double oa = offset(max_a, t_masked), ob = offset(max_b, t_masked);
+      if (!any) {
+        s = t;
+      } else {
+        if (oa != o_a || ob != o_b) rescale(oa - o_a, ob - o_b);
+        s.s_ref += t.s_ref;
+        s.s_q += t.s_q;
+        s.t_rq += t.t_rq;
+        s.t_qr += t.t_qr;
+        s.h += t.h;
+        s.w_t += t.w_t;
+        s.w_s += t.w_s;
+      }
+      o_a = oa;
+      o_b = ob;
+      masked = t_masked;
+      any = true;
+    }
+
+    // To offsets larger by da, db: every t_ref drops by da, t_q by db, d = t_ref - t_q by
+    // da - db, each e_ref is scaled by 2^-da and e_q by 2^-db.
+    void rescale(double da, double db) {
+      const double fa = std::exp2(-da), fb = std::exp2(-db), dd = da - db;
+      s.h = scaled(fa, s.h - da * s.s_ref);
+      s.t_rq = scaled(fa, s.t_rq - dd * s.s_ref);
+      s.w_t = scaled(fa, s.w_t - dd * s.w_s);
+      s.t_qr = scaled(fb, s.t_qr - dd * s.s_q);
+      s.s_ref = scaled(fa, s.s_ref);
+      s.w_s = scaled(fa, s.w_s);
+      s.s_q = scaled(fb, s.s_q);
+    }
+  };
+
+  template <DType D>
+  static int32_t first_index_from(const RowInput& in, int64_t vocab, float m, int64_t from) {
+    if (from == 0) return first_index_of<S, D>(in, vocab, m);
+    const RowInput rest{in.values + from * dtype_size(D), in.dec};
+    const int32_t i = first_index_of<S, D>(rest, vocab - from, m);
+    return i < 0 ? -1 : static_cast<int32_t>(i + from);
+  }
+
+  // Row r of count (1..kGroup) models ps[idx[0..count)] against their shared reference, tile
+  // by tile. Returns false, having written nothing, when the reference's running max is not
+  // finite after some tile; otherwise writes every model's outputs but those whose own running
+  // max was not finite (untiled[j] set: the caller takes them untiled). prefetch_next: the
+  // last tile prefetches row r + 1's first tile of the reference and these models.
+  template <bool kExtra, bool kSecond, bool kRank>
+  static bool tiled(const LogitStatsParams* ps, const int* idx, int count, int64_t r,
+                    bool prefetch_next, bool* untiled) {
+    const LogitStatsParams& p0 = ps[idx[0]];
+    const int64_t vocab = p0.vocab;
+    const bool llama = p0.llama_parity;
+    const auto* base_a = static_cast<const uint8_t*>(p0.ref);
+    const RowInput a = row_input<S, DA>(base_a, p0.ref_row_stride, r);
+    const uint8_t* next_row_a =
+        prefetch_next ? base_a + (r + 1) * p0.ref_row_stride + dtype_row_header(DA) : nullptr;
+    RowInput b[kGroup];
+    const uint8_t* next_row_b[kGroup];
+    Scan<DA, kSecond, kRank> sa;
+    Scan<DB, kSecond, kRank> sb[kGroup];
+    Acc acc[kGroup];
+    int64_t from_a = 0, from_b[kGroup] = {};
+    if constexpr (kExtra) sa.set_label(label_value<DA>(p0, a, r));
+    for (int j = 0; j < count; ++j) {
+      const LogitStatsParams& p = ps[idx[j]];
+      const auto* base_b = static_cast<const uint8_t*>(p.q);
+      b[j] = row_input<S, DB>(base_b, p.q_row_stride, r);
+      next_row_b[j] =
+          prefetch_next ? base_b + (r + 1) * p.q_row_stride + dtype_row_header(DB) : nullptr;
+      if constexpr (kExtra) sb[j].set_label(label_value<DB>(p, b[j], r));
+      untiled[j] = false;
+    }
+    for (int64_t lo = 0; lo < vocab; lo += kTile) {
+      const int64_t hi = std::min(lo + kTile, vocab);
+      const bool last = hi == vocab;
+      // While pass 2 works on this tile: the next tile of these rows, or the next row's first.
+      const Span span{lo, hi, last ? std::min(kTile, vocab) : std::min(kTile, vocab - hi)};
+      const uint8_t* next_a = last ? next_row_a : a.values + hi * dtype_size(DA);
+      const uint8_t* next_b[kGroup];
+      const float max_a_before = sa.max;
+      const float min_a = sa.tile(a, lo, hi, last);
+      if (!std::isfinite(sa.max)) return false;
+      if (sa.max > max_a_before) from_a = lo;
+      const MaxMin mat{sa.max, min_a};  // the running max, the tile's min
+      int fast[kGroup];
+      RowInput fb[kGroup];
+      MaxMin fm[kGroup];
+      const uint8_t* fnext[kGroup];
+      int n_fast = 0;
+      for (int j = 0; j < count; ++j) {
+        if (untiled[j]) continue;
+        next_b[j] = last ? next_row_b[j] : b[j].values + hi * dtype_size(DB);
+        const float max_b_before = sb[j].max;
+        const float min_b = sb[j].tile(b[j], lo, hi, last);
+        if (!std::isfinite(sb[j].max)) {
+          untiled[j] = true;
+          continue;
+        }
+        if (sb[j].max > max_b_before) from_b[j] = lo;
+        const MaxMin mbt{sb[j].max, min_b};
+        if (needs_mask(mat, mbt)) {
+          Sums t;
+          run_pass2<1>(llama, true, a, &b[j], span, mat, &mbt, next_a, &next_b[j], &t);
+          acc[j].add(t, true, sa.max, sb[j].max);
+          continue;
+        }
+        fast[n_fast] = j;
+        fb[n_fast] = b[j];
+        fm[n_fast] = mbt;
+        fnext[n_fast] = next_b[j];
+        ++n_fast;
+      }
+      Sums t[kGroup];
+      for (int i = 0; i < n_fast;) {  // groups of 4, then 2, then 1
+        const int k = n_fast - i >= 4 ? 4 : (n_fast - i >= 2 ? 2 : 1);
+        if (k == 4)
+          run_pass2<4>(llama, false, a, fb + i, span, mat, fm + i, next_a, fnext + i, t + i);
+        else if (k == 2)
+          run_pass2<2>(llama, false, a, fb + i, span, mat, fm + i, next_a, fnext + i, t + i);
+        else
+          run_pass2<1>(llama, false, a, fb + i, span, mat, fm + i, next_a, fnext + i, t + i);
+        i += k;
+      }
+      for (int k = 0; k < n_fast; ++k) acc[fast[k]].add(t[k], false, sa.max, fm[k].max);
+    }
+    const MaxMin ma{sa.max, 0.0f};
+    for (int j = 0; j < count; ++j) {
+      if (untiled[j]) continue;
+      const LogitStatsParams& p = ps[idx[j]];
+      const MaxMin mb{sb[j].max, 0.0f};
+      finish(p, r, a, b[j], ma, mb, acc[j].masked, acc[j].s, from_a, from_b[j]);
+      if constexpr (kExtra) extras(p, r, a, b[j], ma, mb, acc[j].masked, acc[j].s, sa.top, sb[j].top);
+    }
+    return true;
+  }
+
+  template <bool kExtra>
+  static bool tiled_group(const LogitStatsParams* ps, const int* idx, int count, int64_t r,
+                          bool prefetch_next, bool* untiled) {
+    if constexpr (!kExtra) {
+      return tiled<false, false, false>(ps, idx, count, r, prefetch_next, untiled);
+    } else {
+      bool ok = false;
+      with_top_flags(ps[idx[0]], [&](auto second, auto rank) {
+        ok = tiled<true, decltype(second)::value, decltype(rank)::value>(ps, idx, count, r,
+                                                                         prefetch_next, untiled);
+      });
+      return ok;
+    }
+  }
+
+  template <bool kExtra>
+  static void row(const LogitStatsParams& p, int64_t r, int64_t r_end) {
+    if (tiles(p.vocab)) {
+      const int idx = 0;
+      bool untiled = false;
+      if (tiled_group<kExtra>(&p, &idx, 1, r, r + 1 < r_end, &untiled) && !untiled) return;
+    }
+    row_untiled<kExtra>(p, r, r_end);
+  }
+
+  // compare_many's row: each model's outputs are bitwise those of row() (the same tiles, the
+  // same decisions per tile, pass 2's sums independent of the group).
+  template <bool kExtra>
+  static void row_multi(const LogitStatsParams* ps, int m, int64_t r, int64_t r_end) {
+    if (!tiles(ps[0].vocab)) return row_multi_untiled<kExtra>(ps, m, r, r_end);
+    for (int g0 = 0; g0 < m; g0 += kGroup) {
+      const int count = std::min(kGroup, m - g0);
+      int idx[kGroup];
+      bool untiled[kGroup];
+      for (int j = 0; j < count; ++j) idx[j] = g0 + j;
+      // The reference's scan is the same in every group: only the first can refuse it.
+      if (!tiled_group<kExtra>(ps, idx, count, r, r + 1 < r_end && g0 + count == m, untiled))
+        return row_multi_untiled<kExtra>(ps, m, r, r_end);
+      for (int j = 0; j < count; ++j)
+        if (untiled[j]) row_untiled<kExtra>(ps[idx[j]], r, r_end);
+    }
+  }
+
   template <bool kExtra>
   static void rows_multi(const LogitStatsParams* ps, int m, int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) row_multi<kExtra>(ps, m, r, end);
   }
 
   // One model's outputs for row r from its sums (float64).
+  // from_a/from_b: where the search for the first max may start (no earlier entry is the max).
   static void finish(const LogitStatsParams& p, int64_t r, const RowInput& a, const RowInput& b,
-                     const MaxMin& ma, const MaxMin& mb, bool masked, const Sums& s) {
+                     const MaxMin& ma, const MaxMin& mb, bool masked, const Sums& s,
+                     int64_t from_a = 0, int64_t from_b = 0) {
     const int64_t vocab = p.vocab;
     const float shift_a = ma.max * kLog2eF;
     const float shift_b = mb.max * kLog2eF;
@@ -585,8 +882,8 @@ struct RowKernel {
     p.kld[r] = kLn2Eff * s.t_rq / s.s_ref + (log_s_q - log_s_ref);
     p.kld_reverse[r] = -kLn2Eff * s.t_qr / s.s_q + (log_s_ref - log_s_q);
     p.entropy_ref[r] = log_s_ref - kLn2Eff * s.h / s.s_ref;
-    p.top1_ref[r] = first_index_of<S, DA>(a, vocab, ma.max);
-    p.top1_q[r] = first_index_of<S, DB>(b, vocab, mb.max);
+    p.top1_ref[r] = first_index_from<DA>(a, vocab, ma.max, from_a);
+    p.top1_q[r] = first_index_from<DB>(b, vocab, mb.max, from_b);
     if (p.labels) {
       const int64_t y = p.labels[r];
       const double ay = load_scalar<DA>(a.values, y, a.dec);

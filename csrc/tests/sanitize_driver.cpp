@@ -438,6 +438,12 @@ int main(int argc, char** argv) {
   run_case(DType::F16, DType::F32, 300, 4099, 0, true, false, 3, seed++);
   run_case(DType::LLAMA_U16, DType::LLAMA_U16, 300, 4099, 0, true, true, 3, seed++);
   run_case(DType::BF16, DType::BF16, 1, 33, 0, true, false, 8, seed++);
+  // Rows taken in vocabulary tiles (a pair over 256 KB: 67 tiles of 1024 and a tail of 37),
+  // with padded strides and several threads.
+  for (DType d : {DType::F32, DType::F16, DType::LLAMA_U16}) {
+    run_case(d, DType::F16, 5, 67 * 1024 + 37, 6, true, d == DType::LLAMA_U16, 3, seed++);
+    run_case(DType::F32, d, 4, 67 * 1024 + 37, 0, true, false, 1, seed++);
+  }
   parameter_checks();
   std::printf("sanitize_driver: %ld checks, %d failed, SIMD levels up to %s\n", g_checks,
               g_failures, fk::simd_level_name(fk::active_simd_level()));
