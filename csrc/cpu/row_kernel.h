@@ -225,41 +225,11 @@ struct RowKernel {
   // same values pass1 gives, which reduces both sides in one loop (and the same Top).
   template <DType D, bool kSecond = false, bool kRank = false>
   static MaxMin maxmin(const RowInput& a, int64_t vocab, Top* top = nullptr, float label = 0) {
-    const float inf = std::numeric_limits<float>::infinity();
-    V mx = S::set1(-inf), mn = S::set1(inf), mx2 = mx, mn2 = mn;
-    constexpr bool kTop = kSecond || kRank;
-    [[maybe_unused]] TopLanes<kSecond, kRank> l, l2;
-    [[maybe_unused]] const V label_v = S::set1(label);
-    const int64_t pair_end = vocab - vocab % (2 * S::W);
-    const int64_t vec_end = vocab - vocab % S::W;
-    int64_t i = 0;
-    for (; i < pair_end; i += 2 * S::W) {
-      const V x = S::template load<D>(a.values, i, a.dec);
-      const V x2 = S::template load<D>(a.values, i + S::W, a.dec);
-      if constexpr (kTop) {
-        l.step(x, mx, label_v);
-        l2.step(x2, mx2, label_v);
-      }
-      mx = S::max(x, mx);
-      mn = S::min(x, mn);
-      mx2 = S::max(x2, mx2);
-      mn2 = S::min(x2, mn2);
-    }
-    for (; i < vec_end; i += S::W) {
-      const V x = S::template load<D>(a.values, i, a.dec);
-      if constexpr (kTop) l.step(x, mx, label_v);
-      mx = S::max(x, mx);
-      mn = S::min(x, mn);
-    }
-    MaxMin m{S::hmax(S::max(mx2, mx)), S::hmin(S::min(mn2, mn))};
-    if constexpr (kTop) *top = l.reduce(mx, l2, mx2);
-    for (; i < vocab; ++i) {
-      const float x = load_scalar<D>(a.values, i, a.dec);
-      if constexpr (kTop) top_tail<kSecond, kRank>(*top, x, m.max, label);
-      if (x > m.max) m.max = x;
-      if (x < m.min) m.min = x;
-    }
-    return m;
+    Scan<D, kSecond, kRank> scan;  // the whole row as one tile
+    scan.set_label(label);
+    const float min = scan.tile(a, 0, vocab, true);
+    if constexpr (kSecond || kRank) *top = scan.top;
+    return {scan.max, min};
   }
 
   // Pass 2 for G models against one reference row: the reference's terms (t_ref, e_ref,
