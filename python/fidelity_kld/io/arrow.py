@@ -405,8 +405,9 @@ class ParquetSource(LogitSource):
 def _logits_reader(path: str):
     """A Parquet reader for the logits batches, allocating from the system allocator:
     pyarrow's default pool (mimalloc) keeps the pages of freed batches (compare on 2 x 224
-    MB fp16 peaked at 381 MiB with it, 365 MiB without). pre_buffer=False: with it, each seek (iter_batches) fetches and
-    caches every row group from there to the end of the file, the whole file in memory."""
+    MB fp16 peaked at 381 MiB with it, 365 MiB without). pre_buffer=False: with it, each
+    seek (iter_batches) fetches and caches every row group from there to the end of the
+    file, the whole file in memory."""
     pa = _pa()
     import pyarrow.parquet as pq
 
