@@ -984,10 +984,16 @@ ISSUE12 = {
         lambda t: _topk_cli(t, None, "--bad-rows", "invalid"),
         "--bad-rows invalid does not apply to a comparison with a top-k dump"),
     # found by benchmarks/fuzz_atheris.py: a Parquet schema whose fixed list size (1879048197)
-    # the stored values cannot fill; read() would have sized its buffer on that word (15 GB)
+    # the stored values cannot fill; read() would have sized its buffer on that word (15 GB).
+    # The open's one-row probe of each row group (bounded by the stored values) refuses it.
     "Parquet list size far above the stored values": (
         lambda t: ("dump", _copy_data(t, "fuzz_list_size_claim.parquet")),
-        "the logits column stores 30 values, too few for 6 rows of 1879048197"),
+        "Expected all lists to be of size=1879048197 but index 1 had size=5"),
+    # 6 rows of 5 whose footer (FileMetaData and RowGroup num_rows, one varint byte each)
+    # claims 60: the probe's row 0 reads; the stored-value count refuses the rest
+    "Parquet row count far above the stored values": (
+        lambda t: ("dump", _copy_data(t, "parquet_row_count_claim.parquet")),
+        "the logits column stores 30 values, too few for 60 rows of 5"),
     # found by benchmarks/fuzz_atheris.py: numpy sorts the header's keys (TypeError)
     "prompt ids companion whose .npy header mixes bytes and str keys": (
         lambda t: (_raw_npy_header(t / "ref.prompt_ids.npy",
@@ -1237,9 +1243,6 @@ def test_label_impossible_on_both_sides_is_counted():
     assert s.kld.mean == fk.summarize(fk.compare(a, b)).kld.mean  # KLD keeps the token
 
 
-@pytest.mark.xfail(strict=True, reason="open (issue 12): pyarrow 26's RowGroupMetaData.column "
-                   "lets a C++ ParquetException escape and aborts the process; "
-                   "io/arrow.py _check_value_count calls it at open")
 def test_parquet_footer_pyarrow_cannot_build_is_refused_cleanly():
     """A fuzzed Parquet file (benchmarks/fuzz_atheris.py --reader parquet, one changed byte)
     whose column-chunk size statistics pyarrow cannot build ("Definition level histogram size
@@ -1249,4 +1252,4 @@ def test_parquet_footer_pyarrow_cannot_build_is_refused_cleanly():
     r = subprocess.run([sys.executable, "-c", "from fidelity_kld.cli import main; main()",
                         "info", path], capture_output=True, text=True, timeout=60)
     assert r.returncode == 1, (r.returncode, r.stderr[-300:])
-    assert "parquet-footer-abort.parquet" in r.stderr
+    assert "parquet-footer-abort.parquet: unreadable Parquet data (Definition level" in r.stderr

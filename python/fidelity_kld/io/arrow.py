@@ -310,7 +310,7 @@ class ParquetSource(LogitSource):
                 vocab = len(first.column(0)[0].values) if first.column(0)[0].is_valid else 0
                 if not vocab:
                     raise DumpError(f"{path}: logits row 0 is null or empty")
-            _check_value_count(path, md, n, vocab)
+            _check_value_count(path, self._pf, n, vocab)
             lab = self._read_ids(path, info["label"], n) if info["label"] else None
             pro = self._read_ids(path, info["prompt"], n) if info["prompt"] else None
         except (pa.ArrowException, OSError) as e:
@@ -421,14 +421,26 @@ def _leaves(md, column: str) -> list[int]:
     return [i for i in range(md.num_columns) if md.schema.column(i).path.split(".")[0] == column]
 
 
-def _check_value_count(path: str, md, n: int, vocab: int) -> None:
+def _check_value_count(path: str, pf, n: int, vocab: int) -> None:
     """DumpError when the metadata's count of stored logit values is far short of n rows of
     vocab (a damaged list size or row count), before a read allocates rows x vocab on its
     word: each row holds vocab values, a null row one (refused when decoded, as is a short
-    row), so at least (n - 1) x vocab values are stored."""
+    row), so at least (n - 1) x vocab values are stored.
+
+    pyarrow's ``RowGroupMetaData.column`` (26.0.1) lets the C++ exception of a column chunk
+    whose metadata it cannot build escape, and the process aborts; its reader raises OSError
+    for the same chunk. So each row group's logits are first opened through the reader, one
+    row (a page or two, bounded by the stored data, not by the claimed list size)."""
+    md = pf.metadata
     leaves = _leaves(md, "logits")
-    stored = sum(md.row_group(g).column(i).num_values
-                 for g in range(md.num_row_groups) for i in leaves)
+    stored = 0
+    for g in range(md.num_row_groups):
+        probe = pf.iter_batches(batch_size=1, row_groups=[g], columns=["logits"])
+        try:
+            next(probe, None)
+        finally:
+            probe.close()
+        stored += sum(md.row_group(g).column(i).num_values for i in leaves)
     if stored < (n - 1) * vocab:
         raise DumpError(f"{path}: the logits column stores {stored} values, too few for {n} rows "
                         f"of {vocab} (a damaged list size or row count)")
