@@ -984,13 +984,12 @@ ISSUE12 = {
         lambda t: _topk_cli(t, None, "--bad-rows", "invalid"),
         "--bad-rows invalid does not apply to a comparison with a top-k dump"),
     # found by benchmarks/fuzz_atheris.py: a Parquet schema whose fixed list size (1879048197)
-    # the stored values cannot fill; read() would have sized its buffer on that word (15 GB).
-    # The open's one-row probe of each row group (bounded by the stored values) refuses it.
+    # the stored values cannot fill; read() would have sized its buffer on that word (15 GB)
     "Parquet list size far above the stored values": (
         lambda t: ("dump", _copy_data(t, "fuzz_list_size_claim.parquet")),
-        "Expected all lists to be of size=1879048197 but index 1 had size=5"),
+        "the logits column stores 30 values, too few for 6 rows of 1879048197"),
     # 6 rows of 5 whose footer (FileMetaData and RowGroup num_rows, one varint byte each)
-    # claims 60: the probe's row 0 reads; the stored-value count refuses the rest
+    # claims 60: the stored-value count refuses it
     "Parquet row count far above the stored values": (
         lambda t: ("dump", _copy_data(t, "parquet_row_count_claim.parquet")),
         "the logits column stores 30 values, too few for 60 rows of 5"),
@@ -1252,4 +1251,22 @@ def test_parquet_footer_pyarrow_cannot_build_is_refused_cleanly():
     r = subprocess.run([sys.executable, "-c", "from fidelity_kld.cli import main; main()",
                         "info", path], capture_output=True, text=True, timeout=60)
     assert r.returncode == 1, (r.returncode, r.stderr[-300:])
-    assert "parquet-footer-abort.parquet: unreadable Parquet data (Definition level" in r.stderr
+    assert ("parquet-footer-abort.parquet: row group 1, column logits.list.element: the page at "
+            "byte 354 claims 25 bytes, its column chunk has 14 left") in r.stderr
+
+
+def test_parquet_page_size_claim_is_refused_before_it_is_allocated():
+    """A fuzzed 1.4 KB Parquet file whose first logits page header claims 1434277087 bytes:
+    pyarrow's buffered reader allocates and zero-fills that much (1.4 GB resident) before it
+    finds the column chunk shorter. The layout check refuses the claim first; the child's
+    peak RSS is that of importing pyarrow, well under the claim."""
+    path = os.path.join(DATA, "fuzz", "parquet-page-size-claim.parquet")
+    code = ("import resource, sys\nfrom fidelity_kld.cli import main\ntry:\n    main()\nfinally:\n"
+            "    print('maxrss', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)")
+    r = subprocess.run([sys.executable, "-c", code, "compare", "-q", path, path],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1, (r.returncode, r.stderr[-300:])
+    assert ("parquet-page-size-claim.parquet: row group 0, column logits.list.element: the page "
+            "at byte 103 claims 1434277087 bytes, its column chunk has 35 left") in r.stderr
+    maxrss_kb = int(r.stderr.rsplit("maxrss", 1)[1])
+    assert maxrss_kb < 600 << 10, maxrss_kb

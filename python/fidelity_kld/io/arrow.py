@@ -22,6 +22,7 @@ import contextlib
 import numpy as np
 
 from ..ops import Logits
+from . import parquet_layout
 from ._util import STORAGE, AtomicFiles, check_ids, file_size, logical_dtype
 from .base import DumpError, FileRows, LogitSource, guard_map, populate, release, row_buffer, unguard_map
 
@@ -301,6 +302,12 @@ class ParquetSource(LogitSource):
             raise DumpError(f"{path}: holds no logits (0 rows)")
         if sum(counts) != n:
             raise DumpError(f"{path}: metadata says {n} rows, its row groups hold {sum(counts)}")
+        # the footer's chunks and their page headers, checked before pyarrow reads a page
+        leaves = {i: md.schema.column(i).path for i in range(md.num_columns)
+                  if md.schema.column(i).path.split(".")[0] in ("logits", info["label"], info["prompt"])}
+        groups = parquet_layout.check_layout(path, leaves)
+        if [c[0].num_rows for c in groups] != counts:  # the same footer, read twice
+            raise DumpError(f"{path}: damaged Parquet footer (its row groups read differently)")
         vocab = info["vocab"]
         try:
             if vocab is None:  # a plain list column: the first row sets the vocabulary
@@ -310,7 +317,12 @@ class ParquetSource(LogitSource):
                 vocab = len(first.column(0)[0].values) if first.column(0)[0].is_valid else 0
                 if not vocab:
                     raise DumpError(f"{path}: logits row 0 is null or empty")
-            _check_value_count(path, self._pf, n, vocab)
+            stored = sum(c.num_values for chunks in groups for c in chunks if c.column.split(".")[0] == "logits")
+            if stored < (n - 1) * vocab:
+                # each row holds vocab values, a null row one (refused when decoded, as is a
+                # short row): refused here before a read allocates rows x vocab on that word
+                raise DumpError(f"{path}: the logits column stores {stored} values, too few for {n} "
+                                f"rows of {vocab} (a damaged list size or row count)")
             lab = self._read_ids(path, info["label"], n) if info["label"] else None
             pro = self._read_ids(path, info["prompt"], n) if info["prompt"] else None
         except (pa.ArrowException, OSError) as e:
@@ -419,31 +431,6 @@ def _logits_reader(path: str, metadata):
 
 def _leaves(md, column: str) -> list[int]:
     return [i for i in range(md.num_columns) if md.schema.column(i).path.split(".")[0] == column]
-
-
-def _check_value_count(path: str, pf, n: int, vocab: int) -> None:
-    """DumpError when the metadata's count of stored logit values is far short of n rows of
-    vocab (a damaged list size or row count), before a read allocates rows x vocab on its
-    word: each row holds vocab values, a null row one (refused when decoded, as is a short
-    row), so at least (n - 1) x vocab values are stored.
-
-    pyarrow's ``RowGroupMetaData.column`` (26.0.1) lets the C++ exception of a column chunk
-    whose metadata it cannot build escape, and the process aborts; its reader raises OSError
-    for the same chunk. So each row group's logits are first opened through the reader, one
-    row (a page or two, bounded by the stored data, not by the claimed list size)."""
-    md = pf.metadata
-    leaves = _leaves(md, "logits")
-    stored = 0
-    for g in range(md.num_row_groups):
-        probe = pf.iter_batches(batch_size=1, row_groups=[g], columns=["logits"])
-        try:
-            next(probe, None)
-        finally:
-            probe.close()
-        stored += sum(md.row_group(g).column(i).num_values for i in leaves)
-    if stored < (n - 1) * vocab:
-        raise DumpError(f"{path}: the logits column stores {stored} values, too few for {n} rows "
-                        f"of {vocab} (a damaged list size or row count)")
 
 
 def _meta(schema) -> dict:
