@@ -825,8 +825,9 @@ def _raw_npy_header(path, header: str):
 
 
 def _copy_data(tmp_path, name):
-    (tmp_path / name).write_bytes(open(os.path.join(DATA, name), "rb").read())
-    return tmp_path / name
+    out = tmp_path / os.path.basename(name)
+    out.write_bytes(open(os.path.join(DATA, name), "rb").read())
+    return out
 
 
 def _topk_cli(tmp_path, damage, *args):
@@ -988,6 +989,11 @@ ISSUE12 = {
     "Parquet list size far above the stored values": (
         lambda t: ("dump", _copy_data(t, "fuzz_list_size_claim.parquet")),
         "the logits column stores 30 values, too few for 6 rows of 1879048197"),
+    # found by benchmarks/fuzz_atheris.py: a page header holding a map of 2^31 entries that
+    # hold no bytes (the layout check looped over them; pyarrow refuses a map that large)
+    "Parquet page header with a map of nothing": (
+        lambda t: ("dump", _copy_data(t, "fuzz/parquet-page-header-empty-map.parquet")),
+        "row group 0, column label: damaged page header at byte 223 (a size of 2088662393"),
     # 6 rows of 5 whose footer (FileMetaData and RowGroup num_rows, one varint byte each)
     # claims 60: the stored-value count refuses it
     "Parquet row count far above the stored values": (

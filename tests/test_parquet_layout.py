@@ -251,6 +251,25 @@ def test_lists_are_read_as_their_fields_type_whatever_the_header_says():
     assert r.pos == len(body)
 
 
+def test_huge_counts_of_empty_elements_are_not_walked():
+    """A map or list that claims a million entries of a type that holds no bytes (Thrift's
+    skip reads nothing for them): skipped at once, not looped over (a fuzzer's timeout); one
+    more than pyarrow's container limit is refused, as pyarrow refuses it."""
+    huge = _varint(pl.THRIFT_CONTAINER_LIMIT)
+    for body in (b"\x1b" + huge + b"\x00" + b"\x00",  # field 1, a map of (STOP, STOP)
+                 b"\x19\xf0" + huge + b"\x00"):  # field 1, a list of 2^31 - 1 STOPs
+        r = pl._Compact(body)
+        try:
+            r.struct("DataPageHeaderV2")
+        except (pl._Short, pl._Bad):
+            pass  # refusing the bytes is fine too; looping is not
+    with pytest.raises(pl._Bad, match="above pyarrow's Thrift limit"):
+        pl._Compact(b"\x1b" + _varint(pl.THRIFT_CONTAINER_LIMIT + 1) + b"\x00\x00").struct("PageHeader")
+    # a map whose entries take bytes, claiming more than remain: refused, not looped
+    with pytest.raises(pl._Short):
+        pl._Compact(b"\x1b" + huge + b"\x55" + b"\x00").struct("DataPageHeaderV2")
+
+
 @pytest.mark.parametrize("depth", [10, 200])
 def test_nesting_is_bounded(depth):
     body = b"\x1c" * depth + b"\x00" * (depth + 1)  # field 1 a struct, `depth` deep

@@ -11,7 +11,10 @@ stream then reads views of a whole-file map of our own (pages populated ahead, r
 after use, guarded against the file being cut short, as for .npy), and read() copies with
 pread. Compressed batches are decoded instead. Parquet is decoded batch by batch from the row group
 holding the first row asked for; sequential reads continue one iterator, so memory stays at
-about one read's worth whatever the file size. Like every reader here, a source is meant to
+about one read's worth whatever the file size. Before pyarrow reads a Parquet page, the
+footer's column chunks and the page headers under the columns read are checked
+(io/parquet_layout.py): pyarrow allocates what a page header claims, and aborts the process
+on column metadata it cannot build. Like every reader here, a source is meant to
 be read from one thread at a time (a prefetch thread is fine; concurrent reads are not).
 """
 

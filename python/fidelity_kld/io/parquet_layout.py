@@ -39,8 +39,11 @@ _INTS = (_I16, _I32, _I64)
 _MAX_DEPTH = 64
 # PageHeader.type
 _DATA_PAGE, _DATA_PAGE_V2 = 0, 3
-# pyarrow refuses a page header larger than this (ReaderProperties' default)
+# pyarrow refuses a page header larger than this, and Thrift strings and containers larger
+# than these (its ReaderProperties' defaults)
 MAX_PAGE_HEADER = 16 << 20
+THRIFT_STRING_LIMIT = 100_000_000
+THRIFT_CONTAINER_LIMIT = 1_000_000
 
 
 class _Short(Exception):
@@ -81,11 +84,14 @@ class _Compact:
         v = (n >> 1) ^ -(n & 1)
         return ((v + 0x8000) & 0xFFFF) - 0x8000 if t == _I16 else v
 
-    def size(self) -> int:
-        """A length or element count: Thrift reads it as an int32 and refuses it negative."""
+    def size(self, limit: int = THRIFT_STRING_LIMIT) -> int:
+        """A length or element count: Thrift reads it as an int32, refuses it negative, and
+        pyarrow refuses it above its limits."""
         n = self.varint() & 0xFFFF_FFFF
         if n >= 1 << 31:
             raise _Bad("a negative size")
+        if n > limit:
+            raise _Bad(f"a size of {n}, above pyarrow's Thrift limit of {limit}")
         return n
 
     def binary(self) -> bytes:
@@ -110,7 +116,7 @@ class _Compact:
         b = self.byte()
         n = b >> 4
         if n == 15:
-            n = self.size()
+            n = self.size(THRIFT_CONTAINER_LIMIT)
         if n > len(self.buf) - self.pos and b & 0x0F != _STOP:  # a byte per element at least
             raise _Short
         return n, b & 0x0F
@@ -142,9 +148,13 @@ class _Compact:
             for _ in range(n if et != _STOP else 0):
                 self.skip(et, depth + 1, True)
         elif t == _MAP:
-            n = self.size()
+            n = self.size(THRIFT_CONTAINER_LIMIT)
             if n:
                 kv = self.byte()
+                if kv == _STOP:  # as Thrift's skip: entries of these hold nothing
+                    return
+                if n > len(self.buf) - self.pos:  # a byte per entry at least
+                    raise _Short
                 for _ in range(n):
                     self.skip(kv >> 4, depth + 1, True)
                     self.skip(kv & 0x0F, depth + 1, True)
