@@ -490,6 +490,30 @@ def test_cli_topk_on_ray_with_progress(ray_cluster, converted, tmp_path, capsys)
     assert last.startswith("762/762 tokens (100.0%)") and "GB/s" in last and "workers on" in last
 
 
+@pytest.mark.parametrize("row", [40, 600])
+def test_cli_topk_on_ray_refuses_a_corrupt_llama_row_by_its_row_in_the_file(
+        ray_cluster, converted, llama_base_path, tmp_path, capsys, row):
+    """A llama.cpp reference with one zeroed row against a top-k dump: refused on the
+    cluster as on one machine, naming the file and the row's number in the file (the tasks'
+    ranges start at other rows; a range's rows used to go unscreened, exit 0)."""
+    with open_source(llama_base_path) as src:
+        n, row_bytes = src.n_tokens, 8 + 2 * src.vocab
+    raw = bytearray(llama_base_path.read_bytes())
+    at = len(raw) - (n - row) * row_bytes  # the rows end the file
+    raw[at : at + row_bytes] = bytes(row_bytes)
+    bad = tmp_path / "base.kld"
+    bad.write_bytes(bytes(raw))
+    errors = []
+    for more in ([], ["--ray", "auto", "--ray-tasks", "4"]):
+        code, out, err = run_cli(["compare", str(bad), str(converted / "q4.topk.parquet"), "-q", *more],
+                                 capsys)
+        assert code == 1 and out == "", (code, out, err)
+        errors.append(err.strip().splitlines()[-1])
+    for err in errors:
+        assert f"{bad}: row {row} is corrupt (its log-probabilities sum to" in err, err
+    assert errors[1].startswith("Error: tokens [") and "row_window" not in errors[1]
+
+
 def test_cli_hidden_on_ray(ray_cluster, hidden_dumps, tmp_path, capsys):
     paths, _ = hidden_dumps
     single, ray, err = cli_pair(capsys, tmp_path, paths[0], paths[1:], per_prompt=True)

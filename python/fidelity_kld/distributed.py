@@ -233,6 +233,11 @@ class _Rows(LogitSource):
         start, stop = self._check_range(start, stop)
         return self._src.read(self._first + start, self._first + stop)
 
+    def row_window(self) -> tuple[LogitSource, int, int]:
+        """(the source, first row, stop): io.llama's corrupt-row screen checks these rows of
+        a llama.cpp file and names them by their rows in it."""
+        return self._src, self._first, self._first + self.n_tokens
+
     def close(self) -> None:
         self._src.close()
 

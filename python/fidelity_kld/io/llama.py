@@ -188,29 +188,38 @@ def _why(rows: np.ndarray, i: int, lse: float, n_vocab: int) -> str:
             f"{lse_tolerance(n_vocab):.2g} nats)")
 
 
-def _llama_files(src) -> list:
-    """The LlamaSource files of a source (itself, or the shards of a directory), else []."""
-    parts = getattr(src, "shards", [src])
-    return parts if all(isinstance(p, LlamaSource) for p in parts) else []
+def _llama_files(src) -> list[tuple]:
+    """(LlamaSource, its first row, rows) of each llama.cpp file of a source, in token order:
+    itself, the shards of a directory, or the rows of a file another source is a window on
+    (row_window(): (the source under it, first row, stop), as distributed's ranges are); []
+    if any part is not a llama.cpp file."""
+    out = []
+    for part in getattr(src, "shards", [src]):
+        window = part.row_window() if hasattr(part, "row_window") else (part, 0, part.n_tokens)
+        if not isinstance(window[0], LlamaSource):
+            return []
+        out.append(window)
+    return out
 
 
-def _row_blocks(x, name: str) -> list[tuple[str, np.ndarray, int]]:
-    """(name, rows, n_vocab) of each block of llama.cpp rows in x, in token order: one per
-    file of a llama.cpp source (or directory of them), one for llama_u16 Logits given to the
-    API (called `name`; a GPU tensor's four header words are copied to the host, all the
-    check reads); [] for anything else."""
+def _row_blocks(x, name: str) -> list[tuple[str, np.ndarray, int, int]]:
+    """(name, rows, n_vocab, number of rows[0] in its file) of each block of llama.cpp rows
+    in x, in token order: one per file of a llama.cpp source (or directory of them, or
+    window on one), one for llama_u16 Logits given to the API (called `name`; a GPU
+    tensor's four header words are copied to the host, all the check reads); [] for
+    anything else."""
     if isinstance(x, Logits):
         if x.dtype != "llama_u16":
             return []
         rows = x.data
         if type(rows).__module__.startswith("torch"):
             rows = rows[:, :4].contiguous().cpu().numpy().view(np.uint16)  # int16 on torch
-        return [(name, rows, x.vocab)]
+        return [(name, rows, x.vocab, 0)]
     blocks = []
-    for f in _llama_files(x):
+    for f, first, stop in _llama_files(x):
         if f._data is None:
             raise DumpError(f"{f.path}: source is closed")
-        blocks.append((f.path, f._data, f.vocab))
+        blocks.append((f.path, f._data[first:stop], f.vocab, first))
     return blocks
 
 
@@ -222,7 +231,7 @@ def screen_rows(x, lse: np.ndarray, name: str = "") -> np.ndarray | None:
     if not blocks:
         return None
     masks, start = [], 0
-    for _, rows, n_vocab in blocks:
+    for _, rows, n_vocab, _ in blocks:
         n = rows.shape[0]
         masks.append(corrupt_row_mask(rows, lse[start : start + n], n_vocab))
         start += n
@@ -236,11 +245,11 @@ def refuse_corrupt_rows(x, mask: np.ndarray, lse: np.ndarray, name: str = "",
     first corrupt row; `instead`: the option that counts such rows as invalid (None: none)."""
     first, start = int(np.flatnonzero(mask)[0]), 0
     hint = f"; {instead} counts them as invalid tokens instead" if instead else ""
-    for where, rows, n_vocab in _row_blocks(x, name):
+    for where, rows, n_vocab, row0 in _row_blocks(x, name):
         if first < start + rows.shape[0]:
             row = first - start
             raise DumpError(
-                f"{where}: row {row} is corrupt ({_why(rows, row, float(lse[first]), n_vocab)}; "
+                f"{where}: row {row0 + row} is corrupt ({_why(rows, row, float(lse[first]), n_vocab)}; "
                 f"{int(mask.sum())} of {mask.size} rows are corrupt){hint}")
         start += rows.shape[0]
 
