@@ -9,11 +9,13 @@ pyarrow 26 has two ways for one damaged byte to do harm that its reader cannot r
 * Its buffered reader allocates and zero-fills whatever size a page header claims before
   it finds the column chunk shorter: 1.4 GB resident for a 1.4 KB file.
 
-So the footer is decoded here (only the fields below; the rest is skipped), and each page
-header of the chunks we read is checked to lie inside its chunk, before pyarrow reads a
-page. The format is parquet-format's parquet.thrift in the Thrift compact protocol
-(https://github.com/apache/parquet-format, https://github.com/apache/thrift/blob/master/doc/specs/thrift-compact-protocol.md).
-Field ids used:
+So the footer is decoded here, and each page header of the chunks we read is checked to lie
+inside its chunk, before pyarrow reads a page. The format is parquet-format's parquet.thrift
+in the Thrift compact protocol (https://github.com/apache/parquet-format,
+https://github.com/apache/thrift/blob/master/doc/specs/thrift-compact-protocol.md), read as
+the C++ readers pyarrow uses read it (_SPECS: a list by its field's element type, an i32 from
+a varint's low 32 bits, Thrift's depth and size limits), so that a damaged byte is read
+here as pyarrow will read it. Field ids kept:
 
     FileMetaData   3 num_rows i64, 4 row_groups list<RowGroup>
     RowGroup       1 columns list<ColumnChunk>, 3 num_rows i64
