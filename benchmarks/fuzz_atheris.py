@@ -13,6 +13,8 @@ is the one tests/test_fuzz_readers.py checks in seconds with hypothesis:
     the claims a header makes (a length, a shape, a count) must be checked before use.
 
 Readers: llama (.kld; its rows also go through the corrupt-row screen, io.llama.check_rows),
+topk / topk-jsonl (a top-k dump, Parquet or vLLM-shaped JSONL, read and validated by
+io.topk.read_topk, then bounded against itself by topk_compare.compare_topk),
 npy, npy-labels / npy-prompt-ids (a fuzzed x.labels.npy / x.prompt_ids.npy beside a valid
 x.npy), npy-sidecar (a fuzzed x.npy.json beside a valid uint16 x.npy), ids-file (a fuzzed
 --labels file, .npy or text, through io.ids.read_ids_file), safetensors, arrow (IPC file),
@@ -51,10 +53,11 @@ import tracemalloc
 from pathlib import Path
 
 READERS = ("llama", "npy", "npy-labels", "npy-prompt-ids", "npy-sidecar", "ids-file",
-           "safetensors", "arrow", "parquet", "shards")
+           "safetensors", "arrow", "parquet", "shards", "topk", "topk-jsonl")
 EXTENSION = {"llama": ".kld", "npy": ".npy", "npy-labels": ".npy", "npy-prompt-ids": ".npy",
              "npy-sidecar": ".npy", "ids-file": ".txt", "safetensors": ".safetensors",
-             "arrow": ".arrow", "parquet": ".parquet", "shards": ""}
+             "arrow": ".arrow", "parquet": ".parquet", "shards": "", "topk": ".topk.parquet",
+             "topk-jsonl": ".jsonl"}
 # companion readers: (fuzzed file's name, the valid dump opened beside it)
 COMPANION = {"npy-labels": "d.labels.npy", "npy-prompt-ids": "d.prompt_ids.npy",
              "npy-sidecar": "d.npy.json"}
@@ -108,6 +111,32 @@ def unpack_files(data: bytes) -> list[tuple[str, bytes]]:
     return out
 
 
+def topk_seeds(reader: str, rng) -> list[bytes]:
+    """Top-k dumps of random logits: Parquet as write_topk writes them (with and without
+    labels), or vLLM-shaped JSONL records (capture.vllm's form: a None first position)."""
+    import numpy as np
+
+    from fidelity_kld.io.topk import from_logits, write_topk
+
+    logits = rng.normal(size=(6, 9)) * 2
+    labels = rng.integers(0, 9, 6)
+    if reader == "topk":
+        out = []
+        with tempfile.TemporaryDirectory() as d:
+            for t in (from_logits(logits, 3, labels, np.arange(6) // 3, vocab=9),
+                      from_logits(logits, 4, None, np.zeros(6, np.int64))):
+                out.append(Path(write_topk(t, Path(d) / "s.topk.parquet")).read_bytes())
+        return out
+    lp = logits - np.log(np.exp(logits).sum(axis=1, keepdims=True))
+    records = []
+    for pid, rows in ((0, range(0, 3)), (1, range(3, 6))):
+        plps = [None] + [{str(int(j)): {"logprob": float(lp[r, j]), "rank": int(rank + 1)}
+                          for rank, j in enumerate(np.argsort(-lp[r])[:3])} for r in rows]
+        records.append({"prompt_id": pid, "prompt_token_ids": [int(t) for t in labels[: len(plps)]],
+                        "prompt_logprobs": plps, "k": 3})
+    return ["\n".join(json.dumps(r) for r in records).encode() + b"\n"]
+
+
 def seeds(reader: str) -> list[bytes]:
     import numpy as np
     import pyarrow as pa
@@ -148,6 +177,8 @@ def seeds(reader: str) -> list[bytes]:
             np.save(buf, arr)
             out.append(buf.getvalue())
         return out
+    if reader in ("topk", "topk-jsonl"):
+        return topk_seeds(reader, rng)
     if reader == "safetensors":
         head = {"logits": {"dtype": "F32", "shape": [6, 5], "data_offsets": [0, 120]},
                 "labels": {"dtype": "I64", "shape": [6], "data_offsets": [120, 168]},
@@ -249,6 +280,8 @@ class Harness:
         return max(self.pa.default_memory_pool().max_memory(), self.pa.system_memory_pool().max_memory())
 
     def open_and_read(self) -> str:
+        if self.reader in ("topk", "topk-jsonl"):
+            return self.read_topk()
         if self.reader == "ids-file":
             try:
                 ids = self.read_ids_file(str(self.open_path), "labels")
@@ -297,6 +330,23 @@ class Harness:
                     if not self.named(str(e)):
                         raise AssertionError(f"error does not name the file: {e!r}") from None
                     return "refused"
+        return "read"
+
+    def read_topk(self) -> str:
+        """read_topk (validated) refuses the file by name, or gives rows whose bounds
+        against themselves compute (topk_compare.compare_topk) with one value per row."""
+        from fidelity_kld.io.topk import read_topk
+        from fidelity_kld.topk_compare import compare_topk
+
+        try:
+            t = read_topk(str(self.open_path))
+        except self.DumpError as e:
+            if not self.named(str(e)):
+                raise AssertionError(f"error does not name the file in one line: {e!r}") from None
+            return "refused"
+        assert t.n_rows > 0 and t.token_ids.shape == t.logprobs.shape
+        st = compare_topk(t, t, vocab=t.vocab)
+        assert st.n_tokens == t.n_rows
         return "read"
 
     def check_stream(self, src, whole) -> None:

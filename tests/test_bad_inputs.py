@@ -824,6 +824,24 @@ def _raw_npy_header(path, header: str):
     return path
 
 
+def _two_columns(tmp_path, name, twice):
+    """An Arrow IPC or Parquet dump (by name's extension) with two columns named `twice`."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    logits = pa.FixedSizeListArray.from_arrays(pa.array(pair()[0].reshape(-1)), V)
+    cols = {"logits": logits, "label": pa.array(np.arange(24) % V)}
+    arrays = [cols["logits"], cols["label"], cols[twice]]
+    table = pa.Table.from_arrays(arrays, names=["logits", "label", twice])
+    path = tmp_path / name
+    if name.endswith(".parquet"):
+        pq.write_table(table, path)
+    else:
+        with pa.ipc.new_file(str(path), table.schema) as w:
+            w.write_table(table)
+    return path
+
+
 def _copy_data(tmp_path, name):
     out = tmp_path / os.path.basename(name)
     out.write_bytes(open(os.path.join(DATA, name), "rb").read())
@@ -999,6 +1017,14 @@ ISSUE12 = {
     "Parquet row count far above the stored values": (
         lambda t: ("dump", _copy_data(t, "parquet_row_count_claim.parquet")),
         "the logits column stores 30 values, too few for 60 rows of 5"),
+    # found by benchmarks/fuzz_atheris.py: two columns of one name (pyarrow's
+    # Schema.field(name) raised KeyError, a traceback)
+    "Arrow IPC file with two 'logits' columns": (
+        lambda t: ("dump", _two_columns(t, "d.arrow", "logits")), "2 columns are named 'logits'"),
+    "Parquet file with two 'logits' columns": (
+        lambda t: ("dump", _two_columns(t, "d.parquet", "logits")), "2 columns are named 'logits'"),
+    "Parquet file with two 'label' columns": (
+        lambda t: ("dump", _two_columns(t, "d.parquet", "label")), "2 columns are named 'label'"),
     # found by benchmarks/fuzz_atheris.py: numpy sorts the header's keys (TypeError)
     "prompt ids companion whose .npy header mixes bytes and str keys": (
         lambda t: (_raw_npy_header(t / "ref.prompt_ids.npy",

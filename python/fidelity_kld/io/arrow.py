@@ -63,6 +63,9 @@ def _inspect_schema(path: str, schema, dtype: str | None) -> dict:
         raise DumpError(f"{path}: a column name is not valid UTF-8") from None
     if "logits" not in names:
         raise DumpError(f"{path}: no 'logits' column (has: {', '.join(names) or 'none'})")
+    for col in ("logits", *LABEL_COLUMNS, *PROMPT_COLUMNS):  # which one would be meant?
+        if names.count(col) > 1:
+            raise DumpError(f"{path}: {names.count(col)} columns are named {col!r}")
     t = schema.field("logits").type
     if pa.types.is_fixed_size_list(t):
         vocab = t.list_size
