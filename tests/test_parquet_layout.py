@@ -121,15 +121,16 @@ def _varint(n: int) -> bytes:
             return bytes(out)
 
 
-def _set_compressed_size(path, page_pos: int, size: int) -> None:
-    """Rewrite compressed_page_size (field 3) of the page header at page_pos. The header
-    may grow a few bytes, shifting what follows: the walk meets this page first."""
+def _set_compressed_size(path, page_pos: int, size: int, field: int = 3) -> None:
+    """Rewrite compressed_page_size (field 3; uncompressed_page_size is field 2) of the page
+    header at page_pos. The header may grow a few bytes, shifting what follows: the walk
+    meets this page first."""
     data = bytearray(open(path, "rb").read())
     r = pl._Compact(bytes(data), page_pos)
     for fid, t in r.fields():
         at = r.pos
         r.skip(t)
-        if fid == 3:
+        if fid == field:
             data[at : r.pos] = _varint((size << 1) ^ (size >> 63))
             break
     open(path, "wb").write(bytes(data))
@@ -150,6 +151,39 @@ def test_page_claiming_more_than_its_chunk_is_refused(tmp_path, page, claim, nee
     msg = str(e.value)
     assert msg.startswith(f"{path}: row group 0, column logits.list.element: the page at byte {pos} ")
     assert needle in msg and "(a damaged page header)" in msg
+
+
+def test_page_claiming_more_decoded_bytes_than_its_values_take_is_refused(tmp_path):
+    """uncompressed_page_size: pyarrow allocates it before decompressing. A float32 page of
+    n values takes at most n x (5 + 4) bytes + 64 KB (index or value, levels)."""
+    path, pages = _file_with_pages(tmp_path)
+    pos = pages[2][0]
+    _set_compressed_size(path, pos, 2**31 - 1, field=2)
+    with pytest.raises(DumpError) as e:
+        open_source(path)
+    msg = str(e.value)
+    assert msg.startswith(f"{path}: row group 0, column logits.list.element: the page at byte {pos} "
+                          "claims 2147483647 bytes decoded, more than its "), msg
+
+
+def test_topk_dumps_are_checked_too(tmp_path):
+    """read_topk, read_topk_rows and read_topk_index check the layout first: a top-k dump
+    whose page claims 1 GB is refused naming the file, before pyarrow allocates it."""
+    from fidelity_kld.io.topk import from_logits, read_topk, read_topk_index, read_topk_rows, write_topk
+
+    rng = np.random.default_rng(5)
+    path = tmp_path / "t.topk.parquet"
+    write_topk(from_logits(rng.standard_normal((50, 30)), 4, rng.integers(0, 30, 50),
+                           np.arange(50) // 10, vocab=30), path)
+    md = pq.ParquetFile(path).metadata
+    label = next(i for i in range(md.num_columns) if md.schema.column(i).path == "label")
+    [chunks] = pl.check_layout(str(path), {label: "label"})
+    _set_compressed_size(path, chunks[0].start, 1 << 30)
+    for read in (lambda: read_topk(path), lambda: read_topk_rows(path, 0, 10),
+                 lambda: read_topk_index(path)):
+        with pytest.raises(DumpError, match=f"^{path}: row group 0, column label: the page at "
+                                            f"byte {chunks[0].start} claims 1073741824 bytes"):
+            read()
 
 
 def test_page_claiming_fewer_bytes_is_refused(tmp_path):

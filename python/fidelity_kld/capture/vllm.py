@@ -38,6 +38,16 @@ import numpy as np
 from ..io.topk import META_KEY, TopKLogprobs, read_topk, write_topk  # noqa: F401 (re-exported)
 
 
+def _int(value, where: str) -> int:
+    """An integer from a record (an int, or a string of one: JSON object keys are strings)."""
+    try:
+        if isinstance(value, bool) or not isinstance(value, (int, str, np.integer)):
+            raise TypeError
+        return int(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{where} is {value!r}, not an integer") from None
+
+
 def _entry(value, where: str) -> tuple[float, int | None]:
     """(logprob, rank) from a vllm Logprob, a dict {"logprob", "rank"}, or a bare float."""
     if isinstance(value, Mapping):
@@ -50,10 +60,12 @@ def _entry(value, where: str) -> tuple[float, int | None]:
         lp, rank = value, None
     else:
         raise ValueError(f"{where}: cannot read a log-prob from {type(value).__name__}")
+    if isinstance(lp, bool) or not isinstance(lp, (int, float, np.floating)):
+        raise ValueError(f"{where}: log-prob {lp!r} is not a number")
     lp = float(lp)
     if math.isnan(lp) or lp > 1e-6:
         raise ValueError(f"{where}: log-prob {lp} is not <= 0")
-    return lp, None if rank is None else int(rank)
+    return lp, None if rank is None else _int(rank, f"{where}: rank")
 
 
 def output_record(output, prompt_id, *, k: int | None = None) -> dict:
@@ -102,14 +114,15 @@ def _positions(rec: Mapping, where: str):
         pos = plps[i]
         if not isinstance(pos, Mapping) or not pos:
             raise ValueError(f"{where}: position {i} has no log-probs (only position 0 may be null)")
-        label = int(tokens[i])
+        label = _int(tokens[i], f"{where}: prompt token {i}")
         label_lp, label_rank = math.nan, -1
         entries = []
         for tid, v in pos.items():
             lp, rank = _entry(v, f"{where}: position {i}")
-            if int(tid) == label:
+            tid = _int(tid, f"{where}: position {i}: a token id")
+            if tid == label:
                 label_lp, label_rank = lp, -1 if rank is None else rank
-            entries.append((lp, int(tid)))
+            entries.append((lp, tid))
         entries.sort(key=lambda e: (-e[0], e[1]))
         yield i - 1, label, label_lp, label_rank, entries
 
@@ -123,10 +136,16 @@ def normalize(records: Iterable[Mapping], *, k: int | None = None) -> TopKLogpro
     has, which is right whenever some position's token is in its top k; pass k to be sure."""
     rows = []
     for n, rec in enumerate(records):
+        if not isinstance(rec, Mapping):
+            raise ValueError(f"record {n} is a {type(rec).__name__}, not an object")
         where = f"record {n} (prompt {rec.get('prompt_id', '?')})"
         if "prompt_id" not in rec:
             raise ValueError(f"{where}: no prompt_id")
+        if isinstance(rec["prompt_id"], (list, dict, float)) or rec["prompt_id"] is None:
+            raise ValueError(f"{where}: prompt_id must be an integer or a string")
         rk = rec.get("k", k)
+        if rk is not None and (_int(rk, f"{where}: k") < 1):
+            raise ValueError(f"{where}: k is {rk}, not a positive integer")
         for pos, label, lp, rank, entries in _positions(rec, where):
             rows.append((rec["prompt_id"], pos, label, lp, rank, entries, rk))
     if not rows:
@@ -156,16 +175,23 @@ def _id_array(ids: list) -> np.ndarray:
 
 
 def read_vllm_jsonl(path, *, k: int | None = None) -> TopKLogprobs:
+    """The records of a JSONL file (write_jsonl's form) as TopKLogprobs; DumpError (a
+    ValueError) naming the file, and the line, for anything it cannot read."""
+    from ..io._util import load_json
+    from ..io.base import DumpError
+
     path = os.fspath(path)
     records = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    records.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}: line {lineno}: not JSON ({e.msg})") from None
+    try:
+        with open(path, "rb") as f:
+            for lineno, line in enumerate(f, 1):
+                if line.strip():
+                    records.append(load_json(path, line, f"record on line {lineno}"))
+    except OSError as e:
+        raise DumpError(f"{path}: cannot read ({e.strerror})") from None
     try:
         return normalize(records, k=k)
+    except DumpError:
+        raise
     except ValueError as e:
-        raise ValueError(f"{path}: {e}") from None
+        raise DumpError(f"{path}: {e}") from None

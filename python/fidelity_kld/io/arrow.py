@@ -309,11 +309,8 @@ class ParquetSource(LogitSource):
         if sum(counts) != n:
             raise DumpError(f"{path}: metadata says {n} rows, its row groups hold {sum(counts)}")
         # the footer's chunks and their page headers, checked before pyarrow reads a page
-        leaves = {i: md.schema.column(i).path for i in range(md.num_columns)
-                  if md.schema.column(i).path.split(".")[0] in ("logits", info["label"], info["prompt"])}
-        groups = parquet_layout.check_layout(path, leaves)
-        if [c[0].num_rows for c in groups] != counts:  # the same footer, read twice
-            raise DumpError(f"{path}: damaged Parquet footer (its row groups read differently)")
+        groups = parquet_layout.check_columns(path, md, {"logits", info["label"], info["prompt"],
+                                                         ROW_HEADER_COLUMN})
         vocab = info["vocab"]
         try:
             if vocab is None:  # a plain list column: the first row sets the vocabulary

@@ -24,7 +24,8 @@ here as pyarrow will read it. Field ids kept:
                    7 total_compressed_size i64, 9 data_page_offset i64,
                    11 dictionary_page_offset i64
     PageHeader     1 type i32, 2 uncompressed_page_size i32, 3 compressed_page_size i32,
-                   5 data_page_header / 8 data_page_header_v2 (1 num_values i32)
+                   5 data_page_header / 7 dictionary_page_header /
+                   8 data_page_header_v2 (1 num_values i32)
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ _STOP, _TRUE, _FALSE, _I8, _I16, _I32, _I64, _DOUBLE, _BINARY, _LIST, _SET, _MAP
 _INTS = (_I16, _I32, _I64)
 _MAX_DEPTH = 64
 # PageHeader.type
-_DATA_PAGE, _DATA_PAGE_V2 = 0, 3
+_DATA_PAGE, _DICTIONARY_PAGE, _DATA_PAGE_V2 = 0, 2, 3
 # pyarrow refuses a page header larger than this, and Thrift strings and containers larger
 # than these (its ReaderProperties' defaults)
 MAX_PAGE_HEADER = 16 << 20
@@ -220,26 +221,42 @@ _SPECS = {
                    7: "DictionaryPageHeader", 8: "DataPageHeaderV2"},
     "DataPageHeader": {1: _I32},
     "DataPageHeaderV2": {1: _I32},
+    "DictionaryPageHeader": {1: _I32},
 }
+# bytes a value can take in a page, by physical type (a dictionary index or a run header
+# may take up to 5); BYTE_ARRAY has no bound
+_WIDTH = {"BOOLEAN": 1, "INT32": 4, "INT64": 8, "INT96": 12, "FLOAT": 4, "DOUBLE": 8}
+_PAGE_SLACK = 1 << 16
+
+
+def value_width(column) -> int | None:
+    """Bytes one value of a pyarrow ColumnDescriptor takes at most (None: unbounded)."""
+    if column.physical_type == "FIXED_LEN_BYTE_ARRAY":
+        return max(int(column.length), 1)
+    return _WIDTH.get(column.physical_type)
 
 
 @dataclass(frozen=True)
 class Chunk:
-    """One column chunk: where its pages lie and how many values they hold."""
+    """One column chunk: where its pages lie and how many values they hold; width: the most
+    bytes a value takes (value_width), None when unbounded."""
     row_group: int
     column: str
     start: int
     length: int
     num_values: int
     num_rows: int
+    width: int | None = None
 
 
 def _pread(fd: int, n: int, pos: int) -> bytes:
     return os.pread(fd, n, pos)
 
 
-def footer_chunks(path: str, fd: int, size: int, leaves: dict[int, str]) -> list[list[Chunk]]:
-    """The column chunks of the leaves {schema leaf index: dotted path} in each row group,
+def footer_chunks(path: str, fd: int, size: int, leaves: dict[int, str],
+                  widths: dict[int, int | None] | None = None) -> list[list[Chunk]]:
+    """The column chunks of the leaves {schema leaf index: dotted path} in each row group
+    (widths: value_width of each leaf, for check_pages),
     from the footer's bytes; DumpError naming the file if the footer cannot hold them (a
     row group with too few chunks, a chunk in another file, a chunk outside the file, a
     path that is not the schema's)."""
@@ -279,15 +296,18 @@ def footer_chunks(path: str, fd: int, size: int, leaves: dict[int, str]) -> list
                                 f"the {data_end} bytes before the footer")
             if m[5] < 0:
                 raise DumpError(f"{path}: {where} claims {m[5]} values")
-            chunks.append(Chunk(g, name, start, m[7], m[5], rg.get(3, -1)))
+            chunks.append(Chunk(g, name, start, m[7], m[5], rg.get(3, -1), (widths or {}).get(i)))
         out.append(chunks)
     return out
 
 
 def check_pages(path: str, fd: int, chunk: Chunk) -> list[tuple[int, int, int]]:
     """Every page header pyarrow will read in the chunk (until its data pages hold the
-    chunk's values) parses and claims no more bytes than the chunk has left: (offset, page
-    type, compressed size) of each page."""
+    chunk's values) parses, claims no more bytes than the chunk has left, and (for a column
+    of bounded width) no more decoded bytes than its values can take: each value its width
+    (5 for a dictionary index), plus 4 for its repetition and definition levels (an RLE run
+    of one, both), plus 64 KB. pyarrow allocates the decoded size a page claims before it
+    decodes. Returns (offset, page type, compressed size) of each page."""
     pos, end, seen, pages = chunk.start, chunk.start + chunk.length, 0, []
     where = f"row group {chunk.row_group}, column {chunk.column}"
     while seen < chunk.num_values and pos < end:
@@ -311,10 +331,16 @@ def check_pages(path: str, fd: int, chunk: Chunk) -> list[tuple[int, int, int]]:
         if not 0 <= h[3] <= left or h[2] < 0:
             raise DumpError(f"{path}: {where}: the page at byte {pos} claims {h[3]} bytes, its "
                             f"column chunk has {left} left (a damaged page header)")
+        values = h.get({_DATA_PAGE: 5, _DATA_PAGE_V2: 8, _DICTIONARY_PAGE: 7}.get(h[1], -1), {}).get(1)
+        if h[1] in (_DATA_PAGE, _DATA_PAGE_V2, _DICTIONARY_PAGE) and (values is None or values < 0):
+            raise DumpError(f"{path}: {where}: the page at byte {pos} has no value count")
+        if values is not None and chunk.width is not None:
+            most = values * (max(chunk.width, 5) + 4) + _PAGE_SLACK
+            if h[2] > most:
+                raise DumpError(f"{path}: {where}: the page at byte {pos} claims {h[2]} bytes "
+                                f"decoded, more than its {values} values can take ({most}; a "
+                                "damaged page header)")
         if h[1] in (_DATA_PAGE, _DATA_PAGE_V2):
-            values = h.get(5 if h[1] == _DATA_PAGE else 8, {}).get(1)
-            if values is None or values < 0:
-                raise DumpError(f"{path}: {where}: the data page at byte {pos} has no value count")
             seen += values
         pages.append((pos, h[1], h[3]))
         pos += r.pos + h[3]
@@ -324,7 +350,8 @@ def check_pages(path: str, fd: int, chunk: Chunk) -> list[tuple[int, int, int]]:
     return pages
 
 
-def check_layout(path: str, leaves: dict[int, str]) -> list[list[Chunk]]:
+def check_layout(path: str, leaves: dict[int, str],
+                 widths: dict[int, int | None] | None = None) -> list[list[Chunk]]:
     """footer_chunks, then check_pages on every chunk: the chunks per row group."""
     try:
         fd = os.open(path, os.O_RDONLY)
@@ -332,10 +359,27 @@ def check_layout(path: str, leaves: dict[int, str]) -> list[list[Chunk]]:
         raise DumpError(f"{path}: cannot read ({e.strerror})") from None
     try:
         size = os.fstat(fd).st_size
-        groups = footer_chunks(path, fd, size, leaves)
+        groups = footer_chunks(path, fd, size, leaves, widths)
         for chunks in groups:
             for c in chunks:
                 check_pages(path, fd, c)
         return groups
     finally:
         os.close(fd)
+
+
+def check_columns(path: str, metadata, top: set[str] | None = None) -> list[list[Chunk]]:
+    """check_layout on the leaves of a pyarrow FileMetaData's columns (those under the
+    top-level names in `top`; None: all), with their value widths; DumpError names the file
+    if the footer read here disagrees with pyarrow's on the row groups."""
+    schema = metadata.schema
+    leaves, widths = {}, {}
+    for i in range(metadata.num_columns):
+        column = schema.column(i)
+        if top is None or column.path.split(".")[0] in top:
+            leaves[i], widths[i] = column.path, value_width(column)
+    groups = check_layout(path, leaves, widths)
+    rows = [metadata.row_group(g).num_rows for g in range(metadata.num_row_groups)]
+    if leaves and [c[0].num_rows for c in groups] != rows:  # the same footer, read twice
+        raise DumpError(f"{path}: damaged Parquet footer (its row groups read differently)")
+    return groups

@@ -40,7 +40,10 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
+from .arrow import _first_line
+from ._util import load_json
 from .base import DumpError
+from .parquet_layout import check_columns
 
 META_KEY = b"fidelity_kld.topk"
 FORMAT_VERSION = 2
@@ -281,6 +284,7 @@ def read_topk_rows(path, start: int, stop: int, n_rows: int | None = None) -> To
 
     try:
         f = pq.ParquetFile(path)
+        check_columns(path, f.metadata)
         sizes = [f.metadata.row_group(g).num_rows for g in range(f.metadata.num_row_groups)]
         firsts = np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)])
         if stop > firsts[-1] or (n_rows is not None and firsts[-1] != n_rows):
@@ -291,7 +295,7 @@ def read_topk_rows(path, start: int, stop: int, n_rows: int | None = None) -> To
     except DumpError:
         raise
     except Exception as e:
-        raise DumpError(f"{path}: not readable as Parquet ({e})") from None
+        raise DumpError(f"{path}: not readable as Parquet ({_first_line(e)})") from None
     first = int(firsts[groups[0]])
     return _from_table(path, table).rows(start - first, stop - first)
 
@@ -320,11 +324,12 @@ def read_topk_index(path) -> TopKIndex:
     try:
         f = pq.ParquetFile(path)
         info, names = _layout(path, f.schema_arrow)
+        check_columns(path, f.metadata, {"label", "prompt_id"})
         table = f.read(columns=["label", "prompt_id"])
     except DumpError:
         raise
     except Exception as e:
-        raise DumpError(f"{path}: not readable as Parquet ({e})") from None
+        raise DumpError(f"{path}: not readable as Parquet ({_first_line(e)})") from None
     label = table.column("label").to_numpy(zero_copy_only=False).astype(np.int64)
     pid = table.column("prompt_id").to_numpy(zero_copy_only=False)
     vocab = None if info.get("vocab") is None else int(info["vocab"])
@@ -341,9 +346,13 @@ def _read_parquet(path: str) -> TopKLogprobs:
     import pyarrow.parquet as pq
 
     try:
-        table = pq.read_table(path)
+        f = pq.ParquetFile(path)
+        check_columns(path, f.metadata)
+        table = f.read()
+    except DumpError:
+        raise
     except Exception as e:
-        raise DumpError(f"{path}: not readable as Parquet ({e})") from None
+        raise DumpError(f"{path}: not readable as Parquet ({_first_line(e)})") from None
     return _from_table(path, table)
 
 
@@ -352,26 +361,59 @@ def _layout(path: str, schema) -> tuple[dict, set]:
     meta = schema.metadata or {}
     if META_KEY not in meta:
         raise DumpError(f"{path}: not a fidelity-kld top-k table (no {META_KEY.decode()} metadata)")
-    names = set(schema.names)
+    try:
+        names = set(schema.names)
+    except UnicodeDecodeError:  # flatbuffer strings are not checked for UTF-8 on read
+        raise DumpError(f"{path}: a column name is not valid UTF-8") from None
     missing = {"prompt_id", "position", "label", "label_logprob", "label_rank", "topk_ids",
                "topk_logprobs"} - names
     if missing:
         raise DumpError(f"{path}: top-k table lacks column(s) {', '.join(sorted(missing))}")
-    return json.loads(meta[META_KEY]), names
+    twice = sorted(n for n in names if schema.names.count(n) > 1)
+    if twice:
+        raise DumpError(f"{path}: {len(twice)} column name(s) used twice: {', '.join(twice)}")
+    info = load_json(path, meta[META_KEY], f"{META_KEY.decode()} metadata")
+    if not isinstance(info, dict):
+        raise DumpError(f"{path}: the {META_KEY.decode()} metadata is not a JSON object")
+    for key, least in (("k", 1), ("vocab", 1)):
+        v = info.get(key)
+        if (key == "k" or v is not None) and (isinstance(v, bool) or not isinstance(v, int) or v < least):
+            raise DumpError(f"{path}: the {META_KEY.decode()} metadata's {key} is {v!r}, "
+                            "not a positive integer")
+    return info, names
 
 
 def _from_table(path: str, table) -> TopKLogprobs:
+    import pyarrow as pa
+
     info, names = _layout(path, table.schema)
-    width = int(info["k"])
+    width, n = info["k"], table.num_rows
+
+    def read(name, convert):
+        try:
+            out = convert(table.column(name))
+        except (pa.ArrowException, TypeError, ValueError, AttributeError, OverflowError) as e:
+            raise DumpError(f"{path}: top-k column {name!r} is {table.schema.field(name).type}, "
+                            f"unreadable as this column ({_first_line(e)})") from None
+        if out.shape[0] != n:
+            raise DumpError(f"{path}: top-k column {name!r} holds {out.shape[0]} rows, not {n}")
+        return out
 
     def matrix(name, dtype):
-        flat = table.column(name).combine_chunks().flatten().to_numpy(zero_copy_only=False)
-        return np.asarray(flat, dtype=dtype).reshape(-1, width)
+        def convert(col):
+            if not pa.types.is_list(col.type) and not pa.types.is_fixed_size_list(col.type) \
+                    and not pa.types.is_large_list(col.type):
+                raise TypeError("not a list column")
+            flat = col.combine_chunks().flatten().to_numpy(zero_copy_only=False)
+            if flat.size != n * width:
+                raise ValueError(f"{flat.size} values for {n} rows of k = {width}")
+            return np.asarray(flat, dtype=dtype).reshape(n, width)
+        return read(name, convert)
 
     def column(name, dtype):
-        return table.column(name).to_numpy(zero_copy_only=False).astype(dtype)
+        return read(name, lambda col: col.to_numpy(zero_copy_only=False).astype(dtype))
 
-    pid = table.column("prompt_id").to_numpy(zero_copy_only=False)
+    pid = read("prompt_id", lambda col: col.to_numpy(zero_copy_only=False))
     vocab = info.get("vocab")
     return TopKLogprobs(
         prompt_id=pid.astype(np.int64) if pid.dtype.kind in "iu" else pid.astype(object),
