@@ -186,3 +186,28 @@ def test_validation_names_the_file_and_row(what, match):
     bad = _bad(t, token_ids=ids, logprobs=lps, stored_tail_mass=tail)
     with pytest.raises(DumpError, match=f"x.parquet: row 2: .*{match}"):
         check_topk(bad, "x.parquet")
+
+
+@pytest.mark.parametrize("column", ["topk_ids", "topk_logprobs"])
+def test_a_row_of_the_wrong_length_is_refused_even_when_the_total_fits(tmp_path, column):
+    """A top-k dump written with variable lists, one row with k + 1 entries and the next with
+    k - 1: the values still number rows x k, and reshaping them would have shifted an entry
+    into the wrong row without a word."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rng = np.random.default_rng(11)
+    path = write_topk(from_logits(rng.standard_normal((6, 40)), 4, rng.integers(0, 40, 6)),
+                      tmp_path / "a.topk.parquet")
+    table = pq.read_table(path)
+    col = table.column(column).combine_chunks()  # fixed-size lists as written: as lists
+    offsets = np.arange(0, (len(col) + 1) * 4, 4)
+    offsets[3] += 1  # row 2 gains the first entry of row 3
+    moved = pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), col.flatten())
+    i = table.schema.get_field_index(column)
+    bad = table.set_column(i, pa.field(column, moved.type), moved)
+    out = tmp_path / "b.topk.parquet"
+    pq.write_table(bad.replace_schema_metadata(table.schema.metadata), out)
+    with pytest.raises(DumpError, match=f"b.topk.parquet: top-k column '{column}' .*row 2 holds 5 "
+                                        "entries, not k = 4"):
+        read_topk(out)

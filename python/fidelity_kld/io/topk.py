@@ -401,10 +401,18 @@ def _from_table(path: str, table) -> TopKLogprobs:
 
     def matrix(name, dtype):
         def convert(col):
-            if not pa.types.is_list(col.type) and not pa.types.is_fixed_size_list(col.type) \
-                    and not pa.types.is_large_list(col.type):
+            col = col.combine_chunks()
+            if pa.types.is_fixed_size_list(col.type):
+                if col.type.list_size != width:
+                    raise ValueError(f"lists of {col.type.list_size}, not k = {width}")
+            elif pa.types.is_list(col.type) or pa.types.is_large_list(col.type):
+                lens = np.diff(col.offsets.to_numpy())
+                if col.null_count or (lens != width).any():  # each row its k entries
+                    r = int(np.flatnonzero(col.is_null().to_numpy(zero_copy_only=False) | (lens != width))[0])
+                    raise ValueError(f"row {r} holds {int(lens[r])} entries, not k = {width}")
+            else:
                 raise TypeError("not a list column")
-            flat = col.combine_chunks().flatten().to_numpy(zero_copy_only=False)
+            flat = col.flatten().to_numpy(zero_copy_only=False)
             if flat.size != n * width:
                 raise ValueError(f"{flat.size} values for {n} rows of k = {width}")
             return np.asarray(flat, dtype=dtype).reshape(n, width)
