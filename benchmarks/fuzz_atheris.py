@@ -14,7 +14,8 @@ is the one tests/test_fuzz_readers.py checks in seconds with hypothesis:
 
 Readers: llama (.kld; its rows also go through the corrupt-row screen, io.llama.check_rows),
 topk / topk-jsonl (a top-k dump, Parquet or vLLM-shaped JSONL, read and validated by
-io.topk.read_topk, then bounded against itself by topk_compare.compare_topk),
+io.topk.read_topk, then bounded against itself by topk_compare.compare_topk), outcomes
+(a benchmark outcome file of any format stats.outcomes reads; the first byte picks its name),
 npy, npy-labels / npy-prompt-ids (a fuzzed x.labels.npy / x.prompt_ids.npy beside a valid
 x.npy), npy-sidecar (a fuzzed x.npy.json beside a valid uint16 x.npy), ids-file (a fuzzed
 --labels file, .npy or text, through io.ids.read_ids_file), safetensors, arrow (IPC file),
@@ -53,11 +54,14 @@ import tracemalloc
 from pathlib import Path
 
 READERS = ("llama", "npy", "npy-labels", "npy-prompt-ids", "npy-sidecar", "ids-file",
-           "safetensors", "arrow", "parquet", "shards", "topk", "topk-jsonl")
+           "safetensors", "arrow", "parquet", "shards", "topk", "topk-jsonl", "outcomes")
 EXTENSION = {"llama": ".kld", "npy": ".npy", "npy-labels": ".npy", "npy-prompt-ids": ".npy",
              "npy-sidecar": ".npy", "ids-file": ".txt", "safetensors": ".safetensors",
              "arrow": ".arrow", "parquet": ".parquet", "shards": "", "topk": ".topk.parquet",
-             "topk-jsonl": ".jsonl"}
+             "topk-jsonl": ".jsonl", "outcomes": ""}
+# the names an outcomes case is written under (its first byte picks one): each harness's file
+OUTCOME_NAMES = ("samples_arc_easy_2026-01-01T00-00-00.jsonl", "samples_gsm8k_2026-01-01T00-00-00.jsonl.gz",
+                 "run_eval_all.json", "eval_results.json", "t.csv", "t.tsv", "t.jsonl", "t.csv.gz")
 # companion readers: (fuzzed file's name, the valid dump opened beside it)
 COMPANION = {"npy-labels": "d.labels.npy", "npy-prompt-ids": "d.prompt_ids.npy",
              "npy-sidecar": "d.npy.json"}
@@ -137,6 +141,26 @@ def topk_seeds(reader: str, rng) -> list[bytes]:
     return ["\n".join(json.dumps(r) for r in records).encode() + b"\n"]
 
 
+def outcome_seeds() -> list[bytes]:
+    """One valid file per outcome format (stats.outcomes), prefixed by its OUTCOME_NAMES
+    index: lm-eval samples (plain and gzip), LiveCodeBench, EvalPlus, CSV, TSV, JSONL."""
+    import gzip
+
+    lm = b"".join(json.dumps({"doc_id": i, "filter": "none", "metrics": ["acc"], "acc": i % 2}).encode()
+                  + b"\n" for i in range(4))
+    lm2 = b"".join(json.dumps({"doc_id": i, "filter": "strict-match", "exact_match": 1.0}).encode()
+                   + b"\n" for i in range(3))
+    lcb = json.dumps([{"question_id": "q1", "graded_list": [True, False], "pass@1": 0.5},
+                      {"question_id": "q2", "graded_list": [True], "pass@1": 1.0}]).encode()
+    plus = json.dumps({"eval": {"HumanEval/0": [{"base_status": "pass", "plus_status": "fail"}],
+                                "HumanEval/1": [{"base_status": "pass", "plus_status": "pass"}]}}).encode()
+    csv_ = b"model,task,prompt_id,score\nq4,arc,0,1\nq4,arc,1,0\nq8,arc,0,1\n"
+    tsv = b"task\tprompt_id\tscore\narc\t0\t0.5\narc\t1\t1\n"
+    jsonl = b'{"task": "arc", "prompt_id": 3, "score": 1}\n{"task": "arc", "prompt_id": "4", "score": 0}\n'
+    files = (lm, gzip.compress(lm2, mtime=0), lcb, plus, csv_, tsv, jsonl, gzip.compress(csv_, mtime=0))
+    return [bytes([i]) + blob for i, blob in enumerate(files)]
+
+
 def seeds(reader: str) -> list[bytes]:
     import numpy as np
     import pyarrow as pa
@@ -179,6 +203,8 @@ def seeds(reader: str) -> list[bytes]:
         return out
     if reader in ("topk", "topk-jsonl"):
         return topk_seeds(reader, rng)
+    if reader == "outcomes":
+        return outcome_seeds()
     if reader == "safetensors":
         head = {"logits": {"dtype": "F32", "shape": [6, 5], "data_offsets": [0, 120]},
                 "labels": {"dtype": "I64", "shape": [6], "data_offsets": [120, 168]},
@@ -247,6 +273,12 @@ class Harness:
         return "\n" not in msg and (msg.startswith(p + ": ") or msg.startswith(stem + "."))
 
     def write_case(self, data: bytes) -> None:
+        if self.reader == "outcomes":  # the first byte names the file: its format
+            for old in self.workdir.iterdir():
+                old.unlink()
+            self.path = self.open_path = self.workdir / OUTCOME_NAMES[(data or b"\0")[0] % len(OUTCOME_NAMES)]
+            self.path.write_bytes(data[1:])
+            return
         if self.reader != "shards":
             self.path.write_bytes(data)
             return
@@ -282,6 +314,8 @@ class Harness:
     def open_and_read(self) -> str:
         if self.reader in ("topk", "topk-jsonl"):
             return self.read_topk()
+        if self.reader == "outcomes":
+            return self.read_outcomes()
         if self.reader == "ids-file":
             try:
                 ids = self.read_ids_file(str(self.open_path), "labels")
@@ -347,6 +381,21 @@ class Harness:
         assert t.n_rows > 0 and t.token_ids.shape == t.logprobs.shape
         st = compare_topk(t, t, vocab=t.vocab)
         assert st.n_tokens == t.n_rows
+        return "read"
+
+    def read_outcomes(self) -> str:
+        """stats.outcomes.read_outcomes (the format from the file's name) refuses the file
+        with an OutcomeError naming it in one line, or gives scores in [0, 1] per prompt."""
+        from fidelity_kld.stats.outcomes import OutcomeError, read_outcomes
+
+        try:
+            out = read_outcomes(self.open_path)
+        except OutcomeError as e:
+            if not self.named(str(e)):
+                raise AssertionError(f"error does not name the file in one line: {e!r}") from None
+            return "refused"
+        for scores in out.tasks.values():
+            assert all(0 <= v <= 1 for v in scores.values()), scores
         return "read"
 
     def check_stream(self, src, whole) -> None:

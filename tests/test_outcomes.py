@@ -162,3 +162,20 @@ def test_format_detection():
     assert detect_format(Path("x.csv.gz")) == "table"
     with pytest.raises(OutcomeError, match="cannot tell"):
         detect_format(Path("results.txt"))
+
+
+@pytest.mark.parametrize("name, body, match", [
+    ("eval_results.json", b"\xdd\x00{}", "not UTF-8 text"),
+    ("run_eval_all.json", b"[" * 100000 + b"]" * 100000, "JSON nested too deeply"),
+    ("samples_arc_2026-01-01T00-00-00.jsonl.gz", b"\x1f\x8b\x08\x00broken", "damaged gzip data"),
+    ("samples_arc_2026-01-01T00-00-00.jsonl", b'{"doc_id": 0, "acc": 1}\n\xff\n', "not UTF-8 text"),
+    ("t.csv", b"task,prompt_id,score\narc," + b"7" * 200000 + b",1\n", "not a readable table \\(field larger"),
+    ("t.csv.gz", gzip.compress(b"task,prompt_id,score\n")[:-6], "damaged gzip data"),
+])
+def test_unreadable_bytes_are_an_error_naming_the_file(tmp_path, name, body, match):
+    """What decoding a file's text raises (found by benchmarks/fuzz_atheris.py --reader
+    outcomes: UnicodeDecodeError, RecursionError, gzip and csv errors were tracebacks)."""
+    path = tmp_path / name
+    path.write_bytes(body)
+    with pytest.raises(OutcomeError, match=f"^{path}: {match}"):
+        read_outcomes(path)

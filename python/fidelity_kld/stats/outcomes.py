@@ -24,11 +24,13 @@ Readers (each takes a path and returns an `Outcomes`):
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import gzip
 import io
 import json
 import re
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -107,8 +109,25 @@ def _open_text(path: Path):
     return open(path, encoding="utf-8")
 
 
+@contextlib.contextmanager
+def _reading(path: Path):
+    """What reading a file's text can raise, as an OutcomeError naming the file."""
+    try:
+        yield
+    except UnicodeDecodeError:
+        raise OutcomeError(f"{path}: not UTF-8 text") from None
+    except (EOFError, zlib.error, gzip.BadGzipFile) as e:
+        raise OutcomeError(f"{path}: damaged gzip data ({e})") from None
+    except csv.Error as e:
+        raise OutcomeError(f"{path}: not a readable table ({e})") from None
+    except RecursionError:
+        raise OutcomeError(f"{path}: JSON nested too deeply") from None
+    except OSError as e:
+        raise OutcomeError(f"{path}: cannot read ({e.strerror or e})") from None
+
+
 def _jsonl(path: Path):
-    with _open_text(path) as fh:
+    with _reading(path), _open_text(path) as fh:
         for lineno, line in enumerate(fh, 1):
             if line.strip():
                 try:
@@ -118,7 +137,7 @@ def _jsonl(path: Path):
 
 
 def _json(path: Path):
-    with _open_text(path) as fh:
+    with _reading(path), _open_text(path) as fh:
         try:
             return json.load(fh)
         except json.JSONDecodeError as e:
@@ -324,7 +343,7 @@ def read_table_models(path, *, task: str | None = None) -> dict[str | None, Outc
                 raise OutcomeError(f"{path}: line {lineno}: expected an object")
             rows.append((lineno, rec))
     else:
-        with _open_text(path) as fh:
+        with _reading(path), _open_text(path) as fh:
             reader = csv.DictReader(fh, delimiter="\t" if name.endswith(".tsv") else ",")
             if reader.fieldnames is None:
                 raise OutcomeError(f"{path}: empty table")
