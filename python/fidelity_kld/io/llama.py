@@ -189,7 +189,7 @@ def _why(rows: np.ndarray, i: int, lse: float, n_vocab: int) -> str:
 
 
 def _llama_files(src) -> list[tuple]:
-    """(LlamaSource, its first row, rows) of each llama.cpp file of a source, in token order:
+    """(LlamaSource, first row, stop) of each llama.cpp file of a source, in token order:
     itself, the shards of a directory, or the rows of a file another source is a window on
     (row_window(): (the source under it, first row, stop), as distributed's ranges are); []
     if any part is not a llama.cpp file."""
