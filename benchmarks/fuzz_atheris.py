@@ -265,6 +265,12 @@ class Harness:
             self.path = self.open_path = workdir / f"case{EXTENSION[reader]}"
         tracemalloc.start()
 
+    def refused(self, e: Exception) -> str:
+        """'refused' for an error that names the file in one line; else an AssertionError."""
+        if not self.named(str(e)):
+            raise AssertionError(f"error does not name the file in one line: {e!r}") from None
+        return "refused"
+
     def named(self, msg: str) -> bool:
         p = str(self.open_path)
         if self.reader == "shards":  # the directory or one of its files
@@ -320,17 +326,13 @@ class Harness:
             try:
                 ids = self.read_ids_file(str(self.open_path), "labels")
             except self.DumpError as e:
-                if not self.named(str(e)):
-                    raise AssertionError(f"error does not name the file in one line: {e!r}") from None
-                return "refused"
+                return self.refused(e)
             assert ids.ndim == 1 and ids.dtype == self.np.int64
             return "read"
         try:
             src = self.open_source(self.open_path)
         except self.DumpError as e:
-            if not self.named(str(e)):
-                raise AssertionError(f"error does not name the file in one line: {e!r}") from None
-            return "refused"
+            return self.refused(e)
         with src:
             assert src.n_tokens > 0 and src.vocab > 0
             if src.labels is not None:
@@ -343,9 +345,7 @@ class Harness:
                 try:
                     lg = src.read(start, stop)
                 except self.DumpError as e:
-                    if not self.named(str(e)):
-                        raise AssertionError(f"error does not name the file: {e!r}") from None
-                    return "refused"
+                    return self.refused(e)
                 assert lg.data.shape[0] == stop - start
                 y = None if src.labels is None else src.labels[start:stop]
                 st = self.fk.compare(lg, lg, y, llama_parity=src.dtype == "llama_u16",
@@ -361,9 +361,7 @@ class Harness:
                 try:
                     self.check_rows(src, [src], results, "refuse")
                 except self.DumpError as e:
-                    if not self.named(str(e)):
-                        raise AssertionError(f"error does not name the file: {e!r}") from None
-                    return "refused"
+                    return self.refused(e)
         return "read"
 
     def read_topk(self) -> str:
@@ -375,9 +373,7 @@ class Harness:
         try:
             t = read_topk(str(self.open_path))
         except self.DumpError as e:
-            if not self.named(str(e)):
-                raise AssertionError(f"error does not name the file in one line: {e!r}") from None
-            return "refused"
+            return self.refused(e)
         assert t.n_rows > 0 and t.token_ids.shape == t.logprobs.shape
         st = compare_topk(t, t, vocab=t.vocab)
         assert st.n_tokens == t.n_rows
@@ -391,9 +387,7 @@ class Harness:
         try:
             out = read_outcomes(self.open_path)
         except OutcomeError as e:
-            if not self.named(str(e)):
-                raise AssertionError(f"error does not name the file in one line: {e!r}") from None
-            return "refused"
+            return self.refused(e)
         for scores in out.tasks.values():
             assert all(0 <= v <= 1 for v in scores.values()), scores
         return "read"
