@@ -351,8 +351,10 @@ def check_pages(path: str, fd: int, chunk: Chunk) -> list[tuple[int, int, int]]:
 
 
 def check_layout(path: str, leaves: dict[int, str],
-                 widths: dict[int, int | None] | None = None) -> list[list[Chunk]]:
-    """footer_chunks, then check_pages on every chunk: the chunks per row group."""
+                 widths: dict[int, int | None] | None = None,
+                 row_groups: set[int] | None = None) -> list[list[Chunk]]:
+    """footer_chunks, then check_pages on every chunk (of the row groups in `row_groups`,
+    the ones to be read; None: all): the chunks per row group."""
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError as e:
@@ -360,25 +362,27 @@ def check_layout(path: str, leaves: dict[int, str],
     try:
         size = os.fstat(fd).st_size
         groups = footer_chunks(path, fd, size, leaves, widths)
-        for chunks in groups:
-            for c in chunks:
+        for g, chunks in enumerate(groups):
+            for c in chunks if row_groups is None or g in row_groups else ():
                 check_pages(path, fd, c)
         return groups
     finally:
         os.close(fd)
 
 
-def check_columns(path: str, metadata, top: set[str] | None = None) -> list[list[Chunk]]:
+def check_columns(path: str, metadata, top: set[str] | None = None,
+                  row_groups: set[int] | None = None) -> list[list[Chunk]]:
     """check_layout on the leaves of a pyarrow FileMetaData's columns (those under the
-    top-level names in `top`; None: all), with their value widths; DumpError names the file
-    if the footer read here disagrees with pyarrow's on the row groups."""
+    top-level names in `top`; None: all), with their value widths, in the row groups to be
+    read (None: all); DumpError names the file if the footer read here disagrees with
+    pyarrow's on the row groups."""
     schema = metadata.schema
     leaves, widths = {}, {}
     for i in range(metadata.num_columns):
         column = schema.column(i)
         if top is None or column.path.split(".")[0] in top:
             leaves[i], widths[i] = column.path, value_width(column)
-    groups = check_layout(path, leaves, widths)
+    groups = check_layout(path, leaves, widths, row_groups)
     rows = [metadata.row_group(g).num_rows for g in range(metadata.num_row_groups)]
     if leaves and [c[0].num_rows for c in groups] != rows:  # the same footer, read twice
         raise DumpError(f"{path}: damaged Parquet footer (its row groups read differently)")

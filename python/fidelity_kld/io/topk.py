@@ -284,13 +284,13 @@ def read_topk_rows(path, start: int, stop: int, n_rows: int | None = None) -> To
 
     try:
         f = pq.ParquetFile(path)
-        check_columns(path, f.metadata)
         sizes = [f.metadata.row_group(g).num_rows for g in range(f.metadata.num_row_groups)]
         firsts = np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)])
         if stop > firsts[-1] or (n_rows is not None and firsts[-1] != n_rows):
             raise DumpError(f"{path}: {int(firsts[-1])} rows, not the {n_rows or stop} read "
                             "before: is it the same file on shared storage?")
         groups = [g for g in range(len(sizes)) if firsts[g] < stop and firsts[g + 1] > start]
+        check_columns(path, f.metadata, row_groups=set(groups))  # the pages this task reads
         table = f.read_row_groups(groups)
     except DumpError:
         raise
